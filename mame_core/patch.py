@@ -1,0 +1,268 @@
+"""Token merging for timm VisionTransformers, with the merge settings passed to every forward call.
+
+`patch_vit(model)` wraps a timm `VisionTransformer` (class token or not, register tokens, average pooling,
+DeiT distilled) in a `MergingViT` that shares its parameters. Its forward takes a `MergeSettings`, so one
+copy of the weights serves unmerged, MaMe at any tau and ToMe at any r, with no state kept between calls.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Attention
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import Tensor, nn
+
+from .merge import TokenBatch, mame_merge, tome_merge
+
+Method = Literal["none", "mame", "tome"]
+DEFAULT_MAME_BLOCKS = 8  # the paper's setting for ViT-B
+
+
+@dataclass(frozen=True)
+class MergeSettings:
+    """How one forward pass merges tokens. Frozen and hashable: a serving variant is one of these.
+
+    method: "none" (the unmerged model), "mame" (threshold `tau`, first `blocks` blocks, `tau` may be a
+    per-block tuple) or "tome" (`r` tokens removed per block in the first `blocks` blocks, all by default).
+    stride: every `stride`-th non-special token is a MaMe destination. prop_attn: proportional attention.
+    """
+
+    method: Method = "none"
+    tau: float | tuple[float, ...] = 1.0
+    blocks: int | None = None
+    r: int = 0
+    stride: int = 2
+    prop_attn: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in ("none", "mame", "tome"):
+            raise ValueError(f"method must be 'none', 'mame' or 'tome', not {self.method!r}")
+        taus = self.tau if isinstance(self.tau, tuple) else (self.tau,)
+        for t in taus:
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < -1:
+                raise ValueError(f"tau must be a finite number >= -1 (1 or more merges nothing), not {t!r}")
+        if isinstance(self.tau, tuple) and self.blocks is not None and len(self.tau) != self.blocks:
+            raise ValueError(f"a per-block tau list needs one value per merging block: {len(self.tau)} != {self.blocks}")
+        if self.blocks is not None and (isinstance(self.blocks, bool) or not isinstance(self.blocks, int) or self.blocks < 0):
+            raise ValueError(f"blocks must be a non-negative integer, not {self.blocks!r}")
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 0:
+            raise ValueError(f"r must be a non-negative integer, not {self.r!r}")
+        if self.method == "tome" and self.r == 0:
+            raise ValueError("method 'tome' needs r >= 1 tokens to remove per block")
+        if isinstance(self.stride, bool) or not isinstance(self.stride, int) or self.stride < 2:
+            raise ValueError(f"stride must be an integer >= 2, not {self.stride!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MergeSettings":
+        """Build from a config mapping; unknown keys are an error that names them."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown merge setting(s) {unknown}; known: {sorted(known)}")
+        values = dict(data)
+        if isinstance(values.get("tau"), (list, tuple)):
+            values["tau"] = tuple(float(t) for t in values["tau"])
+        elif isinstance(values.get("tau"), int) and not isinstance(values.get("tau"), bool):
+            values["tau"] = float(values["tau"])
+        return cls(**values)
+
+    def merge_blocks(self, depth: int) -> int:
+        """How many leading blocks merge in a model of this depth."""
+        if self.method == "none":
+            return 0
+        if self.blocks is not None:
+            return min(self.blocks, depth)
+        if isinstance(self.tau, tuple):
+            return min(len(self.tau), depth)
+        return min(DEFAULT_MAME_BLOCKS, depth) if self.method == "mame" else depth
+
+    def tau_at(self, block: int) -> float:
+        return self.tau[block] if isinstance(self.tau, tuple) else self.tau
+
+
+UNMERGED = MergeSettings()
+
+
+@dataclass
+class MergeResult:
+    logits: Tensor  # [B, num_classes]
+    tokens: Tensor  # [B, depth] int64, real tokens after each block (on the CPU)
+    input_tokens: int  # tokens entering block 0
+    gflops: Tensor  # [B] float64, estimated GFLOPs (multiply-accumulates, the fvcore convention)
+    sources: list[Tensor] | None = None  # per block: [B, T, num_patches] source map
+
+
+def _check_supported(model: nn.Module) -> None:
+    if not isinstance(model, VisionTransformer):
+        raise TypeError(f"patch_vit needs a timm VisionTransformer, got {type(model).__name__}")
+    if getattr(model, "attn_pool", None) is not None:
+        raise TypeError("attention-pooling heads (global_pool='map') are not supported by token merging")
+    if model.global_pool not in ("token", "avg", "max", "avgmax", ""):
+        raise TypeError(f"unsupported global_pool {model.global_pool!r}")
+    for i, blk in enumerate(model.blocks):
+        if type(blk) is not Block or type(blk.attn) is not Attention:
+            raise TypeError(
+                f"block {i} is a {type(blk).__name__} with {type(blk.attn).__name__}: only timm's standard "
+                "Block/Attention pair is supported"
+            )
+
+
+def _attention_with_keys(attn: Attention, x: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    """timm Attention's forward, plus the keys averaged over heads (the merge metric)."""
+    bsz, n, _ = x.shape
+    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+    qkv = attn.qkv(x).reshape(bsz, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=attn.scale)
+    out = attn.norm(out.transpose(1, 2).reshape(bsz, n, attn.attn_dim))
+    if gate is not None:
+        out = out * gate
+    return attn.proj_drop(attn.proj(out)), k.mean(dim=1)
+
+
+def _attention_bias(size: Tensor, prop_attn: bool, dtype: torch.dtype) -> Tensor:
+    """Additive key bias [B, 1, 1, T]: log(size) (proportional attention), -inf on padding either way."""
+    if prop_attn:
+        bias = size.log()
+    else:
+        bias = torch.where(size > 0, 0.0, float("-inf")).to(size.dtype)
+    return bias.to(dtype)[:, None, None, :]
+
+
+def _linear_macs(module: nn.Module) -> int:
+    """Multiply-accumulates per token of all Linear layers in a module."""
+    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+
+
+class MergingViT(nn.Module):
+    """A timm VisionTransformer whose forward takes the merge settings (shares the model's parameters)."""
+
+    def __init__(self, model: VisionTransformer):
+        super().__init__()
+        _check_supported(model)
+        self.model = model
+        self.depth = len(model.blocks)
+        self.num_prefix_tokens = int(model.num_prefix_tokens)
+        self.num_patches = int(model.patch_embed.num_patches)
+        self.input_tokens = self.num_prefix_tokens + self.num_patches
+        self.pretrained_cfg = getattr(model, "pretrained_cfg", {})
+        # Per block cost coefficients for the GFLOPs estimate (see _estimate_gmacs).
+        as_row = lambda values: torch.tensor(values, dtype=torch.float64)  # noqa: E731
+        self._attn_linear_macs = as_row([_linear_macs(blk.attn) for blk in model.blocks])
+        self._mlp_linear_macs = as_row([_linear_macs(blk) - _linear_macs(blk.attn) for blk in model.blocks])
+        self._attn_dims = as_row([blk.attn.attn_dim for blk in model.blocks])
+        self._merge_macs_per_pair = as_row([blk.attn.head_dim + model.embed_dim for blk in model.blocks])
+        proj = model.patch_embed.proj
+        patch_macs = sum(p.numel() for p in proj.parameters() if p.dim() > 1) if isinstance(proj, nn.Conv2d) else 0
+        head_macs = _linear_macs(model.head) + (_linear_macs(model.head_dist) if hasattr(model, "head_dist") else 0)
+        self._fixed_macs = self.num_patches * patch_macs + head_macs
+
+    def forward(
+        self,
+        x: Tensor,
+        settings: MergeSettings = UNMERGED,
+        tau: Tensor | Sequence[float] | None = None,
+        return_source: bool = False,
+    ) -> MergeResult:
+        """Run the ViT on normalised images x [B, 3, H, W] with the given merge settings.
+
+        tau: optional per-image thresholds [B] for MaMe, overriding settings.tau in every merging block.
+        """
+        m = self.model
+        bsz = x.shape[0]
+        merge_blocks = settings.merge_blocks(self.depth)
+        if tau is not None and settings.method != "mame":
+            raise ValueError("a per-image tau needs method 'mame'")
+
+        h = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
+        special = self.num_prefix_tokens
+        size = torch.ones(h.shape[:2], device=h.device, dtype=torch.float32)
+        source = None
+        if return_source:
+            source = torch.zeros(bsz, h.shape[1], self.num_patches, device=h.device, dtype=torch.float32)
+            source[:, special:] = torch.eye(self.num_patches, device=h.device)
+        lengths = torch.full((bsz,), h.shape[1], dtype=torch.int64, device=h.device)
+        bias: Tensor | None = None  # None while every token has size 1 and there is no padding (fast path)
+
+        counts_in, counts_out, merge_pairs, sources = [], [], [], []
+        for i, blk in enumerate(m.blocks):
+            counts_in.append(lengths)
+            attn_out, keys = _attention_with_keys(blk.attn, blk.norm1(h), bias)
+            h = h + blk.drop_path1(blk.ls1(attn_out))
+            pairs = torch.zeros(bsz, device=h.device)
+            if i < merge_blocks:
+                batch = TokenBatch(h, size, source)
+                if settings.method == "mame":
+                    block_tau = self._tau_tensor(tau if tau is not None else settings.tau_at(i), bsz, h.device)
+                    real_dst = ((lengths - special + settings.stride - 1) // settings.stride).clamp(min=0)
+                    pairs = (real_dst * (lengths - special - real_dst)).to(pairs.dtype)
+                    batch, lengths = mame_merge(batch, keys, block_tau, special, settings.stride)
+                else:
+                    n_a = (lengths - special + 1) // 2
+                    pairs = (n_a * (lengths - special - n_a)).to(pairs.dtype)
+                    batch = tome_merge(batch, keys, settings.r, special)
+                    lengths = torch.full_like(lengths, batch.x.shape[1])
+                h, size, source = batch.x, batch.size, batch.source
+                bias = _attention_bias(size, settings.prop_attn, h.dtype)
+            merge_pairs.append(pairs)
+            h = h + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(h))))
+            counts_out.append(lengths)
+            if return_source:
+                sources.append(source)
+
+        logits = self._head(m.norm(h), size)
+        tokens_in = torch.stack(counts_in, dim=1).cpu()
+        tokens = torch.stack(counts_out, dim=1).cpu()
+        gflops = self._estimate_gmacs(tokens_in, tokens, torch.stack(merge_pairs, dim=1).cpu())
+        return MergeResult(logits, tokens, self.input_tokens, gflops, sources if return_source else None)
+
+    @staticmethod
+    def _tau_tensor(tau: Tensor | Sequence[float] | float, bsz: int, device: torch.device) -> Tensor:
+        t = torch.as_tensor(tau, dtype=torch.float32, device=device)
+        if t.dim() == 0:
+            return t.expand(bsz)
+        if t.shape != (bsz,):
+            raise ValueError(f"per-image tau must have shape [{bsz}], got {list(t.shape)}")
+        return t
+
+    def _head(self, h: Tensor, size: Tensor) -> Tensor:
+        """timm's forward_head with pooling over real tokens only (size-weighted for averages)."""
+        m = self.model
+        if hasattr(m, "head_dist"):  # DeiT distilled: average of the class and distillation heads
+            return (m.head(m.head_drop(h[:, 0])) + m.head_dist(m.head_drop(h[:, 1]))) / 2
+        pool = m.global_pool
+        if pool == "token":
+            pooled = h[:, 0]
+        elif pool:
+            start = 0 if getattr(m, "pool_include_prefix", False) else self.num_prefix_tokens
+            body, weight = h[:, start:], size[:, start:].to(h.dtype).unsqueeze(-1)
+            real = weight > 0
+            mean = torch.where(real, body * weight, 0.0).sum(dim=1) / weight.sum(dim=1)
+            peak = torch.where(real, body, float("-inf")).amax(dim=1)
+            pooled = {"avg": mean, "max": peak, "avgmax": 0.5 * (mean + peak)}[pool]
+        else:
+            pooled = h
+        return m.head(m.head_drop(m.fc_norm(pooled)))
+
+    def _estimate_gmacs(self, tokens_in: Tensor, tokens_out: Tensor, merge_pairs: Tensor) -> Tensor:
+        """Per image GMACs from real token counts: attention on the tokens entering a block, MLP on those
+        leaving its merge, plus the merge's similarity and fusion products."""
+        n_in, n_out = tokens_in.double(), tokens_out.double()
+        per_block = (
+            n_in * self._attn_linear_macs
+            + 2 * n_in * n_in * self._attn_dims
+            + n_out * self._mlp_linear_macs
+            + merge_pairs.double() * self._merge_macs_per_pair
+        )
+        return (per_block.sum(dim=1) + self._fixed_macs) / 1e9
+
+
+def patch_vit(model: VisionTransformer) -> MergingViT:
+    """Wrap a timm VisionTransformer so its forward takes merge settings. The model is not copied."""
+    return MergingViT(model)
