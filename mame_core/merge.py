@@ -95,7 +95,8 @@ def mame_merge(
     fused = _safe_divide(fused, new_size_dst.to(x.dtype).unsqueeze(-1))
     fused_source = None
     if source is not None:
-        fused_source = source[:, dst_pos] + mass.to(source.dtype) @ torch.where(
+        # A source row already sums to its token's size, so it is spread by the weights alone.
+        fused_source = source[:, dst_pos] + weights.to(source.dtype) @ torch.where(
             valid_src.unsqueeze(-1), source[:, src_pos], torch.zeros((), dtype=source.dtype, device=x.device)
         )
 

@@ -1,0 +1,143 @@
+"""The timm patch: equivalence with the unpatched model, batch invariance, token counts, settings."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+from conftest import content_images, tiny_vit
+from mame_core import MergeSettings, patch_vit
+
+SHAPES = {
+    "cls": dict(arch="vit_tiny_patch16_224"),
+    "registers": dict(arch="vit_tiny_patch16_224", reg_tokens=4, no_embed_class=True),
+    "avg-pool": dict(arch="vit_tiny_patch16_224", class_token=False, global_pool="avg"),
+    "deit-distilled": dict(arch="deit_tiny_distilled_patch16_224"),
+    "cls+avg+qknorm": dict(arch="vit_tiny_patch16_224", global_pool="avg", qk_norm=True),
+}
+MAME = MergeSettings(method="mame", tau=0.7, blocks=3)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("settings", [MergeSettings(), MergeSettings(method="mame", tau=1.0), MergeSettings(method="mame", tau=1.5)])
+def test_no_merge_equals_unpatched_timm(shape, settings, images):
+    model = tiny_vit(**SHAPES[shape])
+    with torch.inference_mode():
+        expected = model(images)
+        result = patch_vit(model)(images, settings)
+    assert (result.logits - expected).abs().max().item() <= 1e-5
+    assert (result.tokens == result.input_tokens).all()
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("settings", [MAME, MergeSettings(method="tome", r=6)])
+def test_batch_invariance(shape, settings, images):
+    vit = patch_vit(tiny_vit(**SHAPES[shape]))
+    with torch.inference_mode():
+        together = vit(images, settings)
+        alone = [vit(images[i:i + 1], settings) for i in range(len(images))]
+    for i, single in enumerate(alone):
+        assert (together.logits[i] - single.logits[0]).abs().max().item() <= 1e-4
+        assert torch.equal(together.tokens[i], single.tokens[0])
+        assert together.gflops[i].item() == pytest.approx(single.gflops[0].item())
+    if settings.method == "mame":
+        finals = together.tokens[:, -1].tolist()
+        assert len(set(finals)) >= 3, f"the images should merge very differently, got final counts {finals}"
+
+
+def test_per_image_tau_equals_separate_runs(images):
+    vit = patch_vit(tiny_vit())
+    taus = [1.0, 0.8, 0.6, 0.3]
+    with torch.inference_mode():
+        mixed = vit(images, MAME, tau=torch.tensor(taus))
+        for i, t in enumerate(taus):
+            single = vit(images[i:i + 1], MergeSettings(method="mame", tau=t, blocks=3))
+            assert (mixed.logits[i] - single.logits[0]).abs().max().item() <= 1e-4
+            assert torch.equal(mixed.tokens[i], single.tokens[0])
+
+
+def test_token_counts_per_block_and_lower_tau_keeps_fewer(images):
+    vit = patch_vit(tiny_vit())
+    after_first, finals = [], []
+    with torch.inference_mode():
+        for tau in (1.0, 0.9, 0.8, 0.7, 0.5, 0.3):
+            result = vit(images, MergeSettings(method="mame", tau=tau, blocks=3))
+            assert result.tokens.shape == (4, 4)
+            # Merging happens in the first 3 blocks only; the counts never grow.
+            assert (result.tokens[:, 3] == result.tokens[:, 2]).all()
+            assert (result.tokens[:, 1:] <= result.tokens[:, :-1]).all()
+            after_first.append(result.tokens[:, 0])
+            finals.append(result.tokens[:, -1])
+    # The first merge sees the same tokens at every tau, so a lower tau never keeps more there. Later blocks
+    # see different partitions (an earlier merge shifts which tokens are destinations), so final counts are
+    # only monotone in trend: a lower tau can keep a token or two more at the end (seen: 15 vs 16 tokens).
+    first = torch.stack(after_first)
+    assert (first[1:] <= first[:-1]).all(), first
+    stacked = torch.stack(finals)
+    assert (stacked[-1] <= stacked[0]).all() and stacked[-1].sum() < stacked[0].sum()
+
+
+def test_tome_counts_and_flops(images):
+    vit = patch_vit(tiny_vit())
+    with torch.inference_mode():
+        result = vit(images, MergeSettings(method="tome", r=20))
+        plain = vit(images)
+    # 65 tokens: 64 patches -> 44 -> 24 -> 12 (50 % limit: 24 // 2) -> 6
+    assert result.tokens[0].tolist() == [45, 25, 13, 7]
+    assert (result.gflops < plain.gflops).all()
+
+
+def test_source_map_partitions_patches(images):
+    vit = patch_vit(tiny_vit())
+    with torch.inference_mode():
+        result = vit(images, MAME, return_source=True)
+    assert len(result.sources) == 4
+    for block, source in enumerate(result.sources):
+        torch.testing.assert_close(source.sum(dim=1), torch.ones(4, vit.num_patches))
+        assert source.shape[1] == result.tokens[:, block].max()
+
+
+def test_settings_validation():
+    with pytest.raises(ValueError, match="unknown merge setting"):
+        MergeSettings.from_dict({"method": "mame", "threshold": 0.9})
+    with pytest.raises(ValueError, match="method"):
+        MergeSettings(method="fast")
+    with pytest.raises(ValueError, match="r >= 1"):
+        MergeSettings(method="tome")
+    with pytest.raises(ValueError, match="tau"):
+        MergeSettings(method="mame", tau=float("nan"))
+    with pytest.raises(ValueError, match="one value per merging block"):
+        MergeSettings(method="mame", tau=(0.9, 0.8), blocks=3)
+    per_block = MergeSettings.from_dict({"method": "mame", "tau": [0.9, 0.8]})
+    assert per_block.merge_blocks(12) == 2 and per_block.tau_at(1) == 0.8
+    assert MergeSettings(method="mame", tau=0.9).merge_blocks(12) == 8
+    assert MergeSettings(method="tome", r=8).merge_blocks(12) == 12
+    assert hash(MergeSettings.from_dict({"method": "mame", "tau": 1})) == hash(MergeSettings(method="mame", tau=1.0))
+
+
+def test_unsupported_models_are_refused():
+    with pytest.raises(TypeError, match="VisionTransformer"):
+        patch_vit(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="map"):
+        patch_vit(tiny_vit(global_pool="map"))
+
+
+@pytest.mark.slow
+def test_vit_base_unmerged_equivalence_invariance_and_flops():
+    torch.manual_seed(0)
+    model = timm.create_model("vit_base_patch16_224", pretrained=False).eval()
+    vit = patch_vit(model)
+    images = torch.nn.functional.interpolate(content_images(), size=224)
+    with torch.inference_mode():
+        expected = model(images)
+        unmerged = vit(images, MergeSettings(method="mame", tau=1.0))
+        merged = vit(images, MergeSettings(method="mame", tau=0.8))
+        alone = vit(images[2:3], MergeSettings(method="mame", tau=0.8))
+    assert (unmerged.logits - expected).abs().max().item() <= 1e-5
+    assert (merged.logits[2] - alone.logits[0]).abs().max().item() <= 1e-4
+    assert torch.equal(merged.tokens[2], alone.tokens[0])
+    # fvcore counts 17.6 G multiply-accumulates for ViT-B/16 at 224.
+    plain = vit(images[:1])
+    assert plain.gflops.item() == pytest.approx(17.6, rel=0.01)
+    assert (merged.gflops <= unmerged.gflops).all()
