@@ -131,6 +131,16 @@ def mame_merge(
     return TokenBatch(new_x, new_size, new_source), lengths
 
 
+def mame_order(batch: TokenBatch, num_special: int, stride: int = 2) -> TokenBatch:
+    """What mame_merge returns when nothing merges in an unpadded batch (tau >= 1): the same tokens in the
+    order special, destinations, sources. A cheap path that keeps later partitions exactly as mame_merge's."""
+    rest = batch.x.shape[1] - num_special
+    dst_pos, src_pos = _split_positions(rest, stride, batch.x.device)
+    order = torch.cat([torch.arange(num_special, device=batch.x.device), dst_pos + num_special, src_pos + num_special])
+    source = batch.source[:, order] if batch.source is not None else None
+    return TokenBatch(batch.x[:, order], batch.size[:, order], source)
+
+
 def tome_merge(batch: TokenBatch, metric: Tensor, r: int, num_special: int) -> TokenBatch:
     """ToMe bipartite soft matching (Bolya et al. 2023): merge the r most similar (a, b) pairs per image.
 

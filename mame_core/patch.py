@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +17,7 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
-from .merge import TokenBatch, mame_merge, tome_merge
+from .merge import TokenBatch, mame_merge, mame_order, tome_merge
 
 Method = Literal["none", "mame", "tome"]
 DEFAULT_MAME_BLOCKS = 8  # the paper's setting for ViT-B
@@ -112,18 +112,51 @@ def _check_supported(model: nn.Module) -> None:
             )
 
 
-def _attention_with_keys(attn: Attention, x: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
-    """timm Attention's forward, plus the keys averaged over heads (the merge metric)."""
-    bsz, n, _ = x.shape
-    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-    qkv = attn.qkv(x).reshape(bsz, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+RowFn = Callable[[Tensor], Tensor]
+
+
+def _per_token(fn: RowFn, h: Tensor, real_rows: Tensor | None) -> Tensor:
+    """Apply a per-token function to the real tokens only.
+
+    With padding, the real rows are packed first, so the linear layers (most of a ViT's work) cost the sum of
+    the images' token counts, not batch size x the longest image. Padding rows of the result are 0.
+    """
+    if real_rows is None:
+        return fn(h)
+    bsz, length, dim = h.shape
+    out = fn(h.reshape(bsz * length, dim).index_select(0, real_rows))
+    full = out.new_zeros(bsz * length, out.shape[-1]).index_copy_(0, real_rows, out)
+    return full.view(bsz, length, -1)
+
+
+def _block_attention(blk: Block, h: Tensor, bias: Tensor | None, real_rows: Tensor | None) -> tuple[Tensor, Tensor]:
+    """timm Block's attention branch (norm1, Attention, ls1), plus the keys averaged over heads (the metric)."""
+    attn = blk.attn
+    bsz, n, _ = h.shape
+    gated = getattr(attn, "gate", None) is not None
+    width = attn.attn_dim * (4 if gated else 3)
+
+    def project(t: Tensor) -> Tensor:
+        t = blk.norm1(t)
+        return torch.cat([attn.qkv(t), attn.gate(t)], dim=-1) if gated else attn.qkv(t)
+
+    projected = _per_token(project, h, real_rows)
+    qkv = projected[..., : 3 * attn.attn_dim].reshape(bsz, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=attn.scale)
-    out = attn.norm(out.transpose(1, 2).reshape(bsz, n, attn.attn_dim))
-    if gate is not None:
-        out = out * gate
-    return attn.proj_drop(attn.proj(out)), k.mean(dim=1)
+    out = out.transpose(1, 2).reshape(bsz, n, attn.attn_dim)
+    if gated:
+        out = torch.cat([out, projected[..., 3 * attn.attn_dim: width]], dim=-1)
+
+    def finish(t: Tensor) -> Tensor:
+        t, gate = (t[..., : attn.attn_dim], t[..., attn.attn_dim:]) if gated else (t, None)
+        t = attn.norm(t)
+        if gate is not None:
+            t = t * gate.sigmoid()
+        return blk.ls1(attn.proj_drop(attn.proj(t)))
+
+    return _per_token(finish, out, real_rows), k.mean(dim=1)
 
 
 def _attention_bias(size: Tensor, prop_attn: bool, dtype: torch.dtype) -> Tensor:
@@ -133,6 +166,13 @@ def _attention_bias(size: Tensor, prop_attn: bool, dtype: torch.dtype) -> Tensor
     else:
         bias = torch.where(size > 0, 0.0, float("-inf")).to(size.dtype)
     return bias.to(dtype)[:, None, None, :]
+
+
+def _real_rows(size: Tensor) -> Tensor | None:
+    """Flat indices of the real tokens of a padded batch, or None when no row is padding."""
+    real = size.reshape(-1) > 0
+    rows = real.nonzero().squeeze(1)
+    return None if rows.numel() == real.numel() else rows
 
 
 def _linear_macs(module: nn.Module) -> int:
@@ -189,29 +229,38 @@ class MergingViT(nn.Module):
             source[:, special:] = torch.eye(self.num_patches, device=h.device)
         lengths = torch.full((bsz,), h.shape[1], dtype=torch.int64, device=h.device)
         bias: Tensor | None = None  # None while every token has size 1 and there is no padding (fast path)
+        real_rows: Tensor | None = None  # flat indices of real tokens, None while there is no padding
+        merged_yet = False  # has any image of the batch merged a token so far?
 
         counts_in, counts_out, merge_pairs, sources = [], [], [], []
         for i, blk in enumerate(m.blocks):
             counts_in.append(lengths)
-            attn_out, keys = _attention_with_keys(blk.attn, blk.norm1(h), bias)
-            h = h + blk.drop_path1(blk.ls1(attn_out))
+            attn_out, keys = _block_attention(blk, h, bias, real_rows)
+            h = h + blk.drop_path1(attn_out)
             pairs = torch.zeros(bsz, device=h.device)
             if i < merge_blocks:
                 batch = TokenBatch(h, size, source)
                 if settings.method == "mame":
-                    block_tau = self._tau_tensor(tau if tau is not None else settings.tau_at(i), bsz, h.device)
                     real_dst = ((lengths - special + settings.stride - 1) // settings.stride).clamp(min=0)
                     pairs = (real_dst * (lengths - special - real_dst)).to(pairs.dtype)
-                    batch, lengths = mame_merge(batch, keys, block_tau, special, settings.stride)
+                    if tau is None and settings.tau_at(i) >= 1 and not merged_yet:
+                        batch = mame_order(batch, special, settings.stride)  # merges nothing: just reorder
+                    else:
+                        block_tau = self._tau_tensor(tau if tau is not None else settings.tau_at(i), bsz, h.device)
+                        batch, lengths = mame_merge(batch, keys, block_tau, special, settings.stride)
+                        merged_yet = merged_yet or bool((lengths < h.shape[1]).any())
                 else:
                     n_a = (lengths - special + 1) // 2
                     pairs = (n_a * (lengths - special - n_a)).to(pairs.dtype)
                     batch = tome_merge(batch, keys, settings.r, special)
                     lengths = torch.full_like(lengths, batch.x.shape[1])
+                    merged_yet = merged_yet or batch.x.shape[1] < h.shape[1]
                 h, size, source = batch.x, batch.size, batch.source
-                bias = _attention_bias(size, settings.prop_attn, h.dtype)
+                if merged_yet:  # while nothing merged, every size is 1: log(1) = 0 needs no bias
+                    bias = _attention_bias(size, settings.prop_attn, h.dtype)
+                    real_rows = _real_rows(size)
             merge_pairs.append(pairs)
-            h = h + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(h))))
+            h = h + blk.drop_path2(_per_token(lambda t: blk.ls2(blk.mlp(blk.norm2(t))), h, real_rows))
             counts_out.append(lengths)
             if return_source:
                 sources.append(source)

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from mame_core.merge import TokenBatch, mame_merge, tome_merge
+from mame_core.merge import TokenBatch, mame_merge, mame_order, tome_merge
 
 
 def reference_mame(x, metric, size, tau, num_special, stride=2):
@@ -218,3 +218,15 @@ def test_tome_weighted_average():
     # A = tokens 0, 2; B = tokens 1, 3. Token 0 has the strongest edge (to 1): (2*1 + 4*3) / 4 = 3.5.
     assert out.size.tolist() == [[1.0, 4.0, 1.0]]
     assert out.x[0, :, 0].tolist() == [8.0, 3.5, 100.0]
+
+
+def test_reorder_path_equals_merge_at_tau_one():
+    gen = torch.Generator().manual_seed(4)
+    x, metric = torch.randn(3, 14, 5, generator=gen), torch.randn(3, 14, 4, generator=gen)
+    source = torch.eye(14).expand(3, -1, -1)
+    for special, stride in [(0, 2), (1, 2), (3, 3)]:
+        batch = TokenBatch(x, torch.ones(3, 14), source)
+        merged, _ = mame_merge(batch, metric, torch.ones(3), special, stride)
+        ordered = mame_order(batch, special, stride)
+        assert torch.equal(merged.x, ordered.x) and torch.equal(merged.size, ordered.size)
+        assert torch.equal(merged.source, ordered.source)

@@ -1,0 +1,135 @@
+"""Images and models for the command-line tools (mame-bench, mame-vis, mame-eval).
+
+Preprocessing always comes from the model's own timm data config; nothing here hard-codes a
+resolution, a mean or a std.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import timm
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from timm.data import create_transform, resolve_data_config
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
+SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files directly inside `folder`, sorted by name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"image folder {str(folder)!r} does not exist or is not a directory")
+    paths = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise ValueError(
+            f"no images in {str(folder)!r} (looked for files ending in {', '.join(sorted(IMAGE_SUFFIXES))})"
+        )
+    return paths
+
+
+def sample_images() -> list[Path]:
+    """The photographs bundled with the package (see samples/LICENSES.md)."""
+    return list_images(SAMPLES_DIR)
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Decode an image file to RGB, honouring EXIF orientation; a clear ValueError if it is not one."""
+    try:
+        with Image.open(path) as img:
+            return ImageOps.exif_transpose(img).convert("RGB")
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"{str(path)!r} is not a readable image: {err}") from err
+
+
+def data_config(model: torch.nn.Module) -> dict:
+    """timm's data config for `model`, with the input size the model was actually built for: a model
+    created with an `img_size` override keeps its pretrained config's size otherwise."""
+    config = resolve_data_config({}, model=model)
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if img_size is not None:
+        config["input_size"] = (config["input_size"][0], *tuple(img_size))
+    return config
+
+
+def model_transform(model: torch.nn.Module) -> Callable[[Image.Image], torch.Tensor]:
+    """The model's own evaluation preprocessing (resize, crop, normalise) as timm resolves it."""
+    return create_transform(**data_config(model), is_training=False)
+
+
+def augmented_copy(img: Image.Image, copy_index: int, rng: random.Random) -> Image.Image:
+    """Copy number `copy_index` of a picture for filling a batch: the first is the picture itself,
+    later ones are crops of 60-100 % of the area, every other one mirrored, so that a batch holds
+    no two identical images (identical images would make every merge decision the same)."""
+    if copy_index == 0:
+        return img
+    w, h = img.size
+    scale = rng.uniform(0.6, 1.0) ** 0.5
+    cw, ch = max(1, round(w * scale)), max(1, round(h * scale))
+    left, top = rng.randint(0, w - cw), rng.randint(0, h - ch)
+    out = img.crop((left, top, left + cw, top + ch))
+    if copy_index % 2 == 1:
+        out = ImageOps.mirror(out)
+    return out
+
+
+def fill_batch(images: list[Image.Image], batch_size: int, seed: int = 0) -> list[Image.Image]:
+    """`batch_size` pictures made by cycling through `images`, later rounds augmented."""
+    if not images:
+        raise ValueError("need at least one image to fill a batch")
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    rng = random.Random(seed)
+    return [augmented_copy(images[i % len(images)], i // len(images), rng) for i in range(batch_size)]
+
+
+def make_batch(
+    paths: list[Path], model: torch.nn.Module, batch_size: int, seed: int = 0
+) -> torch.Tensor:
+    """A [batch_size, 3, H, W] float32 tensor of the pictures, preprocessed for `model`."""
+    transform = model_transform(model)
+    pictures = fill_batch([load_rgb(p) for p in paths], batch_size, seed)
+    return torch.stack([transform(p) for p in pictures])
+
+
+def parse_model_kwargs(text: str | None) -> dict:
+    """`--model-kwargs '{"img_size": 64}'` -> dict, for timm.create_model overrides."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--model-kwargs must be a JSON object: {err}") from err
+    if not isinstance(value, dict):
+        raise ValueError(f"--model-kwargs must be a JSON object, got {type(value).__name__}")  # noqa: TRY004 (user input)
+    return value
+
+
+def load_model(arch: str, weights: str = "random", model_kwargs: dict | None = None) -> torch.nn.Module:
+    """A timm model in eval mode. `weights`: "random" (random init, warned), "hub" (timm's pretrained
+    weights, needs network access or a filled cache) or the path of a checkpoint file."""
+    kwargs = dict(model_kwargs or {})
+    try:
+        if weights == "random":
+            warnings.warn(
+                f"{arch}: random weights; accuracy figures are meaningless, speed figures are not",
+                stacklevel=2,
+            )
+            model = timm.create_model(arch, pretrained=False, **kwargs)
+        elif weights == "hub":
+            model = timm.create_model(arch, pretrained=True, **kwargs)
+        else:
+            if not Path(weights).is_file():
+                raise ValueError(f"--weights: expected 'random', 'hub' or a checkpoint file, got {weights!r}")
+            model = timm.create_model(arch, pretrained=False, checkpoint_path=weights, **kwargs)
+    except RuntimeError as err:
+        if "Unknown model" in str(err):
+            raise ValueError(f"unknown timm architecture {arch!r}") from err
+        raise
+    return model.eval()
