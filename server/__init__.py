@@ -1,0 +1,1 @@
+"""HTTP inference server for timm vision transformers patched with MaMe token merging."""

@@ -1,0 +1,154 @@
+"""Dynamic batching: bounded per-variant queues that device workers drain batch by batch.
+
+A batch holds images of one (model, variant): up to the model's `max_batch_size`, taken as soon as it is
+full or when its oldest image has waited `max_wait_ms`. Across variants the queue with the oldest head goes
+first, so no variant starves. Triton's dynamic batcher has the same vocabulary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from mame_core import MergeSettings
+from server.config import BatchingConfig
+
+
+class QueueFull(Exception):
+    """The model's bounded queue cannot take the images: answer 503 at once."""
+
+
+class SchedulerClosed(Exception):
+    """The server is shutting down and takes no new work."""
+
+
+@dataclass(eq=False)
+class WorkItem:
+    """One image waiting for inference; its answer arrives through an asyncio future of the request's loop."""
+
+    model: str
+    variant: str
+    settings: MergeSettings
+    image: torch.Tensor  # [3, H, W], preprocessed
+    top_k: int
+    deadline: float  # time.monotonic()
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    enqueued_at: float = field(default_factory=time.monotonic)
+    taken_at: float = 0.0
+
+    def resolve(self, value: Any) -> None:
+        self._complete(lambda: self.future.set_result(value))
+
+    def fail(self, exc: BaseException) -> None:
+        self._complete(lambda: self.future.set_exception(exc))
+
+    def _complete(self, action: Callable[[], None]) -> None:
+        def apply() -> None:
+            if not self.future.done():  # a request that timed out has already answered
+                action()
+
+        try:
+            self.loop.call_soon_threadsafe(apply)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+
+DepthCallback = Callable[[str, str, int], None]
+
+
+class Scheduler:
+    """Thread-safe queues keyed by (model, variant); workers block in `next_batch`."""
+
+    def __init__(self, batching: dict[str, BatchingConfig], on_depth: DepthCallback | None = None):
+        self._batching = batching
+        self._on_depth = on_depth or (lambda model, variant, depth: None)
+        self._cond = threading.Condition()
+        self._queues: dict[tuple[str, str], deque[WorkItem]] = {}
+        self._pending = {model: 0 for model in batching}
+        self._closed = False
+
+    def submit(self, items: list[WorkItem]) -> None:
+        """Queue all items or none (a request's images are accepted together)."""
+        if not items:
+            return
+        model = items[0].model
+        limit = self._batching[model].max_queue
+        with self._cond:
+            if self._closed:
+                raise SchedulerClosed("the server is shutting down")
+            if self._pending[model] + len(items) > limit:
+                raise QueueFull(
+                    f"model {model!r} has {self._pending[model]} images queued (limit {limit}); "
+                    f"cannot take {len(items)} more"
+                )
+            for item in items:
+                item.enqueued_at = time.monotonic()
+                self._queues.setdefault((item.model, item.variant), deque()).append(item)
+            self._pending[model] += len(items)
+            for key in {(item.model, item.variant) for item in items}:
+                self._on_depth(*key, len(self._queues[key]))
+            self._cond.notify_all()
+
+    def discard(self, items: list[WorkItem]) -> None:
+        """Remove items whose request gave up (deadline); those already taken are left to finish."""
+        with self._cond:
+            for item in items:
+                queue = self._queues.get((item.model, item.variant))
+                if queue is not None and item in queue:
+                    queue.remove(item)
+                    self._pending[item.model] -= 1
+                    self._on_depth(item.model, item.variant, len(queue))
+
+    def next_batch(self, models: Collection[str]) -> list[WorkItem] | None:
+        """Block until a batch of one variant of one of `models` is due; None once closed and drained.
+
+        A queue is due when it holds a full batch or its oldest image has waited `max_wait_ms`; of the due
+        queues the one with the oldest head goes first.
+        """
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                due, next_due = [], None
+                for key, queue in self._queues.items():
+                    if not queue or key[0] not in models:
+                        continue
+                    cfg = self._batching[key[0]]
+                    due_at = queue[0].enqueued_at + cfg.max_wait_ms / 1000.0
+                    if len(queue) >= cfg.max_batch_size or due_at <= now or self._closed:
+                        due.append((queue[0].enqueued_at, key))
+                    else:
+                        next_due = due_at if next_due is None else min(next_due, due_at)
+                if due:
+                    key = min(due)[1]
+                    return self._take(key, self._batching[key[0]].max_batch_size)
+                if next_due is None and self._closed:
+                    return None
+                self._cond.wait(timeout=None if next_due is None else next_due - now)
+
+    def close(self) -> None:
+        """Take no new work; workers finish what is queued, then `next_batch` returns None."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def pending(self, model: str) -> int:
+        with self._cond:
+            return self._pending[model]
+
+    def _take(self, key: tuple[str, str], max_batch_size: int) -> list[WorkItem]:
+        queue = self._queues[key]
+        now = time.monotonic()
+        batch = [queue.popleft() for _ in range(min(max_batch_size, len(queue)))]
+        for item in batch:
+            item.taken_at = now
+        self._pending[key[0]] -= len(batch)
+        self._on_depth(*key, len(queue))
+        return batch

@@ -1,0 +1,275 @@
+"""Serving benchmarks: printed ratios, never timed assertions.
+
+  python -m server.bench_serving throughput  # served img/s at saturation / offline img/s, same batch size
+  python -m server.bench_serving latency     # median latency the server adds over a direct model call
+  python -m server.bench_serving memory      # resident memory of the server after warm-up (default config)
+  python -m server.bench_serving soak        # resident memory growth over a 10,000-request soak (tiny ViT)
+
+Each starts a real `python -m server` process on loopback next to the measurement, on the same machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import timm
+import torch
+
+from mame_core import MergeSettings, patch_vit
+from server.imaging import decode_image
+from server.launch import running_server
+from server.models import preprocessing
+
+TINY_KWARGS = {"img_size": 64, "patch_size": 8, "embed_dim": 64, "depth": 4, "num_heads": 2}
+
+
+def sample_bytes() -> list[bytes]:
+    """The photographs bundled with mame_core, as the files a client would send."""
+    from mame_core.images import sample_images
+
+    return [path.read_bytes() for path in sample_images()]
+
+
+def model_config(args: argparse.Namespace, **batching: Any) -> dict:
+    return {
+        "models": {"bench": {
+            "arch": args.arch, "model_kwargs": args.model_kwargs, "weights": "random", "device": args.device,
+            "dtype": args.dtype, "variants": {"v": args.variant_dict},
+            "batching": {"max_batch_size": args.batch, "max_wait_ms": args.max_wait_ms, "max_queue": 4096,
+                         **batching},
+        }},
+        "limits": {"request_timeout_s": 120},
+    }
+
+
+def server_env(args: argparse.Namespace) -> dict[str, str]:
+    # The same torch thread count as the offline measurement in this process.
+    return {"OMP_NUM_THREADS": str(args.threads), "MAME_TORCH_THREADS": str(args.threads)}
+
+
+def server_args(args: argparse.Namespace) -> list[str]:
+    return ["--preprocess-threads", str(args.preprocess_threads)]
+
+
+def build_offline(args: argparse.Namespace):
+    model = timm.create_model(args.arch, pretrained=False, **args.model_kwargs).eval()
+    transform, _ = preprocessing(model)
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = {"auto": torch.float16 if device.type == "cuda" else torch.float32}.get(args.dtype) or getattr(torch, args.dtype)
+    vit = patch_vit(model.to(device=device, dtype=dtype))
+    return vit, transform, device, dtype
+
+
+def timed_forward(vit, x: torch.Tensor, settings: MergeSettings, device, dtype) -> float:
+    started = time.perf_counter()
+    with torch.inference_mode():
+        xd = x.pin_memory().to(device, dtype, non_blocking=True) if device.type == "cuda" else x.to(dtype=dtype)
+        res = vit(xd, settings)
+        res.logits.float().softmax(-1).topk(5)[0].cpu()
+    return time.perf_counter() - started
+
+
+def offline_runner(args, data: list[bytes]):
+    """A function that measures the offline model's images/s over `args.seconds`."""
+    vit, transform, device, dtype = build_offline(args)
+    pictures = [transform(decode_image(d, 10**8)) for d in data]
+    x = torch.stack([pictures[i % len(pictures)] for i in range(args.batch)])
+    settings = MergeSettings.from_dict(args.variant_dict)
+    for _ in range(3):
+        timed_forward(vit, x, settings, device, dtype)
+
+    def measure() -> float:
+        runs, started = 0, time.perf_counter()
+        while time.perf_counter() - started < args.seconds:
+            timed_forward(vit, x, settings, device, dtype)
+            runs += 1
+        return runs * args.batch / (time.perf_counter() - started)
+
+    return measure
+
+
+async def saturate(url: str, data: list[bytes], concurrency: int, seconds: float, warmup_s: float) -> float:
+    """Images per second answered while `concurrency` clients keep sending, after a warm-up."""
+    done: list[float] = []
+    stop_at = time.perf_counter() + warmup_s + seconds
+
+    async def client(i: int, http: httpx.AsyncClient) -> None:
+        n = i
+        while time.perf_counter() < stop_at:
+            response = await http.post(f"{url}/v1/classify", params={"top_k": 1}, content=data[n % len(data)],
+                                       headers={"content-type": "image/jpeg"})
+            response.raise_for_status()
+            done.append(time.perf_counter())
+            n += 1
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as http:
+        start = time.perf_counter()
+        await asyncio.gather(*(client(i, http) for i in range(concurrency)))
+    window = [t for t in done if t >= start + warmup_s]
+    return len(window) / (max(window) - (start + warmup_s)) if len(window) > 1 else 0.0
+
+
+def cmd_throughput(args) -> None:
+    """Offline and served windows alternate (the server idles during offline ones), so that load from
+    other processes on a shared machine hits both alike; the ratio of the medians is the figure."""
+    data = sample_bytes()
+    offline_measure = offline_runner(args, data)
+    offline, served = [], []
+    with running_server(model_config(args), env=server_env(args), ready_timeout=600,
+                        args=server_args(args)) as server:
+        for round_ in range(args.rounds):
+            offline.append(offline_measure())
+            served.append(asyncio.run(saturate(server.url, data, args.concurrency or 2 * args.batch, args.seconds,
+                                               3.0 if round_ == 0 else 1.0)))
+            print(f"  round {round_ + 1}: offline {offline[-1]:8.1f} img/s, served {served[-1]:8.1f} img/s, "
+                  f"ratio {served[-1] / offline[-1]:.3f}", flush=True)
+    off, srv = statistics.median(offline), statistics.median(served)
+    print(f"{args.arch} {args.variant} on {args.device}/{args.dtype}, batch {args.batch}, "
+          f"{torch.get_num_threads()} torch threads, {args.rounds} rounds of {args.seconds:.0f} s")
+    print(f"  offline model   {off:9.1f} img/s  (preprocessed tensors, forward + top-k; median)")
+    print(f"  served (HTTP)   {srv:9.1f} img/s  (JPEG over HTTP, decode, preprocess, batch, answer; median)")
+    print(f"  ratio served/offline = {srv / off:.3f}")
+
+
+def cmd_latency(args) -> None:
+    data = sample_bytes()
+    vit, transform, device, dtype = build_offline(args)
+    settings = MergeSettings.from_dict(args.variant_dict)
+    preprocess_s, forward_s = [], []
+    for i in range(args.requests):
+        started = time.perf_counter()
+        x = transform(decode_image(data[i % len(data)], 10**8))[None]
+        preprocess_s.append(time.perf_counter() - started)
+        forward_s.append(timed_forward(vit, x, settings, device, dtype))
+    served_s = []
+    with running_server(model_config(args), env=server_env(args), ready_timeout=600,
+                        args=server_args(args)) as server, \
+            httpx.Client(timeout=60) as http:
+        for i in range(args.requests + 5):
+            started = time.perf_counter()
+            response = http.post(f"{server.url}/v1/classify", params={"top_k": 1}, content=data[i % len(data)],
+                                 headers={"content-type": "image/jpeg"})
+            response.raise_for_status()
+            if i >= 5:
+                served_s.append(time.perf_counter() - started)
+    med = lambda values: statistics.median(values) * 1000
+    print(f"{args.arch} {args.variant} on {args.device}/{args.dtype}, concurrency 1, max_wait_ms {args.max_wait_ms}, "
+          f"{args.requests} requests")
+    print(f"  direct forward (batch 1)      median {med(forward_s):8.2f} ms")
+    print(f"  direct decode + preprocess    median {med(preprocess_s):8.2f} ms")
+    print(f"  served round trip (HTTP)      median {med(served_s):8.2f} ms")
+    print(f"  added by the server over the forward:            {med(served_s) - med(forward_s):8.2f} ms")
+    print(f"  added over decode + preprocess + forward:        "
+          f"{med(served_s) - med(forward_s) - med(preprocess_s):8.2f} ms")
+
+
+def gpu_memory_mib(pid: int) -> float | None:
+    if shutil.which("nvidia-smi") is None:
+        return None
+    out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True, check=False).stdout
+    used = [float(mem) for p, mem in (line.split(",") for line in out.strip().splitlines() if "," in line)
+            if int(p) == pid]
+    return sum(used) if used else None
+
+
+def cmd_memory(args) -> None:
+    config = Path(args.config) if args.config else Path(__file__).parent / "configs" / "default.yaml"
+    with running_server(config, env=server_env(args), ready_timeout=1200) as server:
+        rss = psutil.Process(server.proc.pid).memory_info().rss
+        weights = httpx.get(f"{server.url}/v1/models").json()["models"][0]["weights"]
+        gpu = gpu_memory_mib(server.proc.pid)
+    print(f"config {config} (weights {weights}): resident memory after warm-up {rss / 2**20:.0f} MiB"
+          + (f", GPU memory {gpu:.0f} MiB" if gpu is not None else ""))
+
+
+async def soak_requests(url: str, data: list[bytes], total: int, concurrency: int) -> None:
+    counter = iter(range(total))
+
+    async def client(http: httpx.AsyncClient) -> None:
+        for n in counter:
+            response = await http.post(f"{url}/v1/classify", content=data[n % len(data)],
+                                       params={"variant": ["baseline", "mame", "tome"][n % 3]},
+                                       headers={"content-type": "image/jpeg"})
+            response.raise_for_status()
+
+    async with httpx.AsyncClient(timeout=60) as http:
+        await asyncio.gather(*(client(http) for _ in range(concurrency)))
+
+
+def cmd_soak(args) -> None:
+    data = sample_bytes()
+    config = {"models": {"tiny": {
+        "arch": "vit_tiny_patch16_224", "model_kwargs": TINY_KWARGS, "weights": "random", "device": args.device,
+        "dtype": args.dtype, "batching": {"max_batch_size": 16, "max_wait_ms": 5, "max_queue": 1024},
+        "variants": {"baseline": {"method": "none"}, "mame": {"method": "mame", "tau": 0.8, "blocks": 3},
+                     "tome": {"method": "tome", "r": 8}},
+    }}}
+    with running_server(config, env=server_env(args)) as server:
+        proc = psutil.Process(server.proc.pid)
+        ready_rss = proc.memory_info().rss
+        asyncio.run(soak_requests(server.url, data, args.settle, args.concurrency or 8))
+        start_rss, start_gpu = proc.memory_info().rss, gpu_memory_mib(proc.pid)
+        started = time.perf_counter()
+        asyncio.run(soak_requests(server.url, data, args.requests, args.concurrency or 8))
+        elapsed = time.perf_counter() - started
+        end_rss, end_gpu = proc.memory_info().rss, gpu_memory_mib(proc.pid)
+    print(f"soak: {args.requests} requests (3 variants, concurrency {args.concurrency or 8}) in {elapsed:.0f} s, "
+          f"tiny ViT on {args.device}")
+    print(f"  RSS after warm-up {ready_rss / 2**20:.1f} MiB, after {args.settle} settling requests "
+          f"{start_rss / 2**20:.1f} MiB, after the soak {end_rss / 2**20:.1f} MiB")
+    print(f"  growth over the soak: {100 * (end_rss - start_rss) / start_rss:+.2f} %")
+    if start_gpu is not None:
+        print(f"  GPU memory {start_gpu:.0f} MiB -> {end_gpu:.0f} MiB")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m server.bench_serving", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["throughput", "latency", "memory", "soak"])
+    parser.add_argument("--arch", default="vit_small_patch16_224")
+    parser.add_argument("--tiny", action="store_true", help="use the tiny test ViT (64 px, 4 blocks)")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    parser.add_argument("--variant", default="baseline", help="baseline | mame-<tau> | tome-<r>")
+    parser.add_argument("--batch", type=int, default=8, help="max_batch_size of the server = offline batch")
+    parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--concurrency", type=int, default=0, help="clients (default: 2 x batch; soak: 8)")
+    parser.add_argument("--seconds", type=float, default=10.0, help="throughput: one measurement window")
+    parser.add_argument("--rounds", type=int, default=3, help="throughput: offline/served window pairs")
+    parser.add_argument("--requests", type=int, default=None, help="latency: 50; soak: 10000")
+    parser.add_argument("--settle", type=int, default=500, help="soak: requests before the first measurement")
+    parser.add_argument("--config", help="memory: serving config (default: the shipped default)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="torch threads, here and in the server (use 1 on a small shared CPU: "
+                             "OpenMP threads that wait for each other collapse under contention)")
+    parser.add_argument("--preprocess-threads", type=int, default=4, help="the server's decoding threads")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.model_kwargs = TINY_KWARGS if args.tiny else {}
+    if args.tiny:
+        args.arch = "vit_tiny_patch16_224"
+    if args.variant == "baseline":
+        args.variant_dict = {"method": "none"}
+    elif args.variant.startswith("mame-"):
+        args.variant_dict = {"method": "mame", "tau": float(args.variant[5:]), "blocks": 8}
+    elif args.variant.startswith("tome-"):
+        args.variant_dict = {"method": "tome", "r": int(args.variant[5:])}
+    else:
+        parser.error(f"--variant {args.variant!r}: use baseline, mame-<tau> or tome-<r>")
+    args.requests = args.requests or {"latency": 50, "soak": 10_000}.get(args.what, 0)
+    {"throughput": cmd_throughput, "latency": cmd_latency, "memory": cmd_memory, "soak": cmd_soak}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()

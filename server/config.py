@@ -1,0 +1,129 @@
+"""The serving config: a YAML file validated by pydantic (unknown keys are errors that name the key)."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from mame_core import MergeSettings
+
+# TODO(experiments): `ExperimentConfig` is written by the A/B-testing engineer in server/experiments.py.
+# Until that module exists an experiment is kept as a plain dict; once it does, its typed model is used.
+try:
+    from server.experiments import ExperimentConfig
+except ModuleNotFoundError as exc:  # only a missing module falls back; errors inside it propagate
+    if exc.name != "server.experiments":
+        raise
+    ExperimentConfig = dict[str, Any]  # type: ignore[misc]
+
+DEFAULT_CONFIG = "default.yaml"
+
+
+def _merge_settings(value: Any) -> MergeSettings:
+    if isinstance(value, MergeSettings):
+        return value
+    if not isinstance(value, dict):
+        raise ValueError(f"a variant must be a mapping like {{method: mame, tau: 0.9}}, got {value!r}")  # noqa: TRY004 - pydantic reports ValueError
+    return MergeSettings.from_dict(value)
+
+
+Variant = Annotated[MergeSettings, BeforeValidator(_merge_settings)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+
+class BatchingConfig(_Strict):
+    max_batch_size: int = Field(32, ge=1, le=4096)
+    max_wait_ms: float = Field(5.0, ge=0, le=60_000)
+    max_queue: int = Field(256, ge=1, description="images waiting per model; more are answered 503")
+
+
+class ModelConfig(_Strict):
+    arch: str = Field(description="timm model name, e.g. vit_base_patch16_224.augreg_in21k_ft_in1k")
+    model_kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to timm.create_model")
+    weights: str = Field("auto", description="auto | random | path to a local checkpoint file")
+    device: str = Field("auto", description="auto (every CUDA device, else cpu) | cpu | cuda | cuda:0,cuda:1")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    variants: dict[str, Variant] = Field(min_length=1)
+    default_variant: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.default_variant is not None and self.default_variant not in self.variants:
+            raise ValueError(
+                f"default_variant {self.default_variant!r} is not one of the variants {sorted(self.variants)}"
+            )
+        if self.weights not in ("auto", "random") and not Path(self.weights).expanduser().is_file():
+            raise ValueError(f"weights: {self.weights!r} is neither auto, random nor an existing file")
+        return self
+
+    @property
+    def default_variant_name(self) -> str:
+        return self.default_variant or next(iter(self.variants))
+
+
+class LimitsConfig(_Strict):
+    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    max_pixels: int = Field(40_000_000, ge=1, description="width x height of one image (decompression bombs)")
+    max_images_per_request: int = Field(32, ge=1)
+    request_timeout_s: float = Field(30.0, gt=0)
+    max_top_k: int = Field(20, ge=1)
+
+
+class ServingConfig(_Strict):
+    models: dict[str, ModelConfig] = Field(min_length=1)
+    default_model: str | None = None
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    experiments: dict[str, ExperimentConfig] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> ServingConfig:
+        if self.default_model is not None and self.default_model not in self.models:
+            raise ValueError(f"default_model {self.default_model!r} is not one of the models {sorted(self.models)}")
+        return self
+
+    @property
+    def default_model_name(self) -> str:
+        return self.default_model or next(iter(self.models))
+
+
+class ConfigError(Exception):
+    """A serving config that cannot be used; the message names the file and the bad key."""
+
+
+def parse_config(data: Any, source: str = "<config>") -> ServingConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the serving config must be a YAML mapping, got {type(data).__name__}")
+    try:
+        return ServingConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = [f"{source}: invalid serving config:"]
+        for err in exc.errors():
+            key = ".".join(str(part) for part in err["loc"]) or "<top level>"
+            lines.append(f"  {key}: {err['msg']}")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def load_config(path: str | Path | None = None) -> ServingConfig:
+    """Load a YAML serving config; None loads the default shipped in the package."""
+    if path is None:
+        text = resources.files("server").joinpath("configs", DEFAULT_CONFIG).read_text()
+        source = f"server/configs/{DEFAULT_CONFIG}"
+    else:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read serving config {path}: {exc.strerror}") from None
+        source = str(path)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+    return parse_config(data, source)

@@ -1,0 +1,46 @@
+"""Errors that become JSON answers with a stable code (docs/CONTRACT.md)."""
+
+from __future__ import annotations
+
+
+class ApiError(Exception):
+    """An error with an HTTP status and a stable machine-readable code."""
+
+    def __init__(self, status: int, code: str, detail: str, headers: dict[str, str] | None = None):
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+        self.headers = headers or {}
+
+
+def bad_image(detail: str) -> ApiError:
+    return ApiError(400, "bad_image", detail)
+
+
+def too_large(detail: str) -> ApiError:
+    return ApiError(413, "too_large", detail)
+
+
+def unsupported_media_type(detail: str) -> ApiError:
+    return ApiError(415, "unsupported_media_type", detail)
+
+
+def invalid_parameter(detail: str) -> ApiError:
+    return ApiError(422, "invalid_parameter", detail)
+
+
+def overloaded(detail: str, retry_after_s: int = 1) -> ApiError:
+    return ApiError(503, "overloaded", detail, {"Retry-After": str(retry_after_s)})
+
+
+def not_ready(detail: str) -> ApiError:
+    return ApiError(503, "not_ready", detail, {"Retry-After": "5"})
+
+
+def timeout(detail: str) -> ApiError:
+    return ApiError(504, "timeout", detail)
+
+
+def internal(detail: str) -> ApiError:
+    return ApiError(500, "internal", detail)

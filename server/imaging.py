@@ -1,0 +1,74 @@
+"""Decoding untrusted image bytes into RGB pictures, with clear errors for every way they can be bad."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from server.errors import ApiError, bad_image, too_large, unsupported_media_type
+
+# A truncated file is an error, never a half-grey picture.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+# Content types we try to decode. octet-stream is what many clients send for an unnamed file part.
+GENERIC_TYPES = {"application/octet-stream", ""}
+
+
+def check_content_type(content_type: str | None) -> None:
+    """415 unless the declared type is an image (or untyped bytes, which decoding then judges)."""
+    main = (content_type or "").split(";")[0].strip().lower()
+    if main.startswith("image/") or main in GENERIC_TYPES:
+        return
+    raise unsupported_media_type(f"content type {main!r} is not an image type (send image/jpeg, image/png, ...)")
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit and 32-bit grey (modes I, I;16*, F) scaled down to 8-bit grey."""
+    arr = np.asarray(img, dtype=np.float32)
+    if arr.size and float(arr.max()) > 255.0:
+        arr = arr * (255.0 / 65535.0)
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode to RGB; transparency is composited over white."""
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        img = _to_8bit(img)
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Bytes -> RGB image: first frame of an animation, EXIF orientation applied, pixel limit before decoding."""
+    if not data:
+        raise bad_image("the image is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we apply our own limit below
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width * height > max_pixels:
+                raise too_large(f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
+            if width == 0 or height == 0:
+                raise bad_image(f"image has no pixels ({width}x{height})")
+            img.seek(0)  # first frame of an animated image
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return to_rgb(img)
+    except ApiError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise too_large(f"image rejected as a decompression bomb: {exc}") from None
+    except UnidentifiedImageError:
+        raise bad_image("the bytes are not an image format we can decode") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        # PIL reports truncated or corrupt data with these.
+        raise bad_image(f"the image could not be decoded (truncated or corrupt): {exc}") from None

@@ -1,0 +1,57 @@
+"""Prometheus metrics, names and labels as in docs/CONTRACT.md, in a registry owned by one app."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
+TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 50, 64, 100, 128, 150, 197, 256, 400, 577, 1024, 2048)
+GFLOPS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 12, 17.6, 25, 50, 100, 200)
+
+
+class Metrics:
+    """Every metric of one server; a fresh registry so that several apps can live in one process."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        mve = ("model", "variant", "experiment")
+        mvd = ("model", "variant", "device")
+        shadow = ("model", "experiment", "variant", "reference")
+        self.request_duration = Histogram(
+            "mame_request_duration_seconds", "Time from request arrival to answer",
+            mve, buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait = Histogram(
+            "mame_queue_wait_seconds", "Time an image waited in its variant queue",
+            mve, buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_inference = Histogram(
+            "mame_batch_inference_seconds", "Time of one batch forward pass on a device",
+            mvd, buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram(
+            "mame_batch_size", "Images per batch", mvd, buckets=BATCH_SIZE_BUCKETS, registry=r)
+        self.requests = Counter(
+            "mame_requests", "Classify requests by HTTP status", (*mve, "status"), registry=r)
+        self.images = Counter(
+            "mame_images", "Images by HTTP status", (*mve, "status"), registry=r)
+        self.final_tokens = Histogram(
+            "mame_final_tokens", "Tokens left after the last block", mve, buckets=TOKEN_BUCKETS, registry=r)
+        self.gflops = Histogram(
+            "mame_gflops", "Estimated GFLOPs per image", mve, buckets=GFLOPS_BUCKETS, registry=r)
+        self.queue_depth = Gauge(
+            "mame_queue_depth", "Images waiting in a variant queue", ("model", "variant"), registry=r)
+        self.in_flight = Gauge(
+            "mame_in_flight_requests", "Requests being handled", ("model", "variant"), registry=r)
+        # Filled by the A/B-testing code (server/experiments.py).
+        self.shadow_comparisons = Counter(
+            "mame_shadow_comparisons", "Shadow comparisons against a reference variant", shadow, registry=r)
+        self.shadow_agreements = Counter(
+            "mame_shadow_agreements", "Shadow comparisons whose top-1 agreed", shadow, registry=r)
+        self.shadow_top1_prob_abs_diff_sum = Counter(
+            "mame_shadow_top1_prob_abs_diff_sum", "Sum of |top-1 probability difference|", shadow, registry=r)
+        self.experiment_weight = Gauge(
+            "mame_experiment_weight", "Traffic share of a variant in an experiment",
+            ("experiment", "variant"), registry=r)
+        self.model_info = Gauge(
+            "mame_model_info", "Loaded models (value 1)", ("model", "arch", "weights", "device", "dtype"),
+            registry=r)

@@ -1,0 +1,128 @@
+"""Building one served model: timm architecture, weights (hub, local file or random), labels, preprocessing."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import timm
+import torch
+from timm.data import ImageNetInfo, create_transform, infer_imagenet_subset, resolve_data_config
+
+from server.config import ModelConfig
+
+log = logging.getLogger("mame.server")
+
+HUB_PROBE_TIMEOUT_S = 2.0
+_TRUE = {"1", "on", "yes", "true"}
+
+
+def hub_disabled_by_env(env: dict[str, str] | None = None) -> str | None:
+    """The offline variable that switches the Hugging Face hub off, if one is set."""
+    env = os.environ if env is None else env
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if env.get(name, "").strip().lower() in _TRUE:
+            return name
+    return None
+
+
+def hub_reachable(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """One TCP connect to the hub endpoint: decides in `timeout_s` instead of the hub client's ~45 s retries."""
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def _cached_hub_file(model: torch.nn.Module) -> str | None:
+    """The model's weights file in the local hub cache, if an earlier run downloaded it."""
+    from huggingface_hub import try_to_load_from_cache
+
+    repo = model.pretrained_cfg.get("hf_hub_id")
+    if not repo:
+        return None
+    for filename in ("model.safetensors", "open_clip_pytorch_model.bin", "pytorch_model.bin"):
+        path = try_to_load_from_cache(repo, filename)
+        if isinstance(path, str):
+            return path
+    return None
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A timm model on the CPU with everything needed to serve it."""
+
+    model: torch.nn.Module
+    weights: str  # hub | file:<path> | random-init (docs/CONTRACT.md)
+    labels: list[str]
+    transform: Callable
+    input_size: tuple[int, int, int]
+
+
+def _create(cfg: ModelConfig, pretrained: bool, **extra) -> torch.nn.Module:
+    return timm.create_model(cfg.arch, pretrained=pretrained, **cfg.model_kwargs, **extra).eval()
+
+
+def load_weights(name: str, cfg: ModelConfig) -> tuple[torch.nn.Module, str]:
+    """The model with its weights and where they came from, never waiting on an unreachable hub."""
+    if cfg.weights == "random":
+        return _create(cfg, pretrained=False), "random-init"
+    if cfg.weights != "auto":
+        path = Path(cfg.weights).expanduser()
+        model = _create(cfg, pretrained=False)
+        timm.models.load_checkpoint(model, str(path), strict=True)
+        return model, f"file:{path}"
+
+    model = _create(cfg, pretrained=False)
+    offline_var = hub_disabled_by_env()
+    reason = f"{offline_var} is set" if offline_var else None
+    if reason is None and not hub_reachable():
+        reason = f"the hub ({os.environ.get('HF_ENDPOINT', 'huggingface.co')}) is unreachable"
+    if reason is None:
+        try:
+            return _create(cfg, pretrained=True), "hub"
+        except Exception as exc:  # noqa: BLE001 - any download failure falls back, loudly
+            reason = f"downloading from the hub failed: {exc}"
+    cached = _cached_hub_file(model)
+    if cached is not None:
+        log.info("model %s: %s; using the hub weights from the local cache %s", name, reason, cached)
+        return _create(cfg, pretrained=True, pretrained_cfg_overlay={"file": cached}), "hub"
+    log.warning(
+        "\n%s\nWARNING: model %r (%s) has RANDOM weights: %s and no cached copy exists.\n"
+        "Its predictions are meaningless. Answers say \"weights\": \"random-init\".\n%s",
+        "!" * 78, name, cfg.arch, reason, "!" * 78,
+    )
+    return model, "random-init"
+
+
+def class_labels(model: torch.nn.Module) -> list[str]:
+    """ImageNet class names shipped with timm (offline); generic names for other heads."""
+    num_classes = int(getattr(model, "num_classes", 0))
+    subset = infer_imagenet_subset(model)
+    if subset:
+        info = ImageNetInfo(subset)
+        if info.num_classes() == num_classes:
+            return [info.index_to_description(i) for i in range(num_classes)]
+    return [f"class_{i}" for i in range(num_classes)]
+
+
+def preprocessing(model: torch.nn.Module) -> tuple[Callable, tuple[int, int, int]]:
+    """timm's eval transform from the model's own data config, at the size the model was built for."""
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    overrides = {"input_size": (3, *img_size)} if img_size else {}
+    data_config = resolve_data_config(overrides, model=model)
+    return create_transform(**data_config, is_training=False), tuple(data_config["input_size"])
+
+
+def load_model(name: str, cfg: ModelConfig) -> LoadedModel:
+    model, weights = load_weights(name, cfg)
+    transform, input_size = preprocessing(model)
+    return LoadedModel(model, weights, class_labels(model), transform, input_size)

@@ -1,0 +1,41 @@
+"""Process settings: command-line flags over `MAME_*` environment variables over defaults."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MAME_", extra="forbid")
+
+    config: Path | None = Field(None, description="serving config YAML; default: the one shipped in the package")
+    host: str = "0.0.0.0"
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU workers")
+    preprocess_threads: int = Field(4, ge=1, description="threads that decode and preprocess images")
+    warmup: bool = Field(True, description="run each variant once before /readyz says ready")
+
+
+def parse_settings(argv: Sequence[str] | None = None) -> ServerSettings:
+    parser = argparse.ArgumentParser(
+        prog="mame-serve",
+        description="Serve timm ViTs accelerated by MaMe token merging over HTTP. "
+        "Every flag can also be set as MAME_<FLAG> in the environment (e.g. MAME_PORT=9000).",
+    )
+    parser.add_argument("--config", type=Path, help="serving config YAML (default: the shipped default.yaml)")
+    parser.add_argument("--host", help="address to listen on (default 0.0.0.0)")
+    parser.add_argument("--port", type=int, help="port to listen on (default 8000)")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--torch-threads", type=int, help="torch intra-op threads on CPU workers")
+    parser.add_argument("--preprocess-threads", type=int, help="threads that decode and preprocess images")
+    parser.add_argument("--no-warmup", dest="warmup", action="store_const", const=False,
+                        help="skip the warm-up forward passes")
+    given = {key: value for key, value in vars(parser.parse_args(argv)).items() if value is not None}
+    return ServerSettings(**given)

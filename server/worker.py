@@ -1,0 +1,177 @@
+"""Device workers: one thread per device runs batches of every model on that device."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from mame_core import MergeSettings, MergingViT, patch_vit
+from server.batching import Scheduler, WorkItem
+from server.errors import internal, timeout
+from server.metrics import Metrics
+
+log = logging.getLogger("mame.server")
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """What one forward pass says about one image."""
+
+    indices: list[int]
+    scores: list[float]
+    tokens_per_block: list[int]
+    input_tokens: int
+    gflops: float
+    queue_s: float
+    inference_s: float
+    batch_size: int
+    device: str
+
+
+@dataclass
+class DeviceModel:
+    """One model's weights on one device, serving all its variants."""
+
+    name: str
+    vit: MergingViT
+    device: torch.device
+    dtype: torch.dtype
+    input_size: tuple[int, int, int]
+
+
+def resolve_devices(spec: str) -> list[torch.device]:
+    """auto: every CUDA device, else the CPU. Otherwise a comma-separated list (cpu, cuda, cuda:1)."""
+    if spec == "auto":
+        count = torch.cuda.device_count()
+        return [torch.device("cuda", i) for i in range(count)] if count else [torch.device("cpu")]
+    devices = [torch.device(part.strip()) for part in spec.split(",") if part.strip()]
+    for device in devices:
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device} asked for, but CUDA is not available")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"device {device} asked for, but there are {torch.cuda.device_count()} CUDA devices")
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device {device} is not supported (cpu or cuda)")
+    return [torch.device("cuda", 0) if d.type == "cuda" and d.index is None else d for d in devices]
+
+
+def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
+    if spec == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return getattr(torch, spec)
+
+
+def place_model(name: str, model: torch.nn.Module, device: torch.device, dtype: torch.dtype,
+                input_size: tuple[int, int, int], copy_weights: bool) -> DeviceModel:
+    source = copy.deepcopy(model) if copy_weights else model
+    return DeviceModel(name, patch_vit(source.to(device=device, dtype=dtype).eval()), device, dtype, input_size)
+
+
+class DeviceWorker:
+    """Takes batches from the scheduler and runs them on its device in a dedicated thread."""
+
+    def __init__(self, device: torch.device, models: dict[str, DeviceModel], scheduler: Scheduler,
+                 metrics: Metrics, torch_threads: int | None = None):
+        self.device = device
+        self.torch_threads = torch_threads
+        self.models = models
+        self.scheduler = scheduler
+        self.metrics = metrics
+        self._thread = threading.Thread(target=self._loop, name=f"worker-{device}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def join(self, timeout_s: float | None = None) -> None:
+        self._thread.join(timeout_s)
+
+    def warm_up(self, variants: dict[str, dict[str, MergeSettings]], max_batch: dict[str, int]) -> None:
+        """One forward per variant (and a full batch on GPU) so the first requests pay no start-up costs."""
+        for name, dm in self.models.items():
+            sizes = {1, 2} if dm.device.type == "cpu" else {1, max_batch[name]}
+            for settings in variants[name].values():
+                for size in sorted(sizes):
+                    x = torch.randn(size, *dm.input_size, dtype=torch.float32)
+                    self.forward(dm, settings, x, top_k=1)
+
+    def forward(self, dm: DeviceModel, settings: MergeSettings, x: torch.Tensor,
+                top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """x on the CPU [B, 3, H, W] -> top-k scores and indices, tokens per block, GFLOPs (all on the CPU)."""
+        if dm.device.type == "cuda":
+            x = x.pin_memory().to(dm.device, dtype=dm.dtype, non_blocking=True)
+        else:
+            x = x.to(dtype=dm.dtype)
+        with torch.inference_mode():
+            res = dm.vit(x, settings)
+            probs = res.logits.float().softmax(dim=-1)
+            scores, indices = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
+        return scores.cpu(), indices.cpu(), res.tokens.cpu(), res.gflops.cpu(), res.input_tokens
+
+    def _loop(self) -> None:
+        if self.torch_threads:  # torch's thread count is per thread: set it where inference runs
+            torch.set_num_threads(self.torch_threads)
+        while (batch := self.scheduler.next_batch(self.models.keys())) is not None:
+            self._serve(batch)
+        log.info("worker %s: queue drained, stopping", self.device)
+
+    def _serve(self, batch: list[WorkItem]) -> None:
+        now = time.monotonic()
+        live = []
+        for item in batch:
+            if now >= item.deadline:  # its request is answering 504 already; don't spend the device on it
+                item.fail(timeout("the request deadline passed while it waited in the queue"))
+            else:
+                live.append(item)
+        if not live:
+            return
+        try:
+            self._run(live)
+        except Exception as exc:
+            log.exception("worker %s: a batch of %d failed", self.device, len(live))
+            for item in live:
+                item.fail(internal(f"inference failed: {type(exc).__name__}: {exc}"))
+
+    def _run(self, items: list[WorkItem]) -> None:
+        """Run items as one batch; on CUDA out-of-memory split it in halves and retry."""
+        try:
+            self._run_batch(items)
+            return
+        except torch.OutOfMemoryError:
+            if len(items) == 1:
+                raise
+            log.warning("worker %s: out of memory on a batch of %d, splitting it", self.device, len(items))
+        # Outside the except block, so the failed attempt's tensors are released before the retry.
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        half = len(items) // 2
+        self._run(items[:half])
+        self._run(items[half:])
+
+    def _run_batch(self, items: list[WorkItem]) -> None:
+        first = items[0]
+        dm = self.models[first.model]
+        started = time.monotonic()
+        x = torch.stack([item.image for item in items])
+        scores, indices, tokens, gflops, input_tokens = self.forward(
+            dm, first.settings, x, top_k=max(item.top_k for item in items))
+        inference_s = time.monotonic() - started
+        labels = (first.model, first.variant, str(self.device))
+        self.metrics.batch_inference.labels(*labels).observe(inference_s)
+        self.metrics.batch_size.labels(*labels).observe(len(items))
+        for i, item in enumerate(items):
+            item.resolve(ImageResult(
+                indices=indices[i, : item.top_k].tolist(),
+                scores=scores[i, : item.top_k].tolist(),
+                tokens_per_block=tokens[i].tolist(),
+                input_tokens=int(input_tokens),
+                gflops=float(gflops[i]),
+                queue_s=item.taken_at - item.enqueued_at,
+                inference_s=inference_s,
+                batch_size=len(items),
+                device=str(self.device),
+            ))

@@ -1,0 +1,186 @@
+"""The dynamic batcher and the device worker, in-process with a real tiny ViT."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+import torch
+from serverproc import tiny_config
+
+from mame_core import MergeSettings
+from server.batching import QueueFull, Scheduler, SchedulerClosed, WorkItem
+from server.config import BatchingConfig, parse_config
+from server.errors import ApiError
+from server.metrics import Metrics
+from server.models import load_model
+from server.worker import DeviceWorker, ImageResult, place_model
+
+NONE = MergeSettings()
+MAME = MergeSettings(method="mame", tau=0.5, blocks=3)
+
+
+@pytest.fixture
+def loop():
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+def item(loop, variant: str = "a", image: torch.Tensor | None = None, deadline_s: float = 60.0,
+         settings: MergeSettings = NONE, model: str = "m") -> WorkItem:
+    return WorkItem(model, variant, settings, image if image is not None else torch.zeros(3, 64, 64), 3,
+                    time.monotonic() + deadline_s, loop.create_future(), loop)
+
+
+def scheduler(max_batch_size=4, max_wait_ms=50.0, max_queue=10, depths=None) -> Scheduler:
+    on_depth = (lambda m, v, d: depths.append((v, d))) if depths is not None else None
+    return Scheduler({"m": BatchingConfig(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
+                                          max_queue=max_queue)}, on_depth)
+
+
+def test_full_batch_is_taken_at_once_and_holds_one_variant(loop):
+    s = scheduler(max_batch_size=3, max_wait_ms=10_000)
+    s.submit([item(loop, "a") for _ in range(2)])
+    s.submit([item(loop, "b") for _ in range(3)])
+    started = time.monotonic()
+    batch = s.next_batch({"m"})
+    assert time.monotonic() - started < 1  # did not wait max_wait_ms: the b queue was full
+    assert [i.variant for i in batch] == ["b", "b", "b"]
+
+
+def test_partial_batch_waits_at_most_max_wait(loop):
+    s = scheduler(max_batch_size=8, max_wait_ms=100)
+    s.submit([item(loop)])
+    started = time.monotonic()
+    batch = s.next_batch({"m"})
+    waited = time.monotonic() - started
+    assert len(batch) == 1 and 0.05 < waited < 2
+
+
+def test_oldest_head_goes_first_across_variants(loop):
+    s = scheduler(max_batch_size=2, max_wait_ms=0)
+    s.submit([item(loop, "a")])
+    s.submit([item(loop, "b"), item(loop, "b")])
+    s.submit([item(loop, "a")])
+    assert [i.variant for i in s.next_batch({"m"})] == ["a", "a"]
+    assert [i.variant for i in s.next_batch({"m"})] == ["b", "b"]
+
+
+def test_bounded_queue_takes_all_of_a_request_or_none(loop):
+    depths = []
+    s = scheduler(max_queue=4, depths=depths)
+    s.submit([item(loop) for _ in range(3)])
+    with pytest.raises(QueueFull):
+        s.submit([item(loop), item(loop)])
+    assert s.pending("m") == 3
+    s.submit([item(loop)])
+    assert depths[-1] == ("a", 4)
+
+
+def test_discard_frees_the_queue(loop):
+    s = scheduler(max_queue=2)
+    items = [item(loop), item(loop)]
+    s.submit(items)
+    s.discard(items)
+    assert s.pending("m") == 0
+    s.submit([item(loop), item(loop)])
+
+
+def test_close_drains_then_stops(loop):
+    s = scheduler(max_batch_size=2, max_wait_ms=10_000)
+    s.submit([item(loop) for _ in range(3)])
+    s.close()
+    with pytest.raises(SchedulerClosed):
+        s.submit([item(loop)])
+    assert len(s.next_batch({"m"})) == 2  # closing does not wait for batches to fill
+    assert len(s.next_batch({"m"})) == 1
+    assert s.next_batch({"m"}) is None
+
+
+def test_worker_blocks_until_work_arrives(loop):
+    s = scheduler(max_batch_size=1)
+    got = []
+    thread = threading.Thread(target=lambda: got.append(s.next_batch({"m"})))
+    thread.start()
+    time.sleep(0.2)
+    assert not got
+    s.submit([item(loop)])
+    thread.join(5)
+    assert len(got[0]) == 1
+
+
+# ------------------------------------------------------------------------------------ the device worker
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    loaded = load_model("m", parse_config(tiny_config()).models["tiny"])
+    return place_model("m", loaded.model, torch.device("cpu"), torch.float32, loaded.input_size, copy_weights=False)
+
+
+def run_worker(worker: DeviceWorker, loop, batches: list[list[WorkItem]]) -> list:
+    """Submit each list as one request, let the worker answer them all, return the outcomes in order."""
+    for batch in batches:
+        worker.scheduler.submit(batch)
+    worker.scheduler.close()
+    worker.start()
+    worker.join(60)
+    futures = [i.future for batch in batches for i in batch]
+
+    async def outcomes():
+        return await asyncio.gather(*futures, return_exceptions=True)
+
+    return loop.run_until_complete(outcomes())
+
+
+def images(n: int, seed: int = 0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(3, 64, 64, generator=gen) * (i + 1) * 0.3 for i in range(n)]
+
+
+def test_a_failing_batch_fails_only_its_own_requests(loop, tiny_model):
+    s = scheduler(max_batch_size=4, max_wait_ms=0)
+    worker = DeviceWorker(torch.device("cpu"), {"m": tiny_model}, s, Metrics())
+    good_before = [item(loop, "a", x) for x in images(2)]
+    wrong_shape = [item(loop, "b", torch.zeros(3, 64, 64)), item(loop, "b", torch.zeros(3, 32, 32))]
+    good_after = [item(loop, "c", x) for x in images(2, seed=1)]
+    out = run_worker(worker, loop, [good_before, wrong_shape, good_after])
+    assert all(isinstance(o, ImageResult) for o in out[:2] + out[4:])
+    assert all(isinstance(o, ApiError) and o.status == 500 and o.code == "internal" for o in out[2:4])
+
+
+def test_expired_items_are_not_run(loop, tiny_model):
+    s = scheduler(max_batch_size=4, max_wait_ms=0)
+    worker = DeviceWorker(torch.device("cpu"), {"m": tiny_model}, s, Metrics())
+    expired = item(loop, deadline_s=-1)
+    fresh = item(loop)
+    out = run_worker(worker, loop, [[expired, fresh]])
+    assert isinstance(out[0], ApiError) and out[0].status == 504
+    assert isinstance(out[1], ImageResult) and out[1].batch_size == 1
+
+
+class OutOfMemoryAbove2(DeviceWorker):
+    """A device that runs out of memory on batches of more than 2 images (as a GPU would)."""
+
+    def forward(self, dm, settings, x, top_k):
+        if x.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return super().forward(dm, settings, x, top_k)
+
+
+def test_out_of_memory_splits_the_batch_and_retries(loop, tiny_model):
+    xs = images(5)
+    s = scheduler(max_batch_size=8, max_wait_ms=0)
+    worker = OutOfMemoryAbove2(torch.device("cpu"), {"m": tiny_model}, s, Metrics())
+    out = run_worker(worker, loop, [[item(loop, "a", x, settings=MAME) for x in xs]])
+    assert all(isinstance(o, ImageResult) for o in out), out
+    assert sorted(o.batch_size for o in out) == [1, 2, 2, 2, 2]
+    alone = DeviceWorker(torch.device("cpu"), {"m": tiny_model}, scheduler(), Metrics())
+    for x, result in zip(xs, out):
+        scores, indices, tokens, _, _ = alone.forward(tiny_model, MAME, x[None], top_k=3)
+        assert result.indices == indices[0].tolist()
+        assert result.tokens_per_block == tokens[0].tolist()
+        assert result.scores == pytest.approx(scores[0].tolist(), abs=1e-5)

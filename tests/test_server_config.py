@@ -1,0 +1,155 @@
+"""Serving config, settings and the weights decision (no network needed, none attempted)."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+import torch
+from serverproc import TINY_MODEL, tiny_config
+
+from server.config import ConfigError, load_config, parse_config
+from server.models import class_labels, hub_disabled_by_env, hub_reachable, load_model, preprocessing
+from server.settings import parse_settings
+
+
+def test_default_config_is_valid_and_has_the_shipped_variants():
+    config = load_config()
+    model = config.models["vit-b16"]
+    assert config.default_model_name == "vit-b16"
+    assert model.arch == "vit_base_patch16_224.augreg_in21k_ft_in1k"
+    assert model.weights == "auto"
+    assert set(model.variants) == {"baseline", "mame-0.9", "mame-0.85", "mame-0.8", "tome-r13"}
+    assert model.variants["mame-0.8"].tau == 0.8 and model.variants["mame-0.8"].blocks == 8
+    assert model.variants["tome-r13"].method == "tome" and model.variants["tome-r13"].r == 13
+    assert model.variants["baseline"].method == "none"
+    assert "tau-ab" in config.experiments
+
+
+def test_tiny_config_is_valid():
+    config = parse_config(tiny_config())
+    assert config.default_model_name == "tiny"
+    assert config.models["tiny"].default_variant_name == "baseline"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (lambda c: c.update(colour="blue"), "colour"),
+        (lambda c: c["models"]["tiny"].update(archh="x"), "models.tiny.archh"),
+        (lambda c: c["models"]["tiny"]["batching"].update(max_batch=4), "models.tiny.batching.max_batch"),
+        (lambda c: c["models"]["tiny"]["batching"].update(max_batch_size=0), "models.tiny.batching.max_batch_size"),
+        (lambda c: c["models"]["tiny"]["variants"].update(bad={"method": "mame", "tauu": 0.5}),
+         "models.tiny.variants.bad"),
+        (lambda c: c["models"]["tiny"]["variants"].update(bad={"method": "tome"}), "models.tiny.variants.bad"),
+        (lambda c: c["models"]["tiny"].update(default_variant="nope"), "default_variant 'nope'"),
+        (lambda c: c.update(default_model="nope"), "default_model 'nope'"),
+        (lambda c: c["models"]["tiny"].update(weights="/no/such/file.pth"), "/no/such/file.pth"),
+        (lambda c: c["models"]["tiny"].update(dtype="float64"), "models.tiny.dtype"),
+        (lambda c: c.update(limits={"max_pixelz": 5}), "limits.max_pixelz"),
+    ],
+)
+def test_bad_config_gives_an_error_naming_the_key(mutate, expected):
+    config = tiny_config()
+    mutate(config)
+    with pytest.raises(ConfigError) as err:
+        parse_config(config, "serving.yaml")
+    assert expected in str(err.value)
+    assert "serving.yaml" in str(err.value)
+
+
+def test_config_file_errors_are_clear(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read serving config"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="must be a YAML mapping"):
+        load_config(bad)
+
+
+def test_settings_flags_override_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("MAME_PORT", "9100")
+    monkeypatch.setenv("MAME_HOST", "127.0.0.2")
+    settings = parse_settings(["--port", "9200"])
+    assert settings.port == 9200 and settings.host == "127.0.0.2"
+    settings = parse_settings(["--config", str(tmp_path / "x.yaml"), "--no-warmup"])
+    assert settings.config == tmp_path / "x.yaml" and settings.warmup is False and settings.port == 9100
+
+
+def test_bad_environment_setting_is_an_error(monkeypatch):
+    monkeypatch.setenv("MAME_PORT", "not-a-port")
+    with pytest.raises(ValueError, match="port"):
+        parse_settings([])
+
+
+@pytest.mark.parametrize("name", ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"])
+def test_offline_variables_switch_the_hub_off(name):
+    assert hub_disabled_by_env({name: "1"}) == name
+    assert hub_disabled_by_env({name: "TRUE"}) == name
+    assert hub_disabled_by_env({name: "0"}) is None
+    assert hub_disabled_by_env({}) is None
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nobody listens here once the socket closes
+
+
+def test_unreachable_hub_is_decided_fast(monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    started = time.monotonic()
+    assert hub_reachable() is False
+    assert time.monotonic() - started < 3
+
+
+def test_reachable_endpoint_is_detected(monkeypatch):
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{listener.getsockname()[1]}")
+        assert hub_reachable() is True
+
+
+def test_auto_weights_offline_fall_back_to_random_with_a_warning(monkeypatch, caplog, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # an empty cache: nothing to fall back on
+    cfg = parse_config(tiny_config()).models["tiny"].model_copy(update={"weights": "auto"})
+    started = time.monotonic()
+    with caplog.at_level("WARNING", logger="mame.server"):
+        loaded = load_model("tiny", cfg)
+    assert time.monotonic() - started < 10
+    assert loaded.weights == "random-init"
+    assert "RANDOM weights" in caplog.text and "HF_HUB_OFFLINE" in caplog.text
+
+
+def test_local_checkpoint_is_loaded_without_the_hub(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    reference = load_model("tiny", parse_config(tiny_config()).models["tiny"]).model
+    path = tmp_path / "tiny.pth"
+    torch.save(reference.state_dict(), path)
+    config = tiny_config()
+    config["models"]["tiny"]["weights"] = str(path)
+    loaded = load_model("tiny", parse_config(config).models["tiny"])
+    assert loaded.weights == f"file:{path}"
+    for key, value in reference.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[key], value), key
+
+
+def test_preprocessing_follows_the_model_and_labels_come_offline():
+    import timm
+
+    model = timm.create_model(TINY_MODEL["arch"], pretrained=False, **TINY_MODEL["model_kwargs"])
+    transform, input_size = preprocessing(model)
+    assert input_size == (3, 64, 64)
+    from PIL import Image
+
+    assert transform(Image.new("RGB", (300, 200))).shape == (3, 64, 64)
+    labels = class_labels(model)
+    assert len(labels) == 1000 and labels[281] == "tabby, tabby cat"
+    other = timm.create_model(TINY_MODEL["arch"], pretrained=False, num_classes=7, **TINY_MODEL["model_kwargs"])
+    assert class_labels(other) == [f"class_{i}" for i in range(7)]

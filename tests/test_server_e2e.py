@@ -1,0 +1,260 @@
+"""End-to-end: a real `python -m server` process on loopback with a tiny ViT, real HTTP clients."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import re
+import shutil
+import signal
+import subprocess
+import threading
+import time
+import uuid
+
+import httpx
+import pytest
+from PIL import Image
+from serverproc import running_server, sample_images, tiny_config
+
+pytestmark = pytest.mark.e2e
+
+VARIANTS = ["baseline", "mame-0.5", "tome-r8"]
+
+
+def metric_values(text: str, name: str) -> dict[str, float]:
+    """{label string: value} of one metric in Prometheus text format."""
+    values = {}
+    for line in text.splitlines():
+        match = re.match(rf"^{re.escape(name)}(\{{[^}}]*\}})?\s+(\S+)$", line)
+        if match:
+            values[match.group(1) or ""] = float(match.group(2))
+    return values
+
+
+async def post_many(url: str, jobs: list[tuple[str, bytes, dict]]) -> list[httpx.Response]:
+    limits = httpx.Limits(max_connections=len(jobs), max_keepalive_connections=len(jobs))
+    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+        return await asyncio.gather(*(
+            client.post(f"{url}/v1/classify", params=params, content=data, headers={"content-type": "image/png"})
+            for _, data, params in jobs))
+
+
+@pytest.fixture(scope="module")
+def images() -> dict[str, bytes]:
+    return sample_images()
+
+
+@pytest.fixture(scope="module")
+def server():
+    config = tiny_config(batching={"max_batch_size": 16, "max_wait_ms": 100, "max_queue": 256},
+                         limits={"max_body_bytes": 300_000, "max_pixels": 1_000_000, "request_timeout_s": 30})
+    config["models"]["tiny"]["weights"] = "auto"  # offline here (HF_HUB_OFFLINE=1): random-init, said so
+    with running_server(config) as proc:
+        yield proc
+
+
+def test_64_concurrent_requests_over_3_variants_are_batched(server, images):
+    pictures = list(images.values())
+    jobs = [(VARIANTS[i % 3], pictures[i % len(pictures)], {"variant": VARIANTS[i % 3]}) for i in range(64)]
+    responses = asyncio.run(post_many(server.url, jobs))
+    assert [r.status_code for r in responses] == [200] * 64, [r.text for r in responses if r.status_code != 200]
+    for (variant, _, _), response in zip(jobs, responses):
+        answer = response.json()
+        assert answer["variant"] == variant and answer["model"] == "tiny"
+        assert answer["weights"] == "random-init"
+        assert response.headers["x-request-id"] == answer["request_id"]
+        assert len(answer["predictions"]) == 5
+        tokens = answer["tokens"]
+        assert tokens["input"] == 65 and len(tokens["per_block"]) == 4 and tokens["final"] == tokens["per_block"][-1]
+        assert set(answer["timings_ms"]) == {"queue", "inference", "total"}
+    assert max(r.json()["batch_size"] for r in responses) > 1
+    metrics = httpx.get(f"{server.url}/metrics").text
+    count = sum(metric_values(metrics, "mame_batch_size_count").values())
+    total = sum(metric_values(metrics, "mame_batch_size_sum").values())
+    assert total / count > 1, "the batch-size histogram shows no batch larger than 1"
+    bucket_1 = sum(v for k, v in metric_values(metrics, "mame_batch_size_bucket").items() if 'le="1.0"' in k)
+    assert bucket_1 < count
+    ok = metric_values(metrics, "mame_requests_total")
+    for variant in VARIANTS:
+        key = f'{{experiment="",model="tiny",status="200",variant="{variant}"}}'
+        assert ok[key] >= 21, ok
+
+
+def test_answers_in_a_batch_equal_answers_alone(server, images):
+    alone = {}
+    for name, data in images.items():
+        response = httpx.post(f"{server.url}/v1/classify", params={"variant": "mame-0.5", "top_k": 10},
+                              content=data, headers={"content-type": "image/png"})
+        assert response.status_code == 200
+        alone[name] = response.json()
+    files = [("file", (f"{name}.png", data, "image/png")) for name, data in images.items()]
+    together = httpx.post(f"{server.url}/v1/classify", params={"variant": "mame-0.5", "top_k": 10},
+                          files=files, timeout=60)
+    assert together.status_code == 200, together.text
+    results = together.json()["results"]
+    assert len(results) == len(images)
+    assert all(r["batch_size"] == len(images) for r in results)
+    assert len({tuple(r["tokens"]["per_block"]) for r in results}) > 1, "pick images that merge differently"
+    for name, batched in zip(images, results):
+        single = alone[name]
+        assert single["batch_size"] == 1
+        assert batched["tokens"] == single["tokens"], name
+        assert [p["index"] for p in batched["predictions"]] == [p["index"] for p in single["predictions"]], name
+        for a, b in zip(batched["predictions"], single["predictions"]):
+            assert a["score"] == pytest.approx(b["score"], abs=2e-6)
+
+
+def post(server, data: bytes = b"", content_type: str = "image/png", **params) -> httpx.Response:
+    return httpx.post(f"{server.url}/v1/classify", params=params, content=data,
+                      headers={"content-type": content_type}, timeout=30)
+
+
+def png(width: int, height: int, mode: str = "RGB") -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, (width, height)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_each_bad_input_gets_its_status_and_code(server, images):
+    good = images["shapes"]
+    truncated_jpeg = io.BytesIO()
+    Image.open(io.BytesIO(images["noise"])).save(truncated_jpeg, "JPEG")
+    cases = {
+        "undecodable": (post(server, b"definitely not an image"), 400, "bad_image"),
+        "truncated": (post(server, truncated_jpeg.getvalue()[:800], "image/jpeg"), 400, "bad_image"),
+        "unknown model": (post(server, good, model="nope"), 404, "unknown_model"),
+        "unknown variant": (post(server, good, variant="nope"), 404, "unknown_variant"),
+        "unknown experiment": (post(server, good, experiment="nope"), 404, "unknown_experiment"),
+        "too many bytes": (post(server, b"\x89PNG" + b"0" * 400_000), 413, "too_large"),
+        "too many pixels": (post(server, png(2000, 1000, "1")), 413, "too_large"),
+        "decompression bomb": (post(server, png(20000, 20000, "1")), 413, "too_large"),
+        "not an image type": (post(server, good, "text/plain"), 415, "unsupported_media_type"),
+        "json body": (post(server, b"{}", "application/json"), 415, "unsupported_media_type"),
+        "top_k zero": (post(server, good, top_k=0), 422, "invalid_parameter"),
+        "top_k too big": (post(server, good, top_k=21), 422, "invalid_parameter"),
+        "top_k not a number": (post(server, good, top_k="many"), 422, "invalid_parameter"),
+        "no file field": (httpx.post(f"{server.url}/v1/classify", files={"image": ("a.png", good, "image/png")}),
+                          422, "invalid_parameter"),
+        "file part not an image": (httpx.post(f"{server.url}/v1/classify",
+                                              files={"file": ("a.txt", b"hello", "text/plain")}),
+                                   415, "unsupported_media_type"),
+    }
+    for name, (response, status, code) in cases.items():
+        assert response.status_code == status, (name, response.text)
+        body = response.json()
+        assert body["error"] == code, (name, body)
+        assert body["detail"] and body["request_id"] == response.headers["x-request-id"], name
+    metrics = httpx.get(f"{server.url}/metrics").text
+    counted = metric_values(metrics, "mame_requests_total")
+    assert counted['{experiment="",model="nope",status="404",variant=""}'] == 1
+    assert any('status="413"' in key for key in counted)
+
+
+def test_models_health_readiness_docs(server):
+    models = httpx.get(f"{server.url}/v1/models").json()
+    assert models["default_model"] == "tiny"
+    (tiny,) = models["models"]
+    assert tiny["weights"] == "random-init" and tiny["device"] == "cpu" and tiny["dtype"] == "float32"
+    assert tiny["input_size"] == [3, 64, 64] and tiny["default_variant"] == "baseline"
+    assert tiny["variants"]["mame-0.5"]["tau"] == 0.5 and tiny["variants"]["tome-r8"]["r"] == 8
+    assert httpx.get(f"{server.url}/healthz").json() == {"status": "ok"}
+    assert httpx.get(f"{server.url}/readyz").status_code == 200
+    assert "/v1/classify" in httpx.get(f"{server.url}/openapi.json").json()["paths"]
+    assert httpx.get(f"{server.url}/docs").status_code == 200
+    given = uuid.uuid4().hex
+    assert httpx.get(f"{server.url}/healthz", headers={"x-request-id": given}).headers["x-request-id"] == given
+    missing = httpx.get(f"{server.url}/no/such/path")
+    assert missing.status_code == 404 and missing.json()["error"] == "not_found"
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert metric_values(metrics, "mame_model_info") == {
+        '{arch="vit_tiny_patch16_224",device="cpu",dtype="float32",model="tiny",weights="random-init"}': 1.0}
+    for name in ("mame_request_duration_seconds_bucket", "mame_queue_wait_seconds_bucket",
+                 "mame_batch_inference_seconds_bucket", "mame_final_tokens_bucket", "mame_gflops_bucket",
+                 "mame_queue_depth", "mame_in_flight_requests", "mame_images_total"):
+        assert metric_values(metrics, name), name
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Prometheus) is not installed")
+def test_metrics_pass_promtool(server, images):
+    post(server, images["flat"])
+    text = httpx.get(f"{server.url}/metrics").text
+    result = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True,
+                            check=False)
+    # promtool exits 1 on lint hints as well as on errors; errors are what would break scraping.
+    assert "error" not in result.stderr.lower() and "error" not in result.stdout.lower(), result
+
+
+def test_burst_on_a_tiny_queue_gives_fast_503s_and_no_other_5xx(images):
+    config = tiny_config(batching={"max_batch_size": 2, "max_wait_ms": 50, "max_queue": 3})
+    with running_server(config) as server:
+        data = images["text"]
+        jobs = [("baseline", data, {})] * 48
+        started = time.monotonic()
+        responses = asyncio.run(post_many(server.url, jobs))
+        statuses = [r.status_code for r in responses]
+        assert set(statuses) <= {200, 503}, statuses
+        assert statuses.count(503) > 0 and statuses.count(200) > 0
+        for r in responses:
+            if r.status_code == 503:
+                assert r.json()["error"] == "overloaded" and int(r.headers["retry-after"]) >= 1
+        rejected = [r.elapsed.total_seconds() for r in responses if r.status_code == 503]
+        answered = [r.json()["timings_ms"]["total"] / 1000 for r in responses if r.status_code == 200]
+        print(f"burst of 48 in {time.monotonic() - started:.2f} s: {statuses.count(200)} x 200, "
+              f"{statuses.count(503)} x 503; slowest 503 {max(rejected) * 1000:.0f} ms, "
+              f"slowest 200 {max(answered) * 1000:.0f} ms")
+        metrics = httpx.get(f"{server.url}/metrics").text
+        counted = metric_values(metrics, "mame_requests_total")
+        assert counted['{experiment="",model="tiny",status="200",variant="baseline"}'] == statuses.count(200)
+        assert counted['{experiment="",model="tiny",status="503",variant="baseline"}'] == statuses.count(503)
+        assert metric_values(metrics, "mame_queue_depth")['{model="tiny",variant="baseline"}'] == 0
+
+
+def test_request_past_its_deadline_gets_504(images):
+    # Batches wait up to 3 s to fill, the deadline is 0.3 s: the request times out in the queue.
+    config = tiny_config(batching={"max_batch_size": 64, "max_wait_ms": 3000},
+                         limits={"request_timeout_s": 0.3})
+    with running_server(config) as server:
+        response = post(server, images["flat"])
+        assert response.status_code == 504 and response.json()["error"] == "timeout"
+        assert httpx.get(f"{server.url}/healthz").status_code == 200
+
+
+def test_sigterm_under_load_answers_every_accepted_request(images):
+    config = tiny_config(batching={"max_batch_size": 4, "max_wait_ms": 30, "max_queue": 1000})
+    with running_server(config, args=["--log-level", "debug"]) as server:
+        outcomes: dict[str, object] = {}
+        first_answers = threading.Semaphore(0)
+
+        def client(request_id: str) -> None:
+            try:
+                response = httpx.post(f"{server.url}/v1/classify", content=images["gradient"], timeout=60,
+                                      headers={"content-type": "image/png", "x-request-id": request_id,
+                                               "connection": "close"})
+                outcomes[request_id] = response.status_code
+            except httpx.TransportError as exc:  # refused or reset before the server accepted it
+                outcomes[request_id] = type(exc).__name__
+            first_answers.release()
+
+        threads = [threading.Thread(target=client, args=(f"req-{i:03d}",)) for i in range(80)]
+        for thread in threads:
+            thread.start()
+            time.sleep(0.005)
+        for _ in range(5):
+            first_answers.acquire(timeout=30)
+        server.proc.send_signal(signal.SIGTERM)
+        for thread in threads:
+            thread.join(60)
+        # uvicorn re-raises the SIGTERM after its graceful stop, so the exit status is -SIGTERM.
+        assert server.proc.wait(timeout=60) in (0, -signal.SIGTERM)
+        log = server.log()
+    accepted = set(re.findall(r"request (req-\d+) accepted", log))
+    answered = dict(re.findall(r"request (req-\d+) answered (\d+)", log))
+    ok = {rid for rid, outcome in outcomes.items() if outcome == 200}
+    print(f"{len(ok)} answered 200, {len(outcomes) - len(ok)} not accepted: "
+          f"{sorted({str(o) for o in outcomes.values()})}")
+    assert len(outcomes) == 80
+    assert accepted == set(answered) == ok, (accepted ^ ok, answered)
+    assert set(answered.values()) == {"200"}
+    assert all(outcome == 200 or isinstance(outcome, str) for outcome in outcomes.values()), outcomes
+    assert len(ok) > 5

@@ -1,0 +1,117 @@
+"""Decoding of untrusted image bytes: every mode converted, every bad input a specific error."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from server.errors import ApiError
+from server.imaging import check_content_type, decode_image
+
+LIMIT = 10_000_000
+
+
+def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def rgb_gradient(w: int = 40, h: int = 30) -> Image.Image:
+    arr = np.zeros((h, w, 3), np.uint8)
+    arr[..., 0] = np.linspace(0, 255, w, dtype=np.uint8)[None, :]
+    arr[..., 1] = np.linspace(0, 255, h, dtype=np.uint8)[:, None]
+    return Image.fromarray(arr)
+
+
+@pytest.mark.parametrize(
+    ("make", "fmt"),
+    [
+        (lambda: rgb_gradient().convert("L"), "PNG"),
+        (lambda: rgb_gradient().convert("1"), "PNG"),
+        (lambda: rgb_gradient().convert("RGBA"), "PNG"),
+        (lambda: rgb_gradient().convert("LA"), "PNG"),
+        (lambda: rgb_gradient().convert("P"), "PNG"),
+        (lambda: rgb_gradient().convert("CMYK"), "JPEG"),
+        (lambda: rgb_gradient(), "WEBP"),
+        (lambda: rgb_gradient(), "BMP"),
+        (lambda: rgb_gradient(), "TIFF"),
+    ],
+)
+def test_modes_are_converted_to_rgb(make, fmt):
+    img = decode_image(encode(make(), fmt), LIMIT)
+    assert img.mode == "RGB" and img.size == (40, 30)
+
+
+def test_16_bit_grey_is_scaled_not_clipped():
+    arr = np.tile(np.linspace(0, 65535, 40).astype(np.uint16), (30, 1))
+    img = decode_image(encode(Image.fromarray(arr), "PNG"), LIMIT)
+    out = np.asarray(img)
+    assert img.mode == "RGB"
+    assert out[0, 0, 0] == 0 and out[0, -1, 0] == 255 and 100 < out[0, 20, 0] < 155
+
+
+def test_transparency_is_composited_over_white():
+    img = Image.new("RGBA", (10, 10), (255, 0, 0, 0))
+    assert decode_image(encode(img, "PNG"), LIMIT).getpixel((5, 5)) == (255, 255, 255)
+    palette = Image.new("P", (10, 10), 0)
+    palette.putpalette([0, 0, 0] * 256)
+    assert decode_image(encode(palette, "PNG", transparency=0), LIMIT).getpixel((5, 5)) == (255, 255, 255)
+
+
+def test_animated_image_gives_its_first_frame():
+    frames = [Image.new("RGB", (20, 20), c) for c in ((255, 0, 0), (0, 0, 255), (0, 255, 0))]
+    data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
+    r, g, b = decode_image(data, LIMIT).getpixel((10, 10))
+    assert r > 200 and g < 50 and b < 50
+
+
+def test_exif_orientation_is_applied():
+    img = Image.new("RGB", (40, 20), (0, 0, 0))
+    img.paste((255, 255, 255), (0, 0, 20, 20))  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    decoded = decode_image(encode(img, "JPEG", exif=exif.tobytes(), quality=95), LIMIT)
+    assert decoded.size == (20, 40)
+    assert decoded.getpixel((10, 5))[0] > 200 and decoded.getpixel((10, 35))[0] < 50  # white on top
+
+
+def expect_error(data: bytes, status: int, code: str, limit: int = LIMIT) -> ApiError:
+    with pytest.raises(ApiError) as err:
+        decode_image(data, limit)
+    assert (err.value.status, err.value.code) == (status, code), err.value.detail
+    return err.value
+
+
+def test_truncated_and_garbage_bytes_are_400():
+    data = encode(rgb_gradient(200, 200), "JPEG")
+    expect_error(data[: len(data) // 2], 400, "bad_image")
+    png = encode(rgb_gradient(200, 200), "PNG")
+    expect_error(png[: len(png) // 2], 400, "bad_image")
+    expect_error(b"this is not an image at all", 400, "bad_image")
+    expect_error(b"", 400, "bad_image")
+
+
+def test_pixel_limit_is_checked_before_decoding():
+    # A 12000 x 12000 bilevel PNG is tiny compressed but 430 MB decoded: refused from its header alone.
+    err = expect_error(encode(Image.new("1", (12000, 12000)), "PNG"), 413, "too_large", limit=LIMIT)
+    assert "12000x12000" in err.detail
+    # Past PIL's own bomb limit, PIL refuses it while reading the header: still a 413.
+    expect_error(encode(Image.new("1", (20000, 20000)), "PNG"), 413, "too_large", limit=LIMIT)
+    expect_error(encode(rgb_gradient(200, 100), "PNG"), 413, "too_large", limit=19_999)
+
+
+@pytest.mark.parametrize("content_type", ["image/jpeg", "image/png; charset=x", "IMAGE/WEBP",
+                                          "application/octet-stream", None])
+def test_image_content_types_pass(content_type):
+    check_content_type(content_type)
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/json", "video/mp4"])
+def test_other_content_types_are_415(content_type):
+    with pytest.raises(ApiError) as err:
+        check_content_type(content_type)
+    assert (err.value.status, err.value.code) == (415, "unsupported_media_type")
