@@ -35,12 +35,12 @@ def cosine_similarity(a: Tensor, b: Tensor) -> Tensor:
     return (a @ b.transpose(-1, -2)).clamp(-1.0, 1.0)
 
 
-def mame_fusion_weights(sim: Tensor, tau: Tensor, valid_dst: Tensor, valid_src: Tensor) -> Tensor:
+def mame_fusion_weights(sim: Tensor, tau: Tensor | float, valid_dst: Tensor, valid_src: Tensor) -> Tensor:
     """Steps 3-6 of the spec: thresholded, pruned and renormalised fusion weights WF [B, M, N].
 
     Every column (src) that merges sums to exactly 1; a column of zeros means the src is preserved.
     """
-    excess = torch.relu(sim - tau.to(sim.dtype).view(-1, 1, 1))
+    excess = torch.relu(sim - (tau.to(sim.dtype).view(-1, 1, 1) if isinstance(tau, Tensor) else tau))
     pair_ok = valid_dst.unsqueeze(2) & valid_src.unsqueeze(1)
     excess = torch.where(pair_ok, excess, torch.zeros_like(excess))
     colsum = excess.sum(dim=1, keepdim=True)
@@ -61,13 +61,13 @@ def _split_positions(num_tokens: int, stride: int, device: torch.device) -> tupl
 
 
 def mame_merge(
-    batch: TokenBatch, metric: Tensor, tau: Tensor, num_special: int, stride: int = 2
+    batch: TokenBatch, metric: Tensor, tau: Tensor | float, num_special: int, stride: int = 2
 ) -> tuple[TokenBatch, Tensor]:
     """One MaMe merge step (Algorithm 1 as read by MAME_SPEC.md) on a padded batch.
 
-    metric: [B, T, d] similarity features (the block's keys, mean over heads); tau: [B] thresholds.
+    metric: [B, T, d] similarity features (the block's keys, mean over heads); tau: [B] thresholds or one for all.
     Returns the merged batch (spec, fused dst, preserved src; compacted and cut to the longest image) and
-    the real token count per image [B] (int64).
+    the real token count per image [B] (int64, on the CPU).
     """
     x, size, source = batch.x, batch.size, batch.source
     bsz, _, dim = x.shape
@@ -77,7 +77,7 @@ def mame_merge(
     dst_pos, src_pos = dst_pos + num_special, src_pos + num_special
     n_dst, n_src = dst_pos.numel(), src_pos.numel()
     if n_src == 0:  # at most one non-special token: nothing can merge, and the order is already final
-        return batch, (size > 0).sum(dim=1)
+        return batch, (size > 0).sum(dim=1).cpu()
 
     size_dst, size_src = size[:, dst_pos], size[:, src_pos]
     valid_dst, valid_src = size_dst > 0, size_src > 0
@@ -104,7 +104,8 @@ def mame_merge(
     n_valid_dst = valid_dst.sum(dim=1)  # [B]
     n_preserved = preserved.sum(dim=1)
     lengths = num_special + n_valid_dst + n_preserved
-    new_len = int(lengths.max()) if bsz else num_special
+    lengths_host = lengths.cpu()  # the one host sync of a merge: the output's length depends on it
+    new_len = int(lengths_host.max()) if bsz else num_special
     order = torch.arange(n_src, device=x.device).expand(bsz, n_src)
     preserved_first = torch.argsort(torch.where(preserved, order, order + n_src), dim=1)  # stable by construction
 
@@ -128,7 +129,7 @@ def mame_merge(
     new_source = None
     if source is not None:
         new_source = compact(fused_source, source[:, src_pos], source[:, special])
-    return TokenBatch(new_x, new_size, new_source), lengths
+    return TokenBatch(new_x, new_size, new_source), lengths_host
 
 
 def mame_order(batch: TokenBatch, num_special: int, stride: int = 2) -> TokenBatch:

@@ -168,11 +168,16 @@ def _attention_bias(size: Tensor, prop_attn: bool, dtype: torch.dtype) -> Tensor
     return bias.to(dtype)[:, None, None, :]
 
 
-def _real_rows(size: Tensor) -> Tensor | None:
-    """Flat indices of the real tokens of a padded batch, or None when no row is padding."""
+def _real_rows(size: Tensor, num_real: int) -> Tensor | None:
+    """Flat indices of the real tokens of a padded batch, or None when no row is padding.
+    num_real comes from the host, so that finding the indices needs no device sync."""
+    if num_real == size.numel():
+        return None
     real = size.reshape(-1) > 0
-    rows = real.nonzero().squeeze(1)
-    return None if rows.numel() == real.numel() else rows
+    try:
+        return torch.nonzero_static(real, size=num_real).squeeze(1)
+    except (NotImplementedError, RuntimeError):  # older torch builds lack it on some devices
+        return real.nonzero().squeeze(1)
 
 
 def _linear_macs(module: nn.Module) -> int:
@@ -219,6 +224,7 @@ class MergingViT(nn.Module):
         merge_blocks = settings.merge_blocks(self.depth)
         if tau is not None and settings.method != "mame":
             raise ValueError("a per-image tau needs method 'mame'")
+        image_tau = self._tau_tensor(tau, bsz, x.device) if tau is not None else None
 
         h = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
         special = self.num_prefix_tokens
@@ -227,7 +233,7 @@ class MergingViT(nn.Module):
         if return_source:
             source = torch.zeros(bsz, h.shape[1], self.num_patches, device=h.device, dtype=torch.float32)
             source[:, special:] = torch.eye(self.num_patches, device=h.device)
-        lengths = torch.full((bsz,), h.shape[1], dtype=torch.int64, device=h.device)
+        lengths = torch.full((bsz,), h.shape[1], dtype=torch.int64)  # real tokens per image, kept on the CPU
         bias: Tensor | None = None  # None while every token has size 1 and there is no padding (fast path)
         real_rows: Tensor | None = None  # flat indices of real tokens, None while there is no padding
         merged_yet = False  # has any image of the batch merged a token so far?
@@ -237,7 +243,7 @@ class MergingViT(nn.Module):
             counts_in.append(lengths)
             attn_out, keys = _block_attention(blk, h, bias, real_rows)
             h = h + blk.drop_path1(attn_out)
-            pairs = torch.zeros(bsz, device=h.device)
+            pairs = torch.zeros(bsz)
             if i < merge_blocks:
                 batch = TokenBatch(h, size, source)
                 if settings.method == "mame":
@@ -246,7 +252,7 @@ class MergingViT(nn.Module):
                     if tau is None and settings.tau_at(i) >= 1 and not merged_yet:
                         batch = mame_order(batch, special, settings.stride)  # merges nothing: just reorder
                     else:
-                        block_tau = self._tau_tensor(tau if tau is not None else settings.tau_at(i), bsz, h.device)
+                        block_tau = image_tau if image_tau is not None else settings.tau_at(i)
                         batch, lengths = mame_merge(batch, keys, block_tau, special, settings.stride)
                         merged_yet = merged_yet or bool((lengths < h.shape[1]).any())
                 else:
@@ -258,7 +264,7 @@ class MergingViT(nn.Module):
                 h, size, source = batch.x, batch.size, batch.source
                 if merged_yet:  # while nothing merged, every size is 1: log(1) = 0 needs no bias
                     bias = _attention_bias(size, settings.prop_attn, h.dtype)
-                    real_rows = _real_rows(size)
+                    real_rows = _real_rows(size, int(lengths.sum()))
             merge_pairs.append(pairs)
             h = h + blk.drop_path2(_per_token(lambda t: blk.ls2(blk.mlp(blk.norm2(t))), h, real_rows))
             counts_out.append(lengths)
@@ -272,10 +278,8 @@ class MergingViT(nn.Module):
         return MergeResult(logits, tokens, self.input_tokens, gflops, sources if return_source else None)
 
     @staticmethod
-    def _tau_tensor(tau: Tensor | Sequence[float] | float, bsz: int, device: torch.device) -> Tensor:
-        t = torch.as_tensor(tau, dtype=torch.float32, device=device)
-        if t.dim() == 0:
-            return t.expand(bsz)
+    def _tau_tensor(tau: Tensor | Sequence[float], bsz: int, device: torch.device) -> Tensor:
+        t = torch.as_tensor(tau, dtype=torch.float32).to(device)
         if t.shape != (bsz,):
             raise ValueError(f"per-image tau must have shape [{bsz}], got {list(t.shape)}")
         return t
