@@ -1,0 +1,65 @@
+# syntax=docker/dockerfile:1
+# mame-serve image: multi-stage, non-root, CUDA-capable PyTorch.
+# PyTorch's Linux x86_64 wheels on PyPI bundle the CUDA runtime, so one image runs on CPU nodes and,
+# with the NVIDIA container toolkit providing the driver, on GPU nodes.
+#   docker build -t mame-serve:0.1.0 .
+#   docker build --build-arg TORCH_INDEX_URL=<PyTorch CPU wheel index> -t mame-serve:0.1.0-cpu .   # smaller
+#   docker build --build-arg PRELOAD_MODELS=vit_base_patch16_224.augreg_in21k_ft_in1k -t mame-serve:0.1.0-vitb .
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS build
+ARG TORCH_VERSION=2.14.1
+ARG TORCHVISION_VERSION=0.29.1
+# Empty: the default index (CUDA wheels). Set it to PyTorch's CPU index for a CPU-only image.
+ARG TORCH_INDEX_URL=""
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+# torch first, in its own layer: the largest and least often changed. Versions follow the Makefile.
+RUN if [ -n "$TORCH_INDEX_URL" ]; then export PIP_INDEX_URL="$TORCH_INDEX_URL"; fi; \
+    pip install --no-cache-dir "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY mame_core ./mame_core
+COPY server ./server
+COPY loadtest ./loadtest
+RUN pip install --no-cache-dir .
+
+# Optional: bake pretrained weights into the image (timm model names, space separated). They land in
+# the Hugging Face cache that the server reads with HF_HUB_OFFLINE=1; empty = mount them at run time.
+ARG PRELOAD_MODELS=""
+ENV HF_HOME=/opt/hf-cache
+RUN mkdir -p /opt/hf-cache && for arch in $PRELOAD_MODELS; do \
+        python -c "import sys, timm; timm.create_model(sys.argv[1], pretrained=True)" "$arch" || exit 1; \
+    done
+
+FROM ${PYTHON_IMAGE} AS runtime
+ARG UID=10001
+RUN groupadd --system --gid "${UID}" mame \
+    && useradd --system --uid "${UID}" --gid mame --home-dir /home/mame --create-home mame \
+    && mkdir -p /etc/mame /models /var/cache/mame \
+    && chown mame:mame /models /var/cache/mame
+COPY --from=build /opt/venv /opt/venv
+COPY --from=build --chown=mame:mame /opt/hf-cache /var/cache/mame/hf
+COPY --chown=mame:mame deploy/serving.yaml /etc/mame/serving.yaml
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    HF_HOME=/var/cache/mame/hf \
+    HF_HUB_OFFLINE=1 \
+    TORCH_HOME=/var/cache/mame/torch \
+    XDG_CACHE_HOME=/var/cache/mame/xdg \
+    MPLCONFIGDIR=/tmp/matplotlib \
+    MAME_CONFIG=/etc/mame/serving.yaml \
+    MAME_HOST=0.0.0.0 \
+    MAME_PORT=8000
+# /models: weight files named in the serving config (weights: /models/<file>); /var/cache/mame: hub cache.
+VOLUME ["/models", "/var/cache/mame"]
+# Numeric, so that Kubernetes can check runAsNonRoot without reading /etc/passwd.
+USER ${UID}:${UID}
+WORKDIR /home/mame
+EXPOSE 8000
+# /healthz answers even while the device is busy; readiness (/readyz) is for load balancers.
+HEALTHCHECK --interval=15s --timeout=3s --start-period=120s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen(f'http://127.0.0.1:{os.environ[\"MAME_PORT\"]}/healthz', timeout=2)"]
+# Settings come from MAME_* variables (docker run -e MAME_PORT=9000 keeps the healthcheck right) or flags.
+ENTRYPOINT ["mame-serve"]
