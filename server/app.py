@@ -4,24 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import re
 import time
-import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import asdict
 from typing import Any
 
 import torch
-from fastapi import FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.datastructures import UploadFile
+from starlette.datastructures import Headers, MutableHeaders, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.batching import QueueFull, SchedulerClosed
+from server.batching import QueueFull, SchedulerClosed, WorkItem
 from server.config import ServingConfig
 from server.errors import (
     ApiError,
@@ -33,9 +35,18 @@ from server.errors import (
     timeout,
     too_large,
 )
-from server.imaging import check_content_type, decode_image
+from server.experiments import (
+    ExperimentError,
+    NewExperiment,
+    SplitChange,
+    Top1,
+    admin_token_from_env,
+    check_admin,
+    compare_top1,
+)
+from server.imaging import check_content_type
 from server.metrics import Metrics
-from server.routing import Route, choose_route
+from server.routing import Route, as_api_error, build_registry, choose_route
 from server.service import InferenceService
 from server.worker import ImageResult
 
@@ -44,9 +55,34 @@ log = logging.getLogger("mame.server")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
-def _request_id(request: Request) -> str:
-    given = request.headers.get("x-request-id", "")
-    return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+def _request_id(headers: Headers) -> str:
+    given = headers.get("x-request-id", "")
+    # 32 hex digits like uuid4().hex, without an os.urandom system call per request.
+    return given if _REQUEST_ID.match(given) else f"{random.getrandbits(128):032x}"
+
+
+class RequestIdMiddleware:
+    """Puts the request id (the client's valid X-Request-Id, else a new one) in `request.state.request_id`
+    and in the answer's X-Request-Id header. Plain ASGI: `@app.middleware("http")` (Starlette's
+    BaseHTTPMiddleware) spends a task group, streams and events on every request and every body read."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = _request_id(Headers(scope=scope))
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                MutableHeaders(scope=message)["X-Request-Id"] = request_id
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
 
 
 def _error_response(exc: ApiError, request_id: str) -> JSONResponse:
@@ -139,6 +175,18 @@ def create_app(config: ServingConfig, *, preprocess_threads: int = 4, warmup: bo
     pool = ThreadPoolExecutor(preprocess_threads, thread_name_prefix="preprocess",
                               initializer=torch.set_num_threads, initargs=(1,))
     limits = config.limits
+    registry = build_registry(config)
+    admin_token = admin_token_from_env()
+    shadow_tasks: set[asyncio.Task] = set()  # strong references: the loop keeps only weak ones
+
+    def sync_weights() -> None:
+        """`mame_experiment_weight` shows the splits in force; a stopped experiment's series disappear."""
+        metrics.experiment_weight.clear()
+        for name, split in registry.current_weights().items():
+            for variant, weight in split.items():
+                metrics.experiment_weight.labels(name, variant).set(weight)
+
+    sync_weights()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -156,13 +204,9 @@ def create_app(config: ServingConfig, *, preprocess_threads: int = 4, warmup: bo
     )
     app.state.service = service
     app.state.metrics = metrics
+    app.state.experiments = registry
 
-    @app.middleware("http")
-    async def add_request_id(request: Request, call_next):
-        request.state.request_id = _request_id(request)
-        response = await call_next(request)
-        response.headers["X-Request-Id"] = request.state.request_id
-        return response
+    app.add_middleware(RequestIdMiddleware)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -179,8 +223,42 @@ def create_app(config: ServingConfig, *, preprocess_threads: int = 4, warmup: bo
         return _error_response(ApiError(exc.status_code, code, str(exc.detail)), request.state.request_id)
 
     def prepare(model: str, data: bytes) -> torch.Tensor:
-        image = decode_image(data, limits.max_pixels)
-        return service.transforms[model](image)
+        return service.preprocess(model, data, limits.max_pixels)
+
+    async def run_shadow(route: Route, images: list[torch.Tensor], results: list[ImageResult]) -> None:
+        """Run answered images again on the route's reference variant, at low priority, and compare top-1s."""
+        reference = route.shadow_variant
+        assert reference is not None
+        labels = {"model": route.model, "experiment": route.experiment or "", "variant": route.variant,
+                  "reference": reference}
+        loop = asyncio.get_running_loop()
+        settings = config.models[route.model].variants[reference]
+        deadline = time.monotonic() + limits.request_timeout_s
+        items = [WorkItem(route.model, reference, settings, image, 1, deadline, loop.create_future(), loop)
+                 for image in images]
+        try:
+            service.scheduler.submit(items, shadow=True)
+        except (QueueFull, SchedulerClosed) as exc:
+            log.debug("shadow run dropped: %s", exc)
+            metrics.shadow_dropped.labels(**labels).inc(len(items))
+            return
+        outcomes = await asyncio.gather(*(item.future for item in items), return_exceptions=True)
+        for served, shadowed in zip(results, outcomes):
+            if isinstance(shadowed, BaseException):  # expired in the queue or dropped at shutdown
+                metrics.shadow_dropped.labels(**labels).inc()
+                continue
+            # clamp: a float32 softmax may overshoot 1 by an ulp
+            comparison = compare_top1(Top1(served.indices[0], min(served.scores[0], 1.0)),
+                                      Top1(shadowed.indices[0], min(shadowed.scores[0], 1.0)))
+            registry.record_shadow(route, comparison)
+            metrics.shadow_comparisons.labels(**labels).inc()
+            metrics.shadow_agreements.labels(**labels).inc(comparison.agree)
+            metrics.shadow_top1_prob_abs_diff_sum.labels(**labels).inc(comparison.prob_abs_diff)
+
+    def start_shadow(route: Route, images: list[torch.Tensor], results: list[ImageResult]) -> None:
+        task = asyncio.create_task(run_shadow(route, images, results))
+        shadow_tasks.add(task)
+        task.add_done_callback(shadow_tasks.discard)
 
     @app.post("/v1/classify", summary="Classify one or more images")
     async def classify(
@@ -193,16 +271,22 @@ def create_app(config: ServingConfig, *, preprocess_threads: int = 4, warmup: bo
         started = time.monotonic()
         deadline = started + limits.request_timeout_s
         request_id = request.state.request_id
-        labels = {"model": model or "", "variant": "", "experiment": experiment or ""}
+        # Client-chosen names become label values only when they exist (bounded series).
+        known_experiment = experiment in registry.names(include_stopped=True)
+        labels = {"model": model or "", "variant": "", "experiment": experiment if known_experiment else ""}
         n_images, status, in_flight = 0, 500, None
+        route: Route | None = None
+        final_tokens: list[int] = []
+        gflops: list[float] = []
         log.debug("request %s accepted", request_id)
         try:
             if not service.ready.is_set():
                 raise not_ready("models are still loading and warming up")
             if not 1 <= top_k <= limits.max_top_k:
                 raise invalid_parameter(f"top_k must be between 1 and {limits.max_top_k}, got {top_k}")
-            route = choose_route(config, model=model, variant=variant, experiment=experiment,
-                                 headers=request.headers, client_host=request.client.host if request.client else None)
+            route = choose_route(registry, model=model, variant=variant, experiment=experiment,
+                                 headers=request.headers, query=request.query_params,
+                                 client_host=request.client.host if request.client else None)
             labels = {"model": route.model, "variant": route.variant, "experiment": route.experiment or ""}
             in_flight = metrics.in_flight.labels(route.model, route.variant)
             in_flight.inc()
@@ -231,6 +315,10 @@ def create_app(config: ServingConfig, *, preprocess_threads: int = 4, warmup: bo
                 metrics.queue_wait.labels(**labels).observe(r.queue_s)
                 metrics.final_tokens.labels(**labels).observe(answer["tokens"]["final"])
                 metrics.gflops.labels(**labels).observe(r.gflops)
+                final_tokens.append(answer["tokens"]["final"])
+                gflops.append(r.gflops)
+            if route.shadow_variant is not None:
+                start_shadow(route, list(images), list(results))
             status = 200
             if multipart and len(answers) > 1:
                 return {"request_id": request_id, "results": answers}
@@ -245,7 +333,12 @@ def create_app(config: ServingConfig, *, preprocess_threads: int = 4, warmup: bo
             log.debug("request %s answered %d", request_id, status)
             if in_flight is not None:
                 in_flight.dec()
-            metrics.request_duration.labels(**labels).observe(time.monotonic() - started)
+            elapsed = time.monotonic() - started
+            if route is not None:
+                ok = status == 200
+                registry.record_request(route, status=status, latency_s=elapsed,
+                                        final_tokens=final_tokens if ok else [], gflops=gflops if ok else [])
+            metrics.request_duration.labels(**labels).observe(elapsed)
             metrics.requests.labels(**labels, status=str(status)).inc()
             if n_images:
                 metrics.images.labels(**labels, status=str(status)).inc(n_images)
@@ -257,6 +350,50 @@ def create_app(config: ServingConfig, *, preprocess_threads: int = 4, warmup: bo
             "default_model": config.default_model_name,
             "ready": service.ready.is_set(),
         }
+
+    @app.get("/v1/experiments", summary="A/B experiments, running and stopped")
+    async def list_experiments() -> dict[str, Any]:
+        return {"experiments": registry.summaries()}
+
+    @app.get("/v1/experiments/{name}", summary="Per-variant report of one A/B experiment")
+    async def experiment_report(name: str) -> dict[str, Any]:
+        try:
+            return registry.report(name)
+        except ExperimentError as exc:
+            raise as_api_error(exc) from None
+
+    async def require_admin(request: Request) -> None:
+        """Bearer token from MAME_ADMIN_TOKEN: 404 when unset (admin off), 401 without, 403 when wrong."""
+        denied = check_admin(request.headers.get("authorization"), admin_token)
+        if denied is not None:
+            raise ApiError(denied.status, denied.error, denied.detail, denied.headers)
+
+    def admin_change(name: str, change: Callable[[], object]) -> dict[str, Any]:
+        """Apply one runtime change (the registry logs it), update the weight gauge, answer the report."""
+        try:
+            change()
+        except ExperimentError as exc:
+            raise as_api_error(exc) from None
+        sync_weights()
+        return registry.report(name)
+
+    admin = [Depends(require_admin)]
+
+    @app.post("/v1/admin/experiments", status_code=201, dependencies=admin, summary="Start an experiment")
+    async def create_experiment(body: NewExperiment) -> dict[str, Any]:
+        return admin_change(body.name, lambda: registry.create(body.name, body.config(), source="admin"))
+
+    @app.put("/v1/admin/experiments/{name}/split", dependencies=admin, summary="Change an experiment's split")
+    async def change_split(name: str, body: SplitChange) -> dict[str, Any]:
+        return admin_change(name, lambda: registry.update_split(name, body.split, source="admin"))
+
+    @app.delete("/v1/admin/experiments/{name}", dependencies=admin, summary="Stop an experiment")
+    async def stop_experiment(name: str) -> dict[str, Any]:
+        return admin_change(name, lambda: registry.stop(name, source="admin"))
+
+    @app.get("/v1/admin/changes", dependencies=admin, summary="Log of experiment changes")
+    async def experiment_changes() -> dict[str, Any]:
+        return {"changes": [asdict(record) for record in registry.changes()]}
 
     @app.get("/healthz", summary="Liveness: the process answers")
     async def healthz() -> dict[str, str]:

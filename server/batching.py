@@ -3,6 +3,11 @@
 A batch holds images of one (model, variant): up to the model's `max_batch_size`, taken as soon as it is
 full or when its oldest image has waited `max_wait_ms`. Across variants the queue with the oldest head goes
 first, so no variant starves. Triton's dynamic batcher has the same vocabulary.
+
+A/B shadow runs (the same images again on a reference variant, for the agreement figures) sit in separate
+queues with a lower priority: they do not count against `max_queue`, each model holds at most one batch of
+them (a full shadow queue refuses the run, never a request), and a worker takes them only when none of its
+real queues holds an image. So shadow load can never make a real request find a full queue.
 """
 
 from __future__ import annotations
@@ -73,10 +78,12 @@ class Scheduler:
         self._cond = threading.Condition()
         self._queues: dict[tuple[str, str], deque[WorkItem]] = {}
         self._pending = {model: 0 for model in batching}
+        self._shadow_queues: dict[tuple[str, str], deque[WorkItem]] = {}
+        self._shadow_pending = {model: 0 for model in batching}
         self._closed = False
 
-    def submit(self, items: list[WorkItem]) -> None:
-        """Queue all items or none (a request's images are accepted together)."""
+    def submit(self, items: list[WorkItem], shadow: bool = False) -> None:
+        """Queue all items or none (a request's images are accepted together); `shadow`: low-priority runs."""
         if not items:
             return
         model = items[0].model
@@ -84,6 +91,9 @@ class Scheduler:
         with self._cond:
             if self._closed:
                 raise SchedulerClosed("the server is shutting down")
+            if shadow:
+                self._submit_shadow(model, items)
+                return
             if self._pending[model] + len(items) > limit:
                 raise QueueFull(
                     f"model {model!r} has {self._pending[model]} images queued (limit {limit}); "
@@ -96,6 +106,27 @@ class Scheduler:
             for key in {(item.model, item.variant) for item in items}:
                 self._on_depth(*key, len(self._queues[key]))
             self._cond.notify_all()
+
+    def shadow_limit(self, model: str) -> int:
+        """Shadow images one model may hold: one full batch. Shadow runs are samples; under load new ones are
+        dropped rather than left to pile up behind real traffic and go stale."""
+        return self._batching[model].max_batch_size
+
+    def _submit_shadow(self, model: str, items: list[WorkItem]) -> None:
+        now = time.monotonic()
+        for key, queue in self._shadow_queues.items():  # free the places of runs that can no longer answer
+            while key[0] == model and queue and queue[0].deadline <= now:
+                queue.popleft().fail(TimeoutError("shadow run expired in the queue"))
+                self._shadow_pending[model] -= 1
+        limit = self.shadow_limit(model)
+        if self._shadow_pending[model] + len(items) > limit:
+            raise QueueFull(f"model {model!r} has {self._shadow_pending[model]} shadow images queued "
+                            f"(limit {limit}); shadow run of {len(items)} dropped")
+        for item in items:
+            item.enqueued_at = now
+            self._shadow_queues.setdefault((item.model, item.variant), deque()).append(item)
+        self._shadow_pending[model] += len(items)
+        self._cond.notify_all()
 
     def discard(self, items: list[WorkItem]) -> None:
         """Remove items whose request gave up (deadline); those already taken are left to finish."""
@@ -111,44 +142,72 @@ class Scheduler:
         """Block until a batch of one variant of one of `models` is due; None once closed and drained.
 
         A queue is due when it holds a full batch or its oldest image has waited `max_wait_ms`; of the due
-        queues the one with the oldest head goes first.
+        queues the one with the oldest head goes first. Shadow queues are looked at only when every real
+        queue of `models` is empty.
         """
         with self._cond:
             while True:
                 now = time.monotonic()
-                due, next_due = [], None
-                for key, queue in self._queues.items():
-                    if not queue or key[0] not in models:
-                        continue
-                    cfg = self._batching[key[0]]
-                    due_at = queue[0].enqueued_at + cfg.max_wait_ms / 1000.0
-                    if len(queue) >= cfg.max_batch_size or due_at <= now or self._closed:
-                        due.append((queue[0].enqueued_at, key))
-                    else:
-                        next_due = due_at if next_due is None else min(next_due, due_at)
+                due, next_due = self._due(self._queues, models, now)
                 if due:
                     key = min(due)[1]
                     return self._take(key, self._batching[key[0]].max_batch_size)
+                if not any(queue for key, queue in self._queues.items() if key[0] in models):
+                    shadow_due, shadow_next = self._due(self._shadow_queues, models, now)
+                    if shadow_due:
+                        key = min(shadow_due)[1]
+                        return self._take(key, self._batching[key[0]].max_batch_size, shadow=True)
+                    if shadow_next is not None:
+                        next_due = shadow_next if next_due is None else min(next_due, shadow_next)
                 if next_due is None and self._closed:
                     return None
                 self._cond.wait(timeout=None if next_due is None else next_due - now)
 
+    def _due(self, queues: dict[tuple[str, str], deque[WorkItem]], models: Collection[str],
+             now: float) -> tuple[list[tuple[float, tuple[str, str]]], float | None]:
+        """(oldest head, key) of each due queue of `models`, and when the next one falls due (None: never)."""
+        due, next_due = [], None
+        for key, queue in queues.items():
+            if not queue or key[0] not in models:
+                continue
+            cfg = self._batching[key[0]]
+            due_at = queue[0].enqueued_at + cfg.max_wait_ms / 1000.0
+            if len(queue) >= cfg.max_batch_size or due_at <= now or self._closed:
+                due.append((queue[0].enqueued_at, key))
+            else:
+                next_due = due_at if next_due is None else min(next_due, due_at)
+        return due, next_due
+
     def close(self) -> None:
-        """Take no new work; workers finish what is queued, then `next_batch` returns None."""
+        """Take no new work; workers finish the queued requests, then `next_batch` returns None.
+
+        Queued shadow runs are dropped (they answer no one): their futures fail with SchedulerClosed."""
         with self._cond:
             self._closed = True
+            dropped = [item for queue in self._shadow_queues.values() for item in queue]
+            self._shadow_queues.clear()
+            self._shadow_pending = dict.fromkeys(self._shadow_pending, 0)
             self._cond.notify_all()
+        for item in dropped:
+            item.fail(SchedulerClosed("the server is shutting down: shadow run dropped"))
 
     def pending(self, model: str) -> int:
         with self._cond:
             return self._pending[model]
 
-    def _take(self, key: tuple[str, str], max_batch_size: int) -> list[WorkItem]:
-        queue = self._queues[key]
+    def shadow_pending(self, model: str) -> int:
+        with self._cond:
+            return self._shadow_pending[model]
+
+    def _take(self, key: tuple[str, str], max_batch_size: int, shadow: bool = False) -> list[WorkItem]:
+        queue = (self._shadow_queues if shadow else self._queues)[key]
         now = time.monotonic()
         batch = [queue.popleft() for _ in range(min(max_batch_size, len(queue)))]
         for item in batch:
             item.taken_at = now
-        self._pending[key[0]] -= len(batch)
-        self._on_depth(*key, len(queue))
+        if shadow:
+            self._shadow_pending[key[0]] -= len(batch)
+        else:
+            self._pending[key[0]] -= len(batch)
+            self._on_depth(*key, len(queue))
         return batch

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
 import shutil
 import statistics
 import subprocess
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +27,16 @@ import psutil
 import timm
 import torch
 
-from mame_core import MergeSettings, patch_vit
+from mame_core import MergeSettings
 from server.imaging import decode_image
 from server.launch import running_server
-from server.models import preprocessing
+from server.models import HostTransform, preprocessing
+from server.worker import DeviceModel, infer, place_model, resolve_devices, resolve_dtype, stack_batch
 
 TINY_KWARGS = {"img_size": 64, "patch_size": 8, "embed_dim": 64, "depth": 4, "num_heads": 2}
+# A nearly free model with the full 224 px input: the served figure is then the host path's capacity
+# (HTTP, decoding, preprocessing, batching, answering), which is what limits a fast GPU.
+NEAR_FREE_KWARGS = {"img_size": 224, "patch_size": 32, "embed_dim": 16, "depth": 1, "num_heads": 1}
 
 
 def sample_bytes() -> list[bytes]:
@@ -60,63 +67,140 @@ def server_args(args: argparse.Namespace) -> list[str]:
     return ["--preprocess-threads", str(args.preprocess_threads)]
 
 
-def build_offline(args: argparse.Namespace):
+def build_offline(args: argparse.Namespace) -> tuple[DeviceModel, HostTransform]:
+    """The model as the server's worker holds it, and its host transform."""
     model = timm.create_model(args.arch, pretrained=False, **args.model_kwargs).eval()
-    transform, _ = preprocessing(model)
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = {"auto": torch.float16 if device.type == "cuda" else torch.float32}.get(args.dtype) or getattr(torch, args.dtype)
-    vit = patch_vit(model.to(device=device, dtype=dtype))
-    return vit, transform, device, dtype
+    transform, input_size = preprocessing(model)
+    device = resolve_devices(args.device)[0]
+    dm = place_model("bench", model, device, resolve_dtype(args.dtype, device), input_size, copy_weights=False,
+                     mean=transform.mean, std=transform.std)
+    return dm, transform
 
 
-def timed_forward(vit, x: torch.Tensor, settings: MergeSettings, device, dtype) -> float:
+def host_tensor(transform: HostTransform, data: bytes) -> torch.Tensor:
+    """What the server's preprocessing threads make of one image."""
+    return transform(decode_image(data, 10**8, needed_edge=transform.resize_edge))
+
+
+def timed_forward(dm: DeviceModel, x: torch.Tensor, settings: MergeSettings) -> float:
+    """One batch the way the worker runs it (x: uint8 on the host, pinned for a GPU), answers on the CPU."""
     started = time.perf_counter()
-    with torch.inference_mode():
-        xd = x.pin_memory().to(device, dtype, non_blocking=True) if device.type == "cuda" else x.to(dtype=dtype)
-        res = vit(xd, settings)
-        res.logits.float().softmax(-1).topk(5)[0].cpu()
+    infer(dm, settings, x, top_k=5)
     return time.perf_counter() - started
 
 
 def offline_runner(args, data: list[bytes]):
     """A function that measures the offline model's images/s over `args.seconds`."""
-    vit, transform, device, dtype = build_offline(args)
-    pictures = [transform(decode_image(d, 10**8)) for d in data]
-    x = torch.stack([pictures[i % len(pictures)] for i in range(args.batch)])
+    dm, transform = build_offline(args)
+    pictures = [host_tensor(transform, d) for d in data]
+    x = stack_batch([pictures[i % len(pictures)] for i in range(args.batch)], pin=dm.device.type == "cuda")
     settings = MergeSettings.from_dict(args.variant_dict)
     for _ in range(3):
-        timed_forward(vit, x, settings, device, dtype)
+        timed_forward(dm, x, settings)
 
     def measure() -> float:
         runs, started = 0, time.perf_counter()
         while time.perf_counter() - started < args.seconds:
-            timed_forward(vit, x, settings, device, dtype)
+            timed_forward(dm, x, settings)
             runs += 1
         return runs * args.batch / (time.perf_counter() - started)
 
     return measure
 
 
-async def saturate(url: str, data: list[bytes], concurrency: int, seconds: float, warmup_s: float) -> float:
-    """Images per second answered while `concurrency` clients keep sending, after a warm-up."""
-    done: list[float] = []
-    stop_at = time.perf_counter() + warmup_s + seconds
+# httpx's connection pool costs more per request the more connections it holds (encode/httpx#3215): here one
+# AsyncClient with 192 connections sent 78 requests/s to a server that answers at once, while clients of
+# 8 connections each sent 300. The load therefore comes from clients of at most 8 connections, spread over
+# `processes` processes so that on a many-core machine the client is not the limit either.
+CONNECTIONS_PER_CLIENT = 8
 
-    async def client(i: int, http: httpx.AsyncClient) -> None:
-        n = i
-        while time.perf_counter() < stop_at:
+
+@dataclass(frozen=True)
+class Load:
+    """What one saturation window measured."""
+
+    images_per_s: float
+    server_cpu_ms_per_image: float  # CPU time of the server process per answered image (host-path cost)
+    client_cpu_ms_per_request: float
+
+
+async def _keep_busy(url: str, data: list[bytes], concurrency: int, begin: float, end: float) -> int:
+    """Keep `concurrency` requests in flight until `end`; the number answered between `begin` and `end`."""
+    answered = 0
+
+    async def sender(n: int, http: httpx.AsyncClient) -> None:
+        nonlocal answered
+        while time.monotonic() < end:
             response = await http.post(f"{url}/v1/classify", params={"top_k": 1}, content=data[n % len(data)],
                                        headers={"content-type": "image/jpeg"})
             response.raise_for_status()
-            done.append(time.perf_counter())
+            answered += begin <= time.monotonic() <= end
             n += 1
 
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=120, limits=limits) as http:
-        start = time.perf_counter()
-        await asyncio.gather(*(client(i, http) for i in range(concurrency)))
-    window = [t for t in done if t >= start + warmup_s]
-    return len(window) / (max(window) - (start + warmup_s)) if len(window) > 1 else 0.0
+    async def client(first: int, count: int) -> None:
+        limits = httpx.Limits(max_connections=count, max_keepalive_connections=count)
+        async with httpx.AsyncClient(timeout=120, limits=limits) as http:
+            await asyncio.gather(*(sender(first + i, http) for i in range(count)))
+
+    step = CONNECTIONS_PER_CLIENT
+    await asyncio.gather(*(client(first, min(step, concurrency - first)) for first in range(0, concurrency, step)))
+    return answered
+
+
+def _client_window(url: str, data: list[bytes], concurrency: int, warmup_s: float, seconds: float,
+                   barrier=None, results=None) -> tuple[int, float]:
+    """One client process's part: (requests answered in the window, its CPU seconds)."""
+    if barrier is not None:
+        barrier.wait()  # every process starts its window together
+    begin = time.monotonic() + warmup_s
+    cpu = time.process_time()
+    answered = asyncio.run(_keep_busy(url, data, concurrency, begin, begin + seconds))
+    outcome = (answered, time.process_time() - cpu)
+    if results is not None:
+        results.put(outcome)
+    return outcome
+
+
+def saturate(url: str, server_pid: int, data: list[bytes], concurrency: int, seconds: float, warmup_s: float,
+             processes: int = 1) -> Load:
+    """Images per second answered while `concurrency` requests are kept in flight, after a warm-up."""
+    processes = max(1, min(processes, concurrency))
+    server = psutil.Process(server_pid)
+    server_cpu: list[float] = []
+
+    def watch_server(begin: float) -> None:  # the server's CPU time over exactly the counted window
+        for at in (begin, begin + seconds):
+            time.sleep(max(0.0, at - time.monotonic()))
+            cpu = server.cpu_times()
+            server_cpu.append(cpu.user + cpu.system)
+
+    if processes == 1:
+        watcher = threading.Thread(target=watch_server, args=(time.monotonic() + warmup_s,))
+        watcher.start()
+        outcomes = [_client_window(url, data, concurrency, warmup_s, seconds)]
+    else:
+        ctx = multiprocessing.get_context("spawn")  # never fork a process that has started torch threads
+        barrier, results = ctx.Barrier(processes + 1), ctx.Queue()
+        shares = [concurrency // processes + (i < concurrency % processes) for i in range(processes)]
+        workers = [ctx.Process(target=_client_window, args=(url, data, share, warmup_s, seconds, barrier, results))
+                   for share in shares]
+        for worker in workers:
+            worker.start()
+        barrier.wait()
+        watcher = threading.Thread(target=watch_server, args=(time.monotonic() + warmup_s,))
+        watcher.start()
+        outcomes = [results.get(timeout=warmup_s + seconds + 300) for _ in workers]
+        for worker in workers:
+            worker.join()
+            if worker.exitcode != 0:
+                raise RuntimeError(f"a client process exited with {worker.exitcode}")
+    watcher.join()
+    answered = sum(n for n, _ in outcomes)
+    if answered == 0:
+        raise RuntimeError("no request was answered inside the measurement window")
+    return Load(images_per_s=answered / seconds,
+                server_cpu_ms_per_image=1000 * (server_cpu[1] - server_cpu[0]) / answered,
+                client_cpu_ms_per_request=1000 * sum(cpu for _, cpu in outcomes) / answered)
 
 
 def cmd_throughput(args) -> None:
@@ -124,33 +208,41 @@ def cmd_throughput(args) -> None:
     other processes on a shared machine hits both alike; the ratio of the medians is the figure."""
     data = sample_bytes()
     offline_measure = offline_runner(args, data)
-    offline, served = [], []
+    concurrency = args.concurrency or 2 * args.batch
+    offline: list[float] = []
+    served: list[Load] = []
     with running_server(model_config(args), env=server_env(args), ready_timeout=600,
                         args=server_args(args)) as server:
         for round_ in range(args.rounds):
             offline.append(offline_measure())
-            served.append(asyncio.run(saturate(server.url, data, args.concurrency or 2 * args.batch, args.seconds,
-                                               3.0 if round_ == 0 else 1.0)))
-            print(f"  round {round_ + 1}: offline {offline[-1]:8.1f} img/s, served {served[-1]:8.1f} img/s, "
-                  f"ratio {served[-1] / offline[-1]:.3f}", flush=True)
-    off, srv = statistics.median(offline), statistics.median(served)
+            served.append(saturate(server.url, server.proc.pid, data, concurrency, args.seconds,
+                                   3.0 if round_ == 0 else 1.0, processes=args.client_processes))
+            print(f"  round {round_ + 1}: offline {offline[-1]:8.1f} img/s, served {served[-1].images_per_s:8.1f} "
+                  f"img/s, ratio {served[-1].images_per_s / offline[-1]:.3f}; server CPU "
+                  f"{served[-1].server_cpu_ms_per_image:.2f} ms/img, client CPU "
+                  f"{served[-1].client_cpu_ms_per_request:.2f} ms/req", flush=True)
+    off = statistics.median(offline)
+    srv = statistics.median(load.images_per_s for load in served)
+    host_ms = statistics.median(load.server_cpu_ms_per_image for load in served)
     print(f"{args.arch} {args.variant} on {args.device}/{args.dtype}, batch {args.batch}, "
-          f"{torch.get_num_threads()} torch threads, {args.rounds} rounds of {args.seconds:.0f} s")
-    print(f"  offline model   {off:9.1f} img/s  (preprocessed tensors, forward + top-k; median)")
+          f"{torch.get_num_threads()} torch threads, {args.rounds} rounds of {args.seconds:.0f} s, "
+          f"{concurrency} requests in flight from {args.client_processes} client process(es)")
+    print(f"  offline model   {off:9.1f} img/s  (preprocessed uint8 tensors, normalise + forward + top-k; median)")
     print(f"  served (HTTP)   {srv:9.1f} img/s  (JPEG over HTTP, decode, preprocess, batch, answer; median)")
+    print(f"  server CPU time {host_ms:9.2f} ms per image (all its threads; {1000 / host_ms:.0f} img/s per busy core)")
     print(f"  ratio served/offline = {srv / off:.3f}")
 
 
 def cmd_latency(args) -> None:
     data = sample_bytes()
-    vit, transform, device, dtype = build_offline(args)
+    dm, transform = build_offline(args)
     settings = MergeSettings.from_dict(args.variant_dict)
     preprocess_s, forward_s = [], []
     for i in range(args.requests):
         started = time.perf_counter()
-        x = transform(decode_image(data[i % len(data)], 10**8))[None]
+        x = stack_batch([host_tensor(transform, data[i % len(data)])], pin=dm.device.type == "cuda")
         preprocess_s.append(time.perf_counter() - started)
-        forward_s.append(timed_forward(vit, x, settings, device, dtype))
+        forward_s.append(timed_forward(dm, x, settings))
     served_s = []
     with running_server(model_config(args), env=server_env(args), ready_timeout=600,
                         args=server_args(args)) as server, \
@@ -239,6 +331,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("what", choices=["throughput", "latency", "memory", "soak"])
     parser.add_argument("--arch", default="vit_small_patch16_224")
     parser.add_argument("--tiny", action="store_true", help="use the tiny test ViT (64 px, 4 blocks)")
+    parser.add_argument("--near-free", action="store_true",
+                        help="a nearly free ViT at 224 px (1 block, width 16): measures the host path's capacity")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     parser.add_argument("--variant", default="baseline", help="baseline | mame-<tau> | tome-<r>")
@@ -254,10 +348,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="torch threads, here and in the server (use 1 on a small shared CPU: "
                              "OpenMP threads that wait for each other collapse under contention)")
     parser.add_argument("--preprocess-threads", type=int, default=4, help="the server's decoding threads")
+    parser.add_argument("--client-processes", type=int, default=1,
+                        help="throughput: processes that send the load (one Python process sends ~1000 "
+                             "requests/s at most; use more on a many-core machine)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    args.model_kwargs = TINY_KWARGS if args.tiny else {}
-    if args.tiny:
+    args.model_kwargs = TINY_KWARGS if args.tiny else NEAR_FREE_KWARGS if args.near_free else {}
+    if args.tiny or args.near_free:
         args.arch = "vit_tiny_patch16_224"
     if args.variant == "baseline":
         args.variant_dict = {"method": "none"}

@@ -10,15 +10,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from mame_core import MergeSettings
-
-# TODO(experiments): `ExperimentConfig` is written by the A/B-testing engineer in server/experiments.py.
-# Until that module exists an experiment is kept as a plain dict; once it does, its typed model is used.
-try:
-    from server.experiments import ExperimentConfig
-except ModuleNotFoundError as exc:  # only a missing module falls back; errors inside it propagate
-    if exc.name != "server.experiments":
-        raise
-    ExperimentConfig = dict[str, Any]  # type: ignore[misc]
+from server.experiments import ExperimentConfig, check_experiment_name
 
 DEFAULT_CONFIG = "default.yaml"
 
@@ -87,6 +79,17 @@ class ServingConfig(_Strict):
     def _check(self) -> ServingConfig:
         if self.default_model is not None and self.default_model not in self.models:
             raise ValueError(f"default_model {self.default_model!r} is not one of the models {sorted(self.models)}")
+        for name, exp in self.experiments.items():
+            try:
+                check_experiment_name(name)
+            except ValueError as exc:
+                raise ValueError(f"experiments: {exc}") from None
+            if exp.model not in self.models:
+                raise ValueError(f"experiments.{name}.model: unknown model {exp.model!r}; known: {sorted(self.models)}")
+            try:
+                exp.check_variants(self.models[exp.model].variants)
+            except ValueError as exc:
+                raise ValueError(f"experiments.{name}: {exc}") from None
         return self
 
     @property

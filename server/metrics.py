@@ -42,13 +42,16 @@ class Metrics:
             "mame_queue_depth", "Images waiting in a variant queue", ("model", "variant"), registry=r)
         self.in_flight = Gauge(
             "mame_in_flight_requests", "Requests being handled", ("model", "variant"), registry=r)
-        # Filled by the A/B-testing code (server/experiments.py).
+        # A/B experiments (server/experiments.py, docs/ab_testing.md).
         self.shadow_comparisons = Counter(
             "mame_shadow_comparisons", "Shadow comparisons against a reference variant", shadow, registry=r)
         self.shadow_agreements = Counter(
             "mame_shadow_agreements", "Shadow comparisons whose top-1 agreed", shadow, registry=r)
         self.shadow_top1_prob_abs_diff_sum = Counter(
             "mame_shadow_top1_prob_abs_diff_sum", "Sum of |top-1 probability difference|", shadow, registry=r)
+        self.shadow_dropped = Counter(
+            "mame_shadow_dropped", "Shadow runs (images) dropped: shadow queue full, expired or shutdown",
+            shadow, registry=r)
         self.experiment_weight = Gauge(
             "mame_experiment_weight", "Traffic share of a variant in an experiment",
             ("experiment", "variant"), registry=r)

@@ -1,45 +1,41 @@
 """Where a request goes: the one function that picks (model, variant, experiment, assignment).
 
-TODO(experiments): the A/B-testing code (server/experiments.py, `ExperimentRegistry.choose`) replaces the
-body of `choose_route`: explicit variant > experiment assignment (sticky key) > the model's default variant,
-plus the shadow variant. Until it is wired in, a request that names an existing experiment is refused with
-422 rather than served outside it without saying so.
+The rule lives in `ExperimentRegistry.choose` (server/experiments.py): an explicit `variant` wins (an
+"override", still counted under the request's experiment), else the request's experiment assigns from its
+sticky key: the experiment named by `experiment=`, or, when none is named, the model's default experiment
+(the earliest-created running one on that model) so that a running experiment sees all of its model's
+traffic ("assigned"), else the model's default variant ("default", no experiment). The assignment may also
+name a shadow variant to run the images on off the latency path.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Literal
 
 from server.config import ServingConfig
-from server.errors import ApiError, invalid_parameter
+from server.errors import ApiError
+from server.experiments import Assignment, ExperimentError, ExperimentRegistry, ModelVariants
+
+Route = Assignment  # the fields are the same: model, variant, experiment, assignment, shadow_variant
 
 
-@dataclass(frozen=True)
-class Route:
-    model: str
-    variant: str
-    experiment: str | None
-    assignment: Literal["default", "assigned", "override"]
-    shadow_variant: str | None = None  # also run on this reference variant (A/B shadow traffic)
+def build_registry(config: ServingConfig) -> ExperimentRegistry:
+    """The experiment registry of a server, holding the config's experiments (logged as source "config")."""
+    models = {name: ModelVariants(frozenset(m.variants), m.default_variant_name) for name, m in config.models.items()}
+    return ExperimentRegistry(models, config.default_model_name, config.experiments)
 
 
-def choose_route(config: ServingConfig, *, model: str | None, variant: str | None, experiment: str | None,
-                 headers: Mapping[str, str], client_host: str | None) -> Route:
-    """Model and variant of one request; 404 for unknown names."""
-    if experiment is not None:
-        if experiment not in config.experiments:
-            raise ApiError(404, "unknown_experiment",
-                           f"unknown experiment {experiment!r}; known: {sorted(config.experiments)}")
-        raise invalid_parameter(f"experiment {experiment!r}: experiment routing is not enabled in this server")
-    model = model if model is not None else config.default_model_name
-    if model not in config.models:
-        raise ApiError(404, "unknown_model", f"unknown model {model!r}; known: {sorted(config.models)}")
-    variants = config.models[model].variants
-    if variant is None:
-        return Route(model, config.models[model].default_variant_name, None, "default")
-    if variant not in variants:
-        raise ApiError(404, "unknown_variant",
-                       f"model {model!r} has no variant {variant!r}; known: {sorted(variants)}")
-    return Route(model, variant, None, "override")
+def as_api_error(exc: ExperimentError) -> ApiError:
+    """The HTTP error (docs/CONTRACT.md codes) of a refused experiment operation."""
+    return ApiError(exc.status, exc.code, str(exc))
+
+
+def choose_route(registry: ExperimentRegistry, *, model: str | None, variant: str | None,
+                 experiment: str | None, headers: Mapping[str, str], query: Mapping[str, str],
+                 client_host: str | None) -> Route:
+    """Model and variant of one request; 404 for unknown names, 422 for an experiment of another model."""
+    try:
+        return registry.choose(model=model, experiment=experiment, variant=variant, headers=headers,
+                               query=query, client_host=client_host)
+    except ExperimentError as exc:
+        raise as_api_error(exc) from None

@@ -7,14 +7,16 @@ import logging
 import threading
 import time
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
 from mame_core import MergeSettings
 from server.batching import Scheduler, WorkItem
 from server.config import ServingConfig
+from server.imaging import decode_image
 from server.metrics import Metrics
-from server.models import LoadedModel, load_model
+from server.models import HostTransform, LoadedModel, load_model
 from server.worker import DeviceModel, DeviceWorker, place_model, resolve_devices, resolve_dtype
 
 log = logging.getLogger("mame.server")
@@ -66,12 +68,17 @@ class InferenceService:
         self.torch_threads = torch_threads
         self.metrics = metrics
         self.warmup = warmup
-        self.scheduler = Scheduler(
-            {name: m.batching for name, m in config.models.items()},
-            on_depth=lambda model, variant, depth: metrics.queue_depth.labels(model, variant).set(depth),
-        )
+        depth_gauges: dict[tuple[str, str], Any] = {}
+
+        def on_depth(model: str, variant: str, depth: int) -> None:  # per queue change: labels() only once
+            gauge = depth_gauges.get((model, variant))
+            if gauge is None:
+                gauge = depth_gauges[model, variant] = metrics.queue_depth.labels(model, variant)
+            gauge.set(depth)
+
+        self.scheduler = Scheduler({name: m.batching for name, m in config.models.items()}, on_depth=on_depth)
         self.models: dict[str, ModelInfo] = {}
-        self.transforms: dict[str, object] = {}
+        self.transforms: dict[str, HostTransform] = {}
         self.workers: list[DeviceWorker] = []
         self.ready = threading.Event()
         self.failed: BaseException | None = None
@@ -98,8 +105,9 @@ class InferenceService:
             devices = resolve_devices(cfg.device)
             dtypes = {str(resolve_dtype(cfg.dtype, d)).removeprefix("torch.") for d in devices}
             for i, device in enumerate(devices):
-                dm = place_model(name, loaded.model, device, resolve_dtype(cfg.dtype, device),
-                                 loaded.input_size, copy_weights=i < len(devices) - 1)
+                dm = place_model(name, loaded.model, device, resolve_dtype(cfg.dtype, device), loaded.input_size,
+                                 copy_weights=i < len(devices) - 1, mean=loaded.transform.mean,
+                                 std=loaded.transform.std)
                 per_device.setdefault(device, {})[name] = dm
             info = ModelInfo(name, cfg.arch, loaded.weights, [str(d) for d in devices], ",".join(sorted(dtypes)),
                              loaded.input_size, loaded.labels)
@@ -121,6 +129,11 @@ class InferenceService:
         self.ready.set()
         log.info("ready: %d model(s) on %d worker(s) after %.1f s", len(self.models), len(self.workers),
                  time.monotonic() - started)
+
+    def preprocess(self, model: str, data: bytes, max_pixels: int) -> torch.Tensor:
+        """Image bytes -> the uint8 [3, H, W] tensor the model's batches are made of (runs in a thread pool)."""
+        transform = self.transforms[model]
+        return transform(decode_image(data, max_pixels, needed_edge=transform.resize_edge))
 
     def submit(self, model: str, variant: str, images: list[torch.Tensor], top_k: int,
                deadline: float) -> list[WorkItem]:

@@ -6,6 +6,7 @@ import copy
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +43,8 @@ class DeviceModel:
     device: torch.device
     dtype: torch.dtype
     input_size: tuple[int, int, int]
+    mean: torch.Tensor  # [1, 3, 1, 1] float32 on the device: the normalisation of the model's data config
+    std: torch.Tensor
 
 
 def resolve_devices(spec: str) -> list[torch.device]:
@@ -67,9 +70,37 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
 
 
 def place_model(name: str, model: torch.nn.Module, device: torch.device, dtype: torch.dtype,
-                input_size: tuple[int, int, int], copy_weights: bool) -> DeviceModel:
+                input_size: tuple[int, int, int], copy_weights: bool, *,
+                mean: Sequence[float], std: Sequence[float]) -> DeviceModel:
     source = copy.deepcopy(model) if copy_weights else model
-    return DeviceModel(name, patch_vit(source.to(device=device, dtype=dtype).eval()), device, dtype, input_size)
+
+    def per_channel(values: Sequence[float]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+
+    return DeviceModel(name, patch_vit(source.to(device=device, dtype=dtype).eval()), device, dtype, input_size,
+                       per_channel(mean), per_channel(std))
+
+
+def stack_batch(images: Sequence[torch.Tensor], pin: bool) -> torch.Tensor:
+    """[3, H, W] images -> one [B, 3, H, W] tensor; for a GPU written straight into pinned (page-locked)
+    memory, so the copy to the device needs no second host copy. Raises if the shapes differ."""
+    out = torch.empty((len(images), *images[0].shape), dtype=images[0].dtype, pin_memory=pin)
+    return torch.stack(list(images), out=out)
+
+
+def infer(dm: DeviceModel, settings: MergeSettings, x: torch.Tensor,
+          top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """uint8 images [B, 3, H, W] on the host -> top-k scores and indices, tokens per block, GFLOPs (all on
+    the CPU) and input tokens. Normalising here, after the copy, is exactly timm's ToTensor + Normalize."""
+    if x.dtype != torch.uint8:
+        raise TypeError(f"images must be uint8 [B, 3, H, W] tensors from the host transform, got {x.dtype}")
+    with torch.inference_mode():
+        x = x.to(dm.device, non_blocking=True)  # asynchronous from pinned memory; a no-op on the CPU
+        x = x.float().div_(255).sub_(dm.mean).div_(dm.std).to(dm.dtype)
+        res = dm.vit(x, settings)
+        probs = res.logits.float().softmax(dim=-1)
+        scores, indices = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
+    return scores.cpu(), indices.cpu(), res.tokens.cpu(), res.gflops.cpu(), res.input_tokens
 
 
 class DeviceWorker:
@@ -96,21 +127,12 @@ class DeviceWorker:
             sizes = {1, 2} if dm.device.type == "cpu" else {1, max_batch[name]}
             for settings in variants[name].values():
                 for size in sorted(sizes):
-                    x = torch.randn(size, *dm.input_size, dtype=torch.float32)
-                    self.forward(dm, settings, x, top_k=1)
+                    images = torch.randint(0, 256, (size, *dm.input_size), dtype=torch.uint8).unbind()
+                    self.forward(dm, settings, stack_batch(images, pin=dm.device.type == "cuda"), top_k=1)
 
     def forward(self, dm: DeviceModel, settings: MergeSettings, x: torch.Tensor,
                 top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """x on the CPU [B, 3, H, W] -> top-k scores and indices, tokens per block, GFLOPs (all on the CPU)."""
-        if dm.device.type == "cuda":
-            x = x.pin_memory().to(dm.device, dtype=dm.dtype, non_blocking=True)
-        else:
-            x = x.to(dtype=dm.dtype)
-        with torch.inference_mode():
-            res = dm.vit(x, settings)
-            probs = res.logits.float().softmax(dim=-1)
-            scores, indices = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
-        return scores.cpu(), indices.cpu(), res.tokens.cpu(), res.gflops.cpu(), res.input_tokens
+        return infer(dm, settings, x, top_k)
 
     def _loop(self) -> None:
         if self.torch_threads:  # torch's thread count is per thread: set it where inference runs
@@ -156,7 +178,7 @@ class DeviceWorker:
         first = items[0]
         dm = self.models[first.model]
         started = time.monotonic()
-        x = torch.stack([item.image for item in items])
+        x = stack_batch([item.image for item in items], pin=dm.device.type == "cuda")
         scores, indices, tokens, gflops, input_tokens = self.forward(
             dm, first.settings, x, top_k=max(item.top_k for item in items))
         inference_s = time.monotonic() - started
