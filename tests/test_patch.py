@@ -141,3 +141,17 @@ def test_vit_base_unmerged_equivalence_invariance_and_flops():
     plain = vit(images[:1])
     assert plain.gflops.item() == pytest.approx(17.6, rel=0.01)
     assert (merged.gflops <= unmerged.gflops).all()
+
+
+@pytest.mark.parametrize("prop_attn", [True, False])
+def test_weighted_key_attention_equals_additive_bias(prop_attn):
+    from mame_core.patch import _key_weights, _weighted_key_attention
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 7, 16, generator=gen) for _ in range(3))
+    size = torch.tensor([[1.0, 3, 2, 1, 5, 0, 0], [1.0, 1, 1, 1, 1, 1, 1], [4.0, 1, 0, 0, 0, 0, 0]])
+    k[:, :, 5:] = 1e4  # padding keys may hold anything: they must not matter
+    bias = torch.where(size > 0, size.log() if prop_attn else 0.0, float("-inf"))[:, None, None, :]
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    got = _weighted_key_attention(q, k, v, _key_weights(size, prop_attn, q.dtype), 16 ** -0.5)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
