@@ -1,0 +1,401 @@
+"""mame-load: an asynchronous load generator for the MaMe inference server.
+
+Open loop (Poisson arrivals at a set rate) or closed loop (a set concurrency), always bounded by a
+request count and a duration. Prints a per-variant report; --sweep steps the rate up per variant.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import math
+import random
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from loadtest.images import ImagePayload, load_images
+from loadtest.report import UNKNOWN_VARIANT, Outcome, RunReport, format_table, percentiles, summarize
+from loadtest.sweep import (
+    SweepLimits,
+    SweepPoint,
+    format_saturation,
+    plot_sweep,
+    saturation,
+    stop_reason,
+    sweep_rates,
+    sweep_to_dict,
+)
+
+CLASSIFY_PATH = "/v1/classify"
+
+
+@dataclass(frozen=True)
+class Target:
+    url: str
+    model: str | None = None
+    variants: tuple[str, ...] = ()  # empty: let the server choose (experiment or default variant)
+    experiment: str | None = None
+    users: int = 1000  # distinct user keys drawn for experiment assignment
+    user_header: str = "X-User-Id"
+    top_k: int | None = None
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    mode: str  # "open" or "closed"
+    max_requests: int
+    duration_s: float
+    rate_rps: float | None = None  # open loop
+    concurrency: int | None = None  # closed loop
+    timeout_s: float = 30.0
+    max_connections: int = 1000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("open", "closed"):
+            raise ValueError(f"mode must be 'open' or 'closed', got {self.mode!r}")
+        if self.max_requests < 1:
+            raise ValueError(f"request count must be at least 1, got {self.max_requests}")
+        if not self.duration_s > 0:
+            raise ValueError(f"duration must be positive, got {self.duration_s} s")
+        if self.mode == "open" and not (self.rate_rps is not None and self.rate_rps > 0):
+            raise ValueError(f"open loop needs a positive rate, got {self.rate_rps}")
+        if self.mode == "closed" and not (self.concurrency is not None and self.concurrency >= 1):
+            raise ValueError(f"closed loop needs a concurrency of at least 1, got {self.concurrency}")
+        if not self.timeout_s > 0:
+            raise ValueError(f"timeout must be positive, got {self.timeout_s} s")
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    variant: str | None
+    user_key: str | None
+    image: ImagePayload
+
+
+def poisson_offsets(rate_rps: float, max_requests: int, duration_s: float, rng: random.Random) -> Iterator[float]:
+    """Send times (seconds after start) of a Poisson process at `rate_rps`: exponential gaps, the first
+    at t=0; stops at `max_requests` times or at `duration_s`, whichever comes first."""
+    if rate_rps <= 0:
+        raise ValueError(f"rate must be positive, got {rate_rps}")
+    t = 0.0
+    for _ in range(max_requests):
+        if t >= duration_s:
+            return
+        yield t
+        t += rng.expovariate(rate_rps)
+
+
+def request_specs(target: Target, images: Sequence[ImagePayload], rng: random.Random) -> Iterator[RequestSpec]:
+    """Endless requests: variants drawn uniformly (so each variant's arrivals stay Poisson), a random
+    user key when an experiment assigns variants, images in turn."""
+    for index in itertools.count():
+        variant = rng.choice(target.variants) if target.variants else None
+        user_key = f"user-{rng.randrange(target.users)}" if target.experiment else None
+        yield RequestSpec(variant, user_key, images[index % len(images)])
+
+
+def read_answer(status_code: int, body: Any, requested_variant: str | None) -> dict[str, Any]:
+    """Outcome fields from an HTTP answer (CONTRACT.md): the group is the variant the server names."""
+    fallback = requested_variant or UNKNOWN_VARIANT
+    if status_code != 200:
+        return {"group": fallback, "status": str(status_code)}
+    try:
+        timings = body["timings_ms"]
+        return {
+            "group": str(body["variant"]),
+            "status": "200",
+            "queue_ms": float(timings["queue"]),
+            "inference_ms": float(timings["inference"]),
+            "final_tokens": int(body["tokens"]["final"]),
+        }
+    except (TypeError, KeyError, ValueError):
+        return {"group": fallback, "status": "invalid_answer"}
+
+
+@dataclass
+class Progress:
+    """Counters shared by the request tasks and the progress line."""
+
+    sent: int = 0
+    ok: int = 0
+    failed: int = 0
+    recent_ms: deque[float] = field(default_factory=lambda: deque(maxlen=2000))
+
+    @property
+    def in_flight(self) -> int:
+        return self.sent - self.ok - self.failed
+
+    def line(self, elapsed_s: float) -> str:
+        p50 = p99 = "-"
+        if self.recent_ms:
+            low, high = percentiles(self.recent_ms, (50.0, 99.0))
+            p50, p99 = f"{low:.0f}", f"{high:.0f}"
+        done = self.ok + self.failed
+        rate = done / elapsed_s if elapsed_s > 0 else 0.0
+        return (f"[{elapsed_s:6.1f}s] sent {self.sent}  ok {self.ok}  errors {self.failed}  "
+                f"in flight {self.in_flight}  {rate:.1f} answers/s  p50 {p50} ms  p99 {p99} ms")
+
+
+async def send_one(
+    client: httpx.AsyncClient, target: Target, spec: RequestSpec, intended: float, start: float, progress: Progress
+) -> Outcome:
+    """One request; latency runs from `intended` (the schedule), so a late send still counts."""
+    params: dict[str, str] = {}
+    if target.model:
+        params["model"] = target.model
+    if spec.variant:
+        params["variant"] = spec.variant
+    if target.experiment:
+        params["experiment"] = target.experiment
+    if target.top_k is not None:
+        params["top_k"] = str(target.top_k)
+    headers = {"Content-Type": spec.image.content_type}
+    if spec.user_key is not None:
+        headers[target.user_header] = spec.user_key
+    loop = asyncio.get_running_loop()
+    send_lag = max(0.0, loop.time() - intended)
+    progress.sent += 1
+    try:
+        response = await client.post(CLASSIFY_PATH, params=params, headers=headers, content=spec.image.data)
+        try:
+            body = response.json() if response.status_code == 200 else None
+        except ValueError:
+            body = None
+        fields = read_answer(response.status_code, body, spec.variant)
+    except httpx.TimeoutException:
+        fields = {"group": spec.variant or UNKNOWN_VARIANT, "status": "client_timeout"}
+    except httpx.TransportError:
+        fields = {"group": spec.variant or UNKNOWN_VARIANT, "status": "connection_error"}
+    latency = loop.time() - intended
+    outcome = Outcome(intended_at_s=intended - start, latency_s=latency, send_lag_s=send_lag, **fields)
+    if outcome.ok:
+        progress.ok += 1
+        progress.recent_ms.append(latency * 1000.0)
+    else:
+        progress.failed += 1
+    return outcome
+
+
+async def _open_loop(client, target, plan, specs, start, progress) -> list[Outcome]:
+    loop = asyncio.get_running_loop()
+    rng = random.Random(plan.seed)
+    tasks = []
+    for offset in poisson_offsets(plan.rate_rps, plan.max_requests, plan.duration_s, rng):
+        delay = start + offset - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(send_one(client, target, next(specs), start + offset, start, progress)))
+    return list(await asyncio.gather(*tasks))
+
+
+async def _closed_loop(client, target, plan, specs, start, progress) -> list[Outcome]:
+    loop = asyncio.get_running_loop()
+    deadline = start + plan.duration_s
+    counter = itertools.count()
+    outcomes: list[Outcome] = []
+
+    async def worker() -> None:
+        while loop.time() < deadline and next(counter) < plan.max_requests:
+            outcomes.append(await send_one(client, target, next(specs), loop.time(), start, progress))
+
+    await asyncio.gather(*(worker() for _ in range(plan.concurrency)))
+    return outcomes
+
+
+async def _print_progress(progress: Progress, start: float, every_s: float) -> None:
+    loop = asyncio.get_running_loop()
+    live = sys.stderr.isatty()
+    while True:
+        await asyncio.sleep(every_s)
+        line = progress.line(loop.time() - start)
+        sys.stderr.write(f"\r{line}\033[K" if live else line + "\n")
+        sys.stderr.flush()
+
+
+async def run_load(
+    target: Target, plan: LoadPlan, images: Sequence[ImagePayload], show_progress: bool = True
+) -> list[Outcome]:
+    """Send the plan's requests and return what happened to each of them."""
+    if not images:
+        raise ValueError("no images to send")
+    limits = httpx.Limits(max_connections=plan.max_connections, max_keepalive_connections=plan.max_connections)
+    specs = request_specs(target, images, random.Random(plan.seed + 1))
+    progress = Progress()
+    async with httpx.AsyncClient(base_url=target.url, timeout=plan.timeout_s, limits=limits) as client:
+        start = asyncio.get_running_loop().time()
+        printer = None
+        if show_progress:
+            every = 0.5 if sys.stderr.isatty() else 2.0
+            printer = asyncio.create_task(_print_progress(progress, start, every))
+        try:
+            if plan.mode == "open":
+                outcomes = await _open_loop(client, target, plan, specs, start, progress)
+            else:
+                outcomes = await _closed_loop(client, target, plan, specs, start, progress)
+        finally:
+            if printer is not None:
+                printer.cancel()
+                sys.stderr.write(("\r" if sys.stderr.isatty() else "")
+                                 + progress.line(asyncio.get_running_loop().time() - start) + "\n")
+    return outcomes
+
+
+def wait_ready(url: str, timeout_s: float) -> None:
+    """Poll /readyz until it answers 200; a clear error when it never does."""
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while True:
+        try:
+            response = httpx.get(url.rstrip("/") + "/readyz", timeout=5.0)
+            if response.status_code == 200:
+                return
+            last = f"HTTP {response.status_code}"
+        except httpx.HTTPError as error:
+            last = f"{type(error).__name__}: {error}"
+        if time.monotonic() >= deadline:
+            raise RuntimeError(f"{url} was not ready after {timeout_s:g} s ({last})")
+        time.sleep(0.5)
+
+
+def run_report(target: Target, plan: LoadPlan, images: Sequence[ImagePayload], show_progress: bool) -> RunReport:
+    outcomes = asyncio.run(run_load(target, plan, images, show_progress))
+    meta = {"url": target.url, "model": target.model, "variants": list(target.variants),
+            "experiment": target.experiment, "images": len(images), "max_requests": plan.max_requests,
+            "duration_s": plan.duration_s}
+    return summarize(outcomes, plan.mode, plan.rate_rps if plan.mode == "open" else None,
+                     plan.concurrency if plan.mode == "closed" else None, meta)
+
+
+def run_sweep(
+    target: Target, plan: LoadPlan, images: Sequence[ImagePayload], rates: Sequence[float],
+    limits: SweepLimits, show_progress: bool,
+) -> list[SweepPoint]:
+    """Each variant alone, one rate at a time: every variant runs a rate before any runs the next
+    (so a slow drift in the machine's other load hits all variants alike); a variant leaves the
+    sweep at its first step past a limit. Every step replays the same arrival times (same seed)."""
+    points: list[SweepPoint] = []
+    active = list(target.variants)
+    for rate in rates:
+        for variant in list(active):
+            single = Target(target.url, target.model, (variant,), None, target.users, target.user_header,
+                            target.top_k)
+            # Enough requests for the whole step at this rate; --requests still caps it.
+            step_plan = LoadPlan("open", min(plan.max_requests, math.ceil(rate * plan.duration_s * 2) + 10),
+                                 plan.duration_s, rate_rps=rate, timeout_s=plan.timeout_s,
+                                 max_connections=plan.max_connections, seed=plan.seed)
+            step = run_report(single, step_plan, images, show_progress).total
+            reason = stop_reason(step, limits)
+            points.append(SweepPoint(variant, rate, step, reason))
+            p99 = step.latency_ms["p99"]
+            print(f"sweep {variant} @ {rate:.1f} req/s: ok {step.ok_rps:.1f}/s, "
+                  f"p99 {'-' if p99 is None else f'{p99:.0f}'} ms, errors {step.sent - step.ok}"
+                  f"{'  -> stop: ' + reason if reason else ''}", file=sys.stderr)
+            if reason:
+                active.remove(variant)
+        if not active:
+            break
+    return points
+
+
+def _variants(values: list[str] | None) -> tuple[str, ...]:
+    names = [name.strip() for value in values or [] for name in value.split(",")]
+    if any(not name for name in names):
+        raise ValueError(f"empty variant name in {values}")
+    return tuple(dict.fromkeys(names))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mame-load", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (default: %(default)s)")
+    p.add_argument("--model", help="model name (default: the server's default model)")
+    p.add_argument("--variant", action="append", metavar="NAME[,NAME...]",
+                   help="variant(s) to request, drawn uniformly per request; repeat or comma-separate")
+    p.add_argument("--experiment", help="experiment name: the server assigns variants by user key")
+    p.add_argument("--users", type=int, default=1000, help="distinct user keys for an experiment (default: %(default)s)")
+    p.add_argument("--user-header", default="X-User-Id", help="header carrying the user key (default: %(default)s)")
+    p.add_argument("--images", type=Path, help="directory of images (default: bundled samples)")
+    p.add_argument("--top-k", type=int, help="top_k query parameter")
+    p.add_argument("--mode", choices=("open", "closed"), default="open",
+                   help="open: Poisson arrivals at --rate; closed: --concurrency workers (default: %(default)s)")
+    p.add_argument("--rate", type=float, default=10.0, help="open loop arrivals per second; sweep start rate")
+    p.add_argument("--concurrency", type=int, default=8, help="closed loop workers (default: %(default)s)")
+    p.add_argument("--requests", type=int, default=1000, help="most requests to send (per sweep step)")
+    p.add_argument("--duration", type=float, default=30.0, help="most seconds of sending (per sweep step)")
+    p.add_argument("--timeout", type=float, default=30.0, help="per-request timeout in seconds")
+    p.add_argument("--max-connections", type=int, default=1000, help="client connection pool size")
+    p.add_argument("--seed", type=int, default=0, help="random seed for arrivals, variants and users")
+    p.add_argument("--wait-ready", type=float, default=0.0, metavar="SECONDS",
+                   help="first wait up to this long for GET /readyz to answer 200")
+    p.add_argument("--json", type=Path, help="also write the report (or the sweep) as JSON to this file")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    s = p.add_argument_group("sweep")
+    s.add_argument("--sweep", action="store_true", help="step the open-loop rate up for each --variant")
+    s.add_argument("--sweep-factor", type=float, default=1.5, help="rate multiplier per step (default: %(default)s)")
+    s.add_argument("--sweep-steps", type=int, default=12, help="most steps per variant (default: %(default)s)")
+    s.add_argument("--max-p99-ms", type=float, default=1000.0, help="stop limit on p99 latency")
+    s.add_argument("--max-error-rate", type=float, default=0.01, help="stop limit on the error fraction")
+    s.add_argument("--min-goodput", type=float, default=0.9,
+                   help="stop when ok/s falls below this fraction of the sent rate (default: %(default)s)")
+    s.add_argument("--plot", type=Path, default=Path("sweep.png"), help="sweep plot PNG (default: %(default)s)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        target = Target(args.url, args.model, _variants(args.variant), args.experiment, args.users,
+                        args.user_header, args.top_k)
+        if args.users < 1:
+            raise ValueError(f"--users must be at least 1, got {args.users}")
+        if args.top_k is not None and not 1 <= args.top_k <= 20:
+            raise ValueError(f"--top-k must be in 1..20, got {args.top_k}")
+        plan = LoadPlan(args.mode, args.requests, args.duration, args.rate if args.mode == "open" else None,
+                        args.concurrency if args.mode == "closed" else None, args.timeout,
+                        args.max_connections, args.seed)
+        if args.sweep:
+            if args.mode != "open":
+                raise ValueError("--sweep steps the open-loop rate; it cannot run with --mode closed")
+            if not target.variants:
+                raise ValueError("--sweep runs each variant alone: name them with --variant")
+            limits = SweepLimits(args.max_p99_ms, args.max_error_rate, args.min_goodput)
+            rates = sweep_rates(args.rate, args.sweep_factor, args.sweep_steps)
+        images = load_images(args.images)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.wait_ready > 0:
+        try:
+            wait_ready(args.url, args.wait_ready)
+        except RuntimeError as error:
+            print(f"mame-load: {error}", file=sys.stderr)
+            return 2
+
+    if args.sweep:
+        points = run_sweep(target, plan, images, rates, limits, not args.quiet)
+        print(format_saturation(saturation(points)))
+        plot_sweep(points, args.plot, f"{args.model or 'default model'}: latency vs throughput (open loop)")
+        print(f"plot: {args.plot}")
+        if args.json:
+            args.json.write_text(json.dumps(sweep_to_dict(points, limits), indent=2))
+        return 0 if any(p.step.ok for p in points) else 1
+
+    report = run_report(target, plan, images, not args.quiet)
+    print(format_table(report))
+    if args.json:
+        args.json.write_text(json.dumps(report.to_dict(), indent=2))
+    # Nothing succeeded: most likely a wrong URL or a down server; let scripts notice.
+    return 0 if report.total.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
