@@ -219,11 +219,11 @@ def test_close_drops_queued_shadow_runs_and_drains_real_ones(loop):
 
 # --------------------------------------------------------------------------- the README's PromQL
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "ab_testing.md"
+DOC = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def doc_promql() -> list[str]:
-    """Each expression of the ```promql blocks of docs/ab_testing.md: a run of lines between comments."""
+    """Each expression of the ```promql blocks of the README: a run of lines between comments."""
     expressions = []
     for block in re.findall(r"```promql\n(.*?)```", DOC.read_text(), re.DOTALL):
         current: list[str] = []
