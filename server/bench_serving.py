@@ -122,40 +122,48 @@ class Load:
     images_per_s: float
     server_cpu_ms_per_image: float  # CPU time of the server process per answered image (host-path cost)
     client_cpu_ms_per_request: float
+    failed: int = 0  # requests that got no 200 (counted and shown, so one reset does not void a run)
+    first_failure: str = ""
 
 
-async def _keep_busy(url: str, data: list[bytes], concurrency: int, begin: float, end: float) -> int:
-    """Keep `concurrency` requests in flight until `end`; the number answered between `begin` and `end`."""
-    answered = 0
+async def _keep_busy(url: str, data: list[bytes], concurrency: int, begin: float,
+                     end: float) -> tuple[int, list[str]]:
+    """Keep `concurrency` requests in flight until `end`: (answered between `begin` and `end`, failures)."""
+    answered, failures = 0, []
 
     async def sender(n: int, http: httpx.AsyncClient) -> None:
         nonlocal answered
         while time.monotonic() < end:
-            response = await http.post(f"{url}/v1/classify", params={"top_k": 1}, content=data[n % len(data)],
-                                       headers={"content-type": "image/jpeg"})
-            response.raise_for_status()
-            answered += begin <= time.monotonic() <= end
+            try:
+                response = await http.post(f"{url}/v1/classify", params={"top_k": 1}, content=data[n % len(data)],
+                                           headers={"content-type": "image/jpeg"})
+                response.raise_for_status()
+                answered += begin <= time.monotonic() <= end
+            except httpx.HTTPError as exc:
+                failures.append(f"{type(exc).__name__}: {exc}")
             n += 1
 
     async def client(first: int, count: int) -> None:
-        limits = httpx.Limits(max_connections=count, max_keepalive_connections=count)
+        # Idle connections are dropped well before the server's keep-alive timeout (uvicorn: 5 s, the same as
+        # httpx's default expiry), so a request never races the server closing its connection.
+        limits = httpx.Limits(max_connections=count, max_keepalive_connections=count, keepalive_expiry=2.0)
         async with httpx.AsyncClient(timeout=120, limits=limits) as http:
             await asyncio.gather(*(sender(first + i, http) for i in range(count)))
 
     step = CONNECTIONS_PER_CLIENT
     await asyncio.gather(*(client(first, min(step, concurrency - first)) for first in range(0, concurrency, step)))
-    return answered
+    return answered, failures
 
 
 def _client_window(url: str, data: list[bytes], concurrency: int, warmup_s: float, seconds: float,
-                   barrier=None, results=None) -> tuple[int, float]:
-    """One client process's part: (requests answered in the window, its CPU seconds)."""
+                   barrier=None, results=None) -> tuple[int, float, list[str]]:
+    """One client process's part: (requests answered in the window, its CPU seconds, failures)."""
     if barrier is not None:
         barrier.wait()  # every process starts its window together
     begin = time.monotonic() + warmup_s
     cpu = time.process_time()
-    answered = asyncio.run(_keep_busy(url, data, concurrency, begin, begin + seconds))
-    outcome = (answered, time.process_time() - cpu)
+    answered, failures = asyncio.run(_keep_busy(url, data, concurrency, begin, begin + seconds))
+    outcome = (answered, time.process_time() - cpu, failures)
     if results is not None:
         results.put(outcome)
     return outcome
@@ -195,12 +203,14 @@ def saturate(url: str, server_pid: int, data: list[bytes], concurrency: int, sec
             if worker.exitcode != 0:
                 raise RuntimeError(f"a client process exited with {worker.exitcode}")
     watcher.join()
-    answered = sum(n for n, _ in outcomes)
+    answered = sum(n for n, _, _ in outcomes)
+    failures = [failure for _, _, some in outcomes for failure in some]
     if answered == 0:
-        raise RuntimeError("no request was answered inside the measurement window")
+        raise RuntimeError(f"no request was answered inside the measurement window; failures: {failures[:3]}")
     return Load(images_per_s=answered / seconds,
                 server_cpu_ms_per_image=1000 * (server_cpu[1] - server_cpu[0]) / answered,
-                client_cpu_ms_per_request=1000 * sum(cpu for _, cpu in outcomes) / answered)
+                client_cpu_ms_per_request=1000 * sum(cpu for _, cpu, _ in outcomes) / answered,
+                failed=len(failures), first_failure=failures[0] if failures else "")
 
 
 def cmd_throughput(args) -> None:
@@ -221,6 +231,8 @@ def cmd_throughput(args) -> None:
                   f"img/s, ratio {served[-1].images_per_s / offline[-1]:.3f}; server CPU "
                   f"{served[-1].server_cpu_ms_per_image:.2f} ms/img, client CPU "
                   f"{served[-1].client_cpu_ms_per_request:.2f} ms/req", flush=True)
+            if served[-1].failed:
+                print(f"    {served[-1].failed} requests failed, the first with {served[-1].first_failure}")
     off = statistics.median(offline)
     srv = statistics.median(load.images_per_s for load in served)
     host_ms = statistics.median(load.server_cpu_ms_per_image for load in served)
@@ -231,6 +243,9 @@ def cmd_throughput(args) -> None:
     print(f"  served (HTTP)   {srv:9.1f} img/s  (JPEG over HTTP, decode, preprocess, batch, answer; median)")
     print(f"  server CPU time {host_ms:9.2f} ms per image (all its threads; {1000 / host_ms:.0f} img/s per busy core)")
     print(f"  ratio served/offline = {srv / off:.3f}")
+    if failed := sum(load.failed for load in served):
+        print(f"  {failed} requests failed (not counted as served); the first: "
+              f"{next(load.first_failure for load in served if load.failed)}")
 
 
 def cmd_latency(args) -> None:

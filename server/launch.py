@@ -61,8 +61,9 @@ def running_server(config: dict | Path, *, env: dict | None = None, args: Sequen
         _wait_ready(server, ready_timeout)
         yield server
     except BaseException:
-        if proc.poll() is not None:  # the server died: its log says why
-            print(f"server exited with {proc.returncode}; end of its log:\n{server.log()[-4000:]}", file=sys.stderr)
+        # Whatever failed (a dead server, a reset connection, a test), the server's log may say why.
+        state = f"exited with {proc.returncode}" if proc.poll() is not None else "still running"
+        print(f"server {state}; end of its log:\n{server.log()[-4000:]}", file=sys.stderr)
         raise
     finally:
         if proc.poll() is None:

@@ -16,7 +16,7 @@ from server.config import BatchingConfig, parse_config
 from server.errors import ApiError
 from server.metrics import Metrics
 from server.models import load_model
-from server.worker import DeviceWorker, ImageResult, place_model
+from server.worker import DeviceWorker, ImageResult, infer, place_model, stack_batch
 
 NONE = MergeSettings()
 MAME = MergeSettings(method="mame", tau=0.5, blocks=3)
@@ -29,9 +29,13 @@ def loop():
     loop.close()
 
 
+def pixels(*shape: int) -> torch.Tensor:
+    return torch.zeros(shape, dtype=torch.uint8)
+
+
 def item(loop, variant: str = "a", image: torch.Tensor | None = None, deadline_s: float = 60.0,
          settings: MergeSettings = NONE, model: str = "m") -> WorkItem:
-    return WorkItem(model, variant, settings, image if image is not None else torch.zeros(3, 64, 64), 3,
+    return WorkItem(model, variant, settings, image if image is not None else pixels(3, 64, 64), 3,
                     time.monotonic() + deadline_s, loop.create_future(), loop)
 
 
@@ -118,7 +122,8 @@ def test_worker_blocks_until_work_arrives(loop):
 @pytest.fixture(scope="module")
 def tiny_model():
     loaded = load_model("m", parse_config(tiny_config()).models["tiny"])
-    return place_model("m", loaded.model, torch.device("cpu"), torch.float32, loaded.input_size, copy_weights=False)
+    return place_model("m", loaded.model, torch.device("cpu"), torch.float32, loaded.input_size, copy_weights=False,
+                       mean=loaded.transform.mean, std=loaded.transform.std)
 
 
 def run_worker(worker: DeviceWorker, loop, batches: list[list[WorkItem]]) -> list:
@@ -138,14 +143,14 @@ def run_worker(worker: DeviceWorker, loop, batches: list[list[WorkItem]]) -> lis
 
 def images(n: int, seed: int = 0) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(3, 64, 64, generator=gen) * (i + 1) * 0.3 for i in range(n)]
+    return [torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8, generator=gen) for _ in range(n)]
 
 
 def test_a_failing_batch_fails_only_its_own_requests(loop, tiny_model):
     s = scheduler(max_batch_size=4, max_wait_ms=0)
     worker = DeviceWorker(torch.device("cpu"), {"m": tiny_model}, s, Metrics())
     good_before = [item(loop, "a", x) for x in images(2)]
-    wrong_shape = [item(loop, "b", torch.zeros(3, 64, 64)), item(loop, "b", torch.zeros(3, 32, 32))]
+    wrong_shape = [item(loop, "b", pixels(3, 64, 64)), item(loop, "b", pixels(3, 32, 32))]
     good_after = [item(loop, "c", x) for x in images(2, seed=1)]
     out = run_worker(worker, loop, [good_before, wrong_shape, good_after])
     assert all(isinstance(o, ImageResult) for o in out[:2] + out[4:])
@@ -184,3 +189,29 @@ def test_out_of_memory_splits_the_batch_and_retries(loop, tiny_model):
         assert result.indices == indices[0].tolist()
         assert result.tokens_per_block == tokens[0].tolist()
         assert result.scores == pytest.approx(scores[0].tolist(), abs=1e-5)
+
+
+def test_normalising_on_the_device_equals_timms_own_eval_transform(tiny_model):
+    """The host sends uint8 crops and the worker normalises: the same input as timm's ToTensor + Normalize."""
+    from PIL import Image
+    from timm.data import create_transform, resolve_data_config
+
+    from mame_core.images import sample_images
+
+    loaded = load_model("m", parse_config(tiny_config()).models["tiny"])
+    timm_eval = create_transform(**resolve_data_config({"input_size": loaded.input_size}, model=loaded.model))
+    pictures = [Image.open(path).convert("RGB") for path in sample_images()[:3]]
+    x = stack_batch([loaded.transform(p) for p in pictures], pin=False)
+    assert x.dtype == torch.uint8 and x.shape == (3, *loaded.input_size)
+    scores, indices, _, _, _ = infer(tiny_model, NONE, x, top_k=5)
+    with torch.inference_mode():
+        reference = tiny_model.vit(torch.stack([timm_eval(p) for p in pictures]), NONE).logits.softmax(-1).topk(5)
+    assert torch.equal(indices, reference.indices)
+    assert torch.allclose(scores, reference.values, atol=1e-6)
+
+
+def test_worker_input_must_be_uint8_and_one_shape(tiny_model):
+    with pytest.raises(TypeError, match="uint8"):
+        infer(tiny_model, NONE, torch.zeros(1, 3, 64, 64), top_k=1)
+    with pytest.raises(RuntimeError):
+        stack_batch([pixels(3, 64, 64), pixels(3, 32, 32)], pin=False)

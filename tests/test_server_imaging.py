@@ -115,3 +115,35 @@ def test_other_content_types_are_415(content_type):
     with pytest.raises(ApiError) as err:
         check_content_type(content_type)
     assert (err.value.status, err.value.code) == (415, "unsupported_media_type")
+
+
+def photo(w: int, h: int) -> Image.Image:
+    """A smooth picture (like a photograph, unlike noise) that survives reduced-scale JPEG decoding."""
+    return rgb_gradient(w, h).resize((w, h))
+
+
+def test_large_jpeg_is_decoded_at_reduced_scale_but_no_smaller_than_twice_the_needed_edge():
+    data = encode(photo(1600, 1200), "JPEG", quality=90)
+    reduced = decode_image(data, LIMIT, needed_edge=140)
+    assert reduced.size == (400, 300)  # 1/4 scale: 1/8 would leave 150 < 2 x 140 on the short side
+    full = decode_image(data, LIMIT)
+    assert full.size == (1600, 1200)
+    same_view = np.asarray(full.resize(reduced.size, Image.BICUBIC), dtype=np.int16)
+    assert np.abs(np.asarray(reduced, dtype=np.int16) - same_view).mean() < 2  # the same picture
+
+
+def test_small_jpegs_and_other_formats_are_decoded_whole():
+    assert decode_image(encode(photo(300, 200), "JPEG"), LIMIT, needed_edge=140).size == (300, 200)
+    assert decode_image(encode(photo(1600, 1200), "PNG"), LIMIT, needed_edge=140).size == (1600, 1200)
+
+
+def test_reduced_decoding_keeps_exif_orientation_and_the_pixel_limit():
+    img = photo(1600, 800)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated = decode_image(encode(img, "JPEG", exif=exif.tobytes()), LIMIT, needed_edge=100)
+    assert rotated.size == (200, 400)  # 1/4 scale, then turned upright
+    # The limit counts the pixels the file declares, not the fewer pixels a reduced decode would make.
+    with pytest.raises(ApiError) as err:
+        decode_image(encode(img, "JPEG"), 1600 * 800 - 1, needed_edge=100)
+    assert err.value.status == 413
