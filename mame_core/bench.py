@@ -40,7 +40,11 @@ class BenchRow:
     max_final_tokens: int  # the longest image sets a padded batch's cost
     gflops: float  # mean estimated GFLOPs per image
     img_per_s: float  # median over rounds
-    ratio: float  # img_per_s / unmerged img_per_s
+    ratio: float  # img_per_s / the reference row's img_per_s
+    best_img_per_s: float  # fastest round: on a shared machine, the round least disturbed by others
+    best_ratio: float
+    img_per_cpu_s: float  # median over rounds of images per second of this process's CPU time
+    cpu_ratio: float
     img_per_s_rounds: list[float]
 
 
@@ -103,36 +107,47 @@ def run_bench(
         _sync(device)
 
         speeds: list[list[float]] = [[] for _ in variants]
+        # CPU time of this process: on a CPU shared with other jobs, time spent waiting for a core
+        # is not counted, so this is steadier than wall time (on a GPU it is host time only).
+        cpu_speeds: list[list[float]] = [[] for _ in variants]
         bar = tqdm(total=rounds * len(variants), desc="bench", unit="run", disable=not progress, leave=False)
         for rnd in range(rounds):
-            # Rotate the order each round so that no setting always follows the same neighbour.
+            # Rotate the order each round so that no setting always runs first (or last) in a round.
             order = [(rnd + k) % len(variants) for k in range(len(variants))]
             for i in order:
                 _sync(device)
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 for _ in range(iters):
                     forward(variants[i])
                 _sync(device)
                 speeds[i].append(iters * batch / (time.perf_counter() - start))
+                cpu_speeds[i].append(iters * batch / max(time.process_time() - cpu_start, 1e-9))
                 bar.update(1)
         bar.close()
 
     medians = [statistics.median(s) for s in speeds]
+    bests = [max(s) for s in speeds]
+    cpu = [statistics.median(s) for s in cpu_speeds]
     return [
-        BenchRow(v.method, v.setting, tok, top, gf, med, med / medians[0], s)
-        for v, tok, top, gf, med, s in zip(variants, tokens, longest, gflops, medians, speeds)
-    ]
-
-
-def format_table(rows: list[BenchRow]) -> str:
-    lines = [
-        f"{'method':<7}{'setting':>10}{'final tokens':>14}{'max':>5}{'GFLOPs':>9}{'img/s':>10}{'ratio':>8}",
-    ]
-    for r in rows:
-        lines.append(
-            f"{r.method:<7}{r.setting:>10}{r.mean_final_tokens:>14.1f}{r.max_final_tokens:>5}{r.gflops:>9.2f}"
-            f"{r.img_per_s:>10.2f}{r.ratio:>7.3f}x"
+        BenchRow(
+            v.method, v.setting, tokens[i], longest[i], gflops[i], medians[i], medians[i] / medians[0],
+            bests[i], bests[i] / bests[0], cpu[i], cpu[i] / cpu[0], speeds[i],
         )
+        for i, v in enumerate(variants)
+    ]
+
+
+def format_table(rows: list[BenchRow], cpu_columns: bool = False) -> str:
+    """The table; `cpu_columns` adds images per CPU-second (for runs on the CPU)."""
+    head = f"{'method':<7}{'setting':>10}{'final tokens':>14}{'max':>5}{'GFLOPs':>9}"
+    head += f"{'img/s':>10}{'ratio':>8}{'best img/s':>12}{'ratio':>8}"
+    head += f"{'img/CPU-s':>11}{'ratio':>8}" if cpu_columns else ""
+    lines = [head]
+    for r in rows:
+        line = f"{r.method:<7}{r.setting:>10}{r.mean_final_tokens:>14.1f}{r.max_final_tokens:>5}{r.gflops:>9.2f}"
+        line += f"{r.img_per_s:>10.2f}{r.ratio:>7.3f}x{r.best_img_per_s:>12.2f}{r.best_ratio:>7.3f}x"
+        line += f"{r.img_per_cpu_s:>11.2f}{r.cpu_ratio:>7.3f}x" if cpu_columns else ""
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -171,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", nargs="?", const="-", default=None, metavar="PATH",
         help="write the results as JSON to PATH (alone: print JSON instead of the table)",
     )
+    p.add_argument(
+        "--threads", type=int, default=None,
+        help="torch CPU threads (default: torch's choice); 1 is steadier on a CPU shared with other jobs",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -180,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        if args.threads is not None and args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
         device, dtype = resolve_device_dtype(args.device, args.dtype)
         variants = make_variants(
             parse_list(args.taus, float, "--taus"),
@@ -192,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"mame-bench: error: {err}", file=sys.stderr)
         return 2
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     x = make_batch(paths, model, args.batch_size).to(device, dtype)
     rows = run_bench(model.to(device, dtype), x, variants, args.rounds, args.iters, args.warmup, progress=not args.no_progress)
 
@@ -214,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.arch} ({report['weights']}), {report['device_name']}, {report['dtype']}, "
             f"batch {args.batch_size}, {len(paths)} images, median of {args.rounds} rounds x {args.iters} iters"
         )
-        print(format_table(rows))
+        print(format_table(rows, cpu_columns=device.type == "cpu"))
     if args.json == "-":
         print(json.dumps(report, indent=2))
     elif args.json:

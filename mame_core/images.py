@@ -19,6 +19,7 @@ from timm.data import create_transform, resolve_data_config
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
 SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
+RANDOM_INIT_SEED = 0
 
 
 def list_images(folder: str | Path) -> list[Path]:
@@ -113,15 +114,19 @@ def parse_model_kwargs(text: str | None) -> dict:
 
 def load_model(arch: str, weights: str = "random", model_kwargs: dict | None = None) -> torch.nn.Module:
     """A timm model in eval mode. `weights`: "random" (random init, warned), "hub" (timm's pretrained
-    weights, needs network access or a filled cache) or the path of a checkpoint file."""
+    weights, needs network access or a filled cache) or the path of a checkpoint file. Random weights
+    are drawn with a fixed seed, so two runs build the same model."""
     kwargs = dict(model_kwargs or {})
     try:
         if weights == "random":
             warnings.warn(
-                f"{arch}: random weights; accuracy figures are meaningless, speed figures are not",
+                f"{arch}: random weights (seed 0); accuracy figures are meaningless, speed figures are not",
                 stacklevel=2,
             )
-            model = timm.create_model(arch, pretrained=False, **kwargs)
+            # A fixed seed: with random weights, how much merges depends on the draw, so runs must agree.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(RANDOM_INIT_SEED)
+                model = timm.create_model(arch, pretrained=False, **kwargs)
         elif weights == "hub":
             model = timm.create_model(arch, pretrained=True, **kwargs)
         else:

@@ -1,0 +1,158 @@
+"""mame-bench on a tiny ViT (rows, token counts, ratios, JSON), and the shared image helpers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from mame_core import MergeSettings, patch_vit
+from mame_core.bench import main, make_variants, parse_list, resolve_device_dtype, run_bench
+from mame_core.images import fill_batch, list_images, load_model, load_rgb, make_batch, sample_images
+
+TINY = {"img_size": 64, "patch_size": 8, "embed_dim": 64, "depth": 4, "num_heads": 2}
+pytestmark = pytest.mark.filterwarnings("ignore:.*random weights")
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return load_model("vit_tiny_patch16_224", "random", TINY)
+
+
+def test_samples_are_bundled_and_decode():
+    paths = sample_images()
+    assert 6 <= len(paths) <= 10
+    assert sum(p.stat().st_size for p in paths) < 1_000_000
+    for p in paths:
+        img = load_rgb(p)
+        assert img.mode == "RGB" and max(img.size) <= 512
+    licences = (paths[0].parent / "LICENSES.md").read_text()
+    assert all(p.name in licences for p in paths)
+
+
+def test_fill_batch_tiles_with_distinct_augmented_copies():
+    pictures = [Image.new("RGB", (40, 30), (i * 60, 100, 200 - i * 60)) for i in range(3)]
+    pictures[0].putpixel((0, 0), (255, 255, 255))  # asymmetric, so a mirrored copy differs
+    batch = fill_batch(pictures, 7)
+    assert len(batch) == 7
+    assert batch[:3] == pictures  # the first round is the pictures themselves
+    assert batch[3].tobytes() != pictures[0].tobytes()  # later rounds: cropped and/or mirrored
+    assert fill_batch(pictures, 7, seed=0)[3].size == batch[3].size  # deterministic per seed
+    with pytest.raises(ValueError, match="at least one image"):
+        fill_batch([], 4)
+
+
+def test_make_batch_follows_model_input_size(tiny_model):
+    x = make_batch(sample_images(), tiny_model, 12)
+    assert x.shape == (12, 3, 64, 64) and x.dtype == torch.float32
+    assert len({tuple(img.flatten()[:50].tolist()) for img in x}) == 12  # no two identical images
+
+
+def test_list_images_errors(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        list_images(tmp_path / "missing")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="no images"):
+        list_images(tmp_path)
+
+
+def test_random_weights_are_reproducible():
+    a, b = (load_model("vit_tiny_patch16_224", "random", TINY) for _ in range(2))
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_load_model_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown timm architecture"):
+        load_model("not_a_model_arch")
+    with pytest.raises(ValueError, match="checkpoint file"):
+        load_model("vit_tiny_patch16_224", str(tmp_path / "missing.pth"), TINY)
+
+
+def test_parsers():
+    assert parse_list("1.0, 0.9,", float, "--taus") == [1.0, 0.9]
+    assert parse_list("", int, "--tome-r") == []
+    with pytest.raises(ValueError, match="--tome-r"):
+        parse_list("8,x", int, "--tome-r")
+    assert resolve_device_dtype("cpu", "auto") == (torch.device("cpu"), torch.float32)
+    with pytest.raises(ValueError, match="--dtype"):
+        resolve_device_dtype("cpu", "float8")
+
+
+def test_variants_order():
+    variants = make_variants([1.0, 0.8], [2], mame_blocks=8)
+    assert [(v.method, v.setting) for v in variants] == [
+        ("none", "-"), ("mame", "tau=1"), ("mame", "tau=0.8"), ("tome", "r=2")
+    ]
+    assert variants[2].settings.tau == 0.8 and variants[2].settings.blocks == 8
+    assert variants[3].settings.r == 2
+    with_timm = make_variants([], [], mame_blocks=8, unpatched=True)
+    assert [(v.method, v.settings) for v in with_timm] == [("timm", None), ("none", MergeSettings(method="none"))]
+
+
+def test_run_bench_rows(tiny_model):
+    full = patch_vit(tiny_model).input_tokens  # 64 patches + class token
+    x = make_batch(sample_images(), tiny_model, 4)
+    variants = make_variants([1.0, 0.5], [2, 4], mame_blocks=8, unpatched=True)
+    rows = run_bench(tiny_model, x, variants, rounds=3, iters=1, warmup=0, progress=False)
+    assert [r.setting for r in rows] == ["unpatched", "-", "tau=1", "tau=0.5", "r=2", "r=4"]
+    by_setting = {r.setting: r for r in rows}
+    assert by_setting["unpatched"].ratio == 1.0
+    assert by_setting["unpatched"].mean_final_tokens == full
+    assert by_setting["-"].mean_final_tokens == full == by_setting["-"].max_final_tokens
+    assert by_setting["tau=1"].mean_final_tokens == full
+    assert by_setting["tau=0.5"].mean_final_tokens <= full
+    # ToMe removes r tokens in each of the 4 blocks.
+    assert by_setting["r=2"].mean_final_tokens == full - 4 * 2
+    assert by_setting["r=4"].mean_final_tokens == full - 4 * 4
+    assert by_setting["r=4"].gflops < by_setting["r=2"].gflops < by_setting["-"].gflops
+    for r in rows:
+        assert len(r.img_per_s_rounds) == 3 and all(s > 0 for s in r.img_per_s_rounds)
+        assert r.img_per_s == sorted(r.img_per_s_rounds)[1]  # the median of 3
+        assert r.ratio == pytest.approx(r.img_per_s / rows[0].img_per_s)
+        assert r.best_img_per_s == max(r.img_per_s_rounds)
+        assert r.best_ratio == pytest.approx(r.best_img_per_s / rows[0].best_img_per_s)
+        assert r.img_per_cpu_s > 0 and r.cpu_ratio == pytest.approx(r.img_per_cpu_s / rows[0].img_per_cpu_s)
+
+
+def test_command_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    images = tmp_path / "pictures"
+    images.mkdir()
+    for name in ("chelsea.jpg", "coffee.jpg"):
+        (images / name).write_bytes((sample_images()[0].parent / name).read_bytes())
+    threads = torch.get_num_threads()
+    try:
+        rc = main(
+            ["--arch", "vit_tiny_patch16_224", "--model-kwargs", json.dumps(TINY), "--batch-size", "3",
+             "--taus", "1.0,0.8", "--tome-r", "3", "--images", str(images), "--rounds", "2", "--iters", "1",
+             "--warmup", "0", "--json", str(out), "--no-progress", "--threads", "1"]
+        )
+    finally:
+        torch.set_num_threads(threads)  # main() sets it for the whole process
+    assert rc == 0
+    table = capsys.readouterr().out
+    assert "tau=0.8" in table and "r=3" in table and "random-init" in table and "img/CPU-s" in table
+    report = json.loads(out.read_text())
+    assert report["batch_size"] == 3 and report["num_images"] == 2 and report["weights"] == "random-init"
+    assert report["device"] == "cpu" and report["dtype"] == "float32" and report["torch_threads"] == 1
+    rows = report["rows"]
+    assert [(r["method"], r["setting"]) for r in rows] == [
+        ("timm", "unpatched"), ("none", "-"), ("mame", "tau=1"), ("mame", "tau=0.8"), ("tome", "r=3")
+    ]
+    assert set(rows[0]) == {
+        "method", "setting", "mean_final_tokens", "max_final_tokens", "gflops", "img_per_s", "ratio",
+        "best_img_per_s", "best_ratio", "img_per_cpu_s", "cpu_ratio", "img_per_s_rounds",
+    }
+    assert rows[0]["ratio"] == 1.0 and rows[4]["mean_final_tokens"] == 65 - 4 * 3
+
+
+def test_command_rejects_bad_options(capsys):
+    assert main(["--taus", "0.9,abc"]) == 2
+    assert "--taus" in capsys.readouterr().err
+    assert main(["--batch-size", "0"]) == 2
+    assert "--batch-size" in capsys.readouterr().err
+    assert main(["--threads", "0"]) == 2
+    assert "--threads" in capsys.readouterr().err
