@@ -269,11 +269,11 @@ class MergingViT(nn.Module):
             if i < merge_blocks:
                 batch = TokenBatch(h, size, source)
                 if settings.method == "mame":
-                    real_dst = ((lengths - special + settings.stride - 1) // settings.stride).clamp(min=0)
-                    pairs = (real_dst * (lengths - special - real_dst)).to(pairs.dtype)
                     if tau is None and settings.tau_at(i) >= 1 and not merged_yet:
                         batch = mame_order(batch, special, settings.stride)  # merges nothing: just reorder
                     else:
+                        real_dst = ((lengths - special + settings.stride - 1) // settings.stride).clamp(min=0)
+                        pairs = (real_dst * (lengths - special - real_dst)).to(pairs.dtype)
                         block_tau = image_tau if image_tau is not None else settings.tau_at(i)
                         batch, lengths = mame_merge(batch, keys, block_tau, special, settings.stride)
                         merged_yet = merged_yet or bool((lengths < h.shape[1]).any())
