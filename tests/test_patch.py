@@ -140,7 +140,10 @@ def test_vit_base_unmerged_equivalence_invariance_and_flops():
     # fvcore counts 17.6 G multiply-accumulates for ViT-B/16 at 224.
     plain = vit(images[:1])
     assert plain.gflops.item() == pytest.approx(17.6, rel=0.01)
-    assert (merged.gflops <= unmerged.gflops).all()
+    # Images that lost tokens cost less; one that merged nothing pays the similarity products (< 1 %).
+    shrunk = merged.tokens[:, -1] < merged.input_tokens
+    assert shrunk.any() and (merged.gflops[shrunk] < unmerged.gflops[shrunk]).all()
+    assert (merged.gflops[~shrunk] <= unmerged.gflops[~shrunk] * 1.01).all()
 
 
 @pytest.mark.parametrize("prop_attn", [True, False])
