@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 from server.launch import ServerProcess, free_port, running_server
@@ -65,3 +66,13 @@ def sample_images(size: int = 96) -> dict[str, bytes]:
         picture.save(buffer, "PNG")
         encoded[name] = buffer.getvalue()
     return encoded
+
+
+def metric_values(text: str, name: str) -> dict[str, float]:
+    """{label string: value} of one metric in Prometheus text format (labels in the exporter's order)."""
+    values = {}
+    for line in text.splitlines():
+        match = re.match(rf"^{re.escape(name)}(\{{[^}}]*\}})?\s+(\S+)$", line)
+        if match:
+            values[match.group(1) or ""] = float(match.group(2))
+    return values

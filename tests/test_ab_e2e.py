@@ -8,7 +8,7 @@ import time
 
 import httpx
 import pytest
-from serverproc import running_server, sample_images, tiny_config
+from serverproc import metric_values, running_server, sample_images, tiny_config
 from test_experiments_serving import doc_promql
 
 from server.experiments import SCALE, bucket_point
@@ -17,16 +17,6 @@ pytestmark = pytest.mark.e2e
 
 TOKEN = "test-admin-token-0123456789"
 PNG = {"content-type": "image/png"}
-
-
-def metric_values(text: str, name: str) -> dict[str, float]:
-    """{label string: value} of one metric in Prometheus text format (labels in the exporter's order)."""
-    values = {}
-    for line in text.splitlines():
-        match = re.match(rf"^{re.escape(name)}(\{{[^}}]*\}})?\s+(\S+)$", line)
-        if match:
-            values[match.group(1) or ""] = float(match.group(2))
-    return values
 
 
 def labelled(text: str, name: str, **labels: str) -> float:

@@ -15,21 +15,11 @@ import uuid
 import httpx
 import pytest
 from PIL import Image
-from serverproc import running_server, sample_images, tiny_config
+from serverproc import metric_values, running_server, sample_images, tiny_config
 
 pytestmark = pytest.mark.e2e
 
 VARIANTS = ["baseline", "mame-0.5", "tome-r8"]
-
-
-def metric_values(text: str, name: str) -> dict[str, float]:
-    """{label string: value} of one metric in Prometheus text format."""
-    values = {}
-    for line in text.splitlines():
-        match = re.match(rf"^{re.escape(name)}(\{{[^}}]*\}})?\s+(\S+)$", line)
-        if match:
-            values[match.group(1) or ""] = float(match.group(2))
-    return values
 
 
 async def post_many(url: str, jobs: list[tuple[str, bytes, dict]]) -> list[httpx.Response]:
