@@ -70,7 +70,7 @@ def mame_merge(
     the real token count per image [B] (int64, on the CPU).
     """
     x, size, source = batch.x, batch.size, batch.source
-    bsz, _, dim = x.shape
+    bsz = x.shape[0]
     special = slice(0, num_special)
     rest = x.shape[1] - num_special
     dst_pos, src_pos = _split_positions(rest, stride, x.device)

@@ -8,8 +8,9 @@ copy of the weights serves unmerged, MaMe at any tau and ToMe at any r, with no 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +59,7 @@ class MergeSettings:
             raise ValueError(f"stride must be an integer >= 2, not {self.stride!r}")
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "MergeSettings":
+    def from_dict(cls, data: dict[str, Any]) -> MergeSettings:
         """Build from a config mapping; unknown keys are an error that names them."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
@@ -220,7 +221,7 @@ class MergingViT(nn.Module):
         self.input_tokens = self.num_prefix_tokens + self.num_patches
         self.pretrained_cfg = getattr(model, "pretrained_cfg", {})
         # Per block cost coefficients for the GFLOPs estimate (see _estimate_gmacs).
-        as_row = lambda values: torch.tensor(values, dtype=torch.float64)  # noqa: E731
+        as_row = lambda values: torch.tensor(values, dtype=torch.float64)
         self._attn_linear_macs = as_row([_linear_macs(blk.attn) for blk in model.blocks])
         self._mlp_linear_macs = as_row([_linear_macs(blk) - _linear_macs(blk.attn) for blk in model.blocks])
         self._attn_dims = as_row([blk.attn.attn_dim for blk in model.blocks])
@@ -288,7 +289,7 @@ class MergingViT(nn.Module):
                     key_weight = _key_weights(size, settings.prop_attn, h.dtype)
                     real_rows = _real_rows(size, int(lengths.sum()))
             merge_pairs.append(pairs)
-            h = h + blk.drop_path2(_per_token(lambda t: blk.ls2(blk.mlp(blk.norm2(t))), h, real_rows))
+            h = h + blk.drop_path2(_per_token(lambda t, b=blk: b.ls2(b.mlp(b.norm2(t))), h, real_rows))
             counts_out.append(lengths)
             if return_source:
                 sources.append(source)

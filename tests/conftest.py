@@ -7,7 +7,7 @@ import torch
 # Two cores, several test processes: keep torch from oversubscribing them.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-TINY_VIT = dict(img_size=64, patch_size=8, embed_dim=64, depth=4, num_heads=2)
+TINY_VIT = {"img_size": 64, "patch_size": 8, "embed_dim": 64, "depth": 4, "num_heads": 2}
 
 
 def tiny_vit(arch: str = "vit_tiny_patch16_224", seed: int = 0, **overrides) -> torch.nn.Module:

@@ -5,16 +5,16 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-
 from conftest import content_images, tiny_vit
+
 from mame_core import MergeSettings, patch_vit
 
 SHAPES = {
-    "cls": dict(arch="vit_tiny_patch16_224"),
-    "registers": dict(arch="vit_tiny_patch16_224", reg_tokens=4, no_embed_class=True),
-    "avg-pool": dict(arch="vit_tiny_patch16_224", class_token=False, global_pool="avg"),
-    "deit-distilled": dict(arch="deit_tiny_distilled_patch16_224"),
-    "cls+avg+qknorm": dict(arch="vit_tiny_patch16_224", global_pool="avg", qk_norm=True),
+    "cls": {"arch": "vit_tiny_patch16_224"},
+    "registers": {"arch": "vit_tiny_patch16_224", "reg_tokens": 4, "no_embed_class": True},
+    "avg-pool": {"arch": "vit_tiny_patch16_224", "class_token": False, "global_pool": "avg"},
+    "deit-distilled": {"arch": "deit_tiny_distilled_patch16_224"},
+    "cls+avg+qknorm": {"arch": "vit_tiny_patch16_224", "global_pool": "avg", "qk_norm": True},
 }
 MAME = MergeSettings(method="mame", tau=0.7, blocks=3)
 
