@@ -8,6 +8,7 @@ tokens) are never merged. Real tokens always sit at the front of each row; paddi
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -21,18 +22,20 @@ class TokenBatch:
     source: Tensor | None = None  # [B, T, num_patches] or None
 
 
-def _safe_divide(num: Tensor, den: Tensor) -> Tensor:
-    """num / den where den > 0, else 0 (no eps: an eps shifts weights when den is tiny)."""
-    positive = den > 0
-    return torch.where(positive, num / torch.where(positive, den, torch.ones_like(den)), torch.zeros_like(num))
+def _divide_where_positive(num: Tensor, den: Tensor) -> Tensor:
+    """num / den where den > 0; where den == 0 the callers' num is 0, and so is the result. No eps: an eps
+    shifts weights by whole percents when den is tiny."""
+    return num / torch.where(den > 0, den, 1.0)
+
+
+def _unit(v: Tensor) -> Tensor:
+    """Rows scaled to unit length; a zero row stays 0 (clamped norm, never NaN)."""
+    return v / v.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(v.dtype).eps)
 
 
 def cosine_similarity(a: Tensor, b: Tensor) -> Tensor:
     """[B, M, d] x [B, N, d] -> [B, M, N] cosine similarities in [-1, 1]; a zero vector gives 0."""
-    tiny = torch.finfo(a.dtype).eps
-    a = a / a.norm(dim=-1, keepdim=True).clamp_min(tiny)
-    b = b / b.norm(dim=-1, keepdim=True).clamp_min(tiny)
-    return (a @ b.transpose(-1, -2)).clamp(-1.0, 1.0)
+    return (_unit(a) @ _unit(b).transpose(-1, -2)).clamp(-1.0, 1.0)
 
 
 def mame_fusion_weights(sim: Tensor, tau: Tensor | float, valid_dst: Tensor, valid_src: Tensor) -> Tensor:
@@ -40,24 +43,27 @@ def mame_fusion_weights(sim: Tensor, tau: Tensor | float, valid_dst: Tensor, val
 
     Every column (src) that merges sums to exactly 1; a column of zeros means the src is preserved.
     """
-    excess = torch.relu(sim - (tau.to(sim.dtype).view(-1, 1, 1) if isinstance(tau, Tensor) else tau))
+    threshold = tau.to(sim.dtype).view(-1, 1, 1) if isinstance(tau, Tensor) else tau
     pair_ok = valid_dst.unsqueeze(2) & valid_src.unsqueeze(1)
-    excess = torch.where(pair_ok, excess, torch.zeros_like(excess))
+    excess = torch.where(pair_ok, (sim - threshold).relu(), 0.0)
     colsum = excess.sum(dim=1, keepdim=True)
     positive = excess > 0
-    count = positive.sum(dim=1, keepdim=True).to(excess.dtype)
+    count = positive.sum(dim=1, keepdim=True)
     # Keep a dst if its weight reaches the mean positive weight of its column (zeta_j); compared on St so that
     # one candidate, or several equal ones, are kept regardless of float rounding.
     keep = positive & (excess * count >= colsum * (1 - 1e-5))
-    kept = torch.where(keep, excess, torch.zeros_like(excess))
-    return _safe_divide(kept, kept.sum(dim=1, keepdim=True))
+    kept = torch.where(keep, excess, 0.0)
+    return _divide_where_positive(kept, kept.sum(dim=1, keepdim=True))
 
 
-def _split_positions(num_tokens: int, stride: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Positions (among non-special tokens) of destinations (every `stride`-th) and sources (the rest)."""
-    pos = torch.arange(num_tokens, device=device)
-    is_dst = pos % stride == 0
-    return pos[is_dst], pos[~is_dst]
+@functools.lru_cache(maxsize=256)
+def _split_positions(length: int, num_special: int, stride: int, device: torch.device) -> tuple[Tensor, ...]:
+    """Positions of the destinations (every `stride`-th non-special token) and of the sources (the rest),
+    and the slots the destinations take after compaction. Cached: the same few lengths recur."""
+    pos = torch.arange(num_special, length, device=device)
+    is_dst = (pos - num_special) % stride == 0
+    dst_pos = pos[is_dst]
+    return dst_pos, pos[~is_dst], torch.arange(num_special, num_special + dst_pos.numel(), device=device)
 
 
 def mame_merge(
@@ -70,74 +76,57 @@ def mame_merge(
     the real token count per image [B] (int64, on the CPU).
     """
     x, size, source = batch.x, batch.size, batch.source
-    bsz = x.shape[0]
-    special = slice(0, num_special)
-    rest = x.shape[1] - num_special
-    dst_pos, src_pos = _split_positions(rest, stride, x.device)
-    dst_pos, src_pos = dst_pos + num_special, src_pos + num_special
-    n_dst, n_src = dst_pos.numel(), src_pos.numel()
-    if n_src == 0:  # at most one non-special token: nothing can merge, and the order is already final
+    dst_pos, src_pos, dst_slots = _split_positions(x.shape[1], num_special, stride, x.device)
+    if src_pos.numel() == 0:  # at most one non-special token: nothing can merge, and the order is already final
         return batch, (size > 0).sum(dim=1).cpu()
 
     size_dst, size_src = size[:, dst_pos], size[:, src_pos]
     valid_dst, valid_src = size_dst > 0, size_src > 0
+    unit = _unit(metric)
+    sim = (unit[:, dst_pos] @ unit[:, src_pos].transpose(-1, -2)).clamp(-1.0, 1.0)
+    weights = mame_fusion_weights(sim, tau, valid_dst, valid_src)
+    preserved = valid_src & (weights.sum(dim=1) == 0)
 
-    weights = mame_fusion_weights(cosine_similarity(metric[:, dst_pos], metric[:, src_pos]), tau, valid_dst, valid_src)
-    merged = weights.sum(dim=1) > 0  # [B, N]
-    preserved = valid_src & ~merged
-
-    # Size-weighted fusion; padding rows are zeroed with where (they may hold anything, NaN * 0 is NaN).
+    # Size-weighted fusion. Padding rows may hold anything (NaN * 0 is NaN), so they are zeroed with where.
     mass = weights * size_src.to(weights.dtype).unsqueeze(1)  # [B, M, N]
-    x_dst = torch.where(valid_dst.unsqueeze(-1), x[:, dst_pos], torch.zeros((), dtype=x.dtype, device=x.device))
-    x_src = torch.where(valid_src.unsqueeze(-1), x[:, src_pos], torch.zeros((), dtype=x.dtype, device=x.device))
+    x_src = torch.where(valid_src.unsqueeze(-1), x[:, src_pos], 0.0)
     new_size_dst = size_dst + mass.sum(dim=2).to(size.dtype)
-    fused = size_dst.to(x.dtype).unsqueeze(-1) * x_dst + mass.to(x.dtype) @ x_src
-    fused = _safe_divide(fused, new_size_dst.to(x.dtype).unsqueeze(-1))
-    fused_source = None
-    if source is not None:
-        # A source row already sums to its token's size, so it is spread by the weights alone.
-        fused_source = source[:, dst_pos] + weights.to(source.dtype) @ torch.where(
-            valid_src.unsqueeze(-1), source[:, src_pos], torch.zeros((), dtype=source.dtype, device=x.device)
-        )
+    fused = torch.where(valid_dst.unsqueeze(-1), size_dst.to(x.dtype).unsqueeze(-1) * x[:, dst_pos], 0.0)
+    fused = _divide_where_positive(fused + mass.to(x.dtype) @ x_src, new_size_dst.to(x.dtype).unsqueeze(-1))
 
-    # Compaction: each image's row becomes [special, its real dsts, its preserved srcs, padding].
-    n_valid_dst = valid_dst.sum(dim=1)  # [B]
-    n_preserved = preserved.sum(dim=1)
-    lengths = num_special + n_valid_dst + n_preserved
+    # Compaction: each image's row becomes [special, its real dsts, its preserved srcs, padding]. Every
+    # token is scattered to its slot; merged sources and padding go to one extra slot that is cut off.
+    n_valid_dst = valid_dst.sum(dim=1, keepdim=True)  # [B, 1]
+    lengths = num_special + n_valid_dst.squeeze(1) + preserved.sum(dim=1)
     lengths_host = lengths.cpu()  # the one host sync of a merge: the output's length depends on it
-    new_len = int(lengths_host.max()) if bsz else num_special
-    order = torch.arange(n_src, device=x.device).expand(bsz, n_src)
-    preserved_first = torch.argsort(torch.where(preserved, order, order + n_src), dim=1)  # stable by construction
+    new_len = int(lengths_host.max())
+    dst_slot = torch.where(valid_dst, dst_slots, new_len)
+    src_slot = torch.where(preserved, num_special + n_valid_dst + preserved.cumsum(dim=1) - 1, new_len)
+    spec_slot = torch.arange(num_special, device=x.device).expand(x.shape[0], -1)
+    slots = torch.cat([spec_slot, dst_slot, src_slot], dim=1)
 
-    slot = torch.arange(new_len - num_special, device=x.device).expand(bsz, -1)  # slot after the special tokens
-    in_dst = slot < n_valid_dst.unsqueeze(1)
-    real = slot < lengths.unsqueeze(1) - num_special
-    # Index into cat(fused dst, src): a dst slot reads fused[slot], a preserved slot the next preserved src.
-    pres_slot = (slot - n_valid_dst.unsqueeze(1)).clamp(0, n_src - 1)
-    pick = torch.where(in_dst, slot.clamp(max=n_dst - 1), n_dst + preserved_first.gather(1, pres_slot))
+    def compact(spec_part: Tensor, dst_part: Tensor, src_part: Tensor) -> Tensor:
+        values = torch.cat([spec_part, dst_part, src_part], dim=1)
+        index = slots if values.dim() == 2 else slots.unsqueeze(-1).expand(-1, -1, values.shape[-1])
+        out = values.new_zeros(values.shape[0], new_len + 1, *values.shape[2:])
+        return out.scatter_(1, index, values)[:, :new_len]
 
-    def compact(dst_part: Tensor, src_part: Tensor, spec_part: Tensor) -> Tensor:
-        pool = torch.cat([dst_part, src_part], dim=1)
-        idx = pick if pool.dim() == 2 else pick.unsqueeze(-1).expand(-1, -1, pool.shape[-1])
-        body = pool.gather(1, idx)
-        mask = real if body.dim() == 2 else real.unsqueeze(-1)
-        body = torch.where(mask, body, torch.zeros((), dtype=body.dtype, device=body.device))
-        return torch.cat([spec_part, body], dim=1)
-
-    new_x = compact(fused, x_src, x[:, special])
-    new_size = compact(new_size_dst, torch.where(valid_src, size_src, torch.zeros_like(size_src)), size[:, special])
+    new_x = compact(x[:, :num_special], fused, x[:, src_pos])
+    new_size = compact(size[:, :num_special], new_size_dst, size_src)
     new_source = None
     if source is not None:
-        new_source = compact(fused_source, source[:, src_pos], source[:, special])
+        # A source row already sums to its token's size, so it is spread by the weights alone.
+        source_src = torch.where(valid_src.unsqueeze(-1), source[:, src_pos], 0.0)
+        fused_source = source[:, dst_pos] + weights.to(source.dtype) @ source_src
+        new_source = compact(source[:, :num_special], fused_source, source[:, src_pos])
     return TokenBatch(new_x, new_size, new_source), lengths_host
 
 
 def mame_order(batch: TokenBatch, num_special: int, stride: int = 2) -> TokenBatch:
     """What mame_merge returns when nothing merges in an unpadded batch (tau >= 1): the same tokens in the
     order special, destinations, sources. A cheap path that keeps later partitions exactly as mame_merge's."""
-    rest = batch.x.shape[1] - num_special
-    dst_pos, src_pos = _split_positions(rest, stride, batch.x.device)
-    order = torch.cat([torch.arange(num_special, device=batch.x.device), dst_pos + num_special, src_pos + num_special])
+    dst_pos, src_pos, _ = _split_positions(batch.x.shape[1], num_special, stride, batch.x.device)
+    order = torch.cat([torch.arange(num_special, device=batch.x.device), dst_pos, src_pos])
     source = batch.source[:, order] if batch.source is not None else None
     return TokenBatch(batch.x[:, order], batch.size[:, order], source)
 
