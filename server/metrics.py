@@ -2,12 +2,33 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 50, 64, 100, 128, 150, 197, 256, 400, 577, 1024, 2048)
 GFLOPS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 12, 17.6, 25, 50, 100, 200)
+
+
+class LabelCache:
+    """`metric.labels(*values)`, remembered per label values: prometheus_client's `labels` checks and converts
+    every value and takes a lock on each call, which the hot request path pays several times per request.
+    A child is still created on first use only (a series appears in /metrics when first observed); do not
+    use it for a metric whose series are removed (`clear`, `remove`)."""
+
+    __slots__ = ("children", "metric")
+
+    def __init__(self, metric: Any) -> None:
+        self.metric = metric
+        self.children: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *values: str) -> Any:
+        child = self.children.get(values)
+        if child is None:
+            child = self.children[values] = self.metric.labels(*values)
+        return child
 
 
 class Metrics:
@@ -58,3 +79,15 @@ class Metrics:
         self.model_info = Gauge(
             "mame_model_info", "Loaded models (value 1)", ("model", "arch", "weights", "device", "dtype"),
             registry=r)
+        # The per-request series, labelled children cached (experiment_weight is cleared: never cached).
+        self.request_duration_of = LabelCache(self.request_duration)
+        self.queue_wait_of = LabelCache(self.queue_wait)
+        self.requests_of = LabelCache(self.requests)
+        self.images_of = LabelCache(self.images)
+        self.final_tokens_of = LabelCache(self.final_tokens)
+        self.gflops_of = LabelCache(self.gflops)
+        self.in_flight_of = LabelCache(self.in_flight)
+        self.shadow_comparisons_of = LabelCache(self.shadow_comparisons)
+        self.shadow_agreements_of = LabelCache(self.shadow_agreements)
+        self.shadow_top1_prob_abs_diff_sum_of = LabelCache(self.shadow_top1_prob_abs_diff_sum)
+        self.shadow_dropped_of = LabelCache(self.shadow_dropped)
