@@ -164,6 +164,15 @@ def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.d
     return dev, DTYPES[dtype]
 
 
+def add_report_args(p: argparse.ArgumentParser) -> None:
+    """--json and --no-progress, shared by mame-bench and mame-eval."""
+    p.add_argument(
+        "--json", nargs="?", const="-", default=None, metavar="PATH",
+        help="write the results as JSON to PATH (alone: print JSON instead of the table)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mame-bench",
@@ -183,14 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default="random", help="random (default), hub, or a checkpoint file")
     p.add_argument("--model-kwargs", default=None, help="JSON overrides for timm.create_model")
     p.add_argument(
-        "--json", nargs="?", const="-", default=None, metavar="PATH",
-        help="write the results as JSON to PATH (alone: print JSON instead of the table)",
-    )
-    p.add_argument(
         "--threads", type=int, default=None,
         help="torch CPU threads (default: torch's choice); 1 is steadier on a CPU shared with other jobs",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_report_args(p)
     return p
 
 

@@ -21,7 +21,7 @@ from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
 from mame_core import MergeSettings, patch_vit
-from mame_core.bench import Variant, make_variants, parse_list, resolve_device_dtype
+from mame_core.bench import Variant, add_report_args, make_variants, parse_list, resolve_device_dtype
 from mame_core.images import load_model, model_transform, parse_model_kwargs
 
 WNID = re.compile(r"^n\d{8}$")
@@ -122,11 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--model-kwargs", default=None, help="JSON overrides for timm.create_model")
-    p.add_argument(
-        "--json", nargs="?", const="-", default=None, metavar="PATH",
-        help="write the results as JSON to PATH (alone: print JSON instead of the table)",
-    )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_report_args(p)
     return p
 
 

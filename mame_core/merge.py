@@ -82,8 +82,7 @@ def mame_merge(
 
     size_dst, size_src = size[:, dst_pos], size[:, src_pos]
     valid_dst, valid_src = size_dst > 0, size_src > 0
-    unit = _unit(metric)
-    sim = (unit[:, dst_pos] @ unit[:, src_pos].transpose(-1, -2)).clamp(-1.0, 1.0)
+    sim = cosine_similarity(metric[:, dst_pos], metric[:, src_pos])
     weights = mame_fusion_weights(sim, tau, valid_dst, valid_src)
     preserved = valid_src & (weights.sum(dim=1) == 0)
 
@@ -143,8 +142,7 @@ def tome_merge(batch: TokenBatch, metric: Tensor, r: int, num_special: int) -> T
     r = min(r, rest // 2)
     if r <= 0:
         return batch
-    a_pos = torch.arange(num_special, x.shape[1], 2, device=x.device)
-    b_pos = torch.arange(num_special + 1, x.shape[1], 2, device=x.device)
+    a_pos, b_pos, _ = _split_positions(x.shape[1], num_special, 2, x.device)  # alternate tokens: A, B
     scores = cosine_similarity(metric[:, a_pos], metric[:, b_pos])  # [B, Na, Nb]
     best_score, best_b = scores.max(dim=-1)
     edge_order = best_score.argsort(dim=-1, descending=True)
