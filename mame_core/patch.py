@@ -131,7 +131,7 @@ def _per_token(fn: RowFn, h: Tensor, real_rows: Tensor | None) -> Tensor:
 
 
 def _block_attention(
-    blk: Block, h: Tensor, key_weight: Tensor | None, real_rows: Tensor | None
+    blk: Block, h: Tensor, key_bias: Tensor | None, real_rows: Tensor | None
 ) -> tuple[Tensor, Tensor]:
     """timm Block's attention branch (norm1, Attention, ls1), plus the keys averaged over heads (the metric)."""
     attn = blk.attn
@@ -147,10 +147,10 @@ def _block_attention(
     qkv = projected[..., : 3 * attn.attn_dim].reshape(bsz, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    if key_weight is None:
+    if key_bias is None:
         out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
     else:
-        out = _weighted_key_attention(q, k, v, key_weight, attn.scale)
+        out = _key_biased_attention(q, k, v, key_bias, attn.scale)
     out = out.transpose(1, 2).reshape(bsz, n, attn.attn_dim)
     if gated:
         out = torch.cat([out, projected[..., 3 * attn.attn_dim: width]], dim=-1)
@@ -165,30 +165,31 @@ def _block_attention(
     return _per_token(finish, out, real_rows), k.mean(dim=1)
 
 
-def _key_weights(size: Tensor, prop_attn: bool, dtype: torch.dtype) -> Tensor:
-    """Per key weight [B, 1, T, 1]: its size (proportional attention) or 1; 0 on padding either way."""
+def _key_bias(size: Tensor, prop_attn: bool, dtype: torch.dtype) -> Tensor:
+    """Per key logit bias [B, 1, T, 1]: log(size) (proportional attention) or 0; -inf on padding either way."""
     weight = size if prop_attn else (size > 0).to(size.dtype)
-    return weight.to(dtype)[:, None, :, None]
+    return weight.log().to(dtype)[:, None, :, None]
 
 
-def _weighted_key_attention(q: Tensor, k: Tensor, v: Tensor, key_weight: Tensor, scale: float) -> Tensor:
-    """softmax(q k^T * scale + log w) v, computed without an additive mask.
+def _key_biased_attention(q: Tensor, k: Tensor, v: Tensor, key_bias: Tensor, scale: float) -> Tensor:
+    """softmax(q k^T * scale + bias) v with a per key bias [B, 1, T, 1], as one mask-free fused attention.
 
-    With P = softmax(q k^T * scale): softmax(... + log w) v = (P (w * v)) / (P w). Appending w as an extra
-    value channel gets both products from one bias-free attention call, which runs the fast fused kernels
-    (an additive bias made the GPU attention 2.6x slower). Padding has w = 0 and drops out exactly.
-    Padding keys are replaced by the first token's key, so that their logits equal a real one and never
-    push the real ones to underflow. Heads are padded to a multiple of 8 for the fused kernels (zeros
-    change no dot product).
+    The bias rides in `pad` extra head channels: q gets ones, k gets bias / (pad * scale), v gets zeros, so
+    q_ext k_ext^T * scale is the biased logit and the first channels of the output are the result. A mask
+    keeps SDPA off its fastest kernel (measured on the GPU: 2.6x slower attention); this costs one copy of
+    q, k and v and a head dim rounded up to the next multiple of 8 (what the fused kernels take). Padding
+    keys get -inf and drop out exactly, whatever finite values they hold.
     """
-    dim = v.shape[-1]
-    pad = -(dim + 1) % 8
-    weight = key_weight.expand(-1, v.shape[1], -1, -1)
-    k = torch.where(weight > 0, k, k[:, :, :1])
-    v_ext = torch.cat([v * weight, weight, v.new_zeros(*v.shape[:-1], pad)], dim=-1)
-    q_ext, k_ext = F.pad(q, (0, pad + 1)), F.pad(k, (0, pad + 1))
-    out = F.scaled_dot_product_attention(q_ext, k_ext, v_ext, scale=scale)
-    return out[..., :dim] / out[..., dim:dim + 1]
+    dim = q.shape[-1]
+    pad = 8 - dim % 8
+
+    def extend(t: Tensor, extra: Tensor) -> Tensor:
+        return torch.cat([t, extra.expand(*t.shape[:-1], pad)], dim=-1)
+
+    out = F.scaled_dot_product_attention(
+        extend(q, q.new_ones(())), extend(k, key_bias / (pad * scale)), extend(v, v.new_zeros(())), scale=scale
+    )
+    return out[..., :dim]
 
 
 def _real_rows(size: Tensor, num_real: int) -> Tensor | None:
@@ -257,14 +258,14 @@ class MergingViT(nn.Module):
             source = torch.zeros(bsz, h.shape[1], self.num_patches, device=h.device, dtype=torch.float32)
             source[:, special:] = torch.eye(self.num_patches, device=h.device)
         lengths = torch.full((bsz,), h.shape[1], dtype=torch.int64)  # real tokens per image, kept on the CPU
-        key_weight: Tensor | None = None  # None while every token has size 1 and there is no padding (fast path)
+        key_bias: Tensor | None = None  # None while every token has size 1 and there is no padding (fast path)
         real_rows: Tensor | None = None  # flat indices of real tokens, None while there is no padding
         merged_yet = False  # has any image of the batch merged a token so far?
 
         counts_in, counts_out, merge_pairs, sources = [], [], [], []
         for i, blk in enumerate(m.blocks):
             counts_in.append(lengths)
-            attn_out, keys = _block_attention(blk, h, key_weight, real_rows)
+            attn_out, keys = _block_attention(blk, h, key_bias, real_rows)
             h = h + blk.drop_path1(attn_out)
             pairs = torch.zeros(bsz)
             if i < merge_blocks:
@@ -285,8 +286,8 @@ class MergingViT(nn.Module):
                     lengths = torch.full_like(lengths, batch.x.shape[1])
                     merged_yet = merged_yet or batch.x.shape[1] < h.shape[1]
                 h, size, source = batch.x, batch.size, batch.source
-                if merged_yet:  # while nothing merged, every size is 1 and attention needs no weights
-                    key_weight = _key_weights(size, settings.prop_attn, h.dtype)
+                if merged_yet:  # while nothing merged, every size is 1 and attention needs no bias
+                    key_bias = _key_bias(size, settings.prop_attn, h.dtype)
                     real_rows = _real_rows(size, int(lengths.sum()))
             merge_pairs.append(pairs)
             h = h + blk.drop_path2(_per_token(lambda t, b=blk: b.ls2(b.mlp(b.norm2(t))), h, real_rows))

@@ -35,7 +35,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             server.should_exit = True
 
     app = create_app(config, preprocess_threads=settings.preprocess_threads, warmup=settings.warmup,
-                     torch_threads=settings.torch_threads, on_fatal=on_fatal)
+                     torch_threads=settings.torch_threads, device_process=settings.device_process,
+                     decode_processes=settings.decode_processes,
+                     on_fatal=on_fatal)
     server = uvicorn.Server(uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level,
         timeout_graceful_shutdown=int(config.limits.request_timeout_s + SHUTDOWN_GRACE_S),
@@ -43,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ))
     server.run()
     if failure:
-        print(f"mame-serve: could not load the models: {failure[0]}", file=sys.stderr)
+        print(f"mame-serve: stopped on a fatal error: {failure[0]}", file=sys.stderr)
         return 1
     return 0
 

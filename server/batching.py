@@ -66,6 +66,24 @@ class WorkItem:
             pass
 
 
+def resolve_all(items: list[WorkItem], values: list[Any]) -> None:
+    """Answer many items with one wake-up of each event loop (per item, the wake-ups cost the GIL more than
+    anything else in the host path of a batch: every one is a write to the loop's self-pipe and a switch)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future, Any]]] = {}
+    for item, value in zip(items, values):
+        by_loop.setdefault(item.loop, []).append((item.future, value))
+    for loop, answers in by_loop.items():
+        def apply(answers: list[tuple[asyncio.Future, Any]] = answers) -> None:
+            for future, value in answers:
+                if not future.done():  # a request that timed out has already answered
+                    future.set_result(value)
+
+        try:
+            loop.call_soon_threadsafe(apply)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+
 DepthCallback = Callable[[str, str, int], None]
 
 

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import multiprocessing
+import json
+import pickle
 import shutil
 import statistics
 import subprocess
+import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -28,6 +31,7 @@ import timm
 import torch
 
 from mame_core import MergeSettings
+from server.bench_client import client_window
 from server.imaging import decode_image
 from server.launch import running_server
 from server.models import HostTransform, preprocessing
@@ -39,11 +43,43 @@ TINY_KWARGS = {"img_size": 64, "patch_size": 8, "embed_dim": 64, "depth": 4, "nu
 NEAR_FREE_KWARGS = {"img_size": 224, "patch_size": 32, "embed_dim": 16, "depth": 1, "num_heads": 1}
 
 
-def sample_bytes() -> list[bytes]:
-    """The photographs bundled with mame_core, as the files a client would send."""
+def sample_bytes(edge: int = 0) -> list[bytes]:
+    """The photographs bundled with mame_core (300-512 px) as the files a client would send; with `edge`,
+    re-encoded (JPEG quality 90) with the shorter side at `edge` px, as clients that resize before sending do."""
+    import io
+
+    from PIL import Image
+
     from mame_core.images import sample_images
 
-    return [path.read_bytes() for path in sample_images()]
+    if not edge:
+        return [path.read_bytes() for path in sample_images()]
+    files = []
+    for path in sample_images():
+        with Image.open(path) as image:
+            scale = edge / min(image.size)
+            resized = image.convert("RGB").resize((round(image.width * scale), round(image.height * scale)),
+                                                  Image.Resampling.BICUBIC)
+        out = io.BytesIO()
+        resized.save(out, "JPEG", quality=90)
+        files.append(out.getvalue())
+    return files
+
+
+def request_bodies(data: list[bytes], images_per_request: int) -> list[tuple[bytes, str]]:
+    """(body, content type) of each request the load cycles through: the raw JPEG for one image per request,
+    a multipart body of `images_per_request` files otherwise. Encoded once: the client costs little per request."""
+    if images_per_request == 1:
+        return [(d, "image/jpeg") for d in data]
+    boundary = "mame-bench-boundary"
+    bodies = []
+    for first in range(len(data)):
+        parts = [b"--%s\r\nContent-Disposition: form-data; name=\"file\"; filename=\"%d.jpg\"\r\n"
+                 b"Content-Type: image/jpeg\r\n\r\n%s\r\n" % (boundary.encode(), i, data[(first + i) % len(data)])
+                 for i in range(images_per_request)]
+        bodies.append((b"".join(parts) + b"--%s--\r\n" % boundary.encode(),
+                       f"multipart/form-data; boundary={boundary}"))
+    return bodies
 
 
 def model_config(args: argparse.Namespace, **batching: Any) -> dict:
@@ -64,7 +100,8 @@ def server_env(args: argparse.Namespace) -> dict[str, str]:
 
 
 def server_args(args: argparse.Namespace) -> list[str]:
-    return ["--preprocess-threads", str(args.preprocess_threads)]
+    return ["--preprocess-threads", str(args.preprocess_threads), "--device-process", args.device_process,
+            "--decode-processes", args.decode_processes]
 
 
 def build_offline(args: argparse.Namespace) -> tuple[DeviceModel, HostTransform]:
@@ -108,13 +145,6 @@ def offline_runner(args, data: list[bytes]):
     return measure
 
 
-# httpx's connection pool costs more per request the more connections it holds (encode/httpx#3215): here one
-# AsyncClient with 192 connections sent 78 requests/s to a server that answers at once, while clients of
-# 8 connections each sent 300. The load therefore comes from clients of at most 8 connections, spread over
-# `processes` processes so that on a many-core machine the client is not the limit either.
-CONNECTIONS_PER_CLIENT = 8
-
-
 @dataclass(frozen=True)
 class Load:
     """What one saturation window measured."""
@@ -122,126 +152,110 @@ class Load:
     images_per_s: float
     server_cpu_ms_per_image: float  # CPU time of the server process per answered image (host-path cost)
     client_cpu_ms_per_request: float
+    event_loop_ms_per_request: float = 0.0  # CPU time of the server's main thread (the event loop) per request
     failed: int = 0  # requests that got no 200 (counted and shown, so one reset does not void a run)
     first_failure: str = ""
 
 
-async def _keep_busy(url: str, data: list[bytes], concurrency: int, begin: float,
-                     end: float) -> tuple[int, list[str]]:
-    """Keep `concurrency` requests in flight until `end`: (answered between `begin` and `end`, failures)."""
-    answered, failures = 0, []
-
-    async def sender(n: int, http: httpx.AsyncClient) -> None:
-        nonlocal answered
-        while time.monotonic() < end:
-            try:
-                response = await http.post(f"{url}/v1/classify", params={"top_k": 1}, content=data[n % len(data)],
-                                           headers={"content-type": "image/jpeg"})
-                response.raise_for_status()
-                answered += begin <= time.monotonic() <= end
-            except httpx.HTTPError as exc:
-                failures.append(f"{type(exc).__name__}: {exc}")
-            n += 1
-
-    async def client(first: int, count: int) -> None:
-        # Idle connections are dropped well before the server's keep-alive timeout (uvicorn: 5 s, the same as
-        # httpx's default expiry), so a request never races the server closing its connection.
-        limits = httpx.Limits(max_connections=count, max_keepalive_connections=count, keepalive_expiry=2.0)
-        async with httpx.AsyncClient(timeout=120, limits=limits) as http:
-            await asyncio.gather(*(sender(first + i, http) for i in range(count)))
-
-    step = CONNECTIONS_PER_CLIENT
-    await asyncio.gather(*(client(first, min(step, concurrency - first)) for first in range(0, concurrency, step)))
-    return answered, failures
+def _cpu_seconds(process: psutil.Process) -> tuple[float, float]:
+    """(the process and its children, e.g. a device process; its main thread, uvicorn's event loop) CPU seconds."""
+    total = sum(sum(p.cpu_times()[:2]) for p in [process, *process.children(recursive=True)])
+    main = next((t for t in process.threads() if t.id == process.pid), None)
+    return total, (main.user_time + main.system_time) if main else 0.0
 
 
-def _client_window(url: str, data: list[bytes], concurrency: int, warmup_s: float, seconds: float,
-                   barrier=None, results=None) -> tuple[int, float, list[str]]:
-    """One client process's part: (requests answered in the window, its CPU seconds, failures)."""
-    if barrier is not None:
-        barrier.wait()  # every process starts its window together
-    begin = time.monotonic() + warmup_s
-    cpu = time.process_time()
-    answered, failures = asyncio.run(_keep_busy(url, data, concurrency, begin, begin + seconds))
-    outcome = (answered, time.process_time() - cpu, failures)
-    if results is not None:
-        results.put(outcome)
-    return outcome
+def run_clients(url: str, bodies: list[tuple[bytes, str]], concurrency: int, begin: float, seconds: float,
+                processes: int) -> list[tuple[int, float, list[str]]]:
+    """`client_window` in `processes` processes (`python -m server.bench_client`, which starts without
+    torch: quick to start), sharing `concurrency` between them."""
+    if processes == 1:
+        return [client_window(url, bodies, concurrency, begin, seconds)]
+    shares = [concurrency // processes + (i < concurrency % processes) for i in range(processes)]
+    with tempfile.TemporaryDirectory(prefix="mame-bench-") as workdir:
+        clients = []
+        for i, share in enumerate(shares):
+            spec = Path(workdir) / f"client-{i}.pickle"
+            spec.write_bytes(pickle.dumps({"url": url, "bodies": bodies, "concurrency": share, "begin": begin,
+                                           "seconds": seconds}))
+            clients.append(subprocess.Popen([sys.executable, "-m", "server.bench_client", str(spec)],
+                                            stdout=subprocess.PIPE, cwd=Path(__file__).resolve().parent.parent))
+        outcomes = []
+        for client in clients:
+            out, _ = client.communicate(timeout=begin - time.monotonic() + seconds + 300)
+            if client.returncode != 0:
+                raise RuntimeError(f"a client process exited with {client.returncode}")
+            result = json.loads(out)
+            outcomes.append((result["answered"], result["cpu"], result["failures"]))
+    return outcomes
 
 
-def saturate(url: str, server_pid: int, data: list[bytes], concurrency: int, seconds: float, warmup_s: float,
-             processes: int = 1) -> Load:
+def saturate(url: str, server_pid: int, bodies: list[tuple[bytes, str]], concurrency: int, seconds: float,
+             warmup_s: float, processes: int = 1, images_per_request: int = 1) -> Load:
     """Images per second answered while `concurrency` requests are kept in flight, after a warm-up."""
     processes = max(1, min(processes, concurrency))
     server = psutil.Process(server_pid)
-    server_cpu: list[float] = []
+    server_cpu: list[tuple[float, float]] = []
+    # Client processes start in ~1 s (without torch); the window starts once all of them have warmed up.
+    begin = time.monotonic() + warmup_s + (1.5 if processes > 1 else 0.0)
 
-    def watch_server(begin: float) -> None:  # the server's CPU time over exactly the counted window
+    def watch_server() -> None:  # the server's CPU time over exactly the counted window
         for at in (begin, begin + seconds):
             time.sleep(max(0.0, at - time.monotonic()))
-            cpu = server.cpu_times()
-            server_cpu.append(cpu.user + cpu.system)
+            server_cpu.append(_cpu_seconds(server))
 
-    if processes == 1:
-        watcher = threading.Thread(target=watch_server, args=(time.monotonic() + warmup_s,))
-        watcher.start()
-        outcomes = [_client_window(url, data, concurrency, warmup_s, seconds)]
-    else:
-        ctx = multiprocessing.get_context("spawn")  # never fork a process that has started torch threads
-        barrier, results = ctx.Barrier(processes + 1), ctx.Queue()
-        shares = [concurrency // processes + (i < concurrency % processes) for i in range(processes)]
-        workers = [ctx.Process(target=_client_window, args=(url, data, share, warmup_s, seconds, barrier, results))
-                   for share in shares]
-        for worker in workers:
-            worker.start()
-        barrier.wait()
-        watcher = threading.Thread(target=watch_server, args=(time.monotonic() + warmup_s,))
-        watcher.start()
-        outcomes = [results.get(timeout=warmup_s + seconds + 300) for _ in workers]
-        for worker in workers:
-            worker.join()
-            if worker.exitcode != 0:
-                raise RuntimeError(f"a client process exited with {worker.exitcode}")
+    watcher = threading.Thread(target=watch_server)
+    watcher.start()
+    outcomes = run_clients(url, bodies, concurrency, begin, seconds, processes)
     watcher.join()
     answered = sum(n for n, _, _ in outcomes)
     failures = [failure for _, _, some in outcomes for failure in some]
     if answered == 0:
         raise RuntimeError(f"no request was answered inside the measurement window; failures: {failures[:3]}")
-    return Load(images_per_s=answered / seconds,
-                server_cpu_ms_per_image=1000 * (server_cpu[1] - server_cpu[0]) / answered,
+    images = answered * images_per_request
+    return Load(images_per_s=images / seconds,
+                server_cpu_ms_per_image=1000 * (server_cpu[1][0] - server_cpu[0][0]) / images,
                 client_cpu_ms_per_request=1000 * sum(cpu for _, cpu, _ in outcomes) / answered,
+                event_loop_ms_per_request=1000 * (server_cpu[1][1] - server_cpu[0][1]) / answered,
                 failed=len(failures), first_failure=failures[0] if failures else "")
 
 
 def cmd_throughput(args) -> None:
     """Offline and served windows alternate (the server idles during offline ones), so that load from
     other processes on a shared machine hits both alike; the ratio of the medians is the figure."""
-    data = sample_bytes()
+    data = sample_bytes(args.image_edge)
+    bodies = request_bodies(data, args.images_per_request)
     offline_measure = offline_runner(args, data)
-    concurrency = args.concurrency or 2 * args.batch
+    # Enough images in flight for two full batches, whatever the images per request.
+    concurrency = args.concurrency or max(1, -(-2 * args.batch // args.images_per_request))
     offline: list[float] = []
     served: list[Load] = []
     with running_server(model_config(args), env=server_env(args), ready_timeout=600,
                         args=server_args(args)) as server:
         for round_ in range(args.rounds):
             offline.append(offline_measure())
-            served.append(saturate(server.url, server.proc.pid, data, concurrency, args.seconds,
-                                   3.0 if round_ == 0 else 1.0, processes=args.client_processes))
+            served.append(saturate(server.url, server.proc.pid, bodies, concurrency, args.seconds,
+                                   3.0 if round_ == 0 else 1.0, processes=args.client_processes,
+                                   images_per_request=args.images_per_request))
             print(f"  round {round_ + 1}: offline {offline[-1]:8.1f} img/s, served {served[-1].images_per_s:8.1f} "
                   f"img/s, ratio {served[-1].images_per_s / offline[-1]:.3f}; server CPU "
-                  f"{served[-1].server_cpu_ms_per_image:.2f} ms/img, client CPU "
+                  f"{served[-1].server_cpu_ms_per_image:.2f} ms/img, event loop "
+                  f"{served[-1].event_loop_ms_per_request:.2f} ms/req, client CPU "
                   f"{served[-1].client_cpu_ms_per_request:.2f} ms/req", flush=True)
             if served[-1].failed:
                 print(f"    {served[-1].failed} requests failed, the first with {served[-1].first_failure}")
     off = statistics.median(offline)
     srv = statistics.median(load.images_per_s for load in served)
     host_ms = statistics.median(load.server_cpu_ms_per_image for load in served)
+    loop_ms = statistics.median(load.event_loop_ms_per_request for load in served)
+    images = f"{args.image_edge} px JPEGs" if args.image_edge else "the bundled 300-512 px JPEGs"
     print(f"{args.arch} {args.variant} on {args.device}/{args.dtype}, batch {args.batch}, "
-          f"{torch.get_num_threads()} torch threads, {args.rounds} rounds of {args.seconds:.0f} s, "
-          f"{concurrency} requests in flight from {args.client_processes} client process(es)")
+          f"{torch.get_num_threads()} torch threads, {args.rounds} rounds of {args.seconds:g} s, "
+          f"{concurrency} requests of {args.images_per_request} image(s) ({images}) in flight from "
+          f"{args.client_processes} client process(es)")
     print(f"  offline model   {off:9.1f} img/s  (preprocessed uint8 tensors, normalise + forward + top-k; median)")
     print(f"  served (HTTP)   {srv:9.1f} img/s  (JPEG over HTTP, decode, preprocess, batch, answer; median)")
     print(f"  server CPU time {host_ms:9.2f} ms per image (all its threads; {1000 / host_ms:.0f} img/s per busy core)")
+    print(f"  event loop      {loop_ms:9.2f} ms CPU per request ({1000 / loop_ms:.0f} requests/s at most)")
     print(f"  ratio served/offline = {srv / off:.3f}")
     if failed := sum(load.failed for load in served):
         print(f"  {failed} requests failed (not counted as served); the first: "
@@ -363,6 +377,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="torch threads, here and in the server (use 1 on a small shared CPU: "
                              "OpenMP threads that wait for each other collapse under contention)")
     parser.add_argument("--preprocess-threads", type=int, default=4, help="the server's decoding threads")
+    parser.add_argument("--device-process", default="auto", choices=["auto", "on", "off"],
+                        help="the server's --device-process (auto: on for CUDA)")
+    parser.add_argument("--decode-processes", default="auto", choices=["auto", "on", "off"],
+                        help="the server's --decode-processes (auto: on for CUDA)")
+    parser.add_argument("--images-per-request", type=int, default=1,
+                        help="throughput: images in each request (several: one multipart body)")
+    parser.add_argument("--image-edge", type=int, default=0,
+                        help="throughput: re-encode the sample images with this shorter side (0: as bundled)")
     parser.add_argument("--client-processes", type=int, default=1,
                         help="throughput: processes that send the load (one Python process sends ~1000 "
                              "requests/s at most; use more on a many-core machine)")

@@ -14,6 +14,8 @@ import torch
 from mame_core import MergeSettings
 from server.batching import Scheduler, WorkItem
 from server.config import ServingConfig
+from server.decode_process import DecodeProcesses
+from server.device_process import ModelDescription, ProcessWorker, WarmUp
 from server.imaging import decode_image
 from server.metrics import Metrics
 from server.models import HostTransform, LoadedModel, load_model
@@ -63,8 +65,14 @@ def _settings_dict(settings: MergeSettings) -> dict:
 class InferenceService:
     """Owns the scheduler and the workers. `start` loads in a background thread; `ready` says when done."""
 
-    def __init__(self, config: ServingConfig, metrics: Metrics, warmup: bool = True, torch_threads: int = 1):
+    def __init__(self, config: ServingConfig, metrics: Metrics, warmup: bool = True, torch_threads: int = 1,
+                 device_process: str = "auto", decode_processes: str = "auto", preprocess_threads: int = 4):
         self.config = config
+        # auto: decode in processes of their own when a model runs on a CUDA device (server/decode_process.py)
+        self.decode_processes = decode_processes
+        self.preprocess_threads = preprocess_threads
+        self._decoders: DecodeProcesses | None = None
+        self.device_process = device_process  # auto: CUDA devices run in a process of their own; on; off
         self.torch_threads = torch_threads
         self.metrics = metrics
         self.warmup = warmup
@@ -79,12 +87,14 @@ class InferenceService:
         self.scheduler = Scheduler({name: m.batching for name, m in config.models.items()}, on_depth=on_depth)
         self.models: dict[str, ModelInfo] = {}
         self.transforms: dict[str, HostTransform] = {}
-        self.workers: list[DeviceWorker] = []
+        self.workers: list[DeviceWorker | ProcessWorker] = []
+        self._on_failure = None
         self.ready = threading.Event()
         self.failed: BaseException | None = None
         self._loader: threading.Thread | None = None
 
     def start(self, on_failure=None) -> None:
+        self._on_failure = on_failure
         def load() -> None:
             try:
                 self._load_and_start()
@@ -97,41 +107,77 @@ class InferenceService:
         self._loader = threading.Thread(target=load, name="model-loader", daemon=True)
         self._loader.start()
 
+    def _own_process(self, device: torch.device) -> bool:
+        return self.device_process == "on" or (self.device_process == "auto" and device.type == "cuda")
+
     def _load_and_start(self) -> None:
         started = time.monotonic()
+        devices_of = {name: resolve_devices(cfg.device) for name, cfg in self.config.models.items()}
+        all_devices = list(dict.fromkeys(d for devices in devices_of.values() for d in devices))
+        variants = {name: dict(cfg.variants) for name, cfg in self.config.models.items()}
+        max_batch = {name: cfg.batching.max_batch_size for name, cfg in self.config.models.items()}
+        described: dict[str, ModelDescription] = {}
+        # Devices with a process of their own: the child loads the weights, the parent gets the description.
+        for device in filter(self._own_process, all_devices):
+            names = [name for name, devices in devices_of.items() if device in devices]
+            worker = ProcessWorker(device, {name: self.config.models[name] for name in names}, self.scheduler,
+                                   self.metrics, self.torch_threads, on_death=self._on_death)
+            warm_up = WarmUp({n: list(variants[n].values()) for n in names}, max_batch) if self.warmup else None
+            for name, description in worker.launch(warm_up).items():
+                described.setdefault(name, description)
+            self.workers.append(worker)
+        # The other devices: one worker thread each in this process, sharing one CPU copy of the weights.
+        in_process = [d for d in all_devices if not self._own_process(d)]
         per_device: dict[torch.device, dict[str, DeviceModel]] = {}
         for name, cfg in self.config.models.items():
+            here = [d for d in devices_of[name] if d in in_process]
+            if not here:
+                continue
             loaded: LoadedModel = load_model(name, cfg)
-            devices = resolve_devices(cfg.device)
-            dtypes = {str(resolve_dtype(cfg.dtype, d)).removeprefix("torch.") for d in devices}
-            for i, device in enumerate(devices):
+            described.setdefault(name, ModelDescription(loaded.weights, loaded.labels, loaded.transform,
+                                                        loaded.input_size))
+            for i, device in enumerate(here):
                 dm = place_model(name, loaded.model, device, resolve_dtype(cfg.dtype, device), loaded.input_size,
-                                 copy_weights=i < len(devices) - 1, mean=loaded.transform.mean,
+                                 copy_weights=i < len(here) - 1, mean=loaded.transform.mean,
                                  std=loaded.transform.std)
                 per_device.setdefault(device, {})[name] = dm
-            info = ModelInfo(name, cfg.arch, loaded.weights, [str(d) for d in devices], ",".join(sorted(dtypes)),
-                             loaded.input_size, loaded.labels)
+        torch.set_num_threads(self.torch_threads)  # this thread warms up; each worker sets its own
+        local = [DeviceWorker(device, models, self.scheduler, self.metrics, self.torch_threads)
+                 for device, models in per_device.items()]
+        if self.warmup:
+            for worker in local:
+                worker.warm_up(variants, max_batch)
+        self.workers.extend(local)
+        for name, cfg in self.config.models.items():
+            devices, d = devices_of[name], described[name]
+            dtypes = {str(resolve_dtype(cfg.dtype, device)).removeprefix("torch.") for device in devices}
+            info = ModelInfo(name, cfg.arch, d.weights, [str(device) for device in devices],
+                             ",".join(sorted(dtypes)), d.input_size, d.labels)
             self.models[name] = info
-            self.transforms[name] = loaded.transform
+            self.transforms[name] = d.transform
             self.metrics.model_info.labels(name, cfg.arch, info.weights, info.device_label, info.dtype).set(1)
             log.info("model %s: %s, weights %s, on %s (%s)", name, cfg.arch, info.weights,
                      info.device_label, info.dtype)
-        torch.set_num_threads(self.torch_threads)  # this thread warms up; each worker sets its own
-        self.workers = [DeviceWorker(device, models, self.scheduler, self.metrics, self.torch_threads)
-                        for device, models in per_device.items()]
-        if self.warmup:
-            variants = {name: dict(cfg.variants) for name, cfg in self.config.models.items()}
-            max_batch = {name: cfg.batching.max_batch_size for name, cfg in self.config.models.items()}
-            for worker in self.workers:
-                worker.warm_up(variants, max_batch)
+        if self.decode_processes == "on" or (self.decode_processes == "auto" and any(
+                d.type == "cuda" for d in all_devices)):
+            self._decoders = DecodeProcesses(self.transforms, self.preprocess_threads)
         for worker in self.workers:
             worker.start()
         self.ready.set()
-        log.info("ready: %d model(s) on %d worker(s) after %.1f s", len(self.models), len(self.workers),
-                 time.monotonic() - started)
+        log.info("ready: %d model(s) on %d worker(s) (%d in a device process), decoding in %s, after %.1f s",
+                 len(self.models), len(self.workers), len(self.workers) - len(local),
+                 f"{self.preprocess_threads} processes" if self._decoders else "threads", time.monotonic() - started)
+
+    def _on_death(self, exc: BaseException) -> None:
+        """A device process died: the server is no longer ready, and it stops (its orchestrator restarts it)."""
+        self.failed = exc
+        if self._on_failure is not None:
+            self._on_failure(exc)
 
     def preprocess(self, model: str, data: bytes, max_pixels: int) -> torch.Tensor:
         """Image bytes -> the uint8 [3, H, W] tensor the model's batches are made of (runs in a thread pool)."""
+        if self._decoders is not None:
+            return self._decoders(model, data, max_pixels)
         transform = self.transforms[model]
         return transform(decode_image(data, max_pixels, needed_edge=transform.resize_edge))
 
@@ -150,3 +196,5 @@ class InferenceService:
         self.scheduler.close()
         for worker in self.workers:
             worker.join(timeout_s)
+        if self._decoders is not None:
+            self._decoders.stop()

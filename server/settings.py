@@ -21,6 +21,10 @@ class ServerSettings(BaseSettings):
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU workers")
     preprocess_threads: int = Field(4, ge=1, description="threads that decode and preprocess images")
     warmup: bool = Field(True, description="run each variant once before /readyz says ready")
+    decode_processes: Literal["auto", "on", "off"] = Field(
+        "auto", description="decode images in processes (one per preprocessing thread): auto = on with CUDA")
+    device_process: Literal["auto", "on", "off"] = Field(
+        "auto", description="run each device's batches in a process of its own: auto = on for CUDA devices")
 
 
 def parse_settings(argv: Sequence[str] | None = None) -> ServerSettings:
@@ -37,5 +41,12 @@ def parse_settings(argv: Sequence[str] | None = None) -> ServerSettings:
     parser.add_argument("--preprocess-threads", type=int, help="threads that decode and preprocess images")
     parser.add_argument("--no-warmup", dest="warmup", action="store_const", const=False,
                         help="skip the warm-up forward passes")
+    parser.add_argument("--decode-processes", choices=["auto", "on", "off"],
+                        help="decode and preprocess images in child processes, one per preprocessing thread, so "
+                        "that PIL's Python work does not share the GIL with HTTP (auto, the default: on when a "
+                        "model runs on a CUDA device)")
+    parser.add_argument("--device-process", choices=["auto", "on", "off"],
+                        help="run each device's batches in a child process of its own, so the forward does not "
+                        "share the GIL with HTTP and decoding (auto, the default: on for CUDA devices, off on CPU)")
     given = {key: value for key, value in vars(parser.parse_args(argv)).items() if value is not None}
     return ServerSettings(**given)

@@ -6,17 +6,22 @@ import copy
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
 from mame_core import MergeSettings, MergingViT, patch_vit
-from server.batching import Scheduler, WorkItem
+from server.batching import Scheduler, WorkItem, resolve_all
 from server.errors import internal, timeout
 from server.metrics import Metrics
 
 log = logging.getLogger("mame.server")
+T = TypeVar("T")
+# top-k scores [B, k], top-k indices [B, k], tokens per block [B, blocks], GFLOPs [B] (all on the CPU), and the
+# number of input tokens
+BatchOutputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]
 
 
 @dataclass(frozen=True)
@@ -88,8 +93,7 @@ def stack_batch(images: Sequence[torch.Tensor], pin: bool) -> torch.Tensor:
     return torch.stack(list(images), out=out)
 
 
-def infer(dm: DeviceModel, settings: MergeSettings, x: torch.Tensor,
-          top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+def infer(dm: DeviceModel, settings: MergeSettings, x: torch.Tensor, top_k: int) -> BatchOutputs:
     """uint8 images [B, 3, H, W] on the host -> top-k scores and indices, tokens per block, GFLOPs (all on
     the CPU) and input tokens. Normalising here, after the copy, is exactly timm's ToTensor + Normalize."""
     if x.dtype != torch.uint8:
@@ -101,6 +105,67 @@ def infer(dm: DeviceModel, settings: MergeSettings, x: torch.Tensor,
         probs = res.logits.float().softmax(dim=-1)
         scores, indices = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
     return scores.cpu(), indices.cpu(), res.tokens.cpu(), res.gflops.cpu(), res.input_tokens
+
+
+def split_on_oom(run: Callable[[int, int], T], start: int, stop: int, device: object = "") -> list[tuple[int, int, T]]:
+    """`run(start, stop)` over images [start, stop) as one batch; on out-of-memory, the two halves separately
+    (recursively, down to one image). Returns (start, stop, result) of each batch that ran."""
+    try:
+        return [(start, stop, run(start, stop))]
+    except torch.OutOfMemoryError:
+        if stop - start == 1:
+            raise
+        log.warning("worker %s: out of memory on a batch of %d, splitting it", device, stop - start)
+    # Outside the except block, so the failed attempt's tensors are released before the retry.
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+    middle = (start + stop) // 2
+    return split_on_oom(run, start, middle, device) + split_on_oom(run, middle, stop, device)
+
+
+def drop_expired(batch: list[WorkItem]) -> list[WorkItem]:
+    """The items still worth running: those past their deadline are failed (their request answers 504)."""
+    now = time.monotonic()
+    live = []
+    for item in batch:
+        if now >= item.deadline:  # its request is answering 504 already; don't spend the device on it
+            item.fail(timeout("the request deadline passed while it waited in the queue"))
+        else:
+            live.append(item)
+    return live
+
+
+def resolve_batch(items: Sequence[WorkItem], outputs: BatchOutputs, inference_s: float, device: str,
+                  metrics: Metrics) -> None:
+    """Answer each item of a batch that ran, and record the batch's metrics."""
+    scores, indices, tokens, gflops, input_tokens = outputs
+    first = items[0]
+    labels = (first.model, first.variant, device)
+    metrics.batch_inference.labels(*labels).observe(inference_s)
+    metrics.batch_size.labels(*labels).observe(len(items))
+    resolve_all(list(items), [ImageResult(
+        indices=indices[i, : item.top_k].tolist(),
+        scores=scores[i, : item.top_k].tolist(),
+        tokens_per_block=tokens[i].tolist(),
+        input_tokens=int(input_tokens),
+        gflops=float(gflops[i]),
+        queue_s=item.taken_at - item.enqueued_at,
+        inference_s=inference_s,
+        batch_size=len(items),
+        device=device,
+    ) for i, item in enumerate(items)])
+
+
+def fail_batch(items: Sequence[WorkItem], exc: BaseException | str, device: object) -> None:
+    log.error("worker %s: a batch of %d failed: %s", device, len(items), exc)
+    detail = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
+    for item in items:
+        item.fail(internal(f"inference failed: {detail}"))
+
+
+def warm_up_sizes(device: torch.device, max_batch: int) -> list[int]:
+    """Batch sizes run once before serving: a full batch on GPU allocates the memory pools up front."""
+    return [1, 2] if device.type == "cpu" else sorted({1, max_batch})
 
 
 class DeviceWorker:
@@ -124,76 +189,37 @@ class DeviceWorker:
     def warm_up(self, variants: dict[str, dict[str, MergeSettings]], max_batch: dict[str, int]) -> None:
         """One forward per variant (and a full batch on GPU) so the first requests pay no start-up costs."""
         for name, dm in self.models.items():
-            sizes = {1, 2} if dm.device.type == "cpu" else {1, max_batch[name]}
             for settings in variants[name].values():
-                for size in sorted(sizes):
+                for size in warm_up_sizes(dm.device, max_batch[name]):
                     images = torch.randint(0, 256, (size, *dm.input_size), dtype=torch.uint8).unbind()
                     self.forward(dm, settings, stack_batch(images, pin=dm.device.type == "cuda"), top_k=1)
 
-    def forward(self, dm: DeviceModel, settings: MergeSettings, x: torch.Tensor,
-                top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    def forward(self, dm: DeviceModel, settings: MergeSettings, x: torch.Tensor, top_k: int) -> BatchOutputs:
         return infer(dm, settings, x, top_k)
 
     def _loop(self) -> None:
         if self.torch_threads:  # torch's thread count is per thread: set it where inference runs
             torch.set_num_threads(self.torch_threads)
         while (batch := self.scheduler.next_batch(self.models.keys())) is not None:
-            self._serve(batch)
+            if live := drop_expired(batch):
+                self._run(live)
         log.info("worker %s: queue drained, stopping", self.device)
 
-    def _serve(self, batch: list[WorkItem]) -> None:
-        now = time.monotonic()
-        live = []
-        for item in batch:
-            if now >= item.deadline:  # its request is answering 504 already; don't spend the device on it
-                item.fail(timeout("the request deadline passed while it waited in the queue"))
-            else:
-                live.append(item)
-        if not live:
-            return
-        try:
-            self._run(live)
-        except Exception as exc:
-            log.exception("worker %s: a batch of %d failed", self.device, len(live))
-            for item in live:
-                item.fail(internal(f"inference failed: {type(exc).__name__}: {exc}"))
-
     def _run(self, items: list[WorkItem]) -> None:
-        """Run items as one batch; on CUDA out-of-memory split it in halves and retry."""
-        try:
-            self._run_batch(items)
-            return
-        except torch.OutOfMemoryError:
-            if len(items) == 1:
-                raise
-            log.warning("worker %s: out of memory on a batch of %d, splitting it", self.device, len(items))
-        # Outside the except block, so the failed attempt's tensors are released before the retry.
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        half = len(items) // 2
-        self._run(items[:half])
-        self._run(items[half:])
-
-    def _run_batch(self, items: list[WorkItem]) -> None:
+        """Run items as one batch (halves on CUDA out-of-memory); a failure fails only these items."""
         first = items[0]
         dm = self.models[first.model]
-        started = time.monotonic()
-        x = stack_batch([item.image for item in items], pin=dm.device.type == "cuda")
-        scores, indices, tokens, gflops, input_tokens = self.forward(
-            dm, first.settings, x, top_k=max(item.top_k for item in items))
-        inference_s = time.monotonic() - started
-        labels = (first.model, first.variant, str(self.device))
-        self.metrics.batch_inference.labels(*labels).observe(inference_s)
-        self.metrics.batch_size.labels(*labels).observe(len(items))
-        for i, item in enumerate(items):
-            item.resolve(ImageResult(
-                indices=indices[i, : item.top_k].tolist(),
-                scores=scores[i, : item.top_k].tolist(),
-                tokens_per_block=tokens[i].tolist(),
-                input_tokens=int(input_tokens),
-                gflops=float(gflops[i]),
-                queue_s=item.taken_at - item.enqueued_at,
-                inference_s=inference_s,
-                batch_size=len(items),
-                device=str(self.device),
-            ))
+        top_k = max(item.top_k for item in items)
+
+        def run(start: int, stop: int) -> tuple[BatchOutputs, float]:
+            started = time.monotonic()
+            x = stack_batch([item.image for item in items[start:stop]], pin=dm.device.type == "cuda")
+            outputs = self.forward(dm, first.settings, x, top_k=top_k)
+            return outputs, time.monotonic() - started
+
+        try:
+            for start, stop, (outputs, inference_s) in split_on_oom(run, 0, len(items), self.device):
+                resolve_batch(items[start:stop], outputs, inference_s, str(self.device), self.metrics)
+        except Exception as exc:
+            log.exception("worker %s: a batch of %d failed", self.device, len(items))
+            fail_batch(items, exc, self.device)

@@ -147,14 +147,16 @@ def test_vit_base_unmerged_equivalence_invariance_and_flops():
 
 
 @pytest.mark.parametrize("prop_attn", [True, False])
-def test_weighted_key_attention_equals_additive_bias(prop_attn):
-    from mame_core.patch import _key_weights, _weighted_key_attention
+@pytest.mark.parametrize("head_dim", [16, 13])
+def test_key_biased_attention_equals_additive_bias(prop_attn, head_dim):
+    from mame_core.patch import _key_bias, _key_biased_attention
 
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(3, 2, 7, 16, generator=gen) for _ in range(3))
+    q, k, v = (torch.randn(3, 2, 7, head_dim, generator=gen) for _ in range(3))
     size = torch.tensor([[1.0, 3, 2, 1, 5, 0, 0], [1.0, 1, 1, 1, 1, 1, 1], [4.0, 1, 0, 0, 0, 0, 0]])
     k[:, :, 5:] = 1e4  # padding keys may hold anything: they must not matter
     bias = torch.where(size > 0, size.log() if prop_attn else 0.0, float("-inf"))[:, None, None, :]
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-    got = _weighted_key_attention(q, k, v, _key_weights(size, prop_attn, q.dtype), 16 ** -0.5)
+    got = _key_biased_attention(q, k, v, _key_bias(size, prop_attn, q.dtype), head_dim ** -0.5)
+    assert got.shape == expected.shape
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

@@ -215,3 +215,24 @@ def test_worker_input_must_be_uint8_and_one_shape(tiny_model):
         infer(tiny_model, NONE, torch.zeros(1, 3, 64, 64), top_k=1)
     with pytest.raises(RuntimeError):
         stack_batch([pixels(3, 64, 64), pixels(3, 32, 32)], pin=False)
+
+
+def test_split_on_oom_halves_until_batches_fit():
+    from server.worker import split_on_oom
+
+    calls = []
+
+    def run(start: int, stop: int) -> int:
+        calls.append((start, stop))
+        if stop - start > 3:
+            raise torch.OutOfMemoryError("simulated")
+        return stop - start
+
+    assert split_on_oom(run, 0, 10) == [(0, 2, 2), (2, 5, 3), (5, 7, 2), (7, 10, 3)]
+    assert calls[0] == (0, 10)
+
+    def never_fits(start: int, stop: int) -> int:
+        raise torch.OutOfMemoryError("simulated")
+
+    with pytest.raises(torch.OutOfMemoryError):
+        split_on_oom(never_fits, 0, 4)

@@ -153,3 +153,38 @@ def test_preprocessing_follows_the_model_and_labels_come_offline():
     assert len(labels) == 1000 and labels[281] == "tabby, tabby cat"
     other = timm.create_model(TINY_MODEL["arch"], pretrained=False, num_classes=7, **TINY_MODEL["model_kwargs"])
     assert class_labels(other) == [f"class_{i}" for i in range(7)]
+
+
+@pytest.mark.parametrize("arch, kwargs", [
+    ("vit_base_patch16_224", {}),  # 224 px, crop_pct 0.9: resize to 248, crop 224
+    (TINY_MODEL["arch"], TINY_MODEL["model_kwargs"]),  # 64 px
+    ("deit_tiny_patch16_224", {"depth": 1}),
+])
+def test_fused_resize_crop_equals_timms_transform(arch, kwargs):
+    """The host transform resizes only the part the centre crop keeps; the pixels must be timm's own."""
+    import timm
+    from PIL import Image
+
+    from mame_core.images import sample_images
+
+    model = timm.create_model(arch, pretrained=False, **kwargs)
+    transform, input_size = preprocessing(model)
+    assert transform.resize_then_crop is not None
+    pictures = [Image.open(path).convert("RGB") for path in sample_images()]
+    pictures += [pictures[0].resize(size) for size in [(224, 224), (225, 700), (999, 300), (64, 64), (31, 47)]]
+    for picture in pictures:
+        fused, reference = transform(picture), transform.pil_to_uint8(picture)
+        assert fused.shape == reference.shape == input_size and fused.dtype == torch.uint8
+        difference = (fused.int() - reference.int()).abs()
+        # Fixed-point filter coefficients round differently for a box: at most 2 grey levels, rarely any.
+        assert difference.max() <= 2 and difference.float().mean() < 0.2, picture.size
+
+
+def test_unusual_transforms_are_not_fused():
+    from torchvision import transforms
+
+    from server.models import fused_resize_crop
+
+    plain = transforms.Compose([transforms.Resize(248), transforms.CenterCrop(224), transforms.PILToTensor()])
+    assert fused_resize_crop(plain) is None  # not timm's MaybePILToTensor: unknown, left alone
+    assert fused_resize_crop(transforms.Compose([transforms.Resize((224, 224))])) is None

@@ -35,12 +35,16 @@ def images() -> dict[str, bytes]:
     return sample_images()
 
 
-@pytest.fixture(scope="module")
-def server():
+# Every test of the module-wide server runs twice: everything in the server process (the default on CPU),
+# and with decoding and batches in child processes (the default with CUDA devices; server/decode_process.py,
+# server/device_process.py).
+@pytest.fixture(scope="module", params=["off", "on"], ids=["in-process", "child-processes"])
+def server(request):
     config = tiny_config(batching={"max_batch_size": 16, "max_wait_ms": 100, "max_queue": 256},
                          limits={"max_body_bytes": 300_000, "max_pixels": 1_000_000, "request_timeout_s": 30})
     config["models"]["tiny"]["weights"] = "auto"  # offline here (HF_HUB_OFFLINE=1): random-init, said so
-    with running_server(config) as proc:
+    args = ["--device-process", request.param, "--decode-processes", request.param, "--preprocess-threads", "2"]
+    with running_server(config, args=args) as proc:
         yield proc
 
 
@@ -215,9 +219,11 @@ def test_request_past_its_deadline_gets_504(images):
         assert httpx.get(f"{server.url}/healthz").status_code == 200
 
 
-def test_sigterm_under_load_answers_every_accepted_request(images):
+@pytest.mark.parametrize("device_process", ["off", "on"])
+def test_sigterm_under_load_answers_every_accepted_request(images, device_process):
     config = tiny_config(batching={"max_batch_size": 4, "max_wait_ms": 30, "max_queue": 1000})
-    with running_server(config, args=["--log-level", "debug"]) as server:
+    with running_server(config, args=["--log-level", "debug", "--device-process", device_process,
+                                      "--decode-processes", device_process]) as server:
         outcomes: dict[str, object] = {}
         first_answers = threading.Semaphore(0)
 
@@ -253,3 +259,42 @@ def test_sigterm_under_load_answers_every_accepted_request(images):
     assert set(answered.values()) == {"200"}
     assert all(outcome == 200 or isinstance(outcome, str) for outcome in outcomes.values()), outcomes
     assert len(ok) > 5
+
+
+def test_a_dead_device_process_fails_its_requests_and_stops_the_server(images):
+    """Killed (out of host memory, a driver crash): requests answer 500 at once instead of hanging, /readyz
+    says failed, and the server exits non-zero so that its supervisor restarts it."""
+    import psutil
+
+    config = tiny_config(batching={"max_batch_size": 4, "max_wait_ms": 500})
+    with running_server(config, args=["--device-process", "on"]) as server:
+        assert post(server, images["flat"]).status_code == 200
+        children = psutil.Process(server.proc.pid).children()
+        device_process = next(c for c in children if "multiprocessing" in " ".join(c.cmdline())
+                              and "resource_tracker" not in " ".join(c.cmdline()))  # decoding: in threads
+        waiting = []  # queued behind max_wait_ms when the device process dies
+        thread = threading.Thread(target=lambda: waiting.append(post(server, images["text"])))
+        thread.start()
+        time.sleep(0.2)
+        device_process.kill()
+        thread.join(30)
+        assert waiting and waiting[0].status_code == 500, waiting
+        assert waiting[0].json()["error"] == "internal" and "device process" in waiting[0].json()["detail"]
+        assert server.proc.wait(timeout=60) == 1
+        assert "device process for cpu died" in server.log()
+
+
+def test_a_dead_decode_process_fails_one_image_and_is_replaced(images):
+    import psutil
+
+    with running_server(tiny_config(), args=["--decode-processes", "on", "--preprocess-threads", "1"]) as server:
+        assert post(server, images["flat"]).status_code == 200
+        children = [c for c in psutil.Process(server.proc.pid).children()
+                    if "resource_tracker" not in " ".join(c.cmdline())]
+        assert len(children) == 1, children  # one preprocessing thread: one decode process
+        children[0].kill()  # a zombie until the server reaps it: wait for its end of the pipe to close instead
+        time.sleep(1.0)
+        failed = post(server, images["flat"])
+        assert failed.status_code == 500 and "decoding process died" in failed.json()["detail"]
+        assert post(server, images["shapes"]).status_code == 200  # a new process took over
+        assert httpx.get(f"{server.url}/readyz").status_code == 200
