@@ -10,6 +10,7 @@ import json
 import pickle
 import sys
 import time
+from dataclasses import asdict, dataclass, field
 
 import httpx
 
@@ -20,22 +21,43 @@ import httpx
 CONNECTIONS_PER_CLIENT = 8
 
 
+SAMPLE_EVERY = 8  # one answer in this many is parsed for the server's own timings (parsing costs the client)
+
+
+@dataclass
+class ClientOutcome:
+    """One client process's window: requests answered in it, its CPU seconds, failures, and sampled timings
+    in ms: (round trip seen by the client, server total, queue, inference) of the request's first image."""
+
+    answered: int = 0
+    cpu_s: float = 0.0
+    failures: list[str] = field(default_factory=list)
+    timings_ms: list[tuple[float, float, float, float]] = field(default_factory=list)
+
+
 async def _keep_busy(url: str, bodies: list[tuple[bytes, str]], concurrency: int, begin: float,
-                     end: float) -> tuple[int, list[str]]:
-    """Keep `concurrency` requests in flight until `end`: (answered between `begin` and `end`, failures)."""
-    answered, failures = 0, []
+                     end: float) -> ClientOutcome:
+    """Keep `concurrency` requests in flight until `end`; count what is answered between `begin` and `end`."""
+    outcome = ClientOutcome()
 
     async def sender(n: int, http: httpx.AsyncClient) -> None:
-        nonlocal answered
         while time.monotonic() < end:
             try:
                 body, content_type = bodies[n % len(bodies)]
+                sent = time.monotonic()
                 response = await http.post(f"{url}/v1/classify", params={"top_k": 1}, content=body,
                                            headers={"content-type": content_type})
                 response.raise_for_status()
-                answered += begin <= time.monotonic() <= end
+                done = time.monotonic()
+                if begin <= done <= end:
+                    outcome.answered += 1
+                    if n % SAMPLE_EVERY == 0:
+                        answer = response.json()
+                        timings = answer.get("results", [answer])[0]["timings_ms"]
+                        outcome.timings_ms.append((1000 * (done - sent), timings["total"], timings["queue"],
+                                                   timings["inference"]))
             except httpx.HTTPError as exc:
-                failures.append(f"{type(exc).__name__}: {exc}")
+                outcome.failures.append(f"{type(exc).__name__}: {exc}")
             n += 1
 
     async def client(first: int, count: int) -> None:
@@ -47,24 +69,23 @@ async def _keep_busy(url: str, bodies: list[tuple[bytes, str]], concurrency: int
 
     step = CONNECTIONS_PER_CLIENT
     await asyncio.gather(*(client(first, min(step, concurrency - first)) for first in range(0, concurrency, step)))
-    return answered, failures
+    return outcome
 
 
 def client_window(url: str, bodies: list[tuple[bytes, str]], concurrency: int, begin: float,
-                  seconds: float) -> tuple[int, float, list[str]]:
-    """Requests from now until `begin + seconds` (time.monotonic, the same clock in every process here):
-    (requests answered inside the window, CPU seconds of this process, failures)."""
+                  seconds: float) -> ClientOutcome:
+    """Requests from now until `begin + seconds` (time.monotonic, the same clock in every process here)."""
     cpu = time.process_time()
-    answered, failures = asyncio.run(_keep_busy(url, bodies, concurrency, begin, begin + seconds))
-    return answered, time.process_time() - cpu, failures
+    outcome = asyncio.run(_keep_busy(url, bodies, concurrency, begin, begin + seconds))
+    outcome.cpu_s = time.process_time() - cpu
+    return outcome
 
 
 def main() -> None:
     """`python -m server.bench_client SPEC.pickle`: one client process of the benchmark; JSON on stdout."""
     with open(sys.argv[1], "rb") as spec_file:
         spec = pickle.load(spec_file)
-    answered, cpu, failures = client_window(**spec)
-    json.dump({"answered": answered, "cpu": cpu, "failures": failures}, sys.stdout)
+    json.dump(asdict(client_window(**spec)), sys.stdout)
 
 
 if __name__ == "__main__":

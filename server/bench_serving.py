@@ -31,7 +31,7 @@ import timm
 import torch
 
 from mame_core import MergeSettings
-from server.bench_client import client_window
+from server.bench_client import ClientOutcome, client_window
 from server.imaging import decode_image
 from server.launch import running_server
 from server.models import HostTransform, preprocessing
@@ -153,6 +153,8 @@ class Load:
     server_cpu_ms_per_image: float  # CPU time of the server process per answered image (host-path cost)
     client_cpu_ms_per_request: float
     event_loop_ms_per_request: float = 0.0  # CPU time of the server's main thread (the event loop) per request
+    # medians over sampled answers, ms: round trip at the client, and the server's total, queue and inference
+    timings_ms: tuple[float, ...] = ()
     failed: int = 0  # requests that got no 200 (counted and shown, so one reset does not void a run)
     first_failure: str = ""
 
@@ -165,7 +167,7 @@ def _cpu_seconds(process: psutil.Process) -> tuple[float, float]:
 
 
 def run_clients(url: str, bodies: list[tuple[bytes, str]], concurrency: int, begin: float, seconds: float,
-                processes: int) -> list[tuple[int, float, list[str]]]:
+                processes: int) -> list[ClientOutcome]:
     """`client_window` in `processes` processes (`python -m server.bench_client`, which starts without
     torch: quick to start), sharing `concurrency` between them."""
     if processes == 1:
@@ -184,8 +186,7 @@ def run_clients(url: str, bodies: list[tuple[bytes, str]], concurrency: int, beg
             out, _ = client.communicate(timeout=begin - time.monotonic() + seconds + 300)
             if client.returncode != 0:
                 raise RuntimeError(f"a client process exited with {client.returncode}")
-            result = json.loads(out)
-            outcomes.append((result["answered"], result["cpu"], result["failures"]))
+            outcomes.append(ClientOutcome(**json.loads(out)))
     return outcomes
 
 
@@ -207,14 +208,16 @@ def saturate(url: str, server_pid: int, bodies: list[tuple[bytes, str]], concurr
     watcher.start()
     outcomes = run_clients(url, bodies, concurrency, begin, seconds, processes)
     watcher.join()
-    answered = sum(n for n, _, _ in outcomes)
-    failures = [failure for _, _, some in outcomes for failure in some]
+    answered = sum(outcome.answered for outcome in outcomes)
+    failures = [failure for outcome in outcomes for failure in outcome.failures]
+    timings = [sample for outcome in outcomes for sample in outcome.timings_ms]
     if answered == 0:
         raise RuntimeError(f"no request was answered inside the measurement window; failures: {failures[:3]}")
     images = answered * images_per_request
     return Load(images_per_s=images / seconds,
                 server_cpu_ms_per_image=1000 * (server_cpu[1][0] - server_cpu[0][0]) / images,
-                client_cpu_ms_per_request=1000 * sum(cpu for _, cpu, _ in outcomes) / answered,
+                client_cpu_ms_per_request=1000 * sum(outcome.cpu_s for outcome in outcomes) / answered,
+                timings_ms=tuple(statistics.median(column) for column in zip(*timings)) if timings else (),
                 event_loop_ms_per_request=1000 * (server_cpu[1][1] - server_cpu[0][1]) / answered,
                 failed=len(failures), first_failure=failures[0] if failures else "")
 
@@ -256,6 +259,13 @@ def cmd_throughput(args) -> None:
     print(f"  served (HTTP)   {srv:9.1f} img/s  (JPEG over HTTP, decode, preprocess, batch, answer; median)")
     print(f"  server CPU time {host_ms:9.2f} ms per image (all its threads; {1000 / host_ms:.0f} img/s per busy core)")
     print(f"  event loop      {loop_ms:9.2f} ms CPU per request ({1000 / loop_ms:.0f} requests/s at most)")
+    if timings := [load.timings_ms for load in served if load.timings_ms]:
+        trip, total, queue, inference = (statistics.median(column) for column in zip(*timings))
+        # Where a request's time goes tells which stage limits: a long queue wait means the device (or
+        # the batching); a long rest means decoding, the event loop or the GIL.
+        print(f"  per request, median ms: round trip {trip:.1f} = server {total:.1f} (queue {queue:.1f}, "
+              f"inference {inference:.1f}, the rest {total - queue - inference:.1f}: reading, decoding, "
+              f"answering) + outside the handler {trip - total:.1f}")
     print(f"  ratio served/offline = {srv / off:.3f}")
     if failed := sum(load.failed for load in served):
         print(f"  {failed} requests failed (not counted as served); the first: "

@@ -36,3 +36,5 @@ def test_throughput_with_multi_image_requests_from_client_processes(device_proce
     assert offline > 0 and served > 0 and ratio == pytest.approx(served / offline, rel=0.01)
     assert "requests failed" not in out
     assert float(re.search(r"event loop\s+([\d.]+) ms CPU per request", out).group(1)) > 0
+    trip, server = map(float, re.search(r"round trip ([\d.]+) = server ([\d.]+)", out).groups())
+    assert 0 < server <= trip
