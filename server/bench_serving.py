@@ -304,23 +304,38 @@ def cmd_latency(args) -> None:
           f"{med(served_s) - med(forward_s) - med(preprocess_s):8.2f} ms")
 
 
+def process_tree(pid: int) -> list[psutil.Process]:
+    """The server and its children (device and decode processes, where it runs them)."""
+    server = psutil.Process(pid)
+    return [server, *server.children(recursive=True)]
+
+
+def tree_rss(pid: int) -> float:
+    """Resident memory of the server and its children, bytes (pages they share are counted once each)."""
+    return sum(p.memory_info().rss for p in process_tree(pid))
+
+
 def gpu_memory_mib(pid: int) -> float | None:
+    """GPU memory of the server and its children (a device process holds the weights), from nvidia-smi."""
     if shutil.which("nvidia-smi") is None:
         return None
+    pids = {p.pid for p in process_tree(pid)}
     out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
                          capture_output=True, text=True, check=False).stdout
     used = [float(mem) for p, mem in (line.split(",") for line in out.strip().splitlines() if "," in line)
-            if int(p) == pid]
+            if int(p) in pids]
     return sum(used) if used else None
 
 
 def cmd_memory(args) -> None:
     config = Path(args.config) if args.config else Path(__file__).parent / "configs" / "default.yaml"
     with running_server(config, env=server_env(args), ready_timeout=1200) as server:
-        rss = psutil.Process(server.proc.pid).memory_info().rss
+        rss = tree_rss(server.proc.pid)
+        processes = len(process_tree(server.proc.pid))
         weights = httpx.get(f"{server.url}/v1/models").json()["models"][0]["weights"]
         gpu = gpu_memory_mib(server.proc.pid)
-    print(f"config {config} (weights {weights}): resident memory after warm-up {rss / 2**20:.0f} MiB"
+    print(f"config {config} (weights {weights}): resident memory after warm-up {rss / 2**20:.0f} MiB "
+          f"({processes} process(es): the server and its device/decode processes)"
           + (f", GPU memory {gpu:.0f} MiB" if gpu is not None else ""))
 
 
@@ -347,14 +362,14 @@ def cmd_soak(args) -> None:
                      "tome": {"method": "tome", "r": 8}},
     }}}
     with running_server(config, env=server_env(args)) as server:
-        proc = psutil.Process(server.proc.pid)
-        ready_rss = proc.memory_info().rss
+        pid = server.proc.pid
+        ready_rss = tree_rss(pid)
         asyncio.run(soak_requests(server.url, data, args.settle, args.concurrency or 8))
-        start_rss, start_gpu = proc.memory_info().rss, gpu_memory_mib(proc.pid)
+        start_rss, start_gpu = tree_rss(pid), gpu_memory_mib(pid)
         started = time.perf_counter()
         asyncio.run(soak_requests(server.url, data, args.requests, args.concurrency or 8))
         elapsed = time.perf_counter() - started
-        end_rss, end_gpu = proc.memory_info().rss, gpu_memory_mib(proc.pid)
+        end_rss, end_gpu = tree_rss(pid), gpu_memory_mib(pid)
     print(f"soak: {args.requests} requests (3 variants, concurrency {args.concurrency or 8}) in {elapsed:.0f} s, "
           f"tiny ViT on {args.device}")
     print(f"  RSS after warm-up {ready_rss / 2**20:.1f} MiB, after {args.settle} settling requests "

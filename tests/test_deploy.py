@@ -440,6 +440,12 @@ def test_gpu_and_cpu_overlays_differ_where_they_must(overlay: tuple[str, dict[st
         # One GPU per pod: the server's device "auto" then starts exactly one worker.
         assert resources["limits"]["nvidia.com/gpu"] == 1 == resources["requests"]["nvidia.com/gpu"]
         assert model.device in ("auto", "cuda", "cuda:0")
+        # The device process gets its batches through /dev/shm: in memory, larger than the runtime's 64 MB.
+        container, pod = pod_container(objs), objs["Deployment"]["spec"]["template"]["spec"]
+        shm = next(m["name"] for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm")
+        assert next(v for v in pod["volumes"] if v["name"] == shm)["emptyDir"]["medium"] == "Memory"
+        env = {e["name"]: e["value"] for e in container["env"]}
+        assert int(env["MAME_PREPROCESS_THREADS"]) <= int(resources["requests"]["cpu"])
     else:
         assert "nvidia.com/gpu" not in resources["limits"] and model.device == "cpu"
 
