@@ -22,9 +22,8 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import TypeAdapter, ValidationError
 from pydantic_core import to_json
-from starlette.datastructures import MutableHeaders, UploadFile
+from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.formparsers import MultiPartException
 from starlette.routing import get_route_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -51,6 +50,7 @@ from server.experiments import (
 )
 from server.imaging import check_content_type
 from server.metrics import Metrics
+from server.multipart import MultipartError, TooManyParts, parse_multipart
 from server.routing import Route, as_api_error, build_registry, choose_route
 from server.service import InferenceService
 from server.worker import ImageResult
@@ -160,31 +160,28 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def image_payloads(request: Request, body: bytes, max_files: int) -> tuple[list[tuple[str, bytes]], bool]:
+def image_payloads(request: Request, body: bytes, max_files: int) -> tuple[list[tuple[str, bytes]], bool]:
     """(name, bytes) of each image, and whether the request was multipart (answered as a list if several)."""
     content_type = request.headers.get("content-type", "")
     if not content_type.lower().startswith("multipart/form-data"):
         check_content_type(content_type)
         return [("body", body)], False
 
-    async def replay() -> dict:
-        return {"type": "http.request", "body": body, "more_body": False}
-
     try:
-        form = await Request(request.scope, replay).form(max_files=max_files, max_fields=max_files + 16)
-    except (MultiPartException, StarletteHTTPException) as exc:  # Starlette wraps its parser's errors
-        message = getattr(exc, "message", None) or getattr(exc, "detail", str(exc))
-        if "Too many files" in message:
-            raise too_large(f"too many files in one request (limit {max_files})") from None
-        raise bad_image(f"malformed multipart body: {message}") from None
-    files = [value for key, value in form.multi_items() if key == "file" and isinstance(value, UploadFile)]
+        parts = parse_multipart(body, content_type, max_parts=max_files + 16)
+    except TooManyParts:
+        raise too_large(f"too many files in one request (limit {max_files})") from None
+    except MultipartError as exc:
+        raise bad_image(f"malformed multipart body: {exc}") from None
+    files = [part for part in parts if part.name == "file" and part.filename is not None]
     if not files:
         raise invalid_parameter("the multipart body has no `file` field holding an image")
+    if len(files) > max_files:
+        raise too_large(f"too many files in one request (limit {max_files})")
     payloads = []
-    for upload in files:
-        check_content_type(upload.content_type)
-        payloads.append((upload.filename or "file", await upload.read()))
-    await form.close()
+    for part in files:
+        check_content_type(part.content_type)
+        payloads.append((part.filename or "file", part.data))
     return payloads, True
 
 
@@ -395,7 +392,7 @@ def create_app(config: ServingConfig, *, preprocess_threads: int = 4, warmup: bo
             in_flight = metrics.in_flight_of(route.model, route.variant)
             in_flight.inc()
             body = await read_body(request, limits.max_body_bytes)
-            payloads, multipart = await image_payloads(request, body, limits.max_images_per_request)
+            payloads, multipart = image_payloads(request, body, limits.max_images_per_request)
             n_images = len(payloads)
             images = await run_all_in_pool(pool, prepare, [(route.model, data) for _, data in payloads])
             try:

@@ -1,0 +1,58 @@
+"""The in-memory multipart/form-data splitter against bodies real clients (httpx) encode."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from server.multipart import MultipartError, Part, TooManyParts, parse_multipart
+
+
+def encoded(**kwargs) -> tuple[bytes, str]:
+    request = httpx.Request("POST", "http://x/", **kwargs)
+    return request.read(), request.headers["content-type"]
+
+
+def test_files_and_fields_as_httpx_sends_them():
+    jpeg = b"\xff\xd8\xff\xe0 binary\r\n--not-the-boundary\r\n\r\n bytes \x00\xff"
+    body, content_type = encoded(files=[("file", ("a b.jpg", jpeg, "image/jpeg")),
+                                        ("file", ("c.png", b"", "image/png"))], data={"note": "hello"})
+    parts = parse_multipart(body, content_type, max_parts=10)
+    assert parts == [Part("note", None, None, b"hello"), Part("file", "a b.jpg", "image/jpeg", jpeg),
+                     Part("file", "c.png", "image/png", b"")]
+
+
+def test_preamble_epilogue_quoted_boundary_and_untyped_parts():
+    body = (b"a preamble\r\n--b:1 2\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x\"\r\n\r\n"
+            b"DATA\r\n--b:1 2--\r\nan epilogue")
+    assert parse_multipart(body, 'multipart/form-data; boundary="b:1 2"', 5) == [Part("file", "x", None, b"DATA")]
+
+
+@pytest.mark.parametrize("body, content_type, problem", [
+    (b"--xyz\r\n\r\n", "multipart/form-data", "no valid boundary"),
+    (b"garbage", "multipart/form-data; boundary=xyz", "does not start with the boundary"),
+    (b"--xyz\r\nContent-Disposition: form-data; name=\"f\"\r\n\r\ndata", "multipart/form-data; boundary=xyz",
+     "without the closing boundary"),
+    (b"--xyz\r\nContent-Disposition: form-data; name=\"f\"", "multipart/form-data; boundary=xyz", "do not end"),
+    (b"--xyz\r\nno colon here\r\n\r\nx\r\n--xyz--", "multipart/form-data; boundary=xyz", "'Name: value'"),
+    (b"--xyz\r\nContent-Type: text/plain\r\n\r\nx\r\n--xyz--", "multipart/form-data; boundary=xyz",
+     "no Content-Disposition"),
+    (b"--xyzjunk\r\n\r\n", "multipart/form-data; boundary=xyz", "not followed by a line break"),
+])
+def test_malformed_bodies_are_errors(body, content_type, problem):
+    with pytest.raises(MultipartError, match=problem):
+        parse_multipart(body, content_type, max_parts=5)
+
+
+def test_part_limit():
+    body, content_type = encoded(files=[("file", (f"{i}.png", b"x", "image/png")) for i in range(4)])
+    assert len(parse_multipart(body, content_type, max_parts=4)) == 4
+    with pytest.raises(TooManyParts):
+        parse_multipart(body, content_type, max_parts=3)
+
+
+def test_quoted_parameters_may_hold_semicolons_and_escaped_quotes():
+    body = (b'--x\r\nContent-Disposition: form-data; name="file"; filename="a \\"b\\" c;d.jpg"\r\n'
+            b"Content-Type: image/jpeg\r\n\r\nJ\r\n--x--\r\n")
+    assert parse_multipart(body, "multipart/form-data; boundary=x", 2) == [Part("file", 'a "b" c;d.jpg', "image/jpeg",
+                                                                                 b"J")]
