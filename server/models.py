@@ -117,8 +117,15 @@ class LoadedModel:
     input_size: tuple[int, int, int]
 
 
+RANDOM_INIT_SEED = 0
+
+
 def _create(cfg: ModelConfig, pretrained: bool, **extra) -> torch.nn.Module:
-    return timm.create_model(cfg.arch, pretrained=pretrained, **cfg.model_kwargs, **extra).eval()
+    # Seeded: random-init weights are the same in every process that builds them (a device process per GPU,
+    # a restarted server), so answers never depend on which copy served them. The caller's RNG is untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        return timm.create_model(cfg.arch, pretrained=pretrained, **cfg.model_kwargs, **extra).eval()
 
 
 def load_weights(name: str, cfg: ModelConfig) -> tuple[torch.nn.Module, str]:

@@ -236,3 +236,34 @@ def test_split_on_oom_halves_until_batches_fit():
 
     with pytest.raises(torch.OutOfMemoryError):
         split_on_oom(never_fits, 0, 4)
+
+
+# ------------------------------------------------------------------------------ the device process
+
+
+def test_a_device_process_answers_like_the_in_process_worker(loop, tiny_model):
+    """The same batches through a real child process (CPU): equal answers; a bad batch fails alone; expired
+    items are not sent; the child stops when the queue is drained."""
+    from server.device_process import ProcessWorker, WarmUp
+
+    cfg = parse_config(tiny_config()).models["tiny"]
+    s = scheduler(max_batch_size=4, max_wait_ms=0)
+    worker = ProcessWorker(torch.device("cpu"), {"m": cfg}, s, Metrics(), torch_threads=1)
+    described = worker.launch(WarmUp({"m": [MAME]}, {"m": 4}))
+    assert described["m"].input_size == (3, 64, 64) and described["m"].weights == "random-init"
+    xs = images(6)
+    good = [item(loop, "a", x, settings=MAME) for x in xs[:4]]
+    wrong_shape = [item(loop, "b", pixels(3, 64, 64)), item(loop, "b", pixels(3, 32, 32))]
+    expired = [item(loop, "c", xs[4], deadline_s=-1)]
+    more = [item(loop, "d", xs[5], settings=MAME)]
+    out = run_worker(worker, loop, [good, wrong_shape, expired, more])
+    for x, result in zip(xs[:4] + xs[5:], out[:4] + out[7:]):
+        assert isinstance(result, ImageResult), result
+        # The child made its own copy of the weights: random initialisation is seeded, so they are the same.
+        scores, indices, tokens, _, _ = infer(tiny_model, MAME, x[None], top_k=3)
+        assert result.indices == indices[0].tolist() and result.tokens_per_block == tokens[0].tolist()
+        assert result.scores == pytest.approx(scores[0].tolist(), abs=1e-5)
+    assert out[0].batch_size == 4 and out[7].batch_size == 1
+    assert all(isinstance(o, ApiError) and o.status == 500 for o in out[4:6])
+    assert isinstance(out[6], ApiError) and out[6].status == 504
+    assert worker._process.exitcode == 0  # stopped cleanly after the drain
