@@ -195,6 +195,9 @@ class ProcessWorker:
         self._receiver.join(timeout_s)
 
     def _feed(self) -> None:
+        # The stack into the slab is a memory copy that overlaps with the device's work: an OpenMP pool here
+        # (torch's thread count is per thread, from OMP_NUM_THREADS) would spin on cores the decoding needs.
+        torch.set_num_threads(1)
         while (batch := self.scheduler.next_batch(self.models.keys())) is not None:
             items = drop_expired(batch)
             if not items:
