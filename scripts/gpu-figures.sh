@@ -13,7 +13,10 @@ for dtype in float16 bfloat16; do
 done
 serve="python -m server.bench_serving throughput --arch vit_base_patch16_224 --device cuda --dtype float16 --batch 64 --preprocess-threads 10 --seconds 3 --rounds 3"
 echo "=== served / offline, ViT-B/16 fp16, batch 64, 16-image requests of 224 px JPEGs"
-$serve --client-processes 5 --concurrency 24 --images-per-request 16 --image-edge 224 2>&1 | tee "$out/serve-vitb-16.txt"
+# Which server threads hold the GIL in the last window (py-spy, when installed: pip install py-spy).
+profile=$(python -c "import shutil, sys, pathlib; print(1 if shutil.which('py-spy') or (pathlib.Path(sys.executable).parent / 'py-spy').exists() else '')")
+$serve --client-processes 5 --concurrency 24 --images-per-request 16 --image-edge 224 \
+  ${profile:+--gil-profile "$out/gil-16.txt"} 2>&1 | tee "$out/serve-vitb-16.txt"
 echo "=== the same, decoding in threads (in the server process)"
 $serve --client-processes 5 --concurrency 24 --images-per-request 16 --image-edge 224 --decode-processes off 2>&1 | tee "$out/serve-vitb-16-threads.txt"
 echo "=== served / offline, one bundled photo per request"

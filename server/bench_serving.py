@@ -190,24 +190,62 @@ def run_clients(url: str, bodies: list[tuple[bytes, str]], concurrency: int, beg
     return outcomes
 
 
+def py_spy() -> str | None:
+    """py-spy installed beside this interpreter (a virtual environment's bin), else on the PATH."""
+    beside = Path(sys.executable).parent / "py-spy"
+    return str(beside) if beside.exists() else shutil.which("py-spy")
+
+
+def gil_profile(server_pid: int, seconds: float, out: Path) -> subprocess.Popen:
+    """py-spy sampling which of the server's threads holds the GIL (`--gil`: samples without a holder are
+    dropped, so samples / (rate x seconds) is the share of time the GIL was held)."""
+    return subprocess.Popen([py_spy() or "py-spy", "record", "--pid", str(server_pid), "--gil", "--nonblocking", "--rate",
+                             str(GIL_PROFILE_RATE), "--duration", str(max(1, int(seconds))), "--format", "raw",
+                             "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+GIL_PROFILE_RATE = 200
+
+
+def summarise_gil_profile(path: Path, seconds: float, top: int = 12) -> str:
+    """The GIL-held share of the window and the frames that held it most (py-spy raw format)."""
+    by_frame: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")
+        total += int(count)
+        by_frame[frames[-1]] = by_frame.get(frames[-1], 0) + int(count)
+    share = total / (GIL_PROFILE_RATE * max(1, int(seconds)))
+    lines = [f"  GIL held {100 * share:.0f} % of the profiled window ({total} samples); most held in:"]
+    lines += [f"    {100 * n / total:5.1f} %  {frame}" for frame, n in sorted(by_frame.items(), key=lambda kv: -kv[1])[:top]]
+    return "\n".join(lines)
+
+
 def saturate(url: str, server_pid: int, bodies: list[tuple[bytes, str]], concurrency: int, seconds: float,
-             warmup_s: float, processes: int = 1, images_per_request: int = 1) -> Load:
+             warmup_s: float, processes: int = 1, images_per_request: int = 1,
+             gil_profile_to: Path | None = None) -> Load:
     """Images per second answered while `concurrency` requests are kept in flight, after a warm-up."""
     processes = max(1, min(processes, concurrency))
     server = psutil.Process(server_pid)
     server_cpu: list[tuple[float, float]] = []
     # Client processes start in ~1 s (without torch); the window starts once all of them have warmed up.
     begin = time.monotonic() + warmup_s + (1.5 if processes > 1 else 0.0)
+    profiler: list[subprocess.Popen] = []
 
     def watch_server() -> None:  # the server's CPU time over exactly the counted window
         for at in (begin, begin + seconds):
             time.sleep(max(0.0, at - time.monotonic()))
             server_cpu.append(_cpu_seconds(server))
+            if gil_profile_to is not None and not profiler:
+                profiler.append(gil_profile(server_pid, seconds, gil_profile_to))
 
     watcher = threading.Thread(target=watch_server)
     watcher.start()
     outcomes = run_clients(url, bodies, concurrency, begin, seconds, processes)
     watcher.join()
+    for process in profiler:
+        process.wait(seconds + 30)
     answered = sum(outcome.answered for outcome in outcomes)
     failures = [failure for outcome in outcomes for failure in outcome.failures]
     timings = [sample for outcome in outcomes for sample in outcome.timings_ms]
@@ -236,9 +274,12 @@ def cmd_throughput(args) -> None:
                         args=server_args(args)) as server:
         for round_ in range(args.rounds):
             offline.append(offline_measure())
+            profile = Path(args.gil_profile) if args.gil_profile and round_ == args.rounds - 1 else None
             served.append(saturate(server.url, server.proc.pid, bodies, concurrency, args.seconds,
                                    3.0 if round_ == 0 else 1.0, processes=args.client_processes,
-                                   images_per_request=args.images_per_request))
+                                   images_per_request=args.images_per_request, gil_profile_to=profile))
+            if profile is not None and profile.exists():
+                print(summarise_gil_profile(profile, args.seconds))
             print(f"  round {round_ + 1}: offline {offline[-1]:8.1f} img/s, served {served[-1].images_per_s:8.1f} "
                   f"img/s, ratio {served[-1].images_per_s / offline[-1]:.3f}; server CPU "
                   f"{served[-1].server_cpu_ms_per_image:.2f} ms/img, event loop "
@@ -410,10 +451,15 @@ def main(argv: list[str] | None = None) -> None:
                         help="throughput: images in each request (several: one multipart body)")
     parser.add_argument("--image-edge", type=int, default=0,
                         help="throughput: re-encode the sample images with this shorter side (0: as bundled)")
+    parser.add_argument("--gil-profile", metavar="FILE",
+                        help="throughput: record which server threads hold the GIL during the last served "
+                        "window with py-spy (pip install py-spy; needs ptrace rights) into FILE, and summarise")
     parser.add_argument("--client-processes", type=int, default=1,
                         help="throughput: processes that send the load (one Python process sends ~1000 "
                              "requests/s at most; use more on a many-core machine)")
     args = parser.parse_args(argv)
+    if args.gil_profile and py_spy() is None:
+        parser.error("--gil-profile needs py-spy on the PATH (pip install py-spy)")
     torch.set_num_threads(args.threads)
     args.model_kwargs = TINY_KWARGS if args.tiny else NEAR_FREE_KWARGS if args.near_free else {}
     if args.tiny or args.near_free:

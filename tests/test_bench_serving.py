@@ -38,3 +38,13 @@ def test_throughput_with_multi_image_requests_from_client_processes(device_proce
     assert float(re.search(r"event loop\s+([\d.]+) ms CPU per request", out).group(1)) > 0
     trip, server = map(float, re.search(r"round trip ([\d.]+) = server ([\d.]+)", out).groups())
     assert 0 < server <= trip
+
+
+def test_gil_profile_of_the_server_is_summarised(tmp_path):
+    profile = tmp_path / "gil.txt"
+    out = bench("throughput", "--tiny", "--threads", "1", "--batch", "8", "--rounds", "1", "--seconds", "2",
+                "--concurrency", "8", "--gil-profile", str(profile))
+    print(out)
+    share = float(re.search(r"GIL held (\d+) % of the profiled window", out).group(1))
+    assert 0 < share <= 100 and profile.stat().st_size > 0
+    assert re.search(r"%\s+\S+ \(server/\w+\.py:\d+\)", out), "no frame of the server's own code was seen"
