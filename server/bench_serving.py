@@ -201,7 +201,7 @@ def gil_profile(server_pid: int, seconds: float, out: Path) -> subprocess.Popen:
     dropped, so samples / (rate x seconds) is the share of time the GIL was held)."""
     return subprocess.Popen([py_spy() or "py-spy", "record", "--pid", str(server_pid), "--gil", "--nonblocking", "--rate",
                              str(GIL_PROFILE_RATE), "--duration", str(max(1, int(seconds))), "--format", "raw",
-                             "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 GIL_PROFILE_RATE = 200
@@ -245,7 +245,9 @@ def saturate(url: str, server_pid: int, bodies: list[tuple[bytes, str]], concurr
     outcomes = run_clients(url, bodies, concurrency, begin, seconds, processes)
     watcher.join()
     for process in profiler:
-        process.wait(seconds + 30)
+        _, errors = process.communicate(timeout=seconds + 30)
+        if process.returncode != 0 or not gil_profile_to.exists():
+            print(f"  py-spy could not profile the server (exit {process.returncode}): {errors.strip()[-300:]}")
     answered = sum(outcome.answered for outcome in outcomes)
     failures = [failure for outcome in outcomes for failure in outcome.failures]
     timings = [sample for outcome in outcomes for sample in outcome.timings_ms]
