@@ -1,46 +1,87 @@
 """A decode process: `python -m server.decode_child FD` (started by server/decode_process.py).
 
-Imports PIL and numpy only (no torch, no timm, not the server's __main__), so each process adds ~30 MiB,
+Imports PIL and numpy only (no torch, no timm, not the server's __main__), so each process adds ~17 MiB,
 not the ~400 MiB of a multiprocessing child that re-imports the server.
+
+Protocol over one end of a socket pair, with fixed binary headers so that each side spends a few system
+calls per image and no pickling (the parent's share of the GIL is what limits a server's throughput):
+  plan      parent -> child once: 4-byte length + JSON {model: [resize_edge, crop_h, crop_w, resample, edge]}
+  request   parent -> child: REQUEST header (model index, max_pixels, length) + the image bytes
+  answer    child -> parent: ANSWER header (status, length) + RGB bytes [H, W, 3] (status 0), or the UTF-8
+            JSON {"status", "code", "detail"} of an error (status 1)
 """
 
 from __future__ import annotations
 
+import json
 import signal
+import socket
+import struct
 import sys
-from multiprocessing.connection import Connection
+
+from PIL import Image
 
 from server.errors import ApiError
 from server.imaging import ResizeCrop, decode_image
 
+REQUEST = struct.Struct("!IQI")  # model index, max_pixels, image bytes
+ANSWER = struct.Struct("!BI")  # status (0 ok, 1 error), payload bytes
+OK, ERROR = 0, 1
 
-def serve(conn: Connection) -> None:
-    """First message: {model: (resize_edge, ResizeCrop)}; then per image (model, max_pixels, bytes) in, and
-    ("ok", (H, W, 3)) plus the RGB bytes, or ("api_error", status, code, detail), or ("error", text) out."""
-    transforms: dict[str, tuple[int, ResizeCrop]] = conn.recv()
+
+def recv_into_exactly(sock: socket.socket, buffer) -> None:
+    """Fill a writable buffer (one system call in the common case); EOFError if the other side closed."""
+    view = memoryview(buffer).cast("B")
+    received, size = 0, len(view)
+    while received < size:
+        n = sock.recv_into(view[received:], size - received, socket.MSG_WAITALL)
+        if n == 0:
+            raise EOFError("the other side closed the socket")
+        received += n
+
+
+def recv_exactly(sock: socket.socket, size: int) -> bytearray:
+    buffer = bytearray(size)
+    recv_into_exactly(sock, buffer)
+    return buffer
+
+
+def plan_to_json(plan: list[tuple[int, ResizeCrop]]) -> bytes:
+    return json.dumps([[edge, rc.edge, *rc.crop, int(rc.resample)] for edge, rc in plan]).encode()
+
+
+def plan_from_json(data: bytes) -> list[tuple[int, ResizeCrop]]:
+    return [(edge, ResizeCrop(rc_edge, (crop_h, crop_w), Image.Resampling(resample)))
+            for edge, rc_edge, crop_h, crop_w, resample in json.loads(data)]
+
+
+def serve(sock: socket.socket) -> None:
+    (length,) = struct.unpack("!I", recv_exactly(sock, 4))
+    plan = plan_from_json(recv_exactly(sock, length))
     while True:
         try:
-            model, max_pixels, data = conn.recv()
+            model, max_pixels, size = REQUEST.unpack(recv_exactly(sock, REQUEST.size))
+            data = bytes(recv_exactly(sock, size))
         except EOFError:  # the server closed its end: stop
             return
         try:
-            resize_edge, resize_crop = transforms[model]
-            picture = resize_crop(decode_image(data, max_pixels, needed_edge=resize_edge))
+            resize_edge, resize_crop = plan[model]
+            pixels = resize_crop(decode_image(data, max_pixels, needed_edge=resize_edge)).tobytes()
+            sock.sendall(ANSWER.pack(OK, len(pixels)) + pixels)
         except ApiError as exc:
-            conn.send(("api_error", exc.status, exc.code, exc.detail))
-            continue
+            error = json.dumps({"status": exc.status, "code": exc.code, "detail": exc.detail}).encode()
+            sock.sendall(ANSWER.pack(ERROR, len(error)) + error)
         except Exception as exc:  # noqa: BLE001 - reported to the request; the process carries on
-            conn.send(("error", f"{type(exc).__name__}: {exc}"))
-            continue
-        conn.send(("ok", (picture.height, picture.width, 3)))
-        conn.send_bytes(picture.tobytes())
+            error = json.dumps({"status": 500, "code": "internal",
+                                "detail": f"preprocessing failed: {type(exc).__name__}: {exc}"}).encode()
+            sock.sendall(ANSWER.pack(ERROR, len(error)) + error)
 
 
 def main() -> None:
     # Stopped by the server closing its end, never by the signals meant for the server's graceful stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    serve(Connection(int(sys.argv[1])))  # one end of a socket pair
+    serve(socket.socket(fileno=int(sys.argv[1])))
 
 
 if __name__ == "__main__":
