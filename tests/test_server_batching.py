@@ -267,3 +267,18 @@ def test_a_device_process_answers_like_the_in_process_worker(loop, tiny_model):
     assert all(isinstance(o, ApiError) and o.status == 500 for o in out[4:6])
     assert isinstance(out[6], ApiError) and out[6].status == 504
     assert worker._process.exitcode == 0  # stopped cleanly after the drain
+
+
+def test_channels_last_crops_are_stacked_as_such_and_infer_the_same(tiny_model):
+    """Decoders hand over [H, W, 3] memory seen as [3, H, W]: the batch keeps that layout (a plain copy),
+    and the forward gives exactly what a channels-first batch gives."""
+    from server.worker import channels_last_view
+
+    crops = [x.permute(1, 2, 0).contiguous().permute(2, 0, 1) for x in images(5)]
+    assert all(channels_last_view(c) for c in crops) and not channels_last_view(images(1)[0])
+    batch = stack_batch(crops, pin=False)
+    assert batch.shape == (5, 3, 64, 64) and batch.permute(0, 2, 3, 1).is_contiguous()
+    reference = torch.stack([c.contiguous() for c in crops])
+    assert torch.equal(batch, reference)
+    for a, b in zip(infer(tiny_model, MAME, batch, top_k=3), infer(tiny_model, MAME, reference, top_k=3)):
+        assert torch.equal(torch.as_tensor(a), torch.as_tensor(b))
