@@ -161,6 +161,11 @@ class ProcessWorker:
 
     def launch(self, warm_up: WarmUp | None, timeout_s: float = 3600.0) -> dict[str, ModelDescription]:
         """Start the child; return once it has loaded (and warmed up) its models."""
+        self.spawn(warm_up)
+        return self.wait_loaded(timeout_s)
+
+    def spawn(self, warm_up: WarmUp | None) -> None:
+        """Start the child loading (several devices load at the same time: spawn each, then wait for each)."""
         ctx = mp.get_context("spawn")  # never fork a process that holds threads (and maybe CUDA)
         command_in, command_out = ctx.Pipe(duplex=False)
         answer_in, answer_out = ctx.Pipe(duplex=False)
@@ -171,6 +176,9 @@ class ProcessWorker:
         command_in.close()
         answer_out.close()
         self._commands, self._answers = command_out, answer_in
+
+    def wait_loaded(self, timeout_s: float = 3600.0) -> dict[str, ModelDescription]:
+        """Wait until the child has loaded and warmed up its models; what it loaded."""
         deadline = time.monotonic() + timeout_s
         while not self._answers.poll(0.5):
             if not self._process.is_alive():

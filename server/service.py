@@ -118,12 +118,15 @@ class InferenceService:
         max_batch = {name: cfg.batching.max_batch_size for name, cfg in self.config.models.items()}
         described: dict[str, ModelDescription] = {}
         # Devices with a process of their own: the child loads the weights, the parent gets the description.
+        spawned = []
         for device in filter(self._own_process, all_devices):
             names = [name for name, devices in devices_of.items() if device in devices]
             worker = ProcessWorker(device, {name: self.config.models[name] for name in names}, self.scheduler,
                                    self.metrics, self.torch_threads, on_death=self._on_death)
-            warm_up = WarmUp({n: list(variants[n].values()) for n in names}, max_batch) if self.warmup else None
-            for name, description in worker.launch(warm_up).items():
+            worker.spawn(WarmUp({n: list(variants[n].values()) for n in names}, max_batch) if self.warmup else None)
+            spawned.append(worker)
+        for worker in spawned:  # every device loads at the same time
+            for name, description in worker.wait_loaded().items():
                 described.setdefault(name, description)
             self.workers.append(worker)
         # The other devices: one worker thread each in this process, sharing one CPU copy of the weights.
