@@ -164,6 +164,14 @@ def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.d
     return dev, DTYPES[dtype]
 
 
+def write_report(report: dict, target: str | None) -> None:
+    """--json: the report as JSON on stdout ("-") or in a file."""
+    if target == "-":
+        print(json.dumps(report, indent=2))
+    elif target:
+        Path(target).write_text(json.dumps(report, indent=2) + "\n")
+
+
 def add_report_args(p: argparse.ArgumentParser) -> None:
     """--json and --no-progress, shared by mame-bench and mame-eval."""
     p.add_argument(
@@ -243,10 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             f"batch {args.batch_size}, {len(paths)} images, median of {args.rounds} rounds x {args.iters} iters"
         )
         print(format_table(rows, cpu_columns=device.type == "cpu"))
-    if args.json == "-":
-        print(json.dumps(report, indent=2))
-    elif args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, args.json)
     return 0
 
 

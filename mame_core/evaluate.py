@@ -8,7 +8,6 @@ any other names are taken as the model's classes 0, 1, ... in sorted folder orde
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from dataclasses import asdict, dataclass
@@ -21,7 +20,14 @@ from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
 from mame_core import MergeSettings, patch_vit
-from mame_core.bench import Variant, add_report_args, make_variants, parse_list, resolve_device_dtype
+from mame_core.bench import (
+    Variant,
+    add_report_args,
+    make_variants,
+    parse_list,
+    resolve_device_dtype,
+    write_report,
+)
 from mame_core.images import load_model, model_transform, parse_model_kwargs
 
 WNID = re.compile(r"^n\d{8}$")
@@ -159,10 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json != "-":
         print(f"{args.arch} ({report['weights']}) on {args.folder}: {len(dataset)} images, {report['classes']} classes")
         print(format_table(rows))
-    if args.json == "-":
-        print(json.dumps(report, indent=2))
-    elif args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, args.json)
     return 0
 
 
