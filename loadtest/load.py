@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import itertools
 import json
 import math
@@ -46,6 +47,7 @@ class Target:
     users: int = 1000  # distinct user keys drawn for experiment assignment
     user_header: str = "X-User-Id"
     top_k: int | None = None
+    images_per_request: int = 1  # several: one multipart request, answered as a list
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,7 @@ class LoadPlan:
 class RequestSpec:
     variant: str | None
     user_key: str | None
-    image: ImagePayload
+    images: tuple[ImagePayload, ...]
 
 
 def poisson_offsets(rate_rps: float, max_requests: int, duration_s: float, rng: random.Random) -> Iterator[float]:
@@ -96,28 +98,32 @@ def poisson_offsets(rate_rps: float, max_requests: int, duration_s: float, rng: 
 
 def request_specs(target: Target, images: Sequence[ImagePayload], rng: random.Random) -> Iterator[RequestSpec]:
     """Endless requests: variants drawn uniformly (so each variant's arrivals stay Poisson), a random
-    user key when an experiment assigns variants, images in turn."""
+    user key when an experiment assigns variants, images in turn (`images_per_request` of them each)."""
+    per_request = target.images_per_request
     for index in itertools.count():
         variant = rng.choice(target.variants) if target.variants else None
         user_key = f"user-{rng.randrange(target.users)}" if target.experiment else None
-        yield RequestSpec(variant, user_key, images[index % len(images)])
+        first = index * per_request
+        yield RequestSpec(variant, user_key, tuple(images[(first + i) % len(images)] for i in range(per_request)))
 
 
 def read_answer(status_code: int, body: Any, requested_variant: str | None) -> dict[str, Any]:
-    """Outcome fields from an HTTP answer (CONTRACT.md): the group is the variant the server names."""
+    """Outcome fields from an HTTP answer (CONTRACT.md): the group is the variant the server names. An
+    answer to several images ({"results": [...]}) gives their mean queue, inference and final tokens."""
     fallback = requested_variant or UNKNOWN_VARIANT
     if status_code != 200:
         return {"group": fallback, "status": str(status_code)}
     try:
-        timings = body["timings_ms"]
+        answers = body.get("results", [body])
         return {
-            "group": str(body["variant"]),
+            "group": str(answers[0]["variant"]),
             "status": "200",
-            "queue_ms": float(timings["queue"]),
-            "inference_ms": float(timings["inference"]),
-            "final_tokens": int(body["tokens"]["final"]),
+            "queue_ms": sum(float(a["timings_ms"]["queue"]) for a in answers) / len(answers),
+            "inference_ms": sum(float(a["timings_ms"]["inference"]) for a in answers) / len(answers),
+            "final_tokens": sum(int(a["tokens"]["final"]) for a in answers) / len(answers),
+            "images": len(answers),
         }
-    except (TypeError, KeyError, ValueError):
+    except (AttributeError, TypeError, KeyError, ValueError, IndexError, ZeroDivisionError):
         return {"group": fallback, "status": "invalid_answer"}
 
 
@@ -158,14 +164,20 @@ async def send_one(
         params["experiment"] = target.experiment
     if target.top_k is not None:
         params["top_k"] = str(target.top_k)
-    headers = {"Content-Type": spec.image.content_type}
+    headers: dict[str, str] = {}
     if spec.user_key is not None:
         headers[target.user_header] = spec.user_key
     loop = asyncio.get_running_loop()
     send_lag = max(0.0, loop.time() - intended)
     progress.sent += 1
     try:
-        response = await client.post(CLASSIFY_PATH, params=params, headers=headers, content=spec.image.data)
+        if len(spec.images) == 1:
+            image = spec.images[0]
+            response = await client.post(CLASSIFY_PATH, params=params, content=image.data,
+                                         headers={**headers, "Content-Type": image.content_type})
+        else:
+            files = [("file", (image.name, image.data, image.content_type)) for image in spec.images]
+            response = await client.post(CLASSIFY_PATH, params=params, headers=headers, files=files)
         try:
             body = response.json() if response.status_code == 200 else None
         except ValueError:
@@ -286,8 +298,7 @@ def run_sweep(
     active = list(target.variants)
     for rate in rates:
         for variant in list(active):
-            single = Target(target.url, target.model, (variant,), None, target.users, target.user_header,
-                            target.top_k)
+            single = dataclasses.replace(target, variants=(variant,), experiment=None)
             # Enough requests for the whole step at this rate; --requests still caps it.
             step_plan = LoadPlan("open", min(plan.max_requests, math.ceil(rate * plan.duration_s * 2) + 10),
                                  plan.duration_s, rate_rps=rate, timeout_s=plan.timeout_s,
@@ -325,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user-header", default="X-User-Id", help="header carrying the user key (default: %(default)s)")
     p.add_argument("--images", type=Path, help="directory of images (default: bundled samples)")
     p.add_argument("--top-k", type=int, help="top_k query parameter")
+    p.add_argument("--images-per-request", type=int, default=1,
+                   help="images per request (several: one multipart request, answered as a list; the report "
+                   "adds images/s)")
     p.add_argument("--mode", choices=("open", "closed"), default="open",
                    help="open: Poisson arrivals at --rate; closed: --concurrency workers (default: %(default)s)")
     p.add_argument("--rate", type=float, default=10.0, help="open loop arrivals per second; sweep start rate")
@@ -355,7 +369,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         target = Target(args.url, args.model, _variants(args.variant), args.experiment, args.users,
-                        args.user_header, args.top_k)
+                        args.user_header, args.top_k, args.images_per_request)
+        if not 1 <= args.images_per_request <= 32:
+            raise ValueError(f"--images-per-request must be in 1..32 (the server's default limit), "
+                             f"got {args.images_per_request}")
         if args.users < 1:
             raise ValueError(f"--users must be at least 1, got {args.users}")
         if args.top_k is not None and not 1 <= args.top_k <= 20:

@@ -25,7 +25,8 @@ class Outcome:
     send_lag_s: float = 0.0  # how late the client actually sent it (the generator falling behind)
     queue_ms: float | None = None  # server-side, from the answer's timings_ms
     inference_ms: float | None = None
-    final_tokens: int | None = None
+    final_tokens: float | None = None  # mean over the request's images
+    images: int = 1  # images in the request (several: one multipart request answered as a list)
 
     @property
     def ok(self) -> bool:
@@ -44,6 +45,7 @@ class VariantReport:
     errors: dict[str, int]  # status -> count, every status except 200
     sent_rps: float  # requests sent per second of the sending window
     ok_rps: float  # successful answers per second of the whole run (achieved throughput)
+    ok_images_per_s: float  # images of successful answers per second of the whole run
     latency_ms: dict[str, float | None]  # p50, p90, p99, max, mean over successful requests
     queue_ms_mean: float | None
     inference_ms_mean: float | None
@@ -106,6 +108,7 @@ def summarize_group(
         errors=dict(sorted(errors.items())),
         sent_rps=len(outcomes) / send_window_s if send_window_s > 0 else 0.0,
         ok_rps=len(ok) / elapsed_s if elapsed_s > 0 else 0.0,
+        ok_images_per_s=sum(o.images for o in ok) / elapsed_s if elapsed_s > 0 else 0.0,
         latency_ms=latency,
         queue_ms_mean=_mean([o.queue_ms for o in ok if o.queue_ms is not None]),
         inference_ms_mean=_mean([o.inference_ms for o in ok if o.inference_ms is not None]),
@@ -148,14 +151,14 @@ def _cell(value: float | None, digits: int = 1) -> str:
 def format_table(report: RunReport) -> str:
     """A fixed-width table: one row per variant and a total row."""
     header = [
-        "variant", "sent", "ok", "errors", "sent/s", "ok/s",
+        "variant", "sent", "ok", "errors", "sent/s", "ok/s", "img/s",
         "p50 ms", "p90 ms", "p99 ms", "max ms", "queue ms", "infer ms", "tokens",
     ]
     rows = [header]
     for v in [*report.variants, report.total]:
         errors = " ".join(f"{status}:{count}" for status, count in v.errors.items()) or "0"
         rows.append([
-            v.variant, str(v.sent), str(v.ok), errors, _cell(v.sent_rps), _cell(v.ok_rps),
+            v.variant, str(v.sent), str(v.ok), errors, _cell(v.sent_rps), _cell(v.ok_rps), _cell(v.ok_images_per_s),
             _cell(v.latency_ms["p50"]), _cell(v.latency_ms["p90"]), _cell(v.latency_ms["p99"]),
             _cell(v.latency_ms["max"]), _cell(v.queue_ms_mean), _cell(v.inference_ms_mean),
             _cell(v.final_tokens_mean),

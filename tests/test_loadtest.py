@@ -134,7 +134,11 @@ def test_request_specs_spread_variants_and_draw_user_keys_only_for_experiments()
     share_a = sum(s.variant == "a" for s in drawn) / len(drawn)
     assert 0.45 < share_a < 0.55
     assert all(s.user_key is None for s in drawn)
-    assert [s.image.name for s in drawn[:4]] == [images[0].name, images[1].name, images[2].name, images[0].name]
+    assert [s.images[0].name for s in drawn[:4]] == [images[0].name, images[1].name, images[2].name, images[0].name]
+    assert all(len(s.images) == 1 for s in drawn)
+    several = request_specs(Target("http://x", images_per_request=2), images, random.Random(0))
+    assert [[i.name for i in next(several).images] for _ in range(2)] == [
+        [images[0].name, images[1].name], [images[2].name, images[0].name]]
 
     experiment = request_specs(Target("http://x", experiment="tau-ab", users=5), images, random.Random(0))
     keys = {next(experiment).user_key for _ in range(200)}
@@ -145,7 +149,14 @@ def test_read_answer_takes_the_variant_and_timings_from_the_answer() -> None:
     body = {"variant": "mame-0.8", "tokens": {"final": 88}, "timings_ms": {"queue": 1.5, "inference": 30.0}}
     assert read_answer(200, body, None) == {
         "group": "mame-0.8", "status": "200", "queue_ms": 1.5, "inference_ms": 30.0, "final_tokens": 88,
+        "images": 1,
     }
+    other = {"variant": "mame-0.8", "tokens": {"final": 12}, "timings_ms": {"queue": 2.5, "inference": 30.0}}
+    assert read_answer(200, {"request_id": "r", "results": [body, other]}, None) == {
+        "group": "mame-0.8", "status": "200", "queue_ms": 2.0, "inference_ms": 30.0, "final_tokens": 50.0,
+        "images": 2,
+    }
+    assert read_answer(200, {"results": []}, None)["status"] == "invalid_answer"
     assert read_answer(503, None, "baseline") == {"group": "baseline", "status": "503"}
     assert read_answer(404, None, None) == {"group": UNKNOWN_VARIANT, "status": "404"}
     assert read_answer(200, {"variant": "x"}, "x")["status"] == "invalid_answer"

@@ -131,6 +131,22 @@ def test_closed_loop_experiment_report_groups_by_the_assigned_variant(server: Se
     assert {v["variant"] for v in report["variants"]} == {"baseline", "mame-0.5"}
 
 
+def test_multi_image_requests_count_their_images(server: ServerProcess, tmp_path: Path) -> None:
+    """--images-per-request: one multipart request of several images; the report's images match the
+    server's image counter."""
+    before = scrape(server)
+    report = run_mame_load(["--url", server.url, "--variant", "mame-0.5", "--mode", "closed", "--concurrency", "2",
+                            "--requests", "20", "--duration", "20", "--images-per-request", "3"],
+                           tmp_path / "multi.json")
+    after = scrape(server)
+    assert reported_by_variant_and_status(report) == requests_by_variant_and_status(before, after)
+    images = delta(before, after, "mame_images_total", ("variant", "status"), model="tiny")
+    assert images == Counter({("mame-0.5", "200"): 60})
+    variant = report["variants"][0]
+    assert variant["ok"] == 20 and variant["ok_images_per_s"] == pytest.approx(3 * variant["ok_rps"])
+    assert variant["final_tokens_mean"] < 65.0
+
+
 @pytest.mark.skipif(shutil.which("locust", path=str(Path(sys.executable).parent)) is None,
                     reason="locust is not installed (pip install -e '.[loadtest]')")
 def test_locust_names_requests_by_variant(server: ServerProcess, tmp_path: Path) -> None:
