@@ -117,7 +117,33 @@ class InferenceService:
         variants = {name: dict(cfg.variants) for name, cfg in self.config.models.items()}
         max_batch = {name: cfg.batching.max_batch_size for name, cfg in self.config.models.items()}
         described: dict[str, ModelDescription] = {}
-        # Devices with a process of their own: the child loads the weights, the parent gets the description.
+        remote = self._start_device_processes(devices_of, all_devices, variants, max_batch, described)
+        local = self._load_in_process(devices_of, all_devices, variants, max_batch, described)
+        self.workers = [*remote, *local]
+        for name, cfg in self.config.models.items():
+            devices, d = devices_of[name], described[name]
+            dtypes = {str(resolve_dtype(cfg.dtype, device)).removeprefix("torch.") for device in devices}
+            info = ModelInfo(name, cfg.arch, d.weights, [str(device) for device in devices],
+                             ",".join(sorted(dtypes)), d.input_size, d.labels)
+            self.models[name] = info
+            self.transforms[name] = d.transform
+            self.metrics.model_info.labels(name, cfg.arch, info.weights, info.device_label, info.dtype).set(1)
+            log.info("model %s: %s, weights %s, on %s (%s)", name, cfg.arch, info.weights,
+                     info.device_label, info.dtype)
+        if self.decode_processes == "on" or (self.decode_processes == "auto" and any(
+                d.type == "cuda" for d in all_devices)):
+            self._decoders = DecodeProcesses(self.transforms, self.preprocess_threads)
+        for worker in self.workers:
+            worker.start()
+        self.ready.set()
+        log.info("ready: %d model(s) on %d worker(s) (%d in a device process), decoding in %s, after %.1f s",
+                 len(self.models), len(self.workers), len(remote),
+                 f"{self.preprocess_threads} processes" if self._decoders else "threads", time.monotonic() - started)
+
+    def _start_device_processes(self, devices_of, all_devices, variants, max_batch,
+                                described: dict[str, ModelDescription]) -> list[ProcessWorker]:
+        """Devices with a process of their own: each child loads the weights (all at the same time) and
+        warms up; the parent gets the models' descriptions."""
         spawned = []
         for device in filter(self._own_process, all_devices):
             names = [name for name, devices in devices_of.items() if device in devices]
@@ -125,11 +151,14 @@ class InferenceService:
                                    self.metrics, self.torch_threads, on_death=self._on_death)
             worker.spawn(WarmUp({n: list(variants[n].values()) for n in names}, max_batch) if self.warmup else None)
             spawned.append(worker)
-        for worker in spawned:  # every device loads at the same time
+        for worker in spawned:
             for name, description in worker.wait_loaded().items():
                 described.setdefault(name, description)
-            self.workers.append(worker)
-        # The other devices: one worker thread each in this process, sharing one CPU copy of the weights.
+        return spawned
+
+    def _load_in_process(self, devices_of, all_devices, variants, max_batch,
+                         described: dict[str, ModelDescription]) -> list[DeviceWorker]:
+        """The other devices: one worker thread each in this process, sharing one CPU copy of the weights."""
         in_process = [d for d in all_devices if not self._own_process(d)]
         per_device: dict[torch.device, dict[str, DeviceModel]] = {}
         for name, cfg in self.config.models.items():
@@ -150,26 +179,7 @@ class InferenceService:
         if self.warmup:
             for worker in local:
                 worker.warm_up(variants, max_batch)
-        self.workers.extend(local)
-        for name, cfg in self.config.models.items():
-            devices, d = devices_of[name], described[name]
-            dtypes = {str(resolve_dtype(cfg.dtype, device)).removeprefix("torch.") for device in devices}
-            info = ModelInfo(name, cfg.arch, d.weights, [str(device) for device in devices],
-                             ",".join(sorted(dtypes)), d.input_size, d.labels)
-            self.models[name] = info
-            self.transforms[name] = d.transform
-            self.metrics.model_info.labels(name, cfg.arch, info.weights, info.device_label, info.dtype).set(1)
-            log.info("model %s: %s, weights %s, on %s (%s)", name, cfg.arch, info.weights,
-                     info.device_label, info.dtype)
-        if self.decode_processes == "on" or (self.decode_processes == "auto" and any(
-                d.type == "cuda" for d in all_devices)):
-            self._decoders = DecodeProcesses(self.transforms, self.preprocess_threads)
-        for worker in self.workers:
-            worker.start()
-        self.ready.set()
-        log.info("ready: %d model(s) on %d worker(s) (%d in a device process), decoding in %s, after %.1f s",
-                 len(self.models), len(self.workers), len(self.workers) - len(local),
-                 f"{self.preprocess_threads} processes" if self._decoders else "threads", time.monotonic() - started)
+        return local
 
     def _on_death(self, exc: BaseException) -> None:
         """A device process died: the server is no longer ready, and it stops (its orchestrator restarts it)."""
