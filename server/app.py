@@ -374,7 +374,7 @@ def create_app(config: ServingConfig, *, preprocess_threads: int = 4, warmup: bo
         request_id = request.state.request_id
         # Client-chosen names become label values only when they exist (bounded series).
         known_experiment = experiment is not None and experiment in registry.names(include_stopped=True)
-        label_values = (model or "", "", experiment if known_experiment else "")
+        label_values = (model if model in config.models else "", "", experiment if known_experiment else "")
         n_images, status, in_flight = 0, 500, None
         route: Route | None = None
         final_tokens: list[int] = []
@@ -449,7 +449,7 @@ def create_app(config: ServingConfig, *, preprocess_threads: int = 4, warmup: bo
                 metrics.requests_of(*label_values, str(status)).inc()
                 if n_images:
                     metrics.images_of(*label_values, str(status)).inc(n_images)
-            else:  # rejected before routing: the model label may be any client-chosen name, not cached
+            else:  # rejected before routing (rare): no cached children for these label values
                 metrics.request_duration.labels(*label_values).observe(elapsed)
                 metrics.requests.labels(*label_values, str(status)).inc()
 
