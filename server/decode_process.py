@@ -27,7 +27,6 @@ import torch
 
 from server.decode_child import ANSWER, ERROR, OK, REQUEST, plan_to_json, recv_exactly, recv_into_exactly
 from server.errors import ApiError, internal
-from server.imaging import decode_image
 from server.models import HostTransform
 
 log = logging.getLogger("mame.server")
@@ -52,10 +51,6 @@ class DecodeProcess:
                 cwd=REPO_ROOT)  # the checkout or the installed package: `server` imports either way
         self._sock = ours
         self._sock.sendall(struct.pack("!I", len(self._plan)) + self._plan)
-
-    @property
-    def pid(self) -> int:
-        return self._process.pid
 
     def __call__(self, model: str, data: bytes, max_pixels: int) -> torch.Tensor:
         """Image bytes -> uint8 [3, H, W], or the ApiError decoding raised in the child."""
@@ -98,16 +93,12 @@ class DecodeProcesses:
     """A fixed set of decode processes, each taken by the first preprocessing thread that needs one."""
 
     def __init__(self, transforms: dict[str, HostTransform], count: int):
-        self._transforms = transforms
         self._all = [DecodeProcess(transforms) for _ in range(count)]
         self._free = list(self._all)
         self._lock = threading.Lock()
         self._local = threading.local()
 
     def __call__(self, model: str, data: bytes, max_pixels: int) -> torch.Tensor:
-        transform = self._transforms[model]
-        if transform.resize_then_crop is None:  # an unusual transform: timm's own, in this thread
-            return transform(decode_image(data, max_pixels, needed_edge=transform.resize_edge))
         process = getattr(self._local, "process", None)
         if process is None:
             with self._lock:
@@ -115,9 +106,6 @@ class DecodeProcesses:
                     raise RuntimeError("more preprocessing threads than decode processes")
                 process = self._local.process = self._free.pop()
         return process(model, data, max_pixels)
-
-    def pids(self) -> list[int]:
-        return [process.pid for process in self._all]
 
     def stop(self) -> None:
         for process in self._all:

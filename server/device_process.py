@@ -34,7 +34,7 @@ from server.config import ModelConfig
 from server.metrics import Metrics
 from server.models import HostTransform, load_model
 from server.worker import (
-    channels_last_view,
+    batch_view,
     drop_expired,
     fail_batch,
     infer,
@@ -42,6 +42,7 @@ from server.worker import (
     resolve_batch,
     resolve_dtype,
     split_on_oom,
+    stack_into,
     warm_up_sizes,
 )
 
@@ -113,11 +114,7 @@ def _child_main(device_name: str, models: dict[str, ModelConfig], torch_threads:
             return
         _, slab, name, settings, size, top_k, channels_last = message
         dm = placed[name]
-        channels, height, width = dm.input_size
-        if channels_last:  # [B, H, W, 3] in the slab (see stack_batch), seen as [B, 3, H, W]
-            x = slabs[slab][: size * channels * height * width].view(size, height, width, channels).permute(0, 3, 1, 2)
-        else:
-            x = slabs[slab][: size * channels * height * width].view(size, channels, height, width)
+        x = batch_view(slabs[slab], size, dm.input_size, channels_last)  # as the parent stacked it
 
         def run(start: int, stop: int) -> tuple[Any, float]:
             started = time.monotonic()
@@ -129,7 +126,7 @@ def _child_main(device_name: str, models: dict[str, ModelConfig], torch_threads:
         try:
             answers.send(("done", slab, split_on_oom(run, 0, size, device)))
         except Exception as exc:
-            log.exception("device process %s: a batch of %d failed", device, size)
+            log.exception("device process %s: a batch of %d failed", device, size)  # the traceback, here
             answers.send(("error", slab, f"{type(exc).__name__}: {exc}"))
 
 
@@ -154,10 +151,6 @@ class ProcessWorker:
         self._process = None
         self._feeder = threading.Thread(target=self._feed, name=f"feeder-{device}", daemon=True)
         self._receiver = threading.Thread(target=self._receive, name=f"receiver-{device}", daemon=True)
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
 
     def launch(self, warm_up: WarmUp | None, timeout_s: float = 3600.0) -> dict[str, ModelDescription]:
         """Start the child; return once it has loaded (and warmed up) its models."""
@@ -221,15 +214,11 @@ class ProcessWorker:
                 self._free.put(slab)
                 continue
             first = items[0]
-            channels, height, width = self.described[first.model].input_size
-            channels_last = all(channels_last_view(item.image) for item in items)
             try:
-                memory = self._slabs[slab][: len(items) * channels * height * width]
-                if channels_last:  # a plain copy of the decoders' [H, W, 3] crops (see stack_batch)
-                    out = memory.view(len(items), height, width, channels)
-                    torch.stack([item.image.permute(1, 2, 0) for item in items], out=out)
-                else:
-                    torch.stack([item.image for item in items], out=memory.view(len(items), channels, height, width))
+                if tuple(first.image.shape) != self.described[first.model].input_size:
+                    raise ValueError(f"image of shape {tuple(first.image.shape)} for a model of input size "
+                                     f"{self.described[first.model].input_size}")
+                _, channels_last = stack_into([item.image for item in items], self._slabs[slab])
             except Exception as exc:  # noqa: BLE001 - e.g. an image of the wrong shape: only this batch fails
                 fail_batch(items, exc, self.device)
                 self._free.put(slab)

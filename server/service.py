@@ -189,9 +189,10 @@ class InferenceService:
 
     def preprocess(self, model: str, data: bytes, max_pixels: int) -> torch.Tensor:
         """Image bytes -> the uint8 [3, H, W] tensor the model's batches are made of (runs in a thread pool)."""
-        if self._decoders is not None:
-            return self._decoders(model, data, max_pixels)
         transform = self.transforms[model]
+        if self._decoders is not None and transform.resize_then_crop is not None:
+            return self._decoders(model, data, max_pixels)
+        # In this thread: on CPU, and for a model whose timm transform is not the usual resize + centre crop.
         return transform(decode_image(data, max_pixels, needed_edge=transform.resize_edge))
 
     def submit(self, model: str, variant: str, images: list[torch.Tensor], top_k: int,
