@@ -3,17 +3,51 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import sys
+import tempfile
+import threading
 from collections.abc import Sequence
 
 import uvicorn
 
 from server.app import create_app
 from server.config import ConfigError, load_config
+from server.frontend import FrontEndProcesses, listening_socket
 from server.settings import parse_settings
 
 # Answers to accepted requests may take this long beyond the request timeout during a graceful stop.
 SHUTDOWN_GRACE_S = 10.0
+
+
+class EngineServer(uvicorn.Server):
+    """The server process behind front-end processes: on SIGTERM or Ctrl-C the front-ends stop first (they
+    stop accepting and wait for their answers, which come from here); then this process drains and stops."""
+
+    def __init__(self, config: uvicorn.Config, frontends: FrontEndProcesses, workdir: str):
+        super().__init__(config)
+        self.frontends = frontends
+        self.workdir = workdir
+        self._draining = False
+
+    async def shutdown(self, sockets=None) -> None:
+        await super().shutdown(sockets)
+        # Here, not after run(): uvicorn re-raises a caught SIGTERM when serve() ends, which ends the process.
+        self.frontends.stop()  # after a fatal error; after a signal they have stopped already
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def handle_exit(self, sig, frame) -> None:
+        if self._draining:  # a second signal: the usual handling (a second Ctrl-C forces the exit)
+            super().handle_exit(sig, frame)
+            return
+        self._draining = True
+
+        def drain() -> None:
+            self.frontends.stop()
+            super(EngineServer, self).handle_exit(sig, frame)
+
+        threading.Thread(target=drain, name="drain-frontends", daemon=True).start()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -34,16 +68,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         if server is not None:
             server.should_exit = True
 
+    frontends = settings.http_processes
     app = create_app(config, preprocess_threads=settings.preprocess_threads, warmup=settings.warmup,
                      torch_threads=settings.torch_threads, device_process=settings.device_process,
-                     decode_processes=settings.decode_processes,
-                     on_fatal=on_fatal)
-    server = uvicorn.Server(uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level,
-        timeout_graceful_shutdown=int(config.limits.request_timeout_s + SHUTDOWN_GRACE_S),
-        access_log=settings.log_level == "debug",
-    ))
-    server.run()
+                     # behind front-ends, only requests they cannot decode for are decoded here: in threads
+                     decode_processes="off" if frontends and settings.decode_processes == "auto"
+                     else settings.decode_processes,
+                     on_fatal=on_fatal, behind_frontends=frontends > 0)
+    graceful_s = config.limits.request_timeout_s + SHUTDOWN_GRACE_S
+    options = {"log_level": settings.log_level, "timeout_graceful_shutdown": int(graceful_s),
+               "access_log": settings.log_level == "debug"}
+    if not frontends:
+        server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, **options))
+        server.run()
+    else:
+        try:
+            listener = listening_socket(settings.host, settings.port)
+        except OSError as exc:
+            print(f"mame-serve: cannot listen on {settings.host}:{settings.port}: {exc}", file=sys.stderr)
+            return 2
+        # The engine's socket and the front-ends' crop arenas, in shared memory where there is some.
+        workdir = tempfile.mkdtemp(prefix="mame-engine-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        engine_socket = os.path.join(workdir, "engine.sock")
+        processes = FrontEndProcesses(frontends, listener, engine_socket, settings.preprocess_threads,
+                                      settings.log_level, graceful_s, crops_dir=workdir,
+                                      arena_slots=settings.crop_arena_slots)
+        server = EngineServer(uvicorn.Config(app, uds=engine_socket, **options), processes, workdir)
+        processes.start()
+        try:
+            server.run()
+        finally:  # when it did not get as far as its shutdown
+            processes.stop()
+            shutil.rmtree(workdir, ignore_errors=True)
     if failure:
         print(f"mame-serve: stopped on a fatal error: {failure[0]}", file=sys.stderr)
         return 1

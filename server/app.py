@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import logging
+import mmap
+import os
 import random
 import re
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +17,7 @@ from contextlib import asynccontextmanager
 from dataclasses import asdict
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -31,7 +34,6 @@ from server.batching import QueueFull, SchedulerClosed, WorkItem
 from server.config import ServingConfig
 from server.errors import (
     ApiError,
-    bad_image,
     internal,
     invalid_parameter,
     not_ready,
@@ -48,9 +50,18 @@ from server.experiments import (
     check_admin,
     compare_top1,
 )
-from server.imaging import check_content_type
+from server.frontend import (
+    FRONTEND_CLIENT,
+    FRONTEND_CROPS_AT,
+    FRONTEND_ERROR,
+    FRONTEND_IMAGES,
+    FRONTEND_MODEL,
+    FRONTEND_MULTIPART,
+    FRONTEND_STARTED,
+    decode_plan,
+)
+from server.hostpath import image_payloads, run_all_in_pool
 from server.metrics import Metrics
-from server.multipart import MultipartError, TooManyParts, parse_multipart
 from server.routing import Route, as_api_error, build_registry, choose_route
 from server.service import InferenceService
 from server.worker import ImageResult
@@ -160,73 +171,6 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def image_payloads(request: Request, body: bytes, max_files: int) -> tuple[list[tuple[str, bytes]], bool]:
-    """(name, bytes) of each image, and whether the request was multipart (answered as a list if several)."""
-    content_type = request.headers.get("content-type", "")
-    if not content_type.lower().startswith("multipart/form-data"):
-        check_content_type(content_type)
-        return [("body", body)], False
-
-    try:
-        parts = parse_multipart(body, content_type, max_parts=max_files + 16)
-    except TooManyParts:
-        raise too_large(f"too many files in one request (limit {max_files})") from None
-    except MultipartError as exc:
-        raise bad_image(f"malformed multipart body: {exc}") from None
-    files = [part for part in parts if part.name == "file" and part.filename is not None]
-    if not files:
-        raise invalid_parameter("the multipart body has no `file` field holding an image")
-    if len(files) > max_files:
-        raise too_large(f"too many files in one request (limit {max_files})")
-    payloads = []
-    for part in files:
-        check_content_type(part.content_type)
-        payloads.append((part.filename or "file", part.data))
-    return payloads, True
-
-
-async def run_all_in_pool(pool: ThreadPoolExecutor, function: Callable[..., T], calls: list[tuple]) -> list[T]:
-    """`function(*args)` for each of `calls`, in parallel in `pool`; raises the first call's error, if any.
-
-    The event loop is woken once, when the last call is done: asyncio's run_in_executor wakes it once per
-    call, and those wake-ups held the GIL longer than anything else on the host path (py-spy, 8-image
-    requests: 43 % of the samples with the GIL held)."""
-    if not calls:
-        return []
-    loop = asyncio.get_running_loop()
-    all_done = loop.create_future()
-    results: list[Any] = [None] * len(calls)
-    errors: list[BaseException | None] = [None] * len(calls)
-    remaining = [len(calls)]
-    lock = threading.Lock()
-
-    def finish() -> None:
-        if not all_done.done():  # the request may have been cancelled meanwhile
-            all_done.set_result(None)
-
-    def call(i: int, args: tuple) -> None:
-        try:
-            results[i] = function(*args)
-        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting request
-            errors[i] = exc
-        with lock:
-            remaining[0] -= 1
-            last = remaining[0] == 0
-        if last:
-            try:
-                loop.call_soon_threadsafe(finish)
-            except RuntimeError:  # the loop has closed: nobody is waiting
-                pass
-
-    for i, args in enumerate(calls):
-        pool.submit(call, i, args)
-    await all_done
-    for error in errors:
-        if error is not None:
-            raise error
-    return results
-
-
 def image_answer(route: Route, weights: str, labels: list[str], request_id: str, result: ImageResult,
                  total_s: float) -> dict[str, Any]:
     per_block = result.tokens_per_block
@@ -259,9 +203,68 @@ def image_answer(route: Route, weights: str, labels: list[str], request_id: str,
     }
 
 
+class Reroute(Exception):
+    """A front-end decoded a request's images for another model than its route's (an experiment's model it
+    did not know yet): it sends the request again undecoded. Not an answer, not counted."""
+
+
+def raise_frontend_error(request: Request) -> None:
+    """The error a front-end process met reading or decoding the request's images, if any."""
+    error = request.headers.get(FRONTEND_ERROR)
+    if error is not None:
+        found = json.loads(error)
+        raise ApiError(found["status"], found["code"], found["detail"])
+
+
+class CropArenas:
+    """The front-end processes' crop arenas (server/frontend.py `CropArena`), each mapped here once."""
+
+    def __init__(self) -> None:
+        self._mapped: dict[str, torch.Tensor] = {}
+
+    def crops(self, at: str, input_size: tuple[int, int, int]) -> list[torch.Tensor]:
+        """The crops at "<arena file> <offset> ..." as channels-last [3, H, W] views of the arena."""
+        path, *offsets = at.split(" ")
+        memory = self._mapped.get(path)
+        if memory is None:
+            # A front-end that died left its file, which its supervisor deleted: let go of those mappings
+            # (views still in a batch keep theirs alive until it is done).
+            self._mapped = {p: m for p, m in self._mapped.items() if os.path.exists(p)}
+            with open(path, "r+b") as file:
+                memory = self._mapped[path] = torch.frombuffer(mmap.mmap(file.fileno(), 0), dtype=torch.uint8)
+        channels, height, width = input_size
+        size = channels * height * width
+        return [memory[start:start + size].view(height, width, channels).permute(2, 0, 1)
+                for start in map(int, offsets)]
+
+
+async def frontend_crops(request: Request, input_size: tuple[int, int, int], arenas: CropArenas) -> list[torch.Tensor]:
+    """The uint8 crops a front-end process made: in its shared-memory arena, or else in the body ([H, W, 3]
+    each, back to back); as channels-last [3, H, W] views (the decode processes' layout)."""
+    at = request.headers.get(FRONTEND_CROPS_AT)
+    if at is not None:
+        return arenas.crops(at, input_size)
+    channels, height, width = input_size
+    crop = channels * height * width
+    memory = torch.empty(int(request.headers[FRONTEND_IMAGES]) * crop, dtype=torch.uint8)
+    view, filled = memory.numpy(), 0
+    async for chunk in request.stream():  # copied straight into the tensor: no join of the chunks
+        if filled + len(chunk) > len(view):
+            raise internal("a front-end sent more bytes than its images' crops")
+        view[filled:filled + len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
+        filled += len(chunk)
+    if filled != len(view):
+        raise internal(f"a front-end sent {filled} bytes for crops of {len(view)}")
+    return [memory[i * crop:(i + 1) * crop].view(height, width, channels).permute(2, 0, 1)
+            for i in range(len(view) // crop)]
+
+
 def create_app(config: ServingConfig, *, preprocess_threads: int = 4, warmup: bool = True,
                torch_threads: int | None = None, device_process: str = "auto", decode_processes: str = "auto",
-               on_fatal: Callable[[BaseException], None] | None = None) -> FastAPI:
+               on_fatal: Callable[[BaseException], None] | None = None, behind_frontends: bool = False) -> FastAPI:
+    """The server's application. `behind_frontends`: it listens on a private Unix socket behind HTTP
+    front-end processes (server/frontend.py), which decode images and send crops to `/internal/classify`;
+    their `x-mame-*` headers (client address, start time) are trusted, as nothing else can connect."""
     metrics = Metrics()
     service = InferenceService(config, metrics, warmup=warmup, torch_threads=torch_threads or torch.get_num_threads(),
                                device_process=device_process, decode_processes=decode_processes,
@@ -273,6 +276,7 @@ def create_app(config: ServingConfig, *, preprocess_threads: int = 4, warmup: bo
     limits = config.limits
     registry = build_registry(config)
     admin_token = admin_token_from_env()
+    arenas = CropArenas()
     shadow_tasks: set[asyncio.Task] = set()  # strong references: the loop keeps only weak ones
 
     def sync_weights() -> None:
@@ -362,20 +366,28 @@ def create_app(config: ServingConfig, *, preprocess_threads: int = 4, warmup: bo
         shadow_tasks.add(task)
         task.add_done_callback(shadow_tasks.discard)
 
-    async def classify_request(request: Request) -> Response:
+    def client_host(request: Request) -> str | None:
+        if behind_frontends:
+            return request.headers.get(FRONTEND_CLIENT)
+        return request.client.host if request.client else None
+
+    async def classify_request(request: Request, from_frontend: bool = False) -> Response:
         """`POST /v1/classify`: the answer, or an ApiError. Plain Python on the request's path: it runs on the
-        event loop, the one thread every request passes through (docs/CONTRACT.md has the contract)."""
+        event loop, the one thread every request passes through (docs/CONTRACT.md has the contract).
+
+        `from_frontend`: `/internal/classify`, the same request decoded by a front-end process."""
         params = request.query_params
         model, variant, experiment = params.get("model"), params.get("variant"), params.get("experiment")
         # Read before anything else, as FastAPI's parameter validation did: a bad value is a 422, uncounted.
         top_k = query_int(params.get("top_k"), "top_k", DEFAULT_TOP_K)
-        started = time.monotonic()
+        # CLOCK_MONOTONIC is one clock for every process of the host: the front-end's start counts.
+        started = float(request.headers[FRONTEND_STARTED]) if from_frontend else time.monotonic()
         deadline = started + limits.request_timeout_s
         request_id = request.state.request_id
         # Client-chosen names become label values only when they exist (bounded series).
         known_experiment = experiment is not None and experiment in registry.names(include_stopped=True)
         label_values = (model if model in config.models else "", "", experiment if known_experiment else "")
-        n_images, status, in_flight = 0, 500, None
+        n_images, status, in_flight, counted = 0, 500, None, True
         route: Route | None = None
         final_tokens: list[int] = []
         gflops: list[float] = []
@@ -387,14 +399,22 @@ def create_app(config: ServingConfig, *, preprocess_threads: int = 4, warmup: bo
                 raise invalid_parameter(f"top_k must be between 1 and {limits.max_top_k}, got {top_k}")
             route = choose_route(registry, model=model, variant=variant, experiment=experiment,
                                  headers=request.headers, query=params,
-                                 client_host=request.client.host if request.client else None)
+                                 client_host=client_host(request))
             label_values = (route.model, route.variant, route.experiment or "")
             in_flight = metrics.in_flight_of(route.model, route.variant)
             in_flight.inc()
-            body = await read_body(request, limits.max_body_bytes)
-            payloads, multipart = image_payloads(request, body, limits.max_images_per_request)
-            n_images = len(payloads)
-            images = await run_all_in_pool(pool, prepare, [(route.model, data) for _, data in payloads])
+            if from_frontend:
+                n_images, multipart = int(request.headers[FRONTEND_IMAGES]), request.headers[FRONTEND_MULTIPART] == "1"
+                raise_frontend_error(request)  # errors first: they do not depend on the model
+                if request.headers.get(FRONTEND_MODEL) != route.model:
+                    raise Reroute(route.model)
+                images = await frontend_crops(request, service.models[route.model].input_size, arenas)
+            else:
+                body = await read_body(request, limits.max_body_bytes)
+                payloads, multipart = image_payloads(request.headers.get("content-type", ""), body,
+                                                     limits.max_images_per_request)
+                n_images = len(payloads)
+                images = await run_all_in_pool(pool, prepare, [(route.model, data) for _, data in payloads])
             try:
                 items = service.submit(route.model, route.variant, list(images), top_k, deadline)
             except QueueFull as exc:
@@ -424,7 +444,9 @@ def create_app(config: ServingConfig, *, preprocess_threads: int = 4, warmup: bo
                 final_tokens.append(final)
                 gflops.append(r.gflops)
             if route.shadow_variant is not None:
-                start_shadow(route, list(images), list(results))
+                # Crops in a front-end's arena are its to reuse once this request is answered: copied.
+                start_shadow(route, [image.clone() for image in images] if from_frontend else list(images),
+                             list(results))
             status = 200
             if multipart and len(answers) > 1:
                 return json_response({"request_id": request_id, "results": answers})
@@ -432,6 +454,9 @@ def create_app(config: ServingConfig, *, preprocess_threads: int = 4, warmup: bo
         except ApiError as exc:
             status = exc.status
             raise
+        except Reroute as exc:
+            counted = False
+            return JSONResponse({"error": "reroute", "detail": f"the route's model is {exc}"}, status_code=409)
         except Exception as exc:
             log.exception("request %s failed", request_id)
             raise internal(f"{type(exc).__name__}: {exc}") from None
@@ -440,7 +465,9 @@ def create_app(config: ServingConfig, *, preprocess_threads: int = 4, warmup: bo
             if in_flight is not None:
                 in_flight.dec()
             elapsed = time.monotonic() - started
-            if route is not None:
+            if not counted:
+                pass
+            elif route is not None:
                 ok = status == 200
                 registry.record_request(route, status=status, latency_s=elapsed,
                                         final_tokens=final_tokens if ok else [], gflops=gflops if ok else [])
@@ -467,6 +494,20 @@ def create_app(config: ServingConfig, *, preprocess_threads: int = 4, warmup: bo
         return await classify_request(request)
 
     direct_routes["POST", "/v1/classify"] = classify_request
+    if behind_frontends:
+        direct_routes["POST", "/internal/classify"] = lambda request: classify_request(request, from_frontend=True)
+
+        @app.get("/internal/plan", include_in_schema=False)
+        async def frontend_plan() -> dict[str, Any]:
+            """What a front-end process needs to decode requests itself (server/frontend.py)."""
+            return {
+                "ready": service.ready.is_set(),
+                "limits": limits.model_dump(),
+                "default_model": config.default_model_name,
+                "experiment_models": {e["name"]: e["model"] for e in registry.summaries() if e["status"] == "running"},
+                "decoders": {name: decode_plan(service.transforms[name], info.input_size)
+                             for name, info in service.models.items()} if service.ready.is_set() else {},
+            }
 
     @app.get("/v1/models", summary="Served models and their variants")
     async def list_models() -> dict[str, Any]:

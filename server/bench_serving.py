@@ -101,7 +101,7 @@ def server_env(args: argparse.Namespace) -> dict[str, str]:
 
 def server_args(args: argparse.Namespace) -> list[str]:
     return ["--preprocess-threads", str(args.preprocess_threads), "--device-process", args.device_process,
-            "--decode-processes", args.decode_processes]
+            "--decode-processes", args.decode_processes, "--http-processes", str(args.http_processes)]
 
 
 def build_offline(args: argparse.Namespace) -> tuple[DeviceModel, HostTransform]:
@@ -449,6 +449,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="the server's --device-process (auto: on for CUDA)")
     parser.add_argument("--decode-processes", default="auto", choices=["auto", "on", "off"],
                         help="the server's --decode-processes (auto: on for CUDA)")
+    parser.add_argument("--http-processes", type=int, default=0,
+                        help="the server's --http-processes (front-end processes for HTTP and decoding)")
     parser.add_argument("--images-per-request", type=int, default=1,
                         help="throughput: images in each request (several: one multipart body)")
     parser.add_argument("--image-edge", type=int, default=0,

@@ -49,8 +49,13 @@ def images() -> list[bytes]:
 # --------------------------------------------------------- a server without admin: routing and shadows
 
 
-@pytest.fixture(scope="module")
-def server():
+# Each server runs as one process, and with HTTP front-end processes (server/frontend.py): routing, sticky
+# keys, shadows, reports and admin changes must not differ.
+LAYOUTS = {"one-process": [], "front-ends": ["--http-processes", "2"]}
+
+
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def server(request):
     variants = {"baseline": {"method": "none"}, "twin": {"method": "none"},
                 "mame-0.5": {"method": "mame", "tau": 0.5, "blocks": 3}}
     config = tiny_config(variants, experiments={"twins": {
@@ -58,7 +63,7 @@ def server():
         "shadow": {"variant": "baseline", "rate": 1.0}}})
     plain = config["models"]["tiny"]
     config["models"]["plain"] = {**plain, "variants": {"baseline": {"method": "none"}}, "default_variant": "baseline"}
-    with running_server(config, env={"MAME_ADMIN_TOKEN": ""}) as proc:
+    with running_server(config, env={"MAME_ADMIN_TOKEN": ""}, args=LAYOUTS[request.param]) as proc:
         yield proc
 
 
@@ -162,13 +167,13 @@ def test_admin_endpoints_do_not_exist_without_a_token(server):
 # ------------------------------------------------------- a server with admin and a small queue
 
 
-@pytest.fixture(scope="module")
-def admin_server():
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def admin_server(request):
     config = tiny_config(
         batching={"max_batch_size": 4, "max_wait_ms": 10, "max_queue": 8},
         experiments={"burst": {"model": "tiny", "split": {"mame-0.5": 1.0},
                                "shadow": {"variant": "baseline", "rate": 1.0}}})
-    with running_server(config, env={"MAME_ADMIN_TOKEN": TOKEN}) as proc:
+    with running_server(config, env={"MAME_ADMIN_TOKEN": TOKEN}, args=LAYOUTS[request.param]) as proc:
         yield proc
 
 

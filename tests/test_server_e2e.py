@@ -35,15 +35,22 @@ def images() -> dict[str, bytes]:
     return sample_images()
 
 
-# Every test of the module-wide server runs twice: everything in the server process (the default on CPU),
-# and with decoding and batches in child processes (the default with CUDA devices; server/decode_process.py,
-# server/device_process.py).
-@pytest.fixture(scope="module", params=["off", "on"], ids=["in-process", "child-processes"])
+# The ways the server runs its work (server/device_process.py, server/decode_process.py, server/frontend.py).
+PROCESS_LAYOUTS = {
+    "in-process": ["--device-process", "off", "--decode-processes", "off"],  # the default on CPU
+    "child-processes": ["--device-process", "on", "--decode-processes", "on"],  # the default with CUDA
+    "front-ends": ["--http-processes", "2", "--device-process", "on"],
+    "front-ends, crops in bodies": ["--http-processes", "2", "--crop-arena-slots", "0"],
+}
+
+
+# Every test of the module-wide server runs in each layout.
+@pytest.fixture(scope="module", params=list(PROCESS_LAYOUTS))
 def server(request):
     config = tiny_config(batching={"max_batch_size": 16, "max_wait_ms": 100, "max_queue": 256},
                          limits={"max_body_bytes": 300_000, "max_pixels": 1_000_000, "request_timeout_s": 30})
     config["models"]["tiny"]["weights"] = "auto"  # offline here (HF_HUB_OFFLINE=1): random-init, said so
-    args = ["--device-process", request.param, "--decode-processes", request.param, "--preprocess-threads", "2"]
+    args = [*PROCESS_LAYOUTS[request.param], "--preprocess-threads", "2"]
     with running_server(config, args=args) as proc:
         yield proc
 
@@ -221,11 +228,10 @@ def test_request_past_its_deadline_gets_504(images):
         assert httpx.get(f"{server.url}/healthz").status_code == 200
 
 
-@pytest.mark.parametrize("device_process", ["off", "on"])
-def test_sigterm_under_load_answers_every_accepted_request(images, device_process):
+@pytest.mark.parametrize("layout", ["in-process", "child-processes", "front-ends"])
+def test_sigterm_under_load_answers_every_accepted_request(images, layout):
     config = tiny_config(batching={"max_batch_size": 4, "max_wait_ms": 30, "max_queue": 1000})
-    with running_server(config, args=["--log-level", "debug", "--device-process", device_process,
-                                      "--decode-processes", device_process]) as server:
+    with running_server(config, args=["--log-level", "debug", *PROCESS_LAYOUTS[layout]]) as server:
         outcomes: dict[str, object] = {}
         first_answers = threading.Semaphore(0)
 

@@ -1,0 +1,431 @@
+"""HTTP front-end processes (`mame-serve --http-processes N`): HTTP and decoding spread over N processes.
+
+Why: one server process tops out at a few thousand images per second however many cores it has, because
+its event loop, its decoding and its batch plumbing share one interpreter (measured on an H200 host:
+2,189 img/s served against 8,951 offline). With front-ends, the server process (the "engine") keeps what
+must be one: the scheduler and the device workers (one copy of the weights per device), the A/B registry,
+the metrics. It listens on a private Unix socket. N front-end processes accept the public port (one
+listening socket, inherited) and, for `POST /v1/classify`, read the body, split multipart, decode and crop
+each image (PIL, in threads of their own), then send the uint8 crops to the engine's
+`/internal/classify` with the request's query and headers. The engine routes, batches, answers and counts
+exactly as for a request it decoded itself, so answers, errors, A/B assignment and metrics are the same;
+its cost per image is a memory copy. Every other request is passed to the engine as it came.
+
+A request the front-end cannot decode for (an unknown model or experiment, a model whose timm transform is
+not the usual resize + centre crop, the engine still loading) goes to the engine undecoded. An error the
+front-end meets (body too large, not an image, undecodable) is sent to the engine to answer and count,
+after the checks that come first (readiness, parameters, routing). This module imports no torch: a
+front-end process is small.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import mmap
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl
+
+import httpx
+import uvicorn
+from PIL import Image
+
+from server.errors import ApiError, internal, not_ready, too_large
+from server.hostpath import image_payloads, run_all_in_pool
+from server.imaging import ResizeCrop, decode_image
+
+log = logging.getLogger("mame.frontend")
+
+# Headers from a front-end to the engine (a client's own x-mame-* headers are dropped on the way in).
+FRONTEND_CLIENT = "x-mame-client"  # the client's address (sticky assignment by client)
+FRONTEND_STARTED = "x-mame-started"  # time.monotonic() when the front-end took the request
+FRONTEND_MODEL = "x-mame-model"  # the model the crops were made for
+FRONTEND_IMAGES = "x-mame-images"  # images in the request (counted even when it fails)
+FRONTEND_MULTIPART = "x-mame-multipart"  # "1": a multipart request (several images answer as a list)
+FRONTEND_ERROR = "x-mame-error"  # JSON {status, code, detail}: what reading or decoding the images raised
+FRONTEND_CROPS_AT = "x-mame-crops-at"  # "<arena file> <byte offset> ...": the crops are in shared memory
+
+# Not passed on between a client and the engine: connection-level headers, and the length (recomputed).
+_NOT_FORWARDED = {b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer", b"upgrade",
+                  b"proxy-connection", b"host", b"content-length", b"date", b"server"}
+PLAN_MAX_AGE_S = 5.0  # how stale the engine's experiments may be here (a stale one costs a re-send, no error)
+LOADING_RECHECK_S = 0.5
+ARENA_MIN_SLOTS = 256  # crops in shared memory per front-end (38 MiB at 224 px); more in flight go in bodies
+
+
+def decode_plan(transform: Any, input_size: Sequence[int]) -> list | None:
+    """A model's decoding as JSON for the front-ends: [resize_edge, resize, crop_h, crop_w, resample], when
+    its host transform is the fused resize + centre crop to the model's input size (else None)."""
+    fused: ResizeCrop | None = transform.resize_then_crop
+    if fused is None or tuple(fused.crop) != tuple(input_size[1:]):
+        return None
+    return [transform.resize_edge, fused.edge, *fused.crop, int(fused.resample)]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a front-end knows of the engine: limits, model choice, and how to decode for each model."""
+
+    ready: bool
+    max_body_bytes: int
+    max_pixels: int
+    max_images: int
+    default_model: str
+    experiment_models: dict[str, str]  # running experiments
+    decoders: dict[str, tuple[int, ResizeCrop]]  # model -> (resize edge, resize + crop)
+    fetched_at: float
+
+    @classmethod
+    def from_json(cls, data: dict, fetched_at: float) -> Plan:
+        decoders = {name: (edge, ResizeCrop(resize, (crop_h, crop_w), Image.Resampling(resample)))
+                    for name, plan in data["decoders"].items() if plan is not None
+                    for edge, resize, crop_h, crop_w, resample in [plan]}
+        limits = data["limits"]
+        return cls(data["ready"], limits["max_body_bytes"], limits["max_pixels"], limits["max_images_per_request"],
+                   data["default_model"], data["experiment_models"], decoders, fetched_at)
+
+    def model_for(self, params: dict[str, str]) -> str | None:
+        """The model the engine will route a request to (its rule, server/routing.py), if decodable here."""
+        experiment = params.get("experiment")
+        if experiment is not None:
+            model = self.experiment_models.get(experiment)
+        else:
+            model = params.get("model", self.default_model)
+        return model if model in self.decoders else None
+
+
+class CropArena:
+    """Slots for crops in a file in shared memory (/dev/shm) that the engine maps too, so crops reach it
+    without passing through its event loop: sent in the request body, 16 crops of 224 px (2.4 MB) cost the
+    engine's event loop 2.6 ms per request here, most of its work per image.
+
+    Allocated at once (posix_fallocate): a full /dev/shm fails here, at start, and not as a SIGBUS later.
+    Slots are taken and given back on the event loop only; a request that finds too few free slots sends
+    its crops in the body. Slots are reused last-freed first, so a light load touches few pages."""
+
+    def __init__(self, directory: str, slot_bytes: int, slots: int):
+        fd, self.path = tempfile.mkstemp(prefix=f"crops-{os.getpid()}-", dir=directory)
+        try:
+            os.posix_fallocate(fd, 0, slot_bytes * slots)
+            self.memory = mmap.mmap(fd, slot_bytes * slots)
+        except OSError:
+            os.unlink(self.path)
+            raise
+        finally:
+            os.close(fd)
+        self.slot_bytes = slot_bytes
+        self._free = list(range(slots - 1, -1, -1))
+
+    def take(self, count: int) -> list[int] | None:
+        if count > len(self._free):
+            return None
+        taken = self._free[-count:]
+        del self._free[-count:]
+        return taken
+
+    def give_back(self, slots: list[int]) -> None:
+        self._free.extend(reversed(slots))
+
+    def close(self) -> None:
+        self.memory.close()
+        os.unlink(self.path)
+
+
+def decode_crop(decoder: tuple[int, ResizeCrop], data: bytes, max_pixels: int, arena: CropArena | None = None,
+                slot: int = 0) -> bytes:
+    """Image bytes -> the model's uint8 crop as [H, W, 3] bytes (the same pixels as the engine's decoding),
+    or written into the arena's `slot` (then b"")."""
+    resize_edge, resize_crop = decoder
+    crop = resize_crop(decode_image(data, max_pixels, needed_edge=resize_edge)).tobytes()
+    if arena is None:
+        return crop
+    start = slot * arena.slot_bytes
+    arena.memory[start:start + len(crop)] = crop
+    return b""
+
+
+def error_header(exc: ApiError) -> bytes:
+    return json.dumps({"status": exc.status, "code": exc.code, "detail": exc.detail}).encode()
+
+
+class FrontEnd:
+    """The ASGI application of one front-end process."""
+
+    def __init__(self, engine_socket: str, threads: int, crops_dir: str | None = None,
+                 arena_slots: int | None = None):
+        self.engine_socket = engine_socket
+        self.crops_dir = crops_dir if arena_slots != 0 else None
+        self.arena_slots = arena_slots
+        self.arena: CropArena | None = None
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="decode")
+        self.plan: Plan | None = None
+        self._plan_lock = asyncio.Lock()
+        self.engine: httpx.AsyncClient | None = None
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        headers = [(k, v) for k, v in scope["headers"] if k not in _NOT_FORWARDED and not k.startswith(b"x-mame-")]
+        if scope.get("client"):
+            headers.append((FRONTEND_CLIENT.encode(), scope["client"][0].encode()))
+        target = scope["raw_path"].decode("latin-1") + (f"?{scope['query_string'].decode('latin-1')}"
+                                                        if scope["query_string"] else "")
+        try:
+            if scope["method"] == "POST" and scope["path"] == "/v1/classify":
+                response = await self._classify(scope, receive, headers)
+            else:
+                response = await self._engine(scope["method"], target, headers, await read_all(receive))
+        except httpx.TransportError as exc:
+            log.warning("the engine is not reachable: %s", exc)
+            error = not_ready(f"the inference engine is not reachable ({type(exc).__name__})")
+            body = json.dumps({"error": error.code, "detail": error.detail}).encode()
+            await respond(send, 503, [(b"content-type", b"application/json"), (b"retry-after", b"5")], body)
+            return
+        await respond(send, response.status_code,
+                      [(k, v) for k, v in response.headers.raw if k.lower() not in _NOT_FORWARDED], response.content)
+
+    async def _engine(self, method: str, target: str, headers: list, body: bytes) -> httpx.Response:
+        assert self.engine is not None
+        return await self.engine.request(method, target, headers=headers, content=body)
+
+    async def _classify(self, scope: dict, receive: Callable, headers: list) -> httpx.Response:
+        started = time.monotonic()
+        query = scope["query_string"].decode("latin-1")
+        plan = await self._current_plan()
+        body, error, n_images, slots = b"", None, 0, None
+        try:
+            body = await read_limited(receive, header(scope["headers"], b"content-length"), plan.max_body_bytes)
+            model = plan.model_for(dict(parse_qsl(query, keep_blank_values=True)))
+            payloads, multipart = image_payloads(header(headers, b"content-type"), body, plan.max_images)
+            n_images = len(payloads)
+            if model is None:  # not decodable here: the engine decodes
+                return await self._engine("POST", f"/v1/classify?{query}", headers, body)
+            decoder = plan.decoders[model]
+            slots = self.arena.take(len(payloads)) if self.arena is not None else None
+            arena = self.arena if slots is not None else None
+            crops = await run_all_in_pool(self.pool, decode_crop, [
+                (decoder, data, plan.max_pixels, arena, slots[i] if slots else 0) for i, (_, data) in enumerate(payloads)])
+        except ApiError as exc:
+            error = exc
+        except Exception as exc:  # the engine answers it as a 500, counted like any other
+            log.exception("decoding a request failed")
+            error = internal(f"{type(exc).__name__}: {exc}")
+        internal_headers = [(FRONTEND_STARTED.encode(), repr(started).encode()),
+                            (FRONTEND_IMAGES.encode(), str(n_images).encode())]
+        if error is not None:
+            internal_headers.append((FRONTEND_ERROR.encode(), error_header(error)))
+            crops, model, multipart = [], "", False
+        elif slots is not None:
+            assert self.arena is not None
+            at = " ".join([self.arena.path, *(str(slot * self.arena.slot_bytes) for slot in slots)])
+            internal_headers.append((FRONTEND_CROPS_AT.encode(), at.encode()))
+        internal_headers += [(FRONTEND_MODEL.encode(), model.encode()),
+                             (FRONTEND_MULTIPART.encode(), b"1" if multipart else b"0")]
+        kept = [(k, v) for k, v in headers if k != b"content-type"]
+        try:
+            response = await self._engine("POST", f"/internal/classify?{query}", kept + internal_headers,
+                                          b"".join(crops))
+        finally:
+            if slots is not None:  # the engine has answered: it has copied the crops into a batch (or given up)
+                self.arena.give_back(slots)
+        if response.status_code == 409 and response.json().get("error") == "reroute":
+            # The route's model is not the one decoded for (an experiment this front-end did not know yet).
+            await self._current_plan(refresh=True)
+            return await self._engine("POST", f"/v1/classify?{query}", headers, body)
+        return response
+
+    async def _current_plan(self, refresh: bool = False) -> Plan:
+        plan, now = self.plan, time.monotonic()
+        stale = plan is None or now - plan.fetched_at > (PLAN_MAX_AGE_S if plan.ready else LOADING_RECHECK_S)
+        if refresh or stale:
+            async with self._plan_lock:
+                if self.plan is plan:  # nobody fetched it meanwhile
+                    assert self.engine is not None
+                    answer = await self.engine.get("/internal/plan")
+                    answer.raise_for_status()
+                    self.plan = Plan.from_json(answer.json(), time.monotonic())
+                    if self.plan.ready and self.arena is None and self.crops_dir and self.plan.decoders:
+                        self.arena = self._arena(self.plan)
+        assert self.plan is not None
+        return self.plan
+
+    def _arena(self, plan: Plan) -> CropArena | None:
+        slot_bytes = max(3 * crop_h * crop_w for _, (_, rc) in plan.decoders.items() for crop_h, crop_w in [rc.crop])
+        slots = self.arena_slots or max(ARENA_MIN_SLOTS, 4 * plan.max_images)
+        try:
+            return CropArena(self.crops_dir, slot_bytes, slots)
+        except OSError as exc:
+            log.warning("no shared memory for crops (%s: %d MiB in %s): crops go in request bodies", exc,
+                        slot_bytes * slots >> 20, self.crops_dir)
+            return None
+
+    async def _lifespan(self, receive: Callable, send: Callable) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                self.engine = httpx.AsyncClient(
+                    transport=httpx.AsyncHTTPTransport(uds=self.engine_socket), base_url="http://engine",
+                    timeout=None,  # the engine answers every request by its deadline
+                    limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                if self.engine is not None:
+                    await self.engine.aclose()
+                self.pool.shutdown(wait=True)
+                if self.arena is not None:
+                    self.arena.close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+def header(headers: list[tuple[bytes, bytes]], name: bytes) -> str:
+    return next((v.decode("latin-1") for k, v in headers if k == name), "")
+
+
+async def read_all(receive: Callable) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def read_limited(receive: Callable, declared: str, limit: int) -> bytes:
+    """The body, or 413 as soon as it passes `limit` bytes (or announces more): the engine's read_body."""
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large(f"request body of {declared} bytes is over the limit of {limit} bytes")
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise too_large(f"request body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def respond(send: Callable, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+# ---- the processes
+
+
+class FrontEndProcesses:
+    """The engine's side: starts `count` front-end processes on one listening socket, replaces one that
+    dies, and stops them (each drains: it answers what it accepted) before the engine stops."""
+
+    def __init__(self, count: int, listener: socket.socket, engine_socket: str, threads: int, log_level: str,
+                 graceful_s: float, crops_dir: str | None, arena_slots: int | None = None):
+        self.crops_dir = crops_dir
+        self.arena_slots = arena_slots
+        self.count = count
+        self.listener = listener
+        self.engine_socket = engine_socket
+        self.threads = threads
+        self.log_level = log_level
+        self.graceful_s = graceful_s
+        self.processes: list[subprocess.Popen] = []
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._monitor = threading.Thread(target=self._watch, name="frontend-monitor", daemon=True)
+
+    def start(self) -> None:
+        with self._lock:
+            self.processes = [self._spawn() for _ in range(self.count)]
+        self._monitor.start()
+        log.info("%d HTTP front-end process(es) on %s, %d decoding threads each", self.count,
+                 self.listener.getsockname(), self.threads)
+
+    def _spawn(self) -> subprocess.Popen:
+        fd = self.listener.fileno()
+        return subprocess.Popen(
+            [sys.executable, "-m", "server.frontend", "--fd", str(fd), "--engine-socket", self.engine_socket,
+             "--threads", str(self.threads), "--log-level", self.log_level, "--graceful-s", str(self.graceful_s),
+             *(["--crops-dir", self.crops_dir] if self.crops_dir else []),
+             *(["--arena-slots", str(self.arena_slots)] if self.arena_slots is not None else [])],
+            pass_fds=[fd], cwd=Path(__file__).resolve().parent.parent)  # `server` imports from the checkout too
+
+    def _watch(self) -> None:
+        while not self._stopping.wait(0.5):
+            with self._lock:
+                for i, process in enumerate(self.processes):
+                    if process.poll() is not None and not self._stopping.is_set():
+                        log.error("front-end process %d exited with %s; starting another", process.pid,
+                                  process.returncode)
+                        for leftover in Path(self.crops_dir or ".").glob(f"crops-{process.pid}-*"):
+                            leftover.unlink()  # its crop arena (the engine lets go of its mapping)
+                        self.processes[i] = self._spawn()
+
+    def stop(self) -> None:
+        """Stop accepting (the listening socket closes here and in each front-end), let each answer what
+        it accepted, then return. Idempotent."""
+        with self._lock:
+            if self._stopping.is_set():
+                return
+            self._stopping.set()
+            self.listener.close()
+            for process in self.processes:
+                if process.poll() is None:
+                    process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.graceful_s + 5
+        for process in self.processes:
+            try:
+                process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.error("front-end process %d did not stop in time: killed", process.pid)
+                process.kill()
+                process.wait()
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The public socket, bound here once and inherited by every front-end (so a port in use fails at once)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.create_server((host, port), family=family, backlog=2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="one HTTP front-end process of mame-serve (started by it)")
+    parser.add_argument("--fd", type=int, required=True, help="the inherited listening socket")
+    parser.add_argument("--engine-socket", required=True, help="the engine's Unix socket")
+    parser.add_argument("--threads", type=int, default=4, help="decoding threads")
+    parser.add_argument("--log-level", default="info")
+    parser.add_argument("--graceful-s", type=float, default=40.0)
+    parser.add_argument("--crops-dir", help="where to put the shared-memory file for crops (default: none)")
+    parser.add_argument("--arena-slots", type=int, help="crops in shared memory (default: from the limits)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format=f"%(asctime)s %(levelname)s %(name)s[{os.getpid()}]: "
+                        "%(message)s")
+    sock = socket.socket(fileno=args.fd)
+    server = uvicorn.Server(uvicorn.Config(
+        FrontEnd(args.engine_socket, args.threads, args.crops_dir, args.arena_slots), log_level=args.log_level, lifespan="on",
+        timeout_graceful_shutdown=int(args.graceful_s), access_log=args.log_level == "debug"))
+    server.run(sockets=[sock])
+
+
+if __name__ == "__main__":
+    main()

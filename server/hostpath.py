@@ -1,0 +1,82 @@
+"""The torch-free part of a classify request's host path, shared by the server process and its HTTP
+front-end processes (server/frontend.py): the images of a body, and running calls in a thread pool."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from server.errors import bad_image, invalid_parameter, too_large
+from server.imaging import check_content_type
+from server.multipart import MultipartError, TooManyParts, parse_multipart
+
+T = TypeVar("T")
+
+
+def image_payloads(content_type: str, body: bytes, max_files: int) -> tuple[list[tuple[str, bytes]], bool]:
+    """(name, bytes) of each image, and whether the request was multipart (answered as a list if several)."""
+    if not content_type.lower().startswith("multipart/form-data"):
+        check_content_type(content_type)
+        return [("body", body)], False
+
+    try:
+        parts = parse_multipart(body, content_type, max_parts=max_files + 16)
+    except TooManyParts:
+        raise too_large(f"too many files in one request (limit {max_files})") from None
+    except MultipartError as exc:
+        raise bad_image(f"malformed multipart body: {exc}") from None
+    files = [part for part in parts if part.name == "file" and part.filename is not None]
+    if not files:
+        raise invalid_parameter("the multipart body has no `file` field holding an image")
+    if len(files) > max_files:
+        raise too_large(f"too many files in one request (limit {max_files})")
+    payloads = []
+    for part in files:
+        check_content_type(part.content_type)
+        payloads.append((part.filename or "file", part.data))
+    return payloads, True
+
+
+async def run_all_in_pool(pool: ThreadPoolExecutor, function: Callable[..., T], calls: list[tuple]) -> list[T]:
+    """`function(*args)` for each of `calls`, in parallel in `pool`; raises the first call's error, if any.
+
+    The event loop is woken once, when the last call is done: asyncio's run_in_executor wakes it once per
+    call, and those wake-ups held the GIL longer than anything else on the host path (py-spy, 8-image
+    requests: 43 % of the samples with the GIL held)."""
+    if not calls:
+        return []
+    loop = asyncio.get_running_loop()
+    all_done = loop.create_future()
+    results: list[Any] = [None] * len(calls)
+    errors: list[BaseException | None] = [None] * len(calls)
+    remaining = [len(calls)]
+    lock = threading.Lock()
+
+    def finish() -> None:
+        if not all_done.done():  # the request may have been cancelled meanwhile
+            all_done.set_result(None)
+
+    def call(i: int, args: tuple) -> None:
+        try:
+            results[i] = function(*args)
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting request
+            errors[i] = exc
+        with lock:
+            remaining[0] -= 1
+            last = remaining[0] == 0
+        if last:
+            try:
+                loop.call_soon_threadsafe(finish)
+            except RuntimeError:  # the loop has closed: nobody is waiting
+                pass
+
+    for i, args in enumerate(calls):
+        pool.submit(call, i, args)
+    await all_done
+    for error in errors:
+        if error is not None:
+            raise error
+    return results

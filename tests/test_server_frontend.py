@@ -1,0 +1,163 @@
+"""HTTP front-end processes (server/frontend.py): their pieces, and the engine's side over its real socket.
+
+The whole end-to-end suite also runs with front-ends (tests/test_server_e2e.py, tests/test_ab_e2e.py); these
+tests cover what it cannot reach from outside: the internal protocol and a front-end's death."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+from PIL import Image
+from serverproc import metric_values, running_server, sample_images, tiny_config
+
+from server.frontend import (
+    FRONTEND_CROPS_AT,
+    FRONTEND_ERROR,
+    FRONTEND_IMAGES,
+    FRONTEND_MODEL,
+    FRONTEND_MULTIPART,
+    FRONTEND_STARTED,
+    CropArena,
+    Plan,
+    decode_crop,
+)
+from server.imaging import ResizeCrop
+
+
+def plan(**overrides) -> Plan:
+    decoder = (64, ResizeCrop(64, (64, 64), Image.Resampling.BICUBIC))
+    values = {"ready": True, "max_body_bytes": 1 << 20, "max_pixels": 10**6, "max_images": 4,
+              "default_model": "tiny", "experiment_models": {"ab": "other"},
+              "decoders": {"tiny": decoder, "other": decoder}, "fetched_at": 0.0}
+    return Plan(**{**values, **overrides})
+
+
+def test_the_front_end_decodes_for_the_model_the_engine_will_route_to():
+    p = plan()
+    assert p.model_for({}) == "tiny"  # the default model
+    assert p.model_for({"model": "other"}) == "other"
+    assert p.model_for({"experiment": "ab"}) == "other"  # an experiment picks its model
+    assert p.model_for({"experiment": "ab", "model": "tiny"}) == "other"  # the engine answers 422 for this
+    assert p.model_for({"experiment": "new"}) is None  # not known yet: sent undecoded
+    assert p.model_for({"model": "nope"}) is None and p.model_for({"model": ""}) is None
+    assert plan(decoders={}).model_for({}) is None  # still loading, or a model without the fused transform
+
+
+def test_crop_arena_slots_are_taken_given_back_and_hold_the_decoded_crop(tmp_path):
+    arena = CropArena(str(tmp_path), slot_bytes=64 * 64 * 3, slots=3)
+    try:
+        first = arena.take(2)
+        assert first is not None and len(set(first)) == 2
+        assert arena.take(2) is None  # one slot left: the request would send its crops in the body
+        last = arena.take(1)
+        arena.give_back(last)
+        assert arena.take(1) == last  # last freed, first reused: a light load touches few pages
+        arena.give_back(last)
+        arena.give_back(first)
+        data = sample_images()["shapes"]
+        decoder = (64, ResizeCrop(64, (64, 64), Image.Resampling.BICUBIC))
+        expected = decode_crop(decoder, data, 10**6)
+        assert decode_crop(decoder, data, 10**6, arena, first[1]) == b""
+        start = first[1] * arena.slot_bytes
+        assert arena.memory[start:start + len(expected)] == expected
+    finally:
+        arena.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def engine_socket(server) -> str:
+    """The engine's Unix socket, from the command line of one of its front-ends."""
+    for child in psutil.Process(server.proc.pid).children():
+        command = child.cmdline()
+        if "server.frontend" in command:
+            return command[command.index("--engine-socket") + 1]
+    raise AssertionError("no front-end process")
+
+
+@pytest.fixture(scope="module")
+def server():
+    with running_server(tiny_config(), args=["--http-processes", "1"]) as proc:
+        yield proc
+
+
+def test_engine_answers_crops_in_the_body_and_in_shared_memory_as_it_answers_the_image(server, tmp_path):
+    data = sample_images()["shapes"]
+    direct = httpx.post(f"{server.url}/v1/classify", content=data, headers={"content-type": "image/png"})
+    assert direct.status_code == 200, direct.text
+    internal = {FRONTEND_STARTED: repr(time.monotonic()), FRONTEND_IMAGES: "1", FRONTEND_MODEL: "tiny",
+                FRONTEND_MULTIPART: "0", "x-request-id": "from-a-front-end"}
+    with httpx.Client(transport=httpx.HTTPTransport(uds=engine_socket(server)), base_url="http://engine") as engine:
+        plan = Plan.from_json(engine.get("/internal/plan").json(), fetched_at=0.0)
+        rgb = decode_crop(plan.decoders["tiny"], data, plan.max_pixels)  # what a front-end sends
+        in_body = engine.post("/internal/classify", content=rgb, headers=internal)
+        arena = CropArena(str(tmp_path), slot_bytes=len(rgb), slots=2)
+        try:
+            arena.memory[len(rgb):] = rgb
+            in_arena = engine.post("/internal/classify", headers={
+                **internal, FRONTEND_CROPS_AT: f"{arena.path} {len(rgb)}"})
+        finally:
+            arena.close()
+        short = engine.post("/internal/classify", content=rgb[:-1], headers=internal)
+    for answer in (in_body, in_arena):
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["predictions"] == direct.json()["predictions"]
+        assert answer.json()["request_id"] == "from-a-front-end"
+    assert (short.status_code, short.json()["error"]) == (500, "internal")
+    assert plan.ready and plan.default_model == "tiny" and plan.decoders["tiny"][1].crop == (64, 64)
+
+
+def test_engine_counts_a_front_end_error_and_not_a_reroute(server):
+    def counted() -> float:
+        values = metric_values(httpx.get(f"{server.url}/metrics").text, "mame_requests_total")
+        return sum(values.values())
+
+    before = counted()
+    internal = {FRONTEND_STARTED: repr(time.monotonic()), FRONTEND_IMAGES: "2", FRONTEND_MULTIPART: "1"}
+    with httpx.Client(transport=httpx.HTTPTransport(uds=engine_socket(server)), base_url="http://engine") as engine:
+        error = engine.post("/internal/classify", headers={**internal, FRONTEND_MODEL: "", FRONTEND_ERROR:
+                            '{"status": 400, "code": "bad_image", "detail": "truncated"}'})
+        assert (error.status_code, error.json()["error"], error.json()["detail"]) == (400, "bad_image", "truncated")
+        reroute = engine.post("/internal/classify", headers={**internal, FRONTEND_MODEL: "another"})
+        assert (reroute.status_code, reroute.json()["error"]) == (409, "reroute")
+        # The parameters and the route come first, as for any request.
+        unknown = engine.post("/internal/classify", params={"model": "nope"}, headers={
+            **internal, FRONTEND_MODEL: "", FRONTEND_ERROR: '{"status": 400, "code": "bad_image", "detail": "x"}'})
+        assert (unknown.status_code, unknown.json()["error"]) == (404, "unknown_model")
+    assert counted() == before + 2  # the 400 and the 404; the reroute is sent again, and counted then
+    images = metric_values(httpx.get(f"{server.url}/metrics").text, "mame_images_total")
+    assert sum(v for k, v in images.items() if 'status="400"' in k) == 2  # the images the front-end counted
+
+
+def test_the_internal_routes_exist_only_behind_front_ends():
+    with running_server(tiny_config()) as server:
+        assert httpx.post(f"{server.url}/internal/classify", content=b"").status_code == 404
+        assert httpx.get(f"{server.url}/internal/plan").status_code == 404
+
+
+def test_a_dead_front_end_is_replaced_and_its_crop_arena_removed():
+    images = sample_images()
+    with running_server(tiny_config(), args=["--http-processes", "2"]) as server:
+        def classify() -> int:
+            return httpx.post(f"{server.url}/v1/classify", content=images["flat"],
+                              headers={"content-type": "image/png", "connection": "close"}).status_code
+
+        assert [classify() for _ in range(6)] == [200] * 6  # both front-ends have made their arenas
+        front_ends = [c for c in psutil.Process(server.proc.pid).children() if "server.frontend" in c.cmdline()]
+        assert len(front_ends) == 2
+        crops_dir = front_ends[0].cmdline()[front_ends[0].cmdline().index("--crops-dir") + 1]
+        victim = front_ends[0]
+        victim.kill()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and "starting another" not in server.log():
+            time.sleep(0.1)
+        time.sleep(1.0)  # the new one starts
+        assert [classify() for _ in range(6)] == [200] * 6
+        now = [c.pid for c in psutil.Process(server.proc.pid).children() if "server.frontend" in c.cmdline()]
+        assert len(now) == 2 and victim.pid not in now
+        assert not list(Path(crops_dir).glob(f"crops-{victim.pid}-*"))
+        assert re.search(rf"front-end process {victim.pid} exited with -9; starting another", server.log())
