@@ -69,12 +69,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             server.should_exit = True
 
     frontends = settings.http_processes
+    workdir, channel_socket = "", None
+    if frontends:
+        try:  # bound here, inherited by every front-end: a port in use fails at once
+            listener = listening_socket(settings.host, settings.port)
+        except OSError as exc:
+            print(f"mame-serve: cannot listen on {settings.host}:{settings.port}: {exc}", file=sys.stderr)
+            return 2
+        # The engine's sockets and the front-ends' crop arenas, in shared memory where there is some.
+        workdir = tempfile.mkdtemp(prefix="mame-engine-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        channel_socket = os.path.join(workdir, "channel.sock")
     app = create_app(config, preprocess_threads=settings.preprocess_threads, warmup=settings.warmup,
                      torch_threads=settings.torch_threads, device_process=settings.device_process,
                      # behind front-ends, only requests they cannot decode for are decoded here: in threads
                      decode_processes="off" if frontends and settings.decode_processes == "auto"
                      else settings.decode_processes,
-                     on_fatal=on_fatal, behind_frontends=frontends > 0)
+                     on_fatal=on_fatal, frontend_channel=channel_socket)
     graceful_s = config.limits.request_timeout_s + SHUTDOWN_GRACE_S
     options = {"log_level": settings.log_level, "timeout_graceful_shutdown": int(graceful_s),
                "access_log": settings.log_level == "debug"}
@@ -82,15 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, **options))
         server.run()
     else:
-        try:
-            listener = listening_socket(settings.host, settings.port)
-        except OSError as exc:
-            print(f"mame-serve: cannot listen on {settings.host}:{settings.port}: {exc}", file=sys.stderr)
-            return 2
-        # The engine's socket and the front-ends' crop arenas, in shared memory where there is some.
-        workdir = tempfile.mkdtemp(prefix="mame-engine-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
         engine_socket = os.path.join(workdir, "engine.sock")
-        processes = FrontEndProcesses(frontends, listener, engine_socket, settings.preprocess_threads,
+        processes = FrontEndProcesses(frontends, listener, engine_socket, channel_socket, settings.preprocess_threads,
                                       settings.log_level, graceful_s, crops_dir=workdir,
                                       arena_slots=settings.crop_arena_slots)
         server = EngineServer(uvicorn.Config(app, uds=engine_socket, **options), processes, workdir)

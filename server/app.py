@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import get_route_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server import channel
 from server.batching import QueueFull, SchedulerClosed, WorkItem
 from server.config import ServingConfig
 from server.errors import (
@@ -221,21 +222,29 @@ class CropArenas:
 
     def __init__(self) -> None:
         self._mapped: dict[str, torch.Tensor] = {}
+        # A view per slot, made once: three tensor operations per image cost more than the rest of its path.
+        self._views: dict[tuple[str, str, tuple[int, int, int]], torch.Tensor] = {}
 
     def crops(self, at: str, input_size: tuple[int, int, int]) -> list[torch.Tensor]:
         """The crops at "<arena file> <offset> ..." as channels-last [3, H, W] views of the arena."""
         path, *offsets = at.split(" ")
+        views = [self._views.get((path, start, input_size)) for start in offsets]
+        if all(view is not None for view in views):
+            return views
         memory = self._mapped.get(path)
         if memory is None:
             # A front-end that died left its file, which its supervisor deleted: let go of those mappings
             # (views still in a batch keep theirs alive until it is done).
             self._mapped = {p: m for p, m in self._mapped.items() if os.path.exists(p)}
+            self._views = {key: view for key, view in self._views.items() if key[0] in self._mapped}
             with open(path, "r+b") as file:
                 memory = self._mapped[path] = torch.frombuffer(mmap.mmap(file.fileno(), 0), dtype=torch.uint8)
         channels, height, width = input_size
         size = channels * height * width
-        return [memory[start:start + size].view(height, width, channels).permute(2, 0, 1)
-                for start in map(int, offsets)]
+        for start in offsets:
+            self._views[path, start, input_size] = \
+                memory[int(start):int(start) + size].view(height, width, channels).permute(2, 0, 1)
+        return [self._views[path, start, input_size] for start in offsets]
 
 
 async def frontend_crops(request: Request, input_size: tuple[int, int, int], arenas: CropArenas) -> list[torch.Tensor]:
@@ -261,10 +270,13 @@ async def frontend_crops(request: Request, input_size: tuple[int, int, int], are
 
 def create_app(config: ServingConfig, *, preprocess_threads: int = 4, warmup: bool = True,
                torch_threads: int | None = None, device_process: str = "auto", decode_processes: str = "auto",
-               on_fatal: Callable[[BaseException], None] | None = None, behind_frontends: bool = False) -> FastAPI:
-    """The server's application. `behind_frontends`: it listens on a private Unix socket behind HTTP
-    front-end processes (server/frontend.py), which decode images and send crops to `/internal/classify`;
-    their `x-mame-*` headers (client address, start time) are trusted, as nothing else can connect."""
+               on_fatal: Callable[[BaseException], None] | None = None,
+               frontend_channel: str | None = None) -> FastAPI:
+    """The server's application. `frontend_channel`: the path of a Unix socket on which it takes the requests
+    that HTTP front-end processes (server/frontend.py) have decoded (server/channel.py); it then listens on a
+    private Unix socket too, for what they pass on as it came. Their `x-mame-*` headers (client address,
+    start time) are trusted: nothing else can connect."""
+    behind_frontends = frontend_channel is not None
     metrics = Metrics()
     service = InferenceService(config, metrics, warmup=warmup, torch_threads=torch_threads or torch.get_num_threads(),
                                device_process=device_process, decode_processes=decode_processes,
@@ -296,8 +308,12 @@ def create_app(config: ServingConfig, *, preprocess_threads: int = 4, warmup: bo
         gc.collect()
         gc.freeze()
         service.start(on_failure=on_fatal)
+        channel_server = await channel.serve(frontend_channel, channel_request) if frontend_channel else None
         yield
-        # uvicorn has stopped accepting and answered every open request before we get here.
+        # uvicorn has stopped accepting and answered every open request before we get here (and the
+        # front-ends have stopped: each answered what it accepted).
+        if channel_server is not None:
+            channel_server.close()
         await asyncio.get_running_loop().run_in_executor(None, service.stop)
         pool.shutdown(wait=True)
         gc.unfreeze()
@@ -494,9 +510,30 @@ def create_app(config: ServingConfig, *, preprocess_threads: int = 4, warmup: bo
         return await classify_request(request)
 
     direct_routes["POST", "/v1/classify"] = classify_request
-    if behind_frontends:
-        direct_routes["POST", "/internal/classify"] = lambda request: classify_request(request, from_frontend=True)
 
+    async def channel_request(head: channel.Head, body: bytes) -> tuple[channel.Head, bytes]:
+        """A request a front-end decoded, from the channel (server/channel.py): answered by classify_request
+        as a request to `/internal/classify` (a Starlette Request over the frame, as the middleware would)."""
+        headers = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in head["headers"]]
+        request_id = _request_id(headers)
+        scope = {"type": "http", "method": "POST", "path": "/internal/classify", "raw_path": b"/internal/classify",
+                 "query_string": head["query"].encode("latin-1"), "headers": headers, "client": None,
+                 "server": None, "scheme": "http", "http_version": "1.1", "root_path": "",
+                 "state": {"request_id": request_id}}
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive() -> Message:
+            return messages.pop() if messages else {"type": "http.disconnect"}
+
+        try:
+            response = await classify_request(Request(scope, receive), from_frontend=True)
+        except ApiError as exc:
+            response = _error_response(exc, request_id)
+        response.headers["X-Request-Id"] = request_id
+        raw = [[name.decode("latin-1"), value.decode("latin-1")] for name, value in response.headers.raw]
+        return {"status": response.status_code, "headers": raw}, bytes(response.body)
+
+    if behind_frontends:
         @app.get("/internal/plan", include_in_schema=False)
         async def frontend_plan() -> dict[str, Any]:
             """What a front-end process needs to decode requests itself (server/frontend.py)."""

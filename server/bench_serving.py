@@ -153,17 +153,22 @@ class Load:
     server_cpu_ms_per_image: float  # CPU time of the server process per answered image (host-path cost)
     client_cpu_ms_per_request: float
     event_loop_ms_per_request: float = 0.0  # CPU time of the server's main thread (the event loop) per request
+    # CPU time of the server process alone (not its device, decode or front-end processes) per image: with
+    # one interpreter, its ceiling is about 1000 / this img/s whatever the cores and the device
+    own_cpu_ms_per_image: float = 0.0
     # medians over sampled answers, ms: round trip at the client, and the server's total, queue and inference
     timings_ms: tuple[float, ...] = ()
     failed: int = 0  # requests that got no 200 (counted and shown, so one reset does not void a run)
     first_failure: str = ""
 
 
-def _cpu_seconds(process: psutil.Process) -> tuple[float, float]:
-    """(the process and its children, e.g. a device process; its main thread, uvicorn's event loop) CPU seconds."""
-    total = sum(sum(p.cpu_times()[:2]) for p in [process, *process.children(recursive=True)])
+def _cpu_seconds(process: psutil.Process) -> tuple[float, float, float]:
+    """CPU seconds of (the process and its children, e.g. a device process; its main thread, uvicorn's event
+    loop; the process alone)."""
+    own = sum(process.cpu_times()[:2])
+    total = own + sum(sum(p.cpu_times()[:2]) for p in process.children(recursive=True))
     main = next((t for t in process.threads() if t.id == process.pid), None)
-    return total, (main.user_time + main.system_time) if main else 0.0
+    return total, (main.user_time + main.system_time) if main else 0.0, own
 
 
 def run_clients(url: str, bodies: list[tuple[bytes, str]], concurrency: int, begin: float, seconds: float,
@@ -228,7 +233,7 @@ def saturate(url: str, server_pid: int, bodies: list[tuple[bytes, str]], concurr
     """Images per second answered while `concurrency` requests are kept in flight, after a warm-up."""
     processes = max(1, min(processes, concurrency))
     server = psutil.Process(server_pid)
-    server_cpu: list[tuple[float, float]] = []
+    server_cpu: list[tuple[float, float, float]] = []
     # Client processes start in ~1 s (without torch); the window starts once all of them have warmed up.
     begin = time.monotonic() + warmup_s + (1.5 if processes > 1 else 0.0)
     profiler: list[subprocess.Popen] = []
@@ -259,6 +264,7 @@ def saturate(url: str, server_pid: int, bodies: list[tuple[bytes, str]], concurr
                 client_cpu_ms_per_request=1000 * sum(outcome.cpu_s for outcome in outcomes) / answered,
                 timings_ms=tuple(statistics.median(column) for column in zip(*timings)) if timings else (),
                 event_loop_ms_per_request=1000 * (server_cpu[1][1] - server_cpu[0][1]) / answered,
+                own_cpu_ms_per_image=1000 * (server_cpu[1][2] - server_cpu[0][2]) / images,
                 failed=len(failures), first_failure=failures[0] if failures else "")
 
 
@@ -284,7 +290,8 @@ def cmd_throughput(args) -> None:
                 print(summarise_gil_profile(profile, args.seconds))
             print(f"  round {round_ + 1}: offline {offline[-1]:8.1f} img/s, served {served[-1].images_per_s:8.1f} "
                   f"img/s, ratio {served[-1].images_per_s / offline[-1]:.3f}; server CPU "
-                  f"{served[-1].server_cpu_ms_per_image:.2f} ms/img, event loop "
+                  f"{served[-1].server_cpu_ms_per_image:.2f} ms/img ({served[-1].own_cpu_ms_per_image:.3f} in its "
+                  f"own process), event loop "
                   f"{served[-1].event_loop_ms_per_request:.2f} ms/req, client CPU "
                   f"{served[-1].client_cpu_ms_per_request:.2f} ms/req", flush=True)
             if served[-1].failed:
@@ -302,6 +309,10 @@ def cmd_throughput(args) -> None:
     print(f"  served (HTTP)   {srv:9.1f} img/s  (JPEG over HTTP, decode, preprocess, batch, answer; median)")
     print(f"  server CPU time {host_ms:9.2f} ms per image (all its threads; {1000 / host_ms:.0f} img/s per busy core)")
     print(f"  event loop      {loop_ms:9.2f} ms CPU per request ({1000 / loop_ms:.0f} requests/s at most)")
+    own_ms = statistics.median(load.own_cpu_ms_per_image for load in served)
+    # The one interpreter every image passes through (with --http-processes: the engine, not the front-ends).
+    print(f"  server process  {own_ms:9.3f} ms CPU per image without its child processes "
+          f"(~{1000 / own_ms:.0f} img/s at most in one interpreter)")
     if timings := [load.timings_ms for load in served if load.timings_ms]:
         trip, total, queue, inference = (statistics.median(column) for column in zip(*timings))
         # Where a request's time goes tells which stage limits: a long queue wait means the device (or

@@ -44,11 +44,13 @@ import httpx
 import uvicorn
 from PIL import Image
 
+from server.channel import Channel, ChannelError
 from server.errors import ApiError, internal, not_ready, too_large
 from server.hostpath import image_payloads, run_all_in_pool
 from server.imaging import ResizeCrop, decode_image
 
 log = logging.getLogger("mame.frontend")
+Answer = tuple[int, list[tuple[bytes, bytes]], bytes]  # status, headers, body
 
 # Headers from a front-end to the engine (a client's own x-mame-* headers are dropped on the way in).
 FRONTEND_CLIENT = "x-mame-client"  # the client's address (sticky assignment by client)
@@ -165,9 +167,10 @@ def error_header(exc: ApiError) -> bytes:
 class FrontEnd:
     """The ASGI application of one front-end process."""
 
-    def __init__(self, engine_socket: str, threads: int, crops_dir: str | None = None,
+    def __init__(self, engine_socket: str, channel_socket: str, threads: int, crops_dir: str | None = None,
                  arena_slots: int | None = None):
         self.engine_socket = engine_socket
+        self.channel = Channel(channel_socket)
         self.crops_dir = crops_dir if arena_slots != 0 else None
         self.arena_slots = arena_slots
         self.arena: CropArena | None = None
@@ -187,25 +190,37 @@ class FrontEnd:
             headers.append((FRONTEND_CLIENT.encode(), scope["client"][0].encode()))
         target = scope["raw_path"].decode("latin-1") + (f"?{scope['query_string'].decode('latin-1')}"
                                                         if scope["query_string"] else "")
+        if scope["path"].startswith("/internal/"):  # the engine's own routes: not for clients
+            body = json.dumps({"error": "not_found", "detail": "Not Found"}).encode()
+            await respond(send, 404, [(b"content-type", b"application/json")], body)
+            return
         try:
             if scope["method"] == "POST" and scope["path"] == "/v1/classify":
-                response = await self._classify(scope, receive, headers)
+                status, answer_headers, body = await self._classify(scope, receive, headers)
             else:
-                response = await self._engine(scope["method"], target, headers, await read_all(receive))
-        except httpx.TransportError as exc:
+                status, answer_headers, body = await self._engine(scope["method"], target, headers,
+                                                                  await read_all(receive))
+        except (httpx.TransportError, ChannelError) as exc:
             log.warning("the engine is not reachable: %s", exc)
             error = not_ready(f"the inference engine is not reachable ({type(exc).__name__})")
             body = json.dumps({"error": error.code, "detail": error.detail}).encode()
             await respond(send, 503, [(b"content-type", b"application/json"), (b"retry-after", b"5")], body)
             return
-        await respond(send, response.status_code,
-                      [(k, v) for k, v in response.headers.raw if k.lower() not in _NOT_FORWARDED], response.content)
+        await respond(send, status, [(k, v) for k, v in answer_headers if k.lower() not in _NOT_FORWARDED], body)
 
-    async def _engine(self, method: str, target: str, headers: list, body: bytes) -> httpx.Response:
+    async def _engine(self, method: str, target: str, headers: list, body: bytes) -> Answer:
+        """A request passed to the engine's HTTP socket as it came."""
         assert self.engine is not None
-        return await self.engine.request(method, target, headers=headers, content=body)
+        response = await self.engine.request(method, target, headers=headers, content=body)
+        return response.status_code, response.headers.raw, response.content
 
-    async def _classify(self, scope: dict, receive: Callable, headers: list) -> httpx.Response:
+    async def _decoded(self, query: str, headers: list, body: bytes) -> Answer:
+        """A request whose images this front-end decoded, over the channel to the engine's /internal/classify."""
+        head, answer = await self.channel.call(
+            {"query": query, "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in headers]}, body)
+        return head["status"], [(k.encode("latin-1"), v.encode("latin-1")) for k, v in head["headers"]], answer
+
+    async def _classify(self, scope: dict, receive: Callable, headers: list) -> Answer:
         started = time.monotonic()
         query = scope["query_string"].decode("latin-1")
         plan = await self._current_plan()
@@ -240,12 +255,11 @@ class FrontEnd:
                              (FRONTEND_MULTIPART.encode(), b"1" if multipart else b"0")]
         kept = [(k, v) for k, v in headers if k != b"content-type"]
         try:
-            response = await self._engine("POST", f"/internal/classify?{query}", kept + internal_headers,
-                                          b"".join(crops))
+            response = await self._decoded(query, kept + internal_headers, b"".join(crops))
         finally:
             if slots is not None:  # the engine has answered: it has copied the crops into a batch (or given up)
                 self.arena.give_back(slots)
-        if response.status_code == 409 and response.json().get("error") == "reroute":
+        if response[0] == 409 and json.loads(response[2]).get("error") == "reroute":
             # The route's model is not the one decoded for (an experiment this front-end did not know yet).
             await self._current_plan(refresh=True)
             return await self._engine("POST", f"/v1/classify?{query}", headers, body)
@@ -288,6 +302,7 @@ class FrontEnd:
             elif message["type"] == "lifespan.shutdown":
                 if self.engine is not None:
                     await self.engine.aclose()
+                await self.channel.close()
                 self.pool.shutdown(wait=True)
                 if self.arena is not None:
                     self.arena.close()
@@ -337,8 +352,9 @@ class FrontEndProcesses:
     """The engine's side: starts `count` front-end processes on one listening socket, replaces one that
     dies, and stops them (each drains: it answers what it accepted) before the engine stops."""
 
-    def __init__(self, count: int, listener: socket.socket, engine_socket: str, threads: int, log_level: str,
-                 graceful_s: float, crops_dir: str | None, arena_slots: int | None = None):
+    def __init__(self, count: int, listener: socket.socket, engine_socket: str, channel_socket: str, threads: int,
+                 log_level: str, graceful_s: float, crops_dir: str | None, arena_slots: int | None = None):
+        self.channel_socket = channel_socket
         self.crops_dir = crops_dir
         self.arena_slots = arena_slots
         self.count = count
@@ -363,6 +379,7 @@ class FrontEndProcesses:
         fd = self.listener.fileno()
         return subprocess.Popen(
             [sys.executable, "-m", "server.frontend", "--fd", str(fd), "--engine-socket", self.engine_socket,
+             "--channel-socket", self.channel_socket,
              "--threads", str(self.threads), "--log-level", self.log_level, "--graceful-s", str(self.graceful_s),
              *(["--crops-dir", self.crops_dir] if self.crops_dir else []),
              *(["--arena-slots", str(self.arena_slots)] if self.arena_slots is not None else [])],
@@ -401,7 +418,7 @@ class FrontEndProcesses:
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
-    """The public socket, bound here once and inherited by every front-end (so a port in use fails at once)."""
+    """The public socket, bound once and inherited by every front-end process."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.create_server((host, port), family=family, backlog=2048)
     sock.set_inheritable(True)
@@ -411,7 +428,8 @@ def listening_socket(host: str, port: int) -> socket.socket:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="one HTTP front-end process of mame-serve (started by it)")
     parser.add_argument("--fd", type=int, required=True, help="the inherited listening socket")
-    parser.add_argument("--engine-socket", required=True, help="the engine's Unix socket")
+    parser.add_argument("--engine-socket", required=True, help="the engine's Unix socket (HTTP)")
+    parser.add_argument("--channel-socket", required=True, help="the engine's Unix socket for decoded requests")
     parser.add_argument("--threads", type=int, default=4, help="decoding threads")
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--graceful-s", type=float, default=40.0)
@@ -422,7 +440,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         "%(message)s")
     sock = socket.socket(fileno=args.fd)
     server = uvicorn.Server(uvicorn.Config(
-        FrontEnd(args.engine_socket, args.threads, args.crops_dir, args.arena_slots), log_level=args.log_level, lifespan="on",
+        FrontEnd(args.engine_socket, args.channel_socket, args.threads, args.crops_dir, args.arena_slots),
+        log_level=args.log_level, lifespan="on",
         timeout_graceful_shutdown=int(args.graceful_s), access_log=args.log_level == "debug"))
     server.run(sockets=[sock])
 

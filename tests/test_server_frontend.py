@@ -5,6 +5,7 @@ tests cover what it cannot reach from outside: the internal protocol and a front
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 from PIL import Image
 from serverproc import metric_values, running_server, sample_images, tiny_config
 
+from server.channel import Channel
 from server.frontend import (
     FRONTEND_CROPS_AT,
     FRONTEND_ERROR,
@@ -70,13 +72,32 @@ def test_crop_arena_slots_are_taken_given_back_and_hold_the_decoded_crop(tmp_pat
     assert list(tmp_path.iterdir()) == []
 
 
-def engine_socket(server) -> str:
-    """The engine's Unix socket, from the command line of one of its front-ends."""
+def front_end_argument(server, flag: str) -> str:
+    """One of the engine's paths, from the command line of one of its front-ends."""
     for child in psutil.Process(server.proc.pid).children():
         command = child.cmdline()
         if "server.frontend" in command:
-            return command[command.index("--engine-socket") + 1]
+            return command[command.index(flag) + 1]
     raise AssertionError("no front-end process")
+
+
+def engine_http(server) -> httpx.Client:
+    return httpx.Client(transport=httpx.HTTPTransport(uds=front_end_argument(server, "--engine-socket")),
+                        base_url="http://engine")
+
+
+def over_channel(server, calls: list[tuple[dict[str, str], bytes]], query: str = "") -> list[httpx.Response]:
+    """Requests to the engine as a front-end sends them (server/channel.py), as HTTP responses."""
+    async def send() -> list[tuple[dict, bytes]]:
+        channel = Channel(front_end_argument(server, "--channel-socket"))
+        try:
+            return await asyncio.gather(*(channel.call({"query": query, "headers": list(headers.items())}, body)
+                                          for headers, body in calls))
+        finally:
+            await channel.close()
+
+    return [httpx.Response(head["status"], headers=head["headers"], content=body)
+            for head, body in asyncio.run(send())]
 
 
 @pytest.fixture(scope="module")
@@ -91,18 +112,17 @@ def test_engine_answers_crops_in_the_body_and_in_shared_memory_as_it_answers_the
     assert direct.status_code == 200, direct.text
     internal = {FRONTEND_STARTED: repr(time.monotonic()), FRONTEND_IMAGES: "1", FRONTEND_MODEL: "tiny",
                 FRONTEND_MULTIPART: "0", "x-request-id": "from-a-front-end"}
-    with httpx.Client(transport=httpx.HTTPTransport(uds=engine_socket(server)), base_url="http://engine") as engine:
+    with engine_http(server) as engine:
         plan = Plan.from_json(engine.get("/internal/plan").json(), fetched_at=0.0)
-        rgb = decode_crop(plan.decoders["tiny"], data, plan.max_pixels)  # what a front-end sends
-        in_body = engine.post("/internal/classify", content=rgb, headers=internal)
-        arena = CropArena(str(tmp_path), slot_bytes=len(rgb), slots=2)
-        try:
-            arena.memory[len(rgb):] = rgb
-            in_arena = engine.post("/internal/classify", headers={
-                **internal, FRONTEND_CROPS_AT: f"{arena.path} {len(rgb)}"})
-        finally:
-            arena.close()
-        short = engine.post("/internal/classify", content=rgb[:-1], headers=internal)
+    rgb = decode_crop(plan.decoders["tiny"], data, plan.max_pixels)  # what a front-end sends
+    arena = CropArena(str(tmp_path), slot_bytes=len(rgb), slots=2)
+    try:
+        arena.memory[len(rgb):] = rgb
+        in_body, in_arena, short = over_channel(server, [
+            (internal, rgb), ({**internal, FRONTEND_CROPS_AT: f"{arena.path} {len(rgb)}"}, b""),
+            (internal, rgb[:-1])])
+    finally:
+        arena.close()
     for answer in (in_body, in_arena):
         assert answer.status_code == 200, answer.text
         assert answer.json()["predictions"] == direct.json()["predictions"]
@@ -118,25 +138,27 @@ def test_engine_counts_a_front_end_error_and_not_a_reroute(server):
 
     before = counted()
     internal = {FRONTEND_STARTED: repr(time.monotonic()), FRONTEND_IMAGES: "2", FRONTEND_MULTIPART: "1"}
-    with httpx.Client(transport=httpx.HTTPTransport(uds=engine_socket(server)), base_url="http://engine") as engine:
-        error = engine.post("/internal/classify", headers={**internal, FRONTEND_MODEL: "", FRONTEND_ERROR:
-                            '{"status": 400, "code": "bad_image", "detail": "truncated"}'})
-        assert (error.status_code, error.json()["error"], error.json()["detail"]) == (400, "bad_image", "truncated")
-        reroute = engine.post("/internal/classify", headers={**internal, FRONTEND_MODEL: "another"})
-        assert (reroute.status_code, reroute.json()["error"]) == (409, "reroute")
-        # The parameters and the route come first, as for any request.
-        unknown = engine.post("/internal/classify", params={"model": "nope"}, headers={
-            **internal, FRONTEND_MODEL: "", FRONTEND_ERROR: '{"status": 400, "code": "bad_image", "detail": "x"}'})
-        assert (unknown.status_code, unknown.json()["error"]) == (404, "unknown_model")
+    error, reroute = over_channel(server, [
+        ({**internal, FRONTEND_MODEL: "", FRONTEND_ERROR: '{"status": 400, "code": "bad_image", "detail": "cut"}'},
+         b""),
+        ({**internal, FRONTEND_MODEL: "another"}, b"")])
+    assert (error.status_code, error.json()["error"], error.json()["detail"]) == (400, "bad_image", "cut")
+    assert (reroute.status_code, reroute.json()["error"]) == (409, "reroute")
+    # The parameters and the route come first, as for any request.
+    [unknown] = over_channel(server, [({**internal, FRONTEND_MODEL: "", FRONTEND_ERROR:
+                                        '{"status": 400, "code": "bad_image", "detail": "x"}'}, b"")], "model=nope")
+    assert (unknown.status_code, unknown.json()["error"]) == (404, "unknown_model")
     assert counted() == before + 2  # the 400 and the 404; the reroute is sent again, and counted then
     images = metric_values(httpx.get(f"{server.url}/metrics").text, "mame_images_total")
     assert sum(v for k, v in images.items() if 'status="400"' in k) == 2  # the images the front-end counted
 
 
-def test_the_internal_routes_exist_only_behind_front_ends():
-    with running_server(tiny_config()) as server:
-        assert httpx.post(f"{server.url}/internal/classify", content=b"").status_code == 404
-        assert httpx.get(f"{server.url}/internal/plan").status_code == 404
+def test_the_internal_routes_exist_only_behind_front_ends(server):
+    with engine_http(server) as engine:
+        assert engine.post("/internal/classify", content=b"").status_code == 404  # decoded requests: the channel
+    assert httpx.get(f"{server.url}/internal/plan").status_code == 404  # front-ends keep it from clients
+    with running_server(tiny_config()) as alone:
+        assert httpx.get(f"{alone.url}/internal/plan").status_code == 404
 
 
 def test_a_dead_front_end_is_replaced_and_its_crop_arena_removed():
