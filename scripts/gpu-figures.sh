@@ -11,14 +11,16 @@ for dtype in float16 bfloat16; do
   echo "=== mame-bench ViT-B/16, batch 256, $dtype"
   $bench --dtype "$dtype" --json "$out/bench-b256-$dtype.json" 2>&1 | tee "$out/bench-b256-$dtype.txt"
 done
-serve="python -m server.bench_serving throughput --arch vit_base_patch16_224 --device cuda --dtype float16 --batch 64 --preprocess-threads 10 --seconds 3 --rounds 3"
-echo "=== served / offline, ViT-B/16 fp16, batch 64, 16-image requests of 224 px JPEGs"
+serve="python -m server.bench_serving throughput --arch vit_base_patch16_224 --device cuda --dtype float16 --batch 64 --preprocess-threads 4 --seconds 3 --rounds 3"
+echo "=== served / offline, ViT-B/16 fp16, batch 64, 16-image requests of 224 px JPEGs (default layout: front-ends)"
 # Which server threads hold the GIL in the last window (py-spy, when installed: pip install py-spy).
 profile=$(python -c "import shutil, sys, pathlib; print(1 if shutil.which('py-spy') or (pathlib.Path(sys.executable).parent / 'py-spy').exists() else '')")
 $serve --client-processes 5 --concurrency 24 --images-per-request 16 --image-edge 224 \
   ${profile:+--gil-profile "$out/gil-16.txt"} 2>&1 | tee "$out/serve-vitb-16.txt"
-echo "=== the same, decoding in threads (in the server process)"
-$serve --client-processes 5 --concurrency 24 --images-per-request 16 --image-edge 224 --decode-processes off 2>&1 | tee "$out/serve-vitb-16-threads.txt"
+echo "=== the same, 8 front-end processes"
+$serve --client-processes 5 --concurrency 32 --images-per-request 16 --image-edge 224 --http-processes 8 2>&1 | tee "$out/serve-vitb-16-fe8.txt"
+echo "=== the same, one server process (no front-ends; decode processes), the layout before front-ends"
+$serve --client-processes 5 --concurrency 24 --images-per-request 16 --image-edge 224 --http-processes 0 --preprocess-threads 10 2>&1 | tee "$out/serve-vitb-16-one-process.txt"
 echo "=== served / offline, one bundled photo per request"
 $serve --client-processes 6 --concurrency 192 2>&1 | tee "$out/serve-vitb-1.txt"
 echo "=== latency added at concurrency 1"

@@ -9,13 +9,16 @@ import sys
 import tempfile
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 
 import uvicorn
+from pydantic import ValidationError
 
 from server.app import create_app
-from server.config import ConfigError, load_config
+from server.config import ConfigError, ServingConfig, load_config
 from server.frontend import FrontEndProcesses, listening_socket
 from server.settings import parse_settings
+from server.worker import resolve_devices
 
 # Answers to accepted requests may take this long beyond the request timeout during a graceful stop.
 SHUTDOWN_GRACE_S = 10.0
@@ -50,8 +53,35 @@ class EngineServer(uvicorn.Server):
         threading.Thread(target=drain, name="drain-frontends", daemon=True).start()
 
 
+def resolve_http_processes(setting: str | int, config: ServingConfig) -> int:
+    """auto: none on CPU (one process keeps up with CPU inference); with a CUDA device, a quarter of the
+    cores this process may use, 1 to 8 (each decodes in --preprocess-threads threads)."""
+    if setting != "auto":
+        return int(setting)
+    if not any(d.type == "cuda" for cfg in config.models.values() for d in resolve_devices(cfg.device)):
+        return 0
+    return min(8, max(1, available_cpus() // 4))
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity, and a container's CPU quota (cgroup v2) when lower."""
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cpus = min(cpus, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return cpus
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    settings = parse_settings(argv)
+    try:
+        settings = parse_settings(argv)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        print(f"mame-serve: bad setting (flag or MAME_* variable): {problems}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -68,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if server is not None:
             server.should_exit = True
 
-    frontends = settings.http_processes
+    frontends = resolve_http_processes(settings.http_processes, config)
     workdir, channel_socket = "", None
     if frontends:
         try:  # bound here, inherited by every front-end: a port in use fails at once

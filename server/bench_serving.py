@@ -460,8 +460,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="the server's --device-process (auto: on for CUDA)")
     parser.add_argument("--decode-processes", default="auto", choices=["auto", "on", "off"],
                         help="the server's --decode-processes (auto: on for CUDA)")
-    parser.add_argument("--http-processes", type=int, default=0,
-                        help="the server's --http-processes (front-end processes for HTTP and decoding)")
+    parser.add_argument("--http-processes", default="auto",
+                        help="the server's --http-processes (front-end processes for HTTP and decoding; auto: "
+                        "none on CPU, a quarter of the cores with CUDA)")
     parser.add_argument("--images-per-request", type=int, default=1,
                         help="throughput: images in each request (several: one multipart body)")
     parser.add_argument("--image-edge", type=int, default=0,

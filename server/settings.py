@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -25,9 +25,9 @@ class ServerSettings(BaseSettings):
         "auto", description="decode images in processes (one per preprocessing thread): auto = on with CUDA")
     device_process: Literal["auto", "on", "off"] = Field(
         "auto", description="run each device's batches in a process of its own: auto = on for CUDA devices")
-    http_processes: int = Field(
-        0, ge=0, description="HTTP front-end processes that read and decode requests for this process "
-        "(0: this process does it all)")
+    http_processes: Literal["auto"] | Annotated[int, Field(ge=0)] = Field(
+        "auto", description="HTTP front-end processes that read and decode requests for this process (0: this "
+        "process does it all; auto: 0 without a CUDA device, else a quarter of the CPU cores, 1 to 8)")
     crop_arena_slots: int | None = Field(
         None, ge=0, description="crops each front-end can hold in shared memory for this process (default: "
         "4 x max_images_per_request, at least 256; 0: crops travel in request bodies)")
@@ -54,11 +54,12 @@ def parse_settings(argv: Sequence[str] | None = None) -> ServerSettings:
     parser.add_argument("--device-process", choices=["auto", "on", "off"],
                         help="run each device's batches in a child process of its own, so the forward does not "
                         "share the GIL with HTTP and decoding (auto, the default: on for CUDA devices, off on CPU)")
-    parser.add_argument("--http-processes", type=int,
+    parser.add_argument("--http-processes",
                         help="HTTP front-end processes: each accepts connections on the port and decodes images, "
                         "and this process (one copy of the weights per device, the batching, the A/B registry and "
-                        "the metrics) takes their crops over a private Unix socket (default 0: this process "
-                        "does it all). For GPUs faster than one process's HTTP path: docs/server.md")
+                        "the metrics) takes their crops over a private Unix socket; 0: this process does it all; "
+                        "auto (the default): 0 without a CUDA device, else a quarter of the CPU cores (1 to 8). "
+                        "See docs/server.md, Processes")
     parser.add_argument("--crop-arena-slots", type=int,
                         help="with --http-processes: crops each front-end holds in shared memory (/dev/shm) for "
                         "this process (default 4 x max_images_per_request, at least 256; 0: in request bodies)")

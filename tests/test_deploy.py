@@ -445,7 +445,8 @@ def test_gpu_and_cpu_overlays_differ_where_they_must(overlay: tuple[str, dict[st
         shm = next(m["name"] for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm")
         assert next(v for v in pod["volumes"] if v["name"] == shm)["emptyDir"]["medium"] == "Memory"
         env = {e["name"]: e["value"] for e in container["env"]}
-        assert int(env["MAME_PREPROCESS_THREADS"]) <= int(resources["requests"]["cpu"])
+        decoding_threads = int(env["MAME_HTTP_PROCESSES"]) * int(env["MAME_PREPROCESS_THREADS"])
+        assert decoding_threads <= int(resources["requests"]["cpu"]) - 2  # the server and device processes
     else:
         assert "nvidia.com/gpu" not in resources["limits"] and model.device == "cpu"
 

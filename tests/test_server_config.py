@@ -9,7 +9,7 @@ import pytest
 import torch
 from serverproc import TINY_MODEL, tiny_config
 
-from server.config import ConfigError, load_config, parse_config
+from server.config import ConfigError, ServingConfig, load_config, parse_config
 from server.models import class_labels, hub_disabled_by_env, hub_reachable, load_model, preprocessing
 from server.settings import parse_settings
 
@@ -84,6 +84,22 @@ def test_bad_environment_setting_is_an_error(monkeypatch):
     monkeypatch.setenv("MAME_PORT", "not-a-port")
     with pytest.raises(ValueError, match="port"):
         parse_settings([])
+
+
+def test_a_bad_flag_value_is_one_clear_line(capsys):
+    from server.__main__ import main
+
+    assert main(["--http-processes", "many"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("mame-serve: bad setting") and "http_processes" in error and "Traceback" not in error
+
+
+def test_http_processes_auto_means_none_without_a_cuda_device():
+    from server.__main__ import resolve_http_processes
+
+    config = ServingConfig.model_validate(tiny_config())
+    assert resolve_http_processes("auto", config) == 0  # the tiny model runs on the CPU
+    assert resolve_http_processes(3, config) == 3
 
 
 @pytest.mark.parametrize("name", ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"])
