@@ -383,13 +383,13 @@ def gpu_memory_mib(pid: int) -> float | None:
 
 def cmd_memory(args) -> None:
     config = Path(args.config) if args.config else Path(__file__).parent / "configs" / "default.yaml"
-    with running_server(config, env=server_env(args), ready_timeout=1200) as server:
+    with running_server(config, env=server_env(args), ready_timeout=1200, args=server_args(args)) as server:
         rss = tree_rss(server.proc.pid)
         processes = len(process_tree(server.proc.pid))
         weights = httpx.get(f"{server.url}/v1/models").json()["models"][0]["weights"]
         gpu = gpu_memory_mib(server.proc.pid)
     print(f"config {config} (weights {weights}): resident memory after warm-up {rss / 2**20:.0f} MiB "
-          f"({processes} process(es): the server and its device/decode processes)"
+          f"({processes} process(es): the server and its device, decode or front-end processes)"
           + (f", GPU memory {gpu:.0f} MiB" if gpu is not None else ""))
 
 

@@ -224,29 +224,30 @@ class FrontEnd:
         started = time.monotonic()
         query = scope["query_string"].decode("latin-1")
         plan = await self._current_plan()
-        body, error, n_images, slots = b"", None, 0, None
+        model = plan.model_for(dict(parse_qsl(query, keep_blank_values=True)))
+        body, error, n_images, slots, crops = b"", None, 0, None, []
         try:
             body = await read_limited(receive, header(scope["headers"], b"content-length"), plan.max_body_bytes)
-            model = plan.model_for(dict(parse_qsl(query, keep_blank_values=True)))
             payloads, multipart = image_payloads(header(headers, b"content-type"), body, plan.max_images)
             n_images = len(payloads)
-            if model is None:  # not decodable here: the engine decodes
-                return await self._engine("POST", f"/v1/classify?{query}", headers, body)
-            decoder = plan.decoders[model]
-            slots = self.arena.take(len(payloads)) if self.arena is not None else None
-            arena = self.arena if slots is not None else None
-            crops = await run_all_in_pool(self.pool, decode_crop, [
-                (decoder, data, plan.max_pixels, arena, slots[i] if slots else 0) for i, (_, data) in enumerate(payloads)])
+            if model is not None:
+                slots = self.arena.take(len(payloads)) if self.arena is not None else None
+                arena = self.arena if slots is not None else None
+                crops = await run_all_in_pool(self.pool, decode_crop, [
+                    (plan.decoders[model], data, plan.max_pixels, arena, slots[i] if slots else 0)
+                    for i, (_, data) in enumerate(payloads)])
         except ApiError as exc:
             error = exc
         except Exception as exc:  # the engine answers it as a 500, counted like any other
             log.exception("decoding a request failed")
             error = internal(f"{type(exc).__name__}: {exc}")
+        if error is None and model is None:  # not decodable here: the engine decodes
+            return await self._engine("POST", f"/v1/classify?{query}", headers, body)
         internal_headers = [(FRONTEND_STARTED.encode(), repr(started).encode()),
                             (FRONTEND_IMAGES.encode(), str(n_images).encode())]
         if error is not None:
             internal_headers.append((FRONTEND_ERROR.encode(), error_header(error)))
-            crops, model, multipart = [], "", False
+            crops, model, multipart = [], model or "", False
         elif slots is not None:
             assert self.arena is not None
             at = " ".join([self.arena.path, *(str(slot * self.arena.slot_bytes) for slot in slots)])
@@ -261,6 +262,7 @@ class FrontEnd:
                 self.arena.give_back(slots)
         if response[0] == 409 and json.loads(response[2]).get("error") == "reroute":
             # The route's model is not the one decoded for (an experiment this front-end did not know yet).
+            log.info("a request re-sent undecoded: %s", json.loads(response[2])["detail"])
             await self._current_plan(refresh=True)
             return await self._engine("POST", f"/v1/classify?{query}", headers, body)
         return response

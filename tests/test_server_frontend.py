@@ -183,3 +183,33 @@ def test_a_dead_front_end_is_replaced_and_its_crop_arena_removed():
         assert len(now) == 2 and victim.pid not in now
         assert not list(Path(crops_dir).glob(f"crops-{victim.pid}-*"))
         assert re.search(rf"front-end process {victim.pid} exited with -9; starting another", server.log())
+
+
+def test_an_experiment_moved_to_another_model_is_rerouted_not_misdecoded():
+    """A front-end's view of the experiments may be 5 s old: crops made for the wrong model are refused by the
+    engine (409, uncounted) and the front-end sends the request again for the engine to decode."""
+    config = tiny_config()
+    other = dict(config["models"]["tiny"])
+    other["model_kwargs"] = {**other["model_kwargs"], "img_size": 32}  # another input size: other crops
+    config["models"]["small"] = other
+    token, images = "t0ken", sample_images()
+    auth = {"authorization": f"Bearer {token}"}
+    with running_server(config, env={"MAME_ADMIN_TOKEN": token}, args=["--http-processes", "1"]) as server:
+        def classify() -> httpx.Response:
+            return httpx.post(f"{server.url}/v1/classify", params={"experiment": "moving"}, content=images["flat"],
+                              headers={"content-type": "image/png"})
+
+        def create(model: str) -> None:
+            body = {"name": "moving", "model": model, "split": {"baseline": 1.0}}
+            assert httpx.post(f"{server.url}/v1/admin/experiments", json=body, headers=auth).status_code == 201
+
+        create("tiny")
+        time.sleep(5.5)  # past PLAN_MAX_AGE_S: the front-end learns that "moving" runs on "tiny"
+        assert classify().json()["model"] == "tiny"
+        assert httpx.delete(f"{server.url}/v1/admin/experiments/moving", headers=auth).status_code == 200
+        create("small")  # the front-end still thinks "tiny"
+        moved = classify()
+        assert moved.status_code == 200 and moved.json()["model"] == "small", moved.text
+        requests = metric_values(httpx.get(f"{server.url}/metrics").text, "mame_requests_total")
+        assert "a request re-sent undecoded: the route's model is small" in server.log()
+    assert sum(v for k, v in requests.items() if 'experiment="moving"' in k) == 2  # the re-route is not counted
