@@ -26,6 +26,7 @@ import json
 import logging
 import mmap
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -445,7 +446,22 @@ def main(argv: Sequence[str] | None = None) -> None:
         FrontEnd(args.engine_socket, args.channel_socket, args.threads, args.crops_dir, args.arena_slots),
         log_level=args.log_level, lifespan="on",
         timeout_graceful_shutdown=int(args.graceful_s), access_log=args.log_level == "debug"))
+    orphaned = threading.Event()
+    threading.Thread(target=stop_when_orphaned, args=(server, orphaned), name="parent-watch", daemon=True).start()
     server.run(sockets=[sock])
+    if orphaned.is_set() and args.crops_dir:  # the server process could not clean up its directory
+        shutil.rmtree(args.crops_dir, ignore_errors=True)
+
+
+def stop_when_orphaned(server: uvicorn.Server, orphaned: threading.Event, interval_s: float = 0.5) -> None:
+    """Stop when the server process is gone (killed: it could not stop us): otherwise this process would
+    keep the port and answer 503 forever."""
+    parent = os.getppid()
+    while os.getppid() == parent:
+        time.sleep(interval_s)
+    log.error("the server process %d is gone: stopping", parent)
+    orphaned.set()
+    server.should_exit = True
 
 
 if __name__ == "__main__":

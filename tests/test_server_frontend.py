@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 import time
 from pathlib import Path
 
@@ -213,3 +214,17 @@ def test_an_experiment_moved_to_another_model_is_rerouted_not_misdecoded():
         requests = metric_values(httpx.get(f"{server.url}/metrics").text, "mame_requests_total")
         assert "a request re-sent undecoded: the route's model is small" in server.log()
     assert sum(v for k, v in requests.items() if 'experiment="moving"' in k) == 2  # the re-route is not counted
+
+
+def test_front_ends_stop_when_the_server_process_is_killed():
+    """A killed server process cannot stop its front-ends: they notice and exit, freeing the port."""
+    with running_server(tiny_config(), args=["--http-processes", "2"]) as server:
+        front_ends = [c for c in psutil.Process(server.proc.pid).children() if "server.frontend" in c.cmdline()]
+        crops_dir = Path(front_ends[0].cmdline()[front_ends[0].cmdline().index("--crops-dir") + 1])
+        server.proc.kill()
+        server.proc.wait()
+        _, alive = psutil.wait_procs(front_ends, timeout=15)
+        assert not alive, alive
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", server.port))  # the port is free again
+        assert not crops_dir.exists()  # nor is anything left in /dev/shm
