@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from server.app import create_app
 from server.config import ConfigError, ServingConfig, load_config
-from server.frontend import FrontEndProcesses, listening_socket
+from server.frontend import FrontEndProcesses, port_socket
 from server.settings import parse_settings
 from server.worker import resolve_devices
 
@@ -101,8 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     frontends = resolve_http_processes(settings.http_processes, config)
     workdir, channel_socket = "", None
     if frontends:
-        try:  # bound here, inherited by every front-end: a port in use fails at once
-            listener = listening_socket(settings.host, settings.port)
+        try:  # held here; each front-end listens on it too (SO_REUSEPORT)
+            reserved = port_socket(settings.host, settings.port, listen=False)
         except OSError as exc:
             print(f"mame-serve: cannot listen on {settings.host}:{settings.port}: {exc}", file=sys.stderr)
             return 2
@@ -123,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         server.run()
     else:
         engine_socket = os.path.join(workdir, "engine.sock")
-        processes = FrontEndProcesses(frontends, listener, engine_socket, channel_socket, settings.preprocess_threads,
+        processes = FrontEndProcesses(frontends, reserved, engine_socket, channel_socket, settings.preprocess_threads,
                                       settings.log_level, graceful_s, crops_dir=workdir,
                                       arena_slots=settings.crop_arena_slots)
         server = EngineServer(uvicorn.Config(app, uds=engine_socket, **options), processes, workdir)

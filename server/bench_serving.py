@@ -415,7 +415,7 @@ def cmd_soak(args) -> None:
         "variants": {"baseline": {"method": "none"}, "mame": {"method": "mame", "tau": 0.8, "blocks": 3},
                      "tome": {"method": "tome", "r": 8}},
     }}}
-    with running_server(config, env=server_env(args)) as server:
+    with running_server(config, env=server_env(args), args=server_args(args)) as server:
         pid = server.proc.pid
         ready_rss = tree_rss(pid)
         asyncio.run(soak_requests(server.url, data, args.settle, args.concurrency or 8))

@@ -4,10 +4,10 @@ Why: one server process tops out at a few thousand images per second however man
 its event loop, its decoding and its batch plumbing share one interpreter (measured on an H200 host:
 2,189 img/s served against 8,951 offline). With front-ends, the server process (the "engine") keeps what
 must be one: the scheduler and the device workers (one copy of the weights per device), the A/B registry,
-the metrics. It listens on a private Unix socket. N front-end processes accept the public port (one
-listening socket, inherited) and, for `POST /v1/classify`, read the body, split multipart, decode and crop
-each image (PIL, in threads of their own), then send the uint8 crops to the engine's
-`/internal/classify` with the request's query and headers. The engine routes, batches, answers and counts
+the metrics. It listens on private Unix sockets. N front-end processes listen on the public port
+(SO_REUSEPORT) and, for `POST /v1/classify`, read the body, split multipart, decode and crop each image
+(PIL, in threads of their own), then send the uint8 crops (in shared memory) with the request's query and
+headers over a framed channel (server/channel.py) to the engine, which answers it as `/internal/classify`. The engine routes, batches, answers and counts
 exactly as for a request it decoded itself, so answers, errors, A/B assignment and metrics are the same;
 its cost per image is a memory copy. Every other request is passed to the engine as it came.
 
@@ -352,16 +352,17 @@ async def respond(send: Callable, status: int, headers: list[tuple[bytes, bytes]
 
 
 class FrontEndProcesses:
-    """The engine's side: starts `count` front-end processes on one listening socket, replaces one that
-    dies, and stops them (each drains: it answers what it accepted) before the engine stops."""
+    """The engine's side: starts `count` front-end processes listening on the port `reserved` holds, replaces
+    one that dies, and stops them (each drains: it answers what it accepted) before the engine stops."""
 
-    def __init__(self, count: int, listener: socket.socket, engine_socket: str, channel_socket: str, threads: int,
+    def __init__(self, count: int, reserved: socket.socket, engine_socket: str, channel_socket: str, threads: int,
                  log_level: str, graceful_s: float, crops_dir: str | None, arena_slots: int | None = None):
         self.channel_socket = channel_socket
         self.crops_dir = crops_dir
         self.arena_slots = arena_slots
         self.count = count
-        self.listener = listener
+        self.reserved = reserved
+        self.host, self.port = reserved.getsockname()[:2]
         self.engine_socket = engine_socket
         self.threads = threads
         self.log_level = log_level
@@ -375,18 +376,18 @@ class FrontEndProcesses:
         with self._lock:
             self.processes = [self._spawn() for _ in range(self.count)]
         self._monitor.start()
-        log.info("%d HTTP front-end process(es) on %s, %d decoding threads each", self.count,
-                 self.listener.getsockname(), self.threads)
+        log.info("%d HTTP front-end process(es) on %s port %d, %d decoding threads each", self.count, self.host,
+                 self.port, self.threads)
 
     def _spawn(self) -> subprocess.Popen:
-        fd = self.listener.fileno()
         return subprocess.Popen(
-            [sys.executable, "-m", "server.frontend", "--fd", str(fd), "--engine-socket", self.engine_socket,
+            [sys.executable, "-m", "server.frontend", "--host", self.host, "--port", str(self.port),
+             "--engine-socket", self.engine_socket,
              "--channel-socket", self.channel_socket,
              "--threads", str(self.threads), "--log-level", self.log_level, "--graceful-s", str(self.graceful_s),
              *(["--crops-dir", self.crops_dir] if self.crops_dir else []),
              *(["--arena-slots", str(self.arena_slots)] if self.arena_slots is not None else [])],
-            pass_fds=[fd], cwd=Path(__file__).resolve().parent.parent)  # `server` imports from the checkout too
+            cwd=Path(__file__).resolve().parent.parent)  # `server` imports from the checkout too
 
     def _watch(self) -> None:
         while not self._stopping.wait(0.5):
@@ -400,13 +401,13 @@ class FrontEndProcesses:
                         self.processes[i] = self._spawn()
 
     def stop(self) -> None:
-        """Stop accepting (the listening socket closes here and in each front-end), let each answer what
-        it accepted, then return. Idempotent."""
+        """Stop accepting (each front-end closes its listening socket), let each answer what it accepted,
+        then return. Idempotent."""
         with self._lock:
             if self._stopping.is_set():
                 return
             self._stopping.set()
-            self.listener.close()
+            self.reserved.close()
             for process in self.processes:
                 if process.poll() is None:
                     process.send_signal(signal.SIGTERM)
@@ -420,17 +421,29 @@ class FrontEndProcesses:
                 process.wait()
 
 
-def listening_socket(host: str, port: int) -> socket.socket:
-    """The public socket, bound once and inherited by every front-end process."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.create_server((host, port), family=family, backlog=2048)
-    sock.set_inheritable(True)
+def port_socket(host: str, port: int, listen: bool) -> socket.socket:
+    """A socket on the public address with SO_REUSEPORT. The server process binds one and does not listen:
+    it holds the port (a port in use fails at start, port 0 picks one); each front-end binds and listens on
+    its own, and the kernel spreads new connections over them by address hash. (One shared listening socket
+    let a front-end take connections in bursts: 8 keep-alive clients all landed on one of 2 front-ends.)
+    As with any SO_REUSEPORT server, a second one started by the same user on the same port would share it."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        if listen:
+            sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
     return sock
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="one HTTP front-end process of mame-serve (started by it)")
-    parser.add_argument("--fd", type=int, required=True, help="the inherited listening socket")
+    parser.add_argument("--host", required=True)
+    parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--engine-socket", required=True, help="the engine's Unix socket (HTTP)")
     parser.add_argument("--channel-socket", required=True, help="the engine's Unix socket for decoded requests")
     parser.add_argument("--threads", type=int, default=4, help="decoding threads")
@@ -441,7 +454,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format=f"%(asctime)s %(levelname)s %(name)s[{os.getpid()}]: "
                         "%(message)s")
-    sock = socket.socket(fileno=args.fd)
+    sock = port_socket(args.host, args.port, listen=True)
     server = uvicorn.Server(uvicorn.Config(
         FrontEnd(args.engine_socket, args.channel_socket, args.threads, args.crops_dir, args.arena_slots),
         log_level=args.log_level, lifespan="on",

@@ -228,3 +228,20 @@ def test_front_ends_stop_when_the_server_process_is_killed():
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", server.port))  # the port is free again
         assert not crops_dir.exists()  # nor is anything left in /dev/shm
+
+
+def test_connections_are_spread_over_the_front_ends():
+    """Each front-end listens on the port itself (SO_REUSEPORT): 16 keep-alive clients do not all land on one."""
+    image = sample_images()["flat"]
+    with running_server(tiny_config(), args=["--http-processes", "2"]) as server:
+        clients = [httpx.Client(base_url=server.url) for _ in range(16)]
+        try:
+            for client in clients:
+                assert client.post("/v1/classify", content=image, headers={"content-type": "image/png"}).status_code == 200
+            front_ends = [c for c in psutil.Process(server.proc.pid).children() if "server.frontend" in c.cmdline()]
+            held = [sum(1 for c in p.net_connections("tcp") if c.status == psutil.CONN_ESTABLISHED
+                        and c.laddr.port == server.port) for p in front_ends]
+        finally:
+            for client in clients:
+                client.close()
+    assert sum(held) == 16 and min(held) >= 1, held
