@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import shutil
@@ -35,9 +36,11 @@ class EngineServer(uvicorn.Server):
         self._draining = False
 
     async def shutdown(self, sockets=None) -> None:
+        # After a fatal error the front-ends stop first, while this loop still answers what they hold (after
+        # a signal they have stopped already); off the loop, which must go on answering meanwhile.
+        await asyncio.to_thread(self.frontends.stop)
         await super().shutdown(sockets)
         # Here, not after run(): uvicorn re-raises a caught SIGTERM when serve() ends, which ends the process.
-        self.frontends.stop()  # after a fatal error; after a signal they have stopped already
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def handle_exit(self, sig, frame) -> None:
@@ -125,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         engine_socket = os.path.join(workdir, "engine.sock")
         processes = FrontEndProcesses(frontends, reserved, engine_socket, channel_socket, settings.preprocess_threads,
                                       settings.log_level, graceful_s, crops_dir=workdir,
-                                      arena_slots=settings.crop_arena_slots)
+                                      arena_slots=settings.crop_arena_slots, on_fatal=on_fatal)
         server = EngineServer(uvicorn.Config(app, uds=engine_socket, **options), processes, workdir)
         processes.start()
         try:

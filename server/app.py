@@ -8,8 +8,6 @@ import json
 import logging
 import mmap
 import os
-import random
-import re
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -61,7 +59,7 @@ from server.frontend import (
     FRONTEND_STARTED,
     decode_plan,
 )
-from server.hostpath import image_payloads, run_all_in_pool
+from server.hostpath import image_payloads, request_id_of, run_all_in_pool, without_reserved
 from server.metrics import Metrics
 from server.routing import Route, as_api_error, build_registry, choose_route
 from server.service import InferenceService
@@ -70,20 +68,6 @@ from server.worker import ImageResult
 T = TypeVar("T")
 
 log = logging.getLogger("mame.server")
-
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-
-
-def _request_id(raw_headers: list[tuple[bytes, bytes]]) -> str:
-    """The client's valid X-Request-Id (the first one, as `Headers.get`), else a new id."""
-    given = ""
-    for key, value in raw_headers:  # ASGI servers give lower-case names
-        if key == b"x-request-id":
-            given = value.decode("latin-1")
-            break
-    # 32 hex digits like uuid4().hex, without an os.urandom system call per request.
-    return given if _REQUEST_ID.match(given) else f"{random.getrandbits(128):032x}"
-
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -99,15 +83,19 @@ class RequestIdMiddleware:
     Response or raises ApiError (answered as the ApiError exception handler does); the route stays
     registered with FastAPI, which serves it (and documents it) when FastAPI's telemetry is on."""
 
-    def __init__(self, app: ASGIApp, direct: dict[tuple[str, str], Handler] | None = None) -> None:
+    def __init__(self, app: ASGIApp, direct: dict[tuple[str, str], Handler] | None = None,
+                 drop_reserved: bool = True) -> None:
         self.app = app
         self.direct = direct if direct is not None else {}
+        self.drop_reserved = drop_reserved  # x-mame-* headers; kept behind front-ends, which set them
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = _request_id(scope["headers"])
+        if self.drop_reserved:
+            scope["headers"] = without_reserved(scope["headers"])
+        request_id = request_id_of(scope["headers"])
         scope.setdefault("state", {})["request_id"] = request_id
         handler = self.direct.get((scope["method"], get_route_path(scope)))
         if handler is not None and "fastapi.telemetry" not in scope:
@@ -329,7 +317,7 @@ def create_app(config: ServingConfig, *, preprocess_threads: int = 4, warmup: bo
     app.state.experiments = registry
 
     direct_routes: dict[tuple[str, str], Handler] = {}  # filled below
-    app.add_middleware(RequestIdMiddleware, direct=direct_routes)
+    app.add_middleware(RequestIdMiddleware, direct=direct_routes, drop_reserved=not behind_frontends)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -397,7 +385,8 @@ def create_app(config: ServingConfig, *, preprocess_threads: int = 4, warmup: bo
         # Read before anything else, as FastAPI's parameter validation did: a bad value is a 422, uncounted.
         top_k = query_int(params.get("top_k"), "top_k", DEFAULT_TOP_K)
         # CLOCK_MONOTONIC is one clock for every process of the host: the front-end's start counts.
-        started = float(request.headers[FRONTEND_STARTED]) if from_frontend else time.monotonic()
+        given_start = request.headers.get(FRONTEND_STARTED) if behind_frontends else None
+        started = float(given_start) if given_start else time.monotonic()
         deadline = started + limits.request_timeout_s
         request_id = request.state.request_id
         # Client-chosen names become label values only when they exist (bounded series).
@@ -515,7 +504,7 @@ def create_app(config: ServingConfig, *, preprocess_threads: int = 4, warmup: bo
         """A request a front-end decoded, from the channel (server/channel.py): answered by classify_request
         as a request to `/internal/classify` (a Starlette Request over the frame, as the middleware would)."""
         headers = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in head["headers"]]
-        request_id = _request_id(headers)
+        request_id = request_id_of(headers)
         scope = {"type": "http", "method": "POST", "path": "/internal/classify", "raw_path": b"/internal/classify",
                  "query_string": head["query"].encode("latin-1"), "headers": headers, "client": None,
                  "server": None, "scheme": "http", "http_version": "1.1", "root_path": "",

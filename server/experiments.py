@@ -79,6 +79,8 @@ def parse_sticky(sticky: str) -> tuple[Literal["header", "query", "client"], str
         raise ValueError(f"sticky {sticky!r} names no {kind}")
     if kind == "header" and not _HEADER_NAME_RE.match(name):
         raise ValueError(f"sticky {sticky!r}: {name!r} is not a valid HTTP header name")
+    if kind == "header" and name.lower().startswith("x-mame-"):
+        raise ValueError(f"sticky {sticky!r}: x-mame-* headers are reserved for the server's own processes")
     return kind, name  # type: ignore[return-value]
 
 

@@ -47,7 +47,7 @@ from PIL import Image
 
 from server.channel import Channel, ChannelError
 from server.errors import ApiError, internal, not_ready, too_large
-from server.hostpath import image_payloads, run_all_in_pool
+from server.hostpath import image_payloads, request_id_of, run_all_in_pool, without_reserved
 from server.imaging import ResizeCrop, decode_image
 
 log = logging.getLogger("mame.frontend")
@@ -62,9 +62,11 @@ FRONTEND_MULTIPART = "x-mame-multipart"  # "1": a multipart request (several ima
 FRONTEND_ERROR = "x-mame-error"  # JSON {status, code, detail}: what reading or decoding the images raised
 FRONTEND_CROPS_AT = "x-mame-crops-at"  # "<arena file> <byte offset> ...": the crops are in shared memory
 
-# Not passed on between a client and the engine: connection-level headers, and the length (recomputed).
+# Not passed on between a client and the engine: connection-level headers, the length (recomputed), the
+# request id (set by the front-end), and the engine's server and date (the front-end's uvicorn adds its own).
 _NOT_FORWARDED = {b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer", b"upgrade",
-                  b"proxy-connection", b"host", b"content-length", b"date", b"server"}
+                  b"proxy-connection", b"content-length", b"x-request-id", b"date", b"server"}
+PASS_THROUGH_MAX_BYTES = 1 << 20  # bodies of requests other than classify (admin JSON): no more
 PLAN_MAX_AGE_S = 5.0  # how stale the engine's experiments may be here (a stale one costs a re-send, no error)
 LOADING_RECHECK_S = 0.5
 ARENA_MIN_SLOTS = 256  # crops in shared memory per front-end (38 MiB at 224 px); more in flight go in bodies
@@ -186,33 +188,41 @@ class FrontEnd:
             return
         if scope["type"] != "http":
             return
-        headers = [(k, v) for k, v in scope["headers"] if k not in _NOT_FORWARDED and not k.startswith(b"x-mame-")]
+        request_id = request_id_of(scope["headers"])
+        headers = [(k, v) for k, v in without_reserved(scope["headers"]) if k not in _NOT_FORWARDED]
+        headers.append((b"x-request-id", request_id.encode()))
         if scope.get("client"):
             headers.append((FRONTEND_CLIENT.encode(), scope["client"][0].encode()))
-        target = scope["raw_path"].decode("latin-1") + (f"?{scope['query_string'].decode('latin-1')}"
-                                                        if scope["query_string"] else "")
-        if scope["path"].startswith("/internal/"):  # the engine's own routes: not for clients
-            body = json.dumps({"error": "not_found", "detail": "Not Found"}).encode()
-            await respond(send, 404, [(b"content-type", b"application/json")], body)
-            return
+        # The target exactly as the client sent it: the engine routes it as a one-process server would.
+        raw_path = scope.get("raw_path") or scope["path"].encode()
+        target = raw_path + (b"?" + scope["query_string"] if scope["query_string"] else b"")
         try:
+            if scope["path"].startswith("/internal/"):  # the engine's own routes: not for clients
+                raise ApiError(404, "not_found", "Not Found")
             if scope["method"] == "POST" and scope["path"] == "/v1/classify":
                 status, answer_headers, body = await self._classify(scope, receive, headers)
             else:
-                status, answer_headers, body = await self._engine(scope["method"], target, headers,
-                                                                  await read_all(receive))
+                body = await read_limited(receive, header(scope["headers"], b"content-length"),
+                                          PASS_THROUGH_MAX_BYTES)
+                status, answer_headers, body = await self._engine(scope["method"], target, headers, body)
         except (httpx.TransportError, ChannelError) as exc:
             log.warning("the engine is not reachable: %s", exc)
-            error = not_ready(f"the inference engine is not reachable ({type(exc).__name__})")
-            body = json.dumps({"error": error.code, "detail": error.detail}).encode()
-            await respond(send, 503, [(b"content-type", b"application/json"), (b"retry-after", b"5")], body)
+            await respond_error(send, not_ready(f"the inference engine is not reachable ({type(exc).__name__})"),
+                                request_id)
             return
-        await respond(send, status, [(k, v) for k, v in answer_headers if k.lower() not in _NOT_FORWARDED], body)
+        except ApiError as exc:
+            await respond_error(send, exc, request_id)
+            return
+        await respond(send, status, [(k, v) for k, v in answer_headers if k.lower() not in _NOT_FORWARDED]
+                      + [(b"x-request-id", request_id.encode())], body)
 
-    async def _engine(self, method: str, target: str, headers: list, body: bytes) -> Answer:
-        """A request passed to the engine's HTTP socket as it came."""
+    async def _engine(self, method: str, target: bytes, headers: list, body: bytes) -> Answer:
+        """A request passed to the engine's HTTP socket as it came (the target unparsed: httpx would drop
+        `.` and `..` segments, and the engine must route what the client sent)."""
         assert self.engine is not None
-        response = await self.engine.request(method, target, headers=headers, content=body)
+        request = self.engine.build_request(method, "/", headers=headers, content=body,
+                                            extensions={"target": target})
+        response = await self.engine.send(request)
         return response.status_code, response.headers.raw, response.content
 
     async def _decoded(self, query: str, headers: list, body: bytes) -> Answer:
@@ -242,10 +252,11 @@ class FrontEnd:
         except Exception as exc:  # the engine answers it as a 500, counted like any other
             log.exception("decoding a request failed")
             error = internal(f"{type(exc).__name__}: {exc}")
+        started_header = (FRONTEND_STARTED.encode(), repr(started).encode())  # the deadline runs from here
+        raw_target = b"/v1/classify?" + scope["query_string"]
         if error is None and model is None:  # not decodable here: the engine decodes
-            return await self._engine("POST", f"/v1/classify?{query}", headers, body)
-        internal_headers = [(FRONTEND_STARTED.encode(), repr(started).encode()),
-                            (FRONTEND_IMAGES.encode(), str(n_images).encode())]
+            return await self._engine("POST", raw_target, [*headers, started_header], body)
+        internal_headers = [started_header, (FRONTEND_IMAGES.encode(), str(n_images).encode())]
         if error is not None:
             internal_headers.append((FRONTEND_ERROR.encode(), error_header(error)))
             crops, model, multipart = [], model or "", False
@@ -265,7 +276,7 @@ class FrontEnd:
             # The route's model is not the one decoded for (an experiment this front-end did not know yet).
             log.info("a request re-sent undecoded: %s", json.loads(response[2])["detail"])
             await self._current_plan(refresh=True)
-            return await self._engine("POST", f"/v1/classify?{query}", headers, body)
+            return await self._engine("POST", raw_target, [*headers, started_header], body)
         return response
 
     async def _current_plan(self, refresh: bool = False) -> Plan:
@@ -301,6 +312,7 @@ class FrontEnd:
                     transport=httpx.AsyncHTTPTransport(uds=self.engine_socket), base_url="http://engine",
                     timeout=None,  # the engine answers every request by its deadline
                     limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
+                self.engine.headers.clear()  # no user-agent or accept of httpx's own: the client's, or none
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 if self.engine is not None:
@@ -317,22 +329,16 @@ def header(headers: list[tuple[bytes, bytes]], name: bytes) -> str:
     return next((v.decode("latin-1") for k, v in headers if k == name), "")
 
 
-async def read_all(receive: Callable) -> bytes:
-    chunks = []
-    while True:
-        message = await receive()
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return b"".join(chunks)
-
-
 async def read_limited(receive: Callable, declared: str, limit: int) -> bytes:
-    """The body, or 413 as soon as it passes `limit` bytes (or announces more): the engine's read_body."""
+    """The body, or 413 as soon as it passes `limit` bytes (or announces more): the engine's read_body.
+    A client that leaves mid-body is a 500 ClientDisconnect, as Starlette's request.stream() says there."""
     if declared.isdigit() and int(declared) > limit:
         raise too_large(f"request body of {declared} bytes is over the limit of {limit} bytes")
     chunks, size = [], 0
     while True:
         message = await receive()
+        if message["type"] == "http.disconnect":
+            raise internal("ClientDisconnect: ")
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
@@ -340,6 +346,15 @@ async def read_limited(receive: Callable, declared: str, limit: int) -> bytes:
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
+
+
+async def respond_error(send: Callable, error: ApiError, request_id: str) -> None:
+    """An error the front-end answers itself, as the engine's errors look (docs/CONTRACT.md)."""
+    body = json.dumps({"error": error.code, "detail": error.detail, "request_id": request_id},
+                      separators=(",", ":")).encode()
+    headers = [(b"content-type", b"application/json"), (b"x-request-id", request_id.encode()),
+               *((name.lower().encode(), value.encode()) for name, value in error.headers.items())]
+    await respond(send, error.status, headers, body)
 
 
 async def respond(send: Callable, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
@@ -356,7 +371,10 @@ class FrontEndProcesses:
     one that dies, and stops them (each drains: it answers what it accepted) before the engine stops."""
 
     def __init__(self, count: int, reserved: socket.socket, engine_socket: str, channel_socket: str, threads: int,
-                 log_level: str, graceful_s: float, crops_dir: str | None, arena_slots: int | None = None):
+                 log_level: str, graceful_s: float, crops_dir: str | None, arena_slots: int | None = None,
+                 on_fatal: Callable[[BaseException], None] | None = None):
+        self.on_fatal = on_fatal or (lambda exc: None)
+        self._quick_deaths = 0
         self.channel_socket = channel_socket
         self.crops_dir = crops_dir
         self.arena_slots = arena_slots
@@ -375,6 +393,7 @@ class FrontEndProcesses:
     def start(self) -> None:
         with self._lock:
             self.processes = [self._spawn() for _ in range(self.count)]
+            self._started = [time.monotonic()] * self.count
         self._monitor.start()
         log.info("%d HTTP front-end process(es) on %s port %d, %d decoding threads each", self.count, self.host,
                  self.port, self.threads)
@@ -391,14 +410,28 @@ class FrontEndProcesses:
 
     def _watch(self) -> None:
         while not self._stopping.wait(0.5):
-            with self._lock:
-                for i, process in enumerate(self.processes):
-                    if process.poll() is not None and not self._stopping.is_set():
-                        log.error("front-end process %d exited with %s; starting another", process.pid,
-                                  process.returncode)
-                        for leftover in Path(self.crops_dir or ".").glob(f"crops-{process.pid}-*"):
-                            leftover.unlink()  # its crop arena (the engine lets go of its mapping)
-                        self.processes[i] = self._spawn()
+            try:
+                with self._lock:
+                    for i, process in enumerate(self.processes):
+                        if process.poll() is not None and not self._stopping.is_set():
+                            self._replace(i, process)
+            except Exception:  # a failed replacement is retried on the next round
+                log.exception("replacing a front-end process failed")
+
+    def _replace(self, i: int, process: subprocess.Popen) -> None:
+        log.error("front-end process %d exited with %s; starting another", process.pid, process.returncode)
+        for leftover in Path(self.crops_dir or ".").glob(f"crops-{process.pid}-*"):
+            leftover.unlink(missing_ok=True)  # its crop arena (the engine lets go of its mapping)
+        # One that dies within seconds of starting will again (a port it cannot bind, a broken install):
+        # after a few in a row the server stops, for its supervisor to see, rather than serve without them.
+        self._quick_deaths = self._quick_deaths + 1 if time.monotonic() - self._started[i] < QUICK_DEATH_S else 0
+        if self._quick_deaths >= QUICK_DEATHS_FATAL:
+            self._stopping.set()
+            self.on_fatal(RuntimeError(f"{self._quick_deaths} front-end processes in a row exited within "
+                                       f"{QUICK_DEATH_S:g} s of starting (the last with {process.returncode})"))
+            return
+        self.processes[i] = self._spawn()
+        self._started[i] = time.monotonic()
 
     def stop(self) -> None:
         """Stop accepting (each front-end closes its listening socket), let each answer what it accepted,
@@ -421,13 +454,22 @@ class FrontEndProcesses:
                 process.wait()
 
 
+QUICK_DEATH_S = 10.0
+QUICK_DEATHS_FATAL = 3
+
+
 def port_socket(host: str, port: int, listen: bool) -> socket.socket:
     """A socket on the public address with SO_REUSEPORT. The server process binds one and does not listen:
     it holds the port (a port in use fails at start, port 0 picks one); each front-end binds and listens on
     its own, and the kernel spreads new connections over them by address hash. (One shared listening socket
-    let a front-end take connections in bursts: 8 keep-alive clients all landed on one of 2 front-ends.)
-    As with any SO_REUSEPORT server, a second one started by the same user on the same port would share it."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    let a front-end take connections in bursts: 8 keep-alive clients all landed on one of 2 front-ends.)"""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if not listen:  # first as any server binds: fails if something listens there already (another mame-serve)
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+            port = probe.getsockname()[1]
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)

@@ -4,6 +4,8 @@ front-end processes (server/frontend.py): the images of a body, and running call
 from __future__ import annotations
 
 import asyncio
+import random
+import re
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -14,6 +16,23 @@ from server.imaging import check_content_type
 from server.multipart import MultipartError, TooManyParts, parse_multipart
 
 T = TypeVar("T")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+def request_id_of(raw_headers: list[tuple[bytes, bytes]]) -> str:
+    """The client's valid X-Request-Id (the first one, as `Headers.get`), else a new id."""
+    given = ""
+    for key, value in raw_headers:  # ASGI servers give lower-case names
+        if key == b"x-request-id":
+            given = value.decode("latin-1")
+            break
+    # 32 hex digits like uuid4().hex, without an os.urandom system call per request.
+    return given if _REQUEST_ID.match(given) else f"{random.getrandbits(128):032x}"
+
+
+def without_reserved(raw_headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The headers less `x-mame-*` (reserved: the server's processes use them among themselves)."""
+    return [(key, value) for key, value in raw_headers if not key.startswith(b"x-mame-")]
 
 
 def image_payloads(content_type: str, body: bytes, max_files: int) -> tuple[list[tuple[str, bytes]], bool]:

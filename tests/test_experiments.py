@@ -126,6 +126,7 @@ def test_config_sticky_forms(sticky):
         ("header:X User", "valid HTTP header"),
         ("query:", "names no query"),
         ("ip", "must be 'header"),
+        ("header:X-Mame-User", "reserved"),  # dropped on arrival: the key would never be seen
     ],
 )
 def test_config_rejects_bad_sticky(sticky, message):

@@ -269,13 +269,15 @@ def test_sigterm_under_load_answers_every_accepted_request(images, layout):
     assert len(ok) > 5
 
 
-def test_a_dead_device_process_fails_its_requests_and_stops_the_server(images):
+@pytest.mark.parametrize("frontends", ["0", "1"], ids=["one-process", "front-ends"])
+def test_a_dead_device_process_fails_its_requests_and_stops_the_server(images, frontends):
     """Killed (out of host memory, a driver crash): requests answer 500 at once instead of hanging, /readyz
-    says failed, and the server exits non-zero so that its supervisor restarts it."""
+    says failed, and the server exits non-zero so that its supervisor restarts it. With front-ends too: they
+    stop first, while the server process still answers what they hold."""
     import psutil
 
     config = tiny_config(batching={"max_batch_size": 4, "max_wait_ms": 500})
-    with running_server(config, args=["--device-process", "on"]) as server:
+    with running_server(config, args=["--device-process", "on", "--http-processes", frontends]) as server:
         assert post(server, images["flat"]).status_code == 200
         children = psutil.Process(server.proc.pid).children()
         device_process = next(c for c in children if "multiprocessing" in " ".join(c.cmdline())

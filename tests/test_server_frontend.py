@@ -73,13 +73,14 @@ def test_crop_arena_slots_are_taken_given_back_and_hold_the_decoded_crop(tmp_pat
     assert list(tmp_path.iterdir()) == []
 
 
+def front_ends(server) -> list[psutil.Process]:
+    return [c for c in psutil.Process(server.proc.pid).children() if "server.frontend" in c.cmdline()]
+
+
 def front_end_argument(server, flag: str) -> str:
     """One of the engine's paths, from the command line of one of its front-ends."""
-    for child in psutil.Process(server.proc.pid).children():
-        command = child.cmdline()
-        if "server.frontend" in command:
-            return command[command.index(flag) + 1]
-    raise AssertionError("no front-end process")
+    command = front_ends(server)[0].cmdline()
+    return command[command.index(flag) + 1]
 
 
 def engine_http(server) -> httpx.Client:
@@ -170,17 +171,16 @@ def test_a_dead_front_end_is_replaced_and_its_crop_arena_removed():
                               headers={"content-type": "image/png", "connection": "close"}).status_code
 
         assert [classify() for _ in range(6)] == [200] * 6  # both front-ends have made their arenas
-        front_ends = [c for c in psutil.Process(server.proc.pid).children() if "server.frontend" in c.cmdline()]
-        assert len(front_ends) == 2
-        crops_dir = front_ends[0].cmdline()[front_ends[0].cmdline().index("--crops-dir") + 1]
-        victim = front_ends[0]
+        assert len(front_ends(server)) == 2
+        crops_dir = front_end_argument(server, "--crops-dir")
+        victim = front_ends(server)[0]
         victim.kill()
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and "starting another" not in server.log():
             time.sleep(0.1)
         time.sleep(1.0)  # the new one starts
         assert [classify() for _ in range(6)] == [200] * 6
-        now = [c.pid for c in psutil.Process(server.proc.pid).children() if "server.frontend" in c.cmdline()]
+        now = [c.pid for c in front_ends(server)]
         assert len(now) == 2 and victim.pid not in now
         assert not list(Path(crops_dir).glob(f"crops-{victim.pid}-*"))
         assert re.search(rf"front-end process {victim.pid} exited with -9; starting another", server.log())
@@ -219,11 +219,11 @@ def test_an_experiment_moved_to_another_model_is_rerouted_not_misdecoded():
 def test_front_ends_stop_when_the_server_process_is_killed():
     """A killed server process cannot stop its front-ends: they notice and exit, freeing the port."""
     with running_server(tiny_config(), args=["--http-processes", "2"]) as server:
-        front_ends = [c for c in psutil.Process(server.proc.pid).children() if "server.frontend" in c.cmdline()]
-        crops_dir = Path(front_ends[0].cmdline()[front_ends[0].cmdline().index("--crops-dir") + 1])
+        children = front_ends(server)
+        crops_dir = Path(front_end_argument(server, "--crops-dir"))
         server.proc.kill()
         server.proc.wait()
-        _, alive = psutil.wait_procs(front_ends, timeout=15)
+        _, alive = psutil.wait_procs(children, timeout=15)
         assert not alive, alive
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", server.port))  # the port is free again
@@ -238,10 +238,68 @@ def test_connections_are_spread_over_the_front_ends():
         try:
             for client in clients:
                 assert client.post("/v1/classify", content=image, headers={"content-type": "image/png"}).status_code == 200
-            front_ends = [c for c in psutil.Process(server.proc.pid).children() if "server.frontend" in c.cmdline()]
             held = [sum(1 for c in p.net_connections("tcp") if c.status == psutil.CONN_ESTABLISHED
-                        and c.laddr.port == server.port) for p in front_ends]
+                        and c.laddr.port == server.port) for p in front_ends(server)]
         finally:
             for client in clients:
                 client.close()
     assert sum(held) == 16 and min(held) >= 1, held
+
+
+def raw_request(port: int, request: bytes, read: bool = True) -> bytes:
+    """Bytes on a socket exactly as given (httpx would normalise the path), and the answer's first bytes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(request)
+        answer = b""
+        while read and (chunk := sock.recv(65536)):  # until the server closes (connection: close)
+            answer += chunk
+        return answer
+
+
+def test_clients_cannot_reach_the_engines_routes_nor_send_it_unbounded_bodies(server):
+    """The target reaches the engine unparsed, so `..` and `//` route as in one process (404); bodies of
+    passed-through requests are capped; the front-end's own answers carry a request id."""
+    for target in (b"/internal/plan", b"/v1/../internal/plan", b"/./internal/plan", b"//x/internal/plan",
+                   b"/%69nternal/plan"):
+        answer = raw_request(server.port, b"GET " + target + b" HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 404"), (target, answer[:200])
+        assert b'"request_id":"' in answer and b"x-request-id: " in answer.lower(), answer
+    big = httpx.request("GET", f"{server.url}/healthz", content=b"x" * (2 << 20))
+    assert (big.status_code, big.json()["error"]) == (413, "too_large")
+    assert big.json()["request_id"] == big.headers["x-request-id"]
+    given = httpx.get(f"{server.url}/healthz", headers={"x-request-id": "mine-1"})
+    assert given.status_code == 200 and given.headers["x-request-id"] == "mine-1"
+
+
+def test_a_client_that_leaves_mid_body_is_counted_as_in_one_process(server):
+    """One process counts a 500 (Starlette's ClientDisconnect); so does a front-end, not a 400 for the cut image."""
+    def failed() -> float:
+        values = metric_values(httpx.get(f"{server.url}/metrics").text, "mame_requests_total")
+        return sum(v for k, v in values.items() if 'status="500"' in k)
+
+    before = failed()
+    raw_request(server.port, b"POST /v1/classify HTTP/1.1\r\nhost: x\r\ncontent-type: image/png\r\n"
+                b"content-length: 5000\r\n\r\n" + b"\x89PNG" * 25, read=False)
+    deadline = time.monotonic() + 10
+    while failed() == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert failed() == before + 1
+
+
+def test_front_ends_that_keep_dying_stop_the_server():
+    """Three deaths in a row within seconds of starting (a port it cannot bind, a broken install): the server
+    exits 1 for its supervisor to see, rather than serve without front-ends."""
+    with running_server(tiny_config(), args=["--http-processes", "1"]) as server:
+        killed: set[int] = set()
+        deadline = time.monotonic() + 30
+        while server.proc.poll() is None and time.monotonic() < deadline:
+            try:
+                for child in psutil.Process(server.proc.pid).children():
+                    if child.pid not in killed and "server.frontend" in child.cmdline():
+                        killed.add(child.pid)
+                        child.kill()
+            except psutil.Error:  # a killed one not yet reaped, or the server gone meanwhile
+                pass
+            time.sleep(0.1)
+        assert server.proc.wait(timeout=30) == 1
+        assert "3 front-end processes in a row exited" in server.log()
