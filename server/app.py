@@ -340,7 +340,8 @@ def create_app(config: ServingConfig, *, preprocess_threads: int = 4, warmup: bo
             in_flight = metrics.in_flight_of(route.model, route.variant)
             in_flight.inc()
             if from_frontend:
-                n_images, multipart = int(request.headers[FRONTEND_IMAGES]), request.headers[FRONTEND_MULTIPART] == "1"
+                n_images = int(request.headers[FRONTEND_IMAGES])
+                multipart = request.headers[FRONTEND_MULTIPART] == "1"
                 raise_frontend_error(request)  # errors first: they do not depend on the model
                 if request.headers.get(FRONTEND_MODEL) != route.model:
                     raise Reroute(route.model)
@@ -401,7 +402,7 @@ def create_app(config: ServingConfig, *, preprocess_threads: int = 4, warmup: bo
             if in_flight is not None:
                 in_flight.dec()
             elapsed = time.monotonic() - started
-            if not counted:
+            if not counted:  # a re-route: the front-end sends the request again, and it is counted then
                 pass
             elif route is not None:
                 ok = status == 200

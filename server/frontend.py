@@ -300,8 +300,9 @@ class FrontEnd:
         try:
             return CropArena(self.crops_dir, slot_bytes, slots)
         except OSError as exc:
-            log.warning("no shared memory for crops (%s: %d MiB in %s): crops go in request bodies", exc,
+            log.warning("no shared memory for crops (%s: %d MiB in %s): crops go in the messages", exc,
                         slot_bytes * slots >> 20, self.crops_dir)
+            self.crops_dir = None  # tried once
             return None
 
     async def _lifespan(self, receive: Callable, send: Callable) -> None:
