@@ -69,7 +69,7 @@ _NOT_FORWARDED = {b"connection", b"keep-alive", b"transfer-encoding", b"te", b"t
 PASS_THROUGH_MAX_BYTES = 1 << 20  # bodies of requests other than classify (admin JSON): no more
 PLAN_MAX_AGE_S = 5.0  # how stale the engine's experiments may be here (a stale one costs a re-send, no error)
 LOADING_RECHECK_S = 0.5
-ARENA_MIN_SLOTS = 256  # crops in shared memory per front-end (38 MiB at 224 px); more in flight go in bodies
+ARENA_MIN_SLOTS = 256  # crops in shared memory per front-end (37 MiB at 224 px); more in flight: in messages
 
 
 def decode_plan(transform: Any, input_size: Sequence[int]) -> list | None:
