@@ -156,19 +156,36 @@ class Load:
     # CPU time of the server process alone (not its device, decode or front-end processes) per image: with
     # one interpreter, its ceiling is about 1000 / this img/s whatever the cores and the device
     own_cpu_ms_per_image: float = 0.0
+    # CPU ms per image of each kind of child process, and the server's cores busy (CPU s per s, all of it):
+    # which stage is saturated on a many-core host
+    children_ms_per_image: tuple[tuple[str, float], ...] = ()
+    busy_cores: float = 0.0
     # medians over sampled answers, ms: round trip at the client, and the server's total, queue and inference
     timings_ms: tuple[float, ...] = ()
     failed: int = 0  # requests that got no 200 (counted and shown, so one reset does not void a run)
     first_failure: str = ""
 
 
-def _cpu_seconds(process: psutil.Process) -> tuple[float, float, float]:
-    """CPU seconds of (the process and its children, e.g. a device process; its main thread, uvicorn's event
-    loop; the process alone)."""
-    own = sum(process.cpu_times()[:2])
-    total = own + sum(sum(p.cpu_times()[:2]) for p in process.children(recursive=True))
+CHILD_KINDS = (("server.frontend", "front-ends"), ("server.decode_child", "decode processes"),
+               ("multiprocessing.spawn", "device processes"))
+
+
+def _cpu_seconds(process: psutil.Process) -> dict[str, float]:
+    """CPU seconds of the server: "total" (with its children), "event loop" (its main thread), "own" (the
+    process alone), and one entry per kind of child process (CHILD_KINDS)."""
+    seconds = {"own": sum(process.cpu_times()[:2])}
     main = next((t for t in process.threads() if t.id == process.pid), None)
-    return total, (main.user_time + main.system_time) if main else 0.0, own
+    seconds["event loop"] = (main.user_time + main.system_time) if main else 0.0
+    seconds["total"] = seconds["own"]
+    for child in process.children(recursive=True):
+        try:
+            command, used = " ".join(child.cmdline()), sum(child.cpu_times()[:2])
+        except psutil.Error:  # gone meanwhile
+            continue
+        kind = next((name for marker, name in CHILD_KINDS if marker in command), "other")
+        seconds[kind] = seconds.get(kind, 0.0) + used
+        seconds["total"] += used
+    return seconds
 
 
 def run_clients(url: str, bodies: list[tuple[bytes, str]], concurrency: int, begin: float, seconds: float,
@@ -233,7 +250,7 @@ def saturate(url: str, server_pid: int, bodies: list[tuple[bytes, str]], concurr
     """Images per second answered while `concurrency` requests are kept in flight, after a warm-up."""
     processes = max(1, min(processes, concurrency))
     server = psutil.Process(server_pid)
-    server_cpu: list[tuple[float, float, float]] = []
+    server_cpu: list[dict[str, float]] = []
     # Client processes start in ~1 s (without torch); the window starts once all of them have warmed up.
     begin = time.monotonic() + warmup_s + (1.5 if processes > 1 else 0.0)
     profiler: list[subprocess.Popen] = []
@@ -260,11 +277,15 @@ def saturate(url: str, server_pid: int, bodies: list[tuple[bytes, str]], concurr
         raise RuntimeError(f"no request was answered inside the measurement window; failures: {failures[:3]}")
     images = answered * images_per_request
     return Load(images_per_s=images / seconds,
-                server_cpu_ms_per_image=1000 * (server_cpu[1][0] - server_cpu[0][0]) / images,
+                server_cpu_ms_per_image=1000 * (server_cpu[1]["total"] - server_cpu[0]["total"]) / images,
                 client_cpu_ms_per_request=1000 * sum(outcome.cpu_s for outcome in outcomes) / answered,
                 timings_ms=tuple(statistics.median(column) for column in zip(*timings)) if timings else (),
-                event_loop_ms_per_request=1000 * (server_cpu[1][1] - server_cpu[0][1]) / answered,
-                own_cpu_ms_per_image=1000 * (server_cpu[1][2] - server_cpu[0][2]) / images,
+                event_loop_ms_per_request=1000 * (server_cpu[1]["event loop"] - server_cpu[0]["event loop"]) / answered,
+                own_cpu_ms_per_image=1000 * (server_cpu[1]["own"] - server_cpu[0]["own"]) / images,
+                children_ms_per_image=tuple(
+                    (kind, 1000 * (server_cpu[1][kind] - server_cpu[0].get(kind, 0.0)) / images)
+                    for kind in [*(name for _, name in CHILD_KINDS), "other"] if kind in server_cpu[1]),
+                busy_cores=(server_cpu[1]["total"] - server_cpu[0]["total"]) / seconds,
                 failed=len(failures), first_failure=failures[0] if failures else "")
 
 
@@ -313,6 +334,13 @@ def cmd_throughput(args) -> None:
     # The one interpreter every image passes through (with --http-processes: the engine, not the front-ends).
     print(f"  server process  {own_ms:9.3f} ms CPU per image without its child processes "
           f"(~{1000 / own_ms:.0f} img/s at most in one interpreter)")
+    kinds = {kind for load in served for kind, _ in load.children_ms_per_image}
+    by_kind = [(kind, statistics.median(dict(load.children_ms_per_image).get(kind, 0.0) for load in served))
+               for kind in sorted(kinds)]
+    by_kind = [(kind, ms) for kind, ms in by_kind if ms >= 0.0005]  # e.g. multiprocessing's resource tracker
+    print("  child processes " + (", ".join(f"{kind} {ms:.3f}" for kind, ms in by_kind) or "none")
+          + f" ms CPU per image; the server used {statistics.median(load.busy_cores for load in served):.1f} "
+          f"cores (of {psutil.cpu_count()} here)")
     if timings := [load.timings_ms for load in served if load.timings_ms]:
         trip, total, queue, inference = (statistics.median(column) for column in zip(*timings))
         # Where a request's time goes tells which stage limits: a long queue wait means the device (or
