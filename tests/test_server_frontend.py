@@ -303,3 +303,12 @@ def test_front_ends_that_keep_dying_stop_the_server():
             time.sleep(0.1)
         assert server.proc.wait(timeout=30) == 1
         assert "3 front-end processes in a row exited" in server.log()
+
+
+def test_a_front_end_process_imports_no_torch():
+    """Front-ends stay small (~50 MiB): they decode with PIL and numpy only."""
+    import subprocess
+    import sys
+
+    code = "import sys, server.frontend; sys.exit('torch' in sys.modules or 'timm' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent).returncode == 0
