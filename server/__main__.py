@@ -61,7 +61,11 @@ def resolve_http_processes(setting: str | int, config: ServingConfig) -> int:
     cores this process may use, 1 to 8 (each decodes in --preprocess-threads threads)."""
     if setting != "auto":
         return int(setting)
-    if not any(d.type == "cuda" for cfg in config.models.values() for d in resolve_devices(cfg.device)):
+    try:
+        devices = [d for cfg in config.models.values() for d in resolve_devices(cfg.device)]
+    except ValueError:  # a device that is not there: loading the models says so, and the server stops
+        return 0
+    if not any(d.type == "cuda" for d in devices):
         return 0
     return min(8, max(1, available_cpus() // 4))
 

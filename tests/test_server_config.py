@@ -100,6 +100,10 @@ def test_http_processes_auto_means_none_without_a_cuda_device():
     config = ServingConfig.model_validate(tiny_config())
     assert resolve_http_processes("auto", config) == 0  # the tiny model runs on the CPU
     assert resolve_http_processes(3, config) == 3
+    if not torch.cuda.is_available():  # a device that is not there: loading reports it, not this
+        on_cuda = tiny_config()
+        on_cuda["models"]["tiny"]["device"] = "cuda"
+        assert resolve_http_processes("auto", ServingConfig.model_validate(on_cuda)) == 0
 
 
 @pytest.mark.parametrize("name", ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"])
