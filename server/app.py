@@ -34,7 +34,6 @@ from server.errors import (
     not_ready,
     overloaded,
     timeout,
-    too_large,
 )
 from server.experiments import (
     ExperimentError,
@@ -53,7 +52,7 @@ from server.frontend import (
     FRONTEND_STARTED,
     decode_plan,
 )
-from server.hostpath import image_payloads, request_id_of, run_all_in_pool, without_reserved
+from server.hostpath import image_payloads, read_limited, request_id_of, run_all_in_pool, without_reserved
 from server.intake import CropArenas, Reroute, frontend_crops, raise_frontend_error
 from server.metrics import Metrics
 from server.routing import Route, as_api_error, build_registry, choose_route
@@ -139,20 +138,6 @@ def _error_response(exc: ApiError, request_id: str) -> JSONResponse:
         {"error": exc.code, "detail": exc.detail, "request_id": request_id},
         status_code=exc.status, headers={**exc.headers, "X-Request-Id": request_id},
     )
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes `limit` bytes (or announces more)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise too_large(f"request body of {declared} bytes is over the limit of {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large(f"request body is over the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def image_answer(route: Route, weights: str, labels: list[str], request_id: str, result: ImageResult,
@@ -347,7 +332,8 @@ def create_app(config: ServingConfig, *, preprocess_threads: int = 4, warmup: bo
                     raise Reroute(route.model)
                 images = await frontend_crops(request, service.models[route.model].input_size, arenas)
             else:
-                body = await read_body(request, limits.max_body_bytes)
+                body = await read_limited(request.receive, request.headers.get("content-length", ""),
+                                          limits.max_body_bytes)
                 payloads, multipart = image_payloads(request.headers.get("content-type", ""), body,
                                                      limits.max_images_per_request)
                 n_images = len(payloads)

@@ -46,8 +46,8 @@ import uvicorn
 from PIL import Image
 
 from server.channel import Channel, ChannelError
-from server.errors import ApiError, internal, not_ready, too_large
-from server.hostpath import image_payloads, request_id_of, run_all_in_pool, without_reserved
+from server.errors import ApiError, internal, not_ready
+from server.hostpath import image_payloads, read_limited, request_id_of, run_all_in_pool, without_reserved
 from server.imaging import ResizeCrop, decode_image
 
 log = logging.getLogger("mame.frontend")
@@ -328,25 +328,6 @@ class FrontEnd:
 
 def header(headers: list[tuple[bytes, bytes]], name: bytes) -> str:
     return next((v.decode("latin-1") for k, v in headers if k == name), "")
-
-
-async def read_limited(receive: Callable, declared: str, limit: int) -> bytes:
-    """The body, or 413 as soon as it passes `limit` bytes (or announces more): the engine's read_body.
-    A client that leaves mid-body is a 500 ClientDisconnect, as Starlette's request.stream() says there."""
-    if declared.isdigit() and int(declared) > limit:
-        raise too_large(f"request body of {declared} bytes is over the limit of {limit} bytes")
-    chunks, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise internal("ClientDisconnect: ")
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise too_large(f"request body is over the limit of {limit} bytes")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
 
 
 async def respond_error(send: Callable, error: ApiError, request_id: str) -> None:

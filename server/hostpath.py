@@ -11,7 +11,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from server.errors import bad_image, invalid_parameter, too_large
+from server.errors import bad_image, internal, invalid_parameter, too_large
 from server.imaging import check_content_type
 from server.multipart import MultipartError, TooManyParts, parse_multipart
 
@@ -57,6 +57,25 @@ def image_payloads(content_type: str, body: bytes, max_files: int) -> tuple[list
         check_content_type(part.content_type)
         payloads.append((part.filename or "file", part.data))
     return payloads, True
+
+
+async def read_limited(receive: Callable, declared: str, limit: int) -> bytes:
+    """The body from an ASGI `receive`, refused with 413 as soon as it passes `limit` bytes (or announces
+    more). A client that leaves mid-body is a 500 `ClientDisconnect` (Starlette's name for it)."""
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large(f"request body of {declared} bytes is over the limit of {limit} bytes")
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise internal("ClientDisconnect: ")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise too_large(f"request body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
 
 
 async def run_all_in_pool(pool: ThreadPoolExecutor, function: Callable[..., T], calls: list[tuple]) -> list[T]:
