@@ -21,7 +21,7 @@ import sys
 
 from PIL import Image
 
-from server.errors import ApiError
+from server.errors import ApiError, internal
 from server.imaging import ResizeCrop, decode_image
 
 REQUEST = struct.Struct("!IQI")  # model index, max_pixels, image bytes
@@ -46,13 +46,32 @@ def recv_exactly(sock: socket.socket, size: int) -> bytearray:
     return buffer
 
 
-def plan_to_json(plan: list[tuple[int, ResizeCrop]]) -> bytes:
-    return json.dumps([[edge, rc.edge, *rc.crop, int(rc.resample)] for edge, rc in plan]).encode()
+Decoder = tuple[int, ResizeCrop]  # the edge the resize aims for (decoding may draft down to it), resize + crop
 
 
-def plan_from_json(data: bytes) -> list[tuple[int, ResizeCrop]]:
-    return [(edge, ResizeCrop(rc_edge, (crop_h, crop_w), Image.Resampling(resample)))
-            for edge, rc_edge, crop_h, crop_w, resample in json.loads(data)]
+def decoder_to_list(decoder: Decoder) -> list[int]:
+    """[resize_edge, resize, crop_h, crop_w, resample]: a decoder as JSON (here and for front-end processes)."""
+    edge, rc = decoder
+    return [edge, rc.edge, *rc.crop, int(rc.resample)]
+
+
+def decoder_from_list(values: list[int]) -> Decoder:
+    edge, rc_edge, crop_h, crop_w, resample = values
+    return edge, ResizeCrop(rc_edge, (crop_h, crop_w), Image.Resampling(resample))
+
+
+def crop_bytes(decoder: Decoder, data: bytes, max_pixels: int) -> bytes:
+    """Image bytes -> the model's uint8 crop as [H, W, 3] bytes."""
+    resize_edge, resize_crop = decoder
+    return resize_crop(decode_image(data, max_pixels, needed_edge=resize_edge)).tobytes()
+
+
+def plan_to_json(plan: list[Decoder]) -> bytes:
+    return json.dumps([decoder_to_list(decoder) for decoder in plan]).encode()
+
+
+def plan_from_json(data: bytes) -> list[Decoder]:
+    return [decoder_from_list(values) for values in json.loads(data)]
 
 
 def serve(sock: socket.socket) -> None:
@@ -65,15 +84,13 @@ def serve(sock: socket.socket) -> None:
         except EOFError:  # the server closed its end: stop
             return
         try:
-            resize_edge, resize_crop = plan[model]
-            pixels = resize_crop(decode_image(data, max_pixels, needed_edge=resize_edge)).tobytes()
+            pixels = crop_bytes(plan[model], data, max_pixels)
             sock.sendall(ANSWER.pack(OK, len(pixels)) + pixels)
         except ApiError as exc:
-            error = json.dumps({"status": exc.status, "code": exc.code, "detail": exc.detail}).encode()
+            error = exc.to_json()
             sock.sendall(ANSWER.pack(ERROR, len(error)) + error)
         except Exception as exc:  # noqa: BLE001 - reported to the request; the process carries on
-            error = json.dumps({"status": 500, "code": "internal",
-                                "detail": f"preprocessing failed: {type(exc).__name__}: {exc}"}).encode()
+            error = internal(f"preprocessing failed: {type(exc).__name__}: {exc}").to_json()
             sock.sendall(ANSWER.pack(ERROR, len(error)) + error)
 
 

@@ -14,7 +14,6 @@ parent's cost per image is a few system calls, no pickling. Models whose timm tr
 
 from __future__ import annotations
 
-import json
 import logging
 import socket
 import struct
@@ -70,8 +69,7 @@ class DecodeProcess:
             self._restart()
             raise internal(f"the decoding process died: {type(exc).__name__}") from None
         if status == ERROR:
-            error = json.loads(payload)
-            raise ApiError(error["status"], error["code"], error["detail"])
+            raise ApiError.from_json(payload)
         raise internal(f"the decoding process sent {size} bytes for a {height}x{width} crop")
 
     def _restart(self) -> None:

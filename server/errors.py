@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 
 class ApiError(Exception):
     """An error with an HTTP status and a stable machine-readable code."""
@@ -12,6 +14,15 @@ class ApiError(Exception):
         self.code = code
         self.detail = detail
         self.headers = headers or {}
+
+    def to_json(self) -> bytes:
+        """The error as it crosses between the server's processes (decode processes, front-ends)."""
+        return json.dumps({"status": self.status, "code": self.code, "detail": self.detail}).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> ApiError:
+        found = json.loads(data)
+        return cls(found["status"], found["code"], found["detail"])
 
 
 def bad_image(detail: str) -> ApiError:

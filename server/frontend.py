@@ -7,9 +7,9 @@ must be one: the scheduler and the device workers (one copy of the weights per d
 the metrics. It listens on private Unix sockets. N front-end processes listen on the public port
 (SO_REUSEPORT) and, for `POST /v1/classify`, read the body, split multipart, decode and crop each image
 (PIL, in threads of their own), then send the uint8 crops (in shared memory) with the request's query and
-headers over a framed channel (server/channel.py) to the engine, which answers it as `/internal/classify`. The engine routes, batches, answers and counts
-exactly as for a request it decoded itself, so answers, errors, A/B assignment and metrics are the same;
-its cost per image is a memory copy. Every other request is passed to the engine as it came.
+headers over a framed channel (server/channel.py) to the engine, which answers it as `/internal/classify`.
+The engine routes, batches, answers and counts exactly as for a request it decoded itself, so answers,
+errors, A/B assignment and metrics are the same; its cost per image is a memory copy. Every other request is passed to the engine as it came.
 
 A request the front-end cannot decode for (an unknown model or experiment, a model whose timm transform is
 not the usual resize + centre crop, the engine still loading) goes to the engine undecoded. An error the
@@ -43,12 +43,12 @@ from urllib.parse import parse_qsl
 
 import httpx
 import uvicorn
-from PIL import Image
 
 from server.channel import Channel, ChannelError
+from server.decode_child import Decoder, crop_bytes, decoder_from_list, decoder_to_list
 from server.errors import ApiError, internal, not_ready
 from server.hostpath import image_payloads, read_limited, request_id_of, run_all_in_pool, without_reserved
-from server.imaging import ResizeCrop, decode_image
+from server.imaging import ResizeCrop
 
 log = logging.getLogger("mame.frontend")
 Answer = tuple[int, list[tuple[bytes, bytes]], bytes]  # status, headers, body
@@ -70,15 +70,17 @@ PASS_THROUGH_MAX_BYTES = 1 << 20  # bodies of requests other than classify (admi
 PLAN_MAX_AGE_S = 5.0  # how stale the engine's experiments may be here (a stale one costs a re-send, no error)
 LOADING_RECHECK_S = 0.5
 ARENA_MIN_SLOTS = 256  # crops in shared memory per front-end (37 MiB at 224 px); more in flight: in messages
+QUICK_DEATH_S = 10.0  # a front-end that exits this soon after starting counts as a quick death ...
+QUICK_DEATHS_FATAL = 3  # ... and this many in a row stop the server
 
 
 def decode_plan(transform: Any, input_size: Sequence[int]) -> list | None:
-    """A model's decoding as JSON for the front-ends: [resize_edge, resize, crop_h, crop_w, resample], when
-    its host transform is the fused resize + centre crop to the model's input size (else None)."""
+    """A model's decoder as JSON for the front-ends (`decoder_to_list`), when its host transform is the
+    fused resize + centre crop to the model's input size (else None)."""
     fused: ResizeCrop | None = transform.resize_then_crop
     if fused is None or tuple(fused.crop) != tuple(input_size[1:]):
         return None
-    return [transform.resize_edge, fused.edge, *fused.crop, int(fused.resample)]
+    return decoder_to_list((transform.resize_edge, fused))
 
 
 @dataclass(frozen=True)
@@ -91,14 +93,12 @@ class Plan:
     max_images: int
     default_model: str
     experiment_models: dict[str, str]  # running experiments
-    decoders: dict[str, tuple[int, ResizeCrop]]  # model -> (resize edge, resize + crop)
+    decoders: dict[str, Decoder]
     fetched_at: float
 
     @classmethod
     def from_json(cls, data: dict, fetched_at: float) -> Plan:
-        decoders = {name: (edge, ResizeCrop(resize, (crop_h, crop_w), Image.Resampling(resample)))
-                    for name, plan in data["decoders"].items() if plan is not None
-                    for edge, resize, crop_h, crop_w, resample in [plan]}
+        decoders = {name: decoder_from_list(values) for name, values in data["decoders"].items() if values}
         limits = data["limits"]
         return cls(data["ready"], limits["max_body_bytes"], limits["max_pixels"], limits["max_images_per_request"],
                    data["default_model"], data["experiment_models"], decoders, fetched_at)
@@ -150,21 +150,16 @@ class CropArena:
         os.unlink(self.path)
 
 
-def decode_crop(decoder: tuple[int, ResizeCrop], data: bytes, max_pixels: int, arena: CropArena | None = None,
+def decode_crop(decoder: Decoder, data: bytes, max_pixels: int, arena: CropArena | None = None,
                 slot: int = 0) -> bytes:
-    """Image bytes -> the model's uint8 crop as [H, W, 3] bytes (the same pixels as the engine's decoding),
-    or written into the arena's `slot` (then b"")."""
-    resize_edge, resize_crop = decoder
-    crop = resize_crop(decode_image(data, max_pixels, needed_edge=resize_edge)).tobytes()
+    """Image bytes -> the model's uint8 crop as [H, W, 3] bytes (the decode processes' `crop_bytes`), or
+    written into the arena's `slot` (then b"")."""
+    crop = crop_bytes(decoder, data, max_pixels)
     if arena is None:
         return crop
     start = slot * arena.slot_bytes
     arena.memory[start:start + len(crop)] = crop
     return b""
-
-
-def error_header(exc: ApiError) -> bytes:
-    return json.dumps({"status": exc.status, "code": exc.code, "detail": exc.detail}).encode()
 
 
 class FrontEnd:
@@ -258,7 +253,7 @@ class FrontEnd:
             return await self._engine("POST", raw_target, [*headers, started_header], body)
         internal_headers = [started_header, (FRONTEND_IMAGES.encode(), str(n_images).encode())]
         if error is not None:
-            internal_headers.append((FRONTEND_ERROR.encode(), error_header(error)))
+            internal_headers.append((FRONTEND_ERROR.encode(), error.to_json()))
             crops, model, multipart = [], model or "", False
         elif slots is not None:
             assert self.arena is not None
@@ -434,10 +429,6 @@ class FrontEndProcesses:
                 log.error("front-end process %d did not stop in time: killed", process.pid)
                 process.kill()
                 process.wait()
-
-
-QUICK_DEATH_S = 10.0
-QUICK_DEATHS_FATAL = 3
 
 
 def port_socket(host: str, port: int, listen: bool) -> socket.socket:

@@ -3,7 +3,6 @@ in their shared-memory arenas or in the message, the errors they met, and re-rou
 
 from __future__ import annotations
 
-import json
 import mmap
 import os
 
@@ -24,8 +23,7 @@ def raise_frontend_error(request: Request) -> None:
     """The error a front-end process met reading or decoding the request's images, if any."""
     error = request.headers.get(FRONTEND_ERROR)
     if error is not None:
-        found = json.loads(error)
-        raise ApiError(found["status"], found["code"], found["detail"])
+        raise ApiError.from_json(error)
 
 
 class CropArenas:
