@@ -116,6 +116,22 @@ def test_worker_blocks_until_work_arrives(loop):
     assert len(got[0]) == 1
 
 
+def test_a_waiting_worker_wakes_when_a_queue_starts_or_fills_not_for_every_image(loop):
+    """Waking the worker for each single-image request cost the server process 8 % of its GIL time: a
+    waiting worker is woken for a new head (its due time changes) or a full batch, and only then."""
+    s = scheduler(max_batch_size=4, max_wait_ms=10_000)
+    wakes = []
+    notify_all = s._cond.notify_all
+    s._cond.notify_all = lambda: (wakes.append(s.pending("m")), notify_all())  # counts the wake-ups
+    got = []
+    thread = threading.Thread(target=lambda: got.append(s.next_batch({"m"})))
+    thread.start()
+    for _ in range(4):
+        time.sleep(0.05)
+        s.submit([item(loop)])
+    thread.join(5)  # the full batch is taken at once, not after max_wait_ms (10 s)
+    assert len(got[0]) == 4
+    assert wakes == [1, 4]  # the first image (a new head) and the fourth (a full batch)
 # ------------------------------------------------------------------------------------ the device worker
 
 
