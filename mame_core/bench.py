@@ -20,7 +20,14 @@ import torch
 from tqdm import tqdm
 
 from mame_core import MergeSettings, patch_vit
-from mame_core.images import list_images, load_model, make_batch, parse_model_kwargs, sample_images
+from mame_core.images import (
+    check_merge_blocks,
+    list_images,
+    load_model,
+    make_batch,
+    parse_model_kwargs,
+    sample_images,
+)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -57,7 +64,7 @@ def parse_list(text: str, kind: type, name: str) -> list:
 
 
 def make_variants(
-    taus: list[float], tome_r: list[int], mame_blocks: int, unpatched: bool = False
+    taus: list[float], tome_r: list[int], mame_blocks: int | None, unpatched: bool = False
 ) -> list[Variant]:
     """The rows of a run: [the unpatched timm model], the patched model merging nothing, MaMe, ToMe."""
     variants = [Variant("timm", "unpatched", None)] if unpatched else []
@@ -191,7 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", help="auto (float16 on GPU, float32 on CPU), float32, ...")
     p.add_argument("--taus", default="1.0,0.9,0.8,0.7", help="MaMe thresholds, comma-separated")
-    p.add_argument("--mame-blocks", type=int, default=8, help="MaMe merges in the first N blocks (default 8)")
+    p.add_argument(
+        "--mame-blocks", type=int, default=None,
+        help="MaMe merges in the first N blocks (default 8, or all blocks of a shallower model)",
+    )
     p.add_argument("--tome-r", default="8,13,16", help="ToMe tokens removed per block, comma-separated")
     p.add_argument("--images", type=Path, default=None, help="folder of pictures (default: bundled samples)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the median is reported")
@@ -215,20 +225,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads is not None and args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         device, dtype = resolve_device_dtype(args.device, args.dtype)
-        variants = make_variants(
-            parse_list(args.taus, float, "--taus"),
-            parse_list(args.tome_r, int, "--tome-r"),
-            args.mame_blocks,
-            unpatched=True,
-        )
+        taus, tome_r = parse_list(args.taus, float, "--taus"), parse_list(args.tome_r, int, "--tome-r")
         paths = sample_images() if args.images is None else list_images(args.images)
         model = load_model(args.arch, args.weights, parse_model_kwargs(args.model_kwargs))
+        check_merge_blocks("--mame-blocks", args.mame_blocks, model)
+        variants = make_variants(taus, tome_r, args.mame_blocks, unpatched=True)
+        x = make_batch(paths, model, args.batch_size)  # decodes every picture: a bad file is bad input
     except ValueError as err:
         print(f"mame-bench: error: {err}", file=sys.stderr)
         return 2
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    x = make_batch(paths, model, args.batch_size).to(device, dtype)
+    x = x.to(device, dtype)
     rows = run_bench(model.to(device, dtype), x, variants, args.rounds, args.iters, args.warmup, progress=not args.no_progress)
 
     report = {

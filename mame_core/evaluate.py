@@ -17,6 +17,7 @@ import torch
 from timm.data import ImageNetInfo
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 from tqdm import tqdm
 
 from mame_core import MergeSettings, patch_vit
@@ -28,7 +29,7 @@ from mame_core.bench import (
     resolve_device_dtype,
     write_report,
 )
-from mame_core.images import load_model, model_transform, parse_model_kwargs
+from mame_core.images import check_image, check_merge_blocks, load_model, model_transform, parse_model_kwargs
 
 WNID = re.compile(r"^n\d{8}$")
 
@@ -62,6 +63,15 @@ def class_indices(classes: list[str], num_classes: int) -> list[int]:
     if len(classes) > num_classes:
         raise ValueError(f"{len(classes)} class folders but the model has only {num_classes} classes")
     return list(range(len(classes)))
+
+
+def image_file(path: str) -> bool:
+    """ImageFolder's file filter (its image extensions) that also refuses a picture file which is not an
+    image: at the start, as bad input, instead of a traceback from a loader process mid-run."""
+    if not has_file_allowed_extension(path, IMG_EXTENSIONS):
+        return False
+    check_image(path)
+    return True
 
 
 def evaluate(
@@ -121,7 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", default="vit_base_patch16_224", help="timm architecture")
     p.add_argument("--weights", default="hub", help="hub (default), a checkpoint file, or random")
     p.add_argument("--taus", default="1.0,0.9,0.8", help="MaMe thresholds, comma-separated")
-    p.add_argument("--mame-blocks", type=int, default=8, help="MaMe merges in the first N blocks (default 8)")
+    p.add_argument(
+        "--mame-blocks", type=int, default=None,
+        help="MaMe merges in the first N blocks (default 8, or all blocks of a shallower model)",
+    )
     p.add_argument("--tome-r", default="", help="ToMe tokens removed per block, comma-separated (e.g. 13)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2, help="image decoding processes (0: in this process)")
@@ -139,10 +152,11 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--batch-size must be >= 1 and --workers >= 0")
         device, dtype = resolve_device_dtype(args.device, args.dtype)
         taus, tome_r = parse_list(args.taus, float, "--taus"), parse_list(args.tome_r, int, "--tome-r")
-        variants = make_variants(taus, tome_r, args.mame_blocks)
         model = load_model(args.arch, args.weights, parse_model_kwargs(args.model_kwargs))
+        check_merge_blocks("--mame-blocks", args.mame_blocks, model)
+        variants = make_variants(taus, tome_r, args.mame_blocks)
         try:
-            dataset = ImageFolder(str(args.folder), transform=model_transform(model))
+            dataset = ImageFolder(str(args.folder), transform=model_transform(model), is_valid_file=image_file)
         except (FileNotFoundError, NotADirectoryError) as err:
             raise ValueError(f"{args.folder}: not an ImageFolder directory ({err})") from err
         targets_map = class_indices(dataset.classes, model.num_classes)

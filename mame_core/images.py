@@ -17,6 +17,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from timm.data import create_transform, resolve_data_config
 
+from mame_core.hub import cached_hub_file, hub_unavailable_reason
+
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
 SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
 RANDOM_INIT_SEED = 0
@@ -47,6 +49,23 @@ def load_rgb(path: str | Path) -> Image.Image:
             return ImageOps.exif_transpose(img).convert("RGB")
     except (UnidentifiedImageError, OSError) as err:
         raise ValueError(f"{str(path)!r} is not a readable image: {err}") from err
+
+
+def check_image(path: str | Path) -> None:
+    """A ValueError naming `path` unless PIL recognises it as an image (reads the header only)."""
+    try:
+        with Image.open(path):
+            pass
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"{str(path)!r} is not a readable image: {err}") from err
+
+
+def check_merge_blocks(option: str, blocks: int | None, model: torch.nn.Module) -> None:
+    """A command's count of merging blocks must be 1..depth: the patch would cut a larger one silently.
+    None (the option left out) is MergeSettings' default, which fits any depth."""
+    depth = len(model.blocks)
+    if blocks is not None and not 1 <= blocks <= depth:
+        raise ValueError(f"{option} {blocks} outside 1..{depth} (the model has {depth} blocks)")
 
 
 def data_config(model: torch.nn.Module) -> dict:
@@ -112,6 +131,25 @@ def parse_model_kwargs(text: str | None) -> dict:
     return value
 
 
+def _hub_model(arch: str, kwargs: dict) -> torch.nn.Module:
+    """timm's pretrained weights, downloaded or from the local cache; a one-line ValueError when neither works.
+    Without network access this decides in seconds, not after the hub client's retries."""
+    model = timm.create_model(arch, pretrained=False, **kwargs)  # knows its hub repo, for the cache lookup
+    reason = hub_unavailable_reason()
+    if reason is None:
+        try:
+            return timm.create_model(arch, pretrained=True, **kwargs)
+        except OSError as err:  # the hub client's errors (not found, HTTP, connection) are all OSErrors
+            reason = f"downloading failed ({type(err).__name__})"
+    cached = cached_hub_file(model)
+    if cached is not None:
+        return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay={"file": cached}, **kwargs)
+    raise ValueError(
+        f"cannot load the pretrained weights of {arch}: {reason} and they are not in the local hub cache; "
+        "use --weights random or --weights FILE (a checkpoint file)"
+    )
+
+
 def load_model(arch: str, weights: str = "random", model_kwargs: dict | None = None) -> torch.nn.Module:
     """A timm model in eval mode. `weights`: "random" (random init, warned), "hub" (timm's pretrained
     weights, needs network access or a filled cache) or the path of a checkpoint file. Random weights
@@ -128,7 +166,7 @@ def load_model(arch: str, weights: str = "random", model_kwargs: dict | None = N
                 torch.manual_seed(RANDOM_INIT_SEED)
                 model = timm.create_model(arch, pretrained=False, **kwargs)
         elif weights == "hub":
-            model = timm.create_model(arch, pretrained=True, **kwargs)
+            model = _hub_model(arch, kwargs)
         else:
             if not Path(weights).is_file():
                 raise ValueError(f"--weights: expected 'random', 'hub' or a checkpoint file, got {weights!r}")

@@ -47,10 +47,13 @@ class MergeSettings:
         for t in taus:
             if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < -1:
                 raise ValueError(f"tau must be a finite number >= -1 (1 or more merges nothing), not {t!r}")
+        if isinstance(self.tau, tuple) and not self.tau:
+            raise ValueError("a per-block tau list needs at least one value")
         if isinstance(self.tau, tuple) and self.blocks is not None and len(self.tau) != self.blocks:
             raise ValueError(f"a per-block tau list needs one value per merging block: {len(self.tau)} != {self.blocks}")
-        if self.blocks is not None and (isinstance(self.blocks, bool) or not isinstance(self.blocks, int) or self.blocks < 0):
-            raise ValueError(f"blocks must be a non-negative integer, not {self.blocks!r}")
+        # blocks counts the leading blocks that merge (spec section 2): merging in none is method 'none'.
+        if self.blocks is not None and (isinstance(self.blocks, bool) or not isinstance(self.blocks, int) or self.blocks < 1):
+            raise ValueError(f"blocks must be an integer >= 1 (merge in the first `blocks` blocks), not {self.blocks!r}")
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 0:
             raise ValueError(f"r must be a non-negative integer, not {self.r!r}")
         if self.method == "tome" and self.r == 0:
@@ -81,6 +84,13 @@ class MergeSettings:
         if isinstance(self.tau, tuple):
             return min(len(self.tau), depth)
         return min(DEFAULT_MAME_BLOCKS, depth) if self.method == "mame" else depth
+
+    def check_depth(self, depth: int) -> None:
+        """A ValueError when these settings name more merging blocks than a model of this depth has
+        (merge_blocks would cut them silently): for checking a configured variant against its model."""
+        wanted = self.blocks if self.blocks is not None else len(self.tau) if isinstance(self.tau, tuple) else None
+        if self.method != "none" and wanted is not None and wanted > depth:
+            raise ValueError(f"merging in the first {wanted} blocks, but the model has only {depth} blocks")
 
     def tau_at(self, block: int) -> float:
         return self.tau[block] if isinstance(self.tau, tuple) else self.tau

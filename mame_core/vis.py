@@ -15,7 +15,14 @@ import torch
 from PIL import Image
 
 from mame_core import MergeSettings, patch_vit
-from mame_core.images import data_config, load_model, load_rgb, model_transform, parse_model_kwargs
+from mame_core.images import (
+    check_merge_blocks,
+    data_config,
+    load_model,
+    load_rgb,
+    model_transform,
+    parse_model_kwargs,
+)
 
 TINT_ALPHA = 0.6  # how much a group's colour covers the picture
 EDGE_COLOUR = np.array([255, 255, 255], dtype=np.float32)
@@ -132,7 +139,7 @@ def visualise(
     model: torch.nn.Module,
     tau: float,
     blocks_shown: list[int],
-    merge_blocks: int = 8,
+    merge_blocks: int | None = None,  # None: the first 8 blocks (all of a shallower model)
 ) -> tuple[list[np.ndarray], list[str]]:
     """Panels (input picture, then one per chosen block) and their titles."""
     vit = patch_vit(model)
@@ -158,7 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("merged.png"), help="PNG to write (default merged.png)")
     p.add_argument("--arch", default="vit_base_patch16_224", help="timm architecture")
     p.add_argument("--blocks-shown", default="2,4,6,8", help="1-based blocks to draw (default 2,4,6,8)")
-    p.add_argument("--merge-blocks", type=int, default=8, help="MaMe merges in the first N blocks (default 8)")
+    p.add_argument(
+        "--merge-blocks", type=int, default=None,
+        help="MaMe merges in the first N blocks (default 8, or all blocks of a shallower model)",
+    )
     p.add_argument("--weights", default="random", help="random (default), hub, or a checkpoint file")
     p.add_argument("--model-kwargs", default=None, help="JSON overrides for timm.create_model")
     return p
@@ -170,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         img = load_rgb(args.image)
         model = load_model(args.arch, args.weights, parse_model_kwargs(args.model_kwargs))
         blocks = parse_blocks(args.blocks_shown, len(model.blocks))
+        check_merge_blocks("--merge-blocks", args.merge_blocks, model)
         panels, titles = visualise(img, model, args.tau, blocks, args.merge_blocks)
     except ValueError as err:
         print(f"mame-vis: error: {err}", file=sys.stderr)

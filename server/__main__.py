@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from server.app import create_app
 from server.config import ConfigError, ServingConfig, load_config
 from server.frontend import FrontEndProcesses, port_socket
-from server.settings import parse_settings
+from server.settings import ServerSettings, parse_settings, unknown_variables
 from server.worker import resolve_devices
 
 # Answers to accepted requests may take this long beyond the request timeout during a graceful stop.
@@ -89,6 +89,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         print(f"mame-serve: bad setting (flag or MAME_* variable): {problems}", file=sys.stderr)
         return 2
+    unknown = unknown_variables(os.environ)
+    if unknown:
+        print(f"mame-serve: warning: ignoring {', '.join(unknown)}: no such setting (the settings are "
+              f"{', '.join(f'MAME_{name.upper()}' for name in ServerSettings.model_fields)})", file=sys.stderr)
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -116,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The engine's sockets and the front-ends' crop arenas, in shared memory where there is some.
         workdir = tempfile.mkdtemp(prefix="mame-engine-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
         channel_socket = os.path.join(workdir, "channel.sock")
-    app = create_app(config, preprocess_threads=settings.preprocess_threads, warmup=settings.warmup,
+    app = create_app(config, preprocess_threads=settings.preprocess_threads, warmup=not settings.no_warmup,
                      torch_threads=settings.torch_threads, device_process=settings.device_process,
                      # behind front-ends, only requests they cannot decode for are decoded here: in threads
                      decode_processes="off" if frontends and settings.decode_processes == "auto"

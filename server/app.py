@@ -87,6 +87,8 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if scope["method"] == "HEAD":  # as GET (load balancers probe with HEAD); uvicorn sends no body
+            scope = {**scope, "method": "GET"}
         if self.drop_reserved:
             scope["headers"] = without_reserved(scope["headers"])
         request_id = request_id_of(scope["headers"])
@@ -112,6 +114,27 @@ class RequestIdMiddleware:
 
 
 DEFAULT_TOP_K = 5
+
+_ERROR_SCHEMA = {"type": "object", "required": ["error", "detail", "request_id"], "properties": {
+    "error": {"type": "string"}, "detail": {"type": "string"}, "request_id": {"type": "string"}}}
+# The body the handler reads itself (so FastAPI cannot infer it), and its errors: /docs can send an image.
+CLASSIFY_OPENAPI = {
+    "requestBody": {"required": True, "content": {
+        "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+            "file": {"type": "array", "items": {"type": "string", "format": "binary"},
+                     "description": "one or more images (several: the answer is {request_id, results: [...]})"}}}},
+        "image/*": {"schema": {"type": "string", "format": "binary"}},
+    }},
+    "responses": {str(status): {"description": text, "content": {"application/json": {"schema": _ERROR_SCHEMA}}}
+                  for status, text in [
+                      (400, "bad_image: undecodable or truncated image, malformed multipart"),
+                      (404, "unknown_model, unknown_variant or unknown_experiment"),
+                      (408, "request_timeout: the body did not arrive in time"),
+                      (413, "too_large: over the byte, pixel or file-count limit"),
+                      (415, "unsupported_media_type: not an image type"),
+                      (503, "overloaded (queue full) or not_ready (loading); Retry-After"),
+                      (504, "timeout: no answer within the request timeout")]},
+}
 _INT = TypeAdapter(int)
 
 
@@ -246,6 +269,8 @@ def create_app(config: ServingConfig, *, preprocess_threads: int = 4, warmup: bo
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:  # FastAPI's "There was an error parsing the body": a bad JSON body
+            return _error_response(invalid_parameter(f"body: not valid JSON ({exc.detail})"), request.state.request_id)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return _error_response(ApiError(exc.status_code, code, str(exc.detail)), request.state.request_id)
 
@@ -298,8 +323,6 @@ def create_app(config: ServingConfig, *, preprocess_threads: int = 4, warmup: bo
         `from_frontend`: `/internal/classify`, the same request decoded by a front-end process."""
         params = request.query_params
         model, variant, experiment = params.get("model"), params.get("variant"), params.get("experiment")
-        # Read before anything else, as FastAPI's parameter validation did: a bad value is a 422, uncounted.
-        top_k = query_int(params.get("top_k"), "top_k", DEFAULT_TOP_K)
         # CLOCK_MONOTONIC is one clock for every process of the host: the front-end's start counts.
         given_start = request.headers.get(FRONTEND_STARTED) if behind_frontends else None
         started = float(given_start) if given_start else time.monotonic()
@@ -307,13 +330,19 @@ def create_app(config: ServingConfig, *, preprocess_threads: int = 4, warmup: bo
         request_id = request.state.request_id
         # Client-chosen names become label values only when they exist (bounded series).
         known_experiment = experiment is not None and experiment in registry.names(include_stopped=True)
-        label_values = (model if model in config.models else "", "", experiment if known_experiment else "")
+        if model is None and experiment is None:
+            model_label = config.default_model_name  # what the request asked for, as if named
+        else:
+            model_label = model if model in config.models else ""
+        label_values = (model_label, "", experiment if known_experiment else "")
         n_images, status, in_flight, counted = 0, 500, None, True
         route: Route | None = None
         final_tokens: list[int] = []
         gflops: list[float] = []
         log.debug("request %s accepted", request_id)
         try:
+            # First, as FastAPI's parameter validation did: a bad value is a 422 (counted like any answer).
+            top_k = query_int(params.get("top_k"), "top_k", DEFAULT_TOP_K)
             if not service.ready.is_set():
                 raise not_ready("models are still loading and warming up")
             if not 1 <= top_k <= limits.max_top_k:
@@ -333,7 +362,7 @@ def create_app(config: ServingConfig, *, preprocess_threads: int = 4, warmup: bo
                 images = await frontend_crops(request, service.models[route.model].input_size, arenas)
             else:
                 body = await read_limited(request.receive, request.headers.get("content-length", ""),
-                                          limits.max_body_bytes)
+                                          limits.max_body_bytes, max(0.0, deadline - time.monotonic()))
                 payloads, multipart = image_payloads(request.headers.get("content-type", ""), body,
                                                      limits.max_images_per_request)
                 n_images = len(payloads)
@@ -403,7 +432,7 @@ def create_app(config: ServingConfig, *, preprocess_threads: int = 4, warmup: bo
                 metrics.request_duration.labels(*label_values).observe(elapsed)
                 metrics.requests.labels(*label_values, str(status)).inc()
 
-    @app.post("/v1/classify", summary="Classify one or more images")
+    @app.post("/v1/classify", summary="Classify one or more images", openapi_extra=CLASSIFY_OPENAPI)
     async def classify(
         request: Request,
         model: str | None = Query(None, description="model name (default: the config's default model)"),

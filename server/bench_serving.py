@@ -511,7 +511,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.variant == "baseline":
         args.variant_dict = {"method": "none"}
     elif args.variant.startswith("mame-"):
-        args.variant_dict = {"method": "mame", "tau": float(args.variant[5:]), "blocks": 8}
+        args.variant_dict = {"method": "mame", "tau": float(args.variant[5:])}  # default: 8 blocks, cut to --tiny's
     elif args.variant.startswith("tome-"):
         args.variant_dict = {"method": "tome", "r": int(args.variant[5:])}
     else:

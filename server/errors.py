@@ -29,6 +29,10 @@ def bad_image(detail: str) -> ApiError:
     return ApiError(400, "bad_image", detail)
 
 
+def request_timeout(detail: str) -> ApiError:
+    return ApiError(408, "request_timeout", detail)
+
+
 def too_large(detail: str) -> ApiError:
     return ApiError(413, "too_large", detail)
 
@@ -51,6 +55,12 @@ def not_ready(detail: str) -> ApiError:
 
 def timeout(detail: str) -> ApiError:
     return ApiError(504, "timeout", detail)
+
+
+def client_closed(detail: str) -> ApiError:
+    """nginx's 499: the client left before it was answered. Nobody reads the answer; the status is for the
+    metrics, where a client that gives up is neither a server error nor the variant's fault."""
+    return ApiError(499, "client_closed_request", detail)
 
 
 def internal(detail: str) -> ApiError:

@@ -67,6 +67,7 @@ FRONTEND_CROPS_AT = "x-mame-crops-at"  # "<arena file> <byte offset> ...": the c
 _NOT_FORWARDED = {b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer", b"upgrade",
                   b"proxy-connection", b"content-length", b"x-request-id", b"date", b"server"}
 PASS_THROUGH_MAX_BYTES = 1 << 20  # bodies of requests other than classify (admin JSON): no more
+PASS_THROUGH_BODY_TIMEOUT_S = 30.0  # ... arriving within this
 PLAN_MAX_AGE_S = 5.0  # how stale the engine's experiments may be here (a stale one costs a re-send, no error)
 LOADING_RECHECK_S = 0.5
 ARENA_MIN_SLOTS = 256  # crops in shared memory per front-end (37 MiB at 224 px); more in flight: in messages
@@ -91,6 +92,7 @@ class Plan:
     max_body_bytes: int
     max_pixels: int
     max_images: int
+    request_timeout_s: float
     default_model: str
     experiment_models: dict[str, str]  # running experiments
     decoders: dict[str, Decoder]
@@ -101,7 +103,7 @@ class Plan:
         decoders = {name: decoder_from_list(values) for name, values in data["decoders"].items() if values}
         limits = data["limits"]
         return cls(data["ready"], limits["max_body_bytes"], limits["max_pixels"], limits["max_images_per_request"],
-                   data["default_model"], data["experiment_models"], decoders, fetched_at)
+                   limits["request_timeout_s"], data["default_model"], data["experiment_models"], decoders, fetched_at)
 
     def model_for(self, params: dict[str, str]) -> str | None:
         """The model the engine will route a request to (its rule, server/routing.py), if decodable here."""
@@ -198,7 +200,7 @@ class FrontEnd:
                 status, answer_headers, body = await self._classify(scope, receive, headers)
             else:
                 body = await read_limited(receive, header(scope["headers"], b"content-length"),
-                                          PASS_THROUGH_MAX_BYTES)
+                                          PASS_THROUGH_MAX_BYTES, PASS_THROUGH_BODY_TIMEOUT_S)
                 status, answer_headers, body = await self._engine(scope["method"], target, headers, body)
         except (httpx.TransportError, ChannelError) as exc:
             log.warning("the engine is not reachable: %s", exc)
@@ -233,7 +235,8 @@ class FrontEnd:
         model = plan.model_for(dict(parse_qsl(query, keep_blank_values=True)))
         body, error, n_images, slots, crops = b"", None, 0, None, []
         try:
-            body = await read_limited(receive, header(scope["headers"], b"content-length"), plan.max_body_bytes)
+            body = await read_limited(receive, header(scope["headers"], b"content-length"), plan.max_body_bytes,
+                                      max(0.0, started + plan.request_timeout_s - time.monotonic()))
             payloads, multipart = image_payloads(header(headers, b"content-type"), body, plan.max_images)
             n_images = len(payloads)
             if model is not None:
@@ -469,6 +472,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format=f"%(asctime)s %(levelname)s %(name)s[{os.getpid()}]: "
                         "%(message)s")
+    # httpx logs each request at INFO: every probe and scrape passed to the engine would be a line.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     sock = port_socket(args.host, args.port, listen=True)
     server = uvicorn.Server(uvicorn.Config(
         FrontEnd(args.engine_socket, args.channel_socket, args.threads, args.crops_dir, args.arena_slots),

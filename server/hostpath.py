@@ -11,7 +11,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from server.errors import bad_image, internal, invalid_parameter, too_large
+from server.errors import bad_image, client_closed, invalid_parameter, request_timeout, too_large
 from server.imaging import check_content_type
 from server.multipart import MultipartError, TooManyParts, parse_multipart
 
@@ -47,9 +47,11 @@ def image_payloads(content_type: str, body: bytes, max_files: int) -> tuple[list
         raise too_large(f"too many files in one request (limit {max_files})") from None
     except MultipartError as exc:
         raise bad_image(f"malformed multipart body: {exc}") from None
-    files = [part for part in parts if part.name == "file" and part.filename is not None]
+    # A `file` field without a filename is an image too (`curl -F 'file=<cat.jpg'` sends one).
+    files = [part for part in parts if part.name == "file"]
     if not files:
-        raise invalid_parameter("the multipart body has no `file` field holding an image")
+        raise invalid_parameter("the multipart body has no `file` field holding an image "
+                                f"(fields: {', '.join(sorted({repr(part.name) for part in parts})) or 'none'})")
     if len(files) > max_files:
         raise too_large(f"too many files in one request (limit {max_files})")
     payloads = []
@@ -59,23 +61,29 @@ def image_payloads(content_type: str, body: bytes, max_files: int) -> tuple[list
     return payloads, True
 
 
-async def read_limited(receive: Callable, declared: str, limit: int) -> bytes:
+async def read_limited(receive: Callable, declared: str, limit: int, timeout_s: float | None = None) -> bytes:
     """The body from an ASGI `receive`, refused with 413 as soon as it passes `limit` bytes (or announces
-    more). A client that leaves mid-body is a 500 `ClientDisconnect` (Starlette's name for it)."""
+    more), and with 408 when it has not all arrived within `timeout_s` (a stalled or slowloris upload would
+    otherwise hold its connection and its place in a drain for ever). A client that leaves mid-body is a 499."""
     if declared.isdigit() and int(declared) > limit:
         raise too_large(f"request body of {declared} bytes is over the limit of {limit} bytes")
     chunks, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise internal("ClientDisconnect: ")
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise too_large(f"request body is over the limit of {limit} bytes")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise client_closed(f"the client closed the connection after {size} bytes of the body")
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    raise too_large(f"request body is over the limit of {limit} bytes")
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    return b"".join(chunks)
+    except TimeoutError:
+        raise request_timeout(f"the request body did not arrive within {timeout_s:g} s "
+                              f"({size} bytes received)") from None
 
 
 async def run_all_in_pool(pool: ThreadPoolExecutor, function: Callable[..., T], calls: list[tuple]) -> list[T]:

@@ -81,7 +81,8 @@ def decode_image(data: bytes, max_pixels: int, needed_edge: int | None = None) -
     except ApiError:
         raise
     except Image.DecompressionBombError as exc:
-        raise too_large(f"image rejected as a decompression bomb: {exc}") from None
+        # PIL's own, larger limit (MAX_IMAGE_PIXELS x 2) fired before ours could: name ours first.
+        raise too_large(f"image is over the limit of {max_pixels} pixels (decompression bomb: {exc})") from None
     except UnidentifiedImageError:
         raise bad_image("the bytes are not an image format we can decode") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:

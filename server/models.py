@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 import numpy as np
 import timm
@@ -19,47 +16,11 @@ from timm.data import ImageNetInfo, create_transform, infer_imagenet_subset, res
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
+from mame_core.hub import cached_hub_file, hub_unavailable_reason
 from server.config import ModelConfig
 from server.imaging import ResizeCrop
 
 log = logging.getLogger("mame.server")
-
-HUB_PROBE_TIMEOUT_S = 2.0
-_TRUE = {"1", "on", "yes", "true"}
-
-
-def hub_disabled_by_env(env: dict[str, str] | None = None) -> str | None:
-    """The offline variable that switches the Hugging Face hub off, if one is set."""
-    env = os.environ if env is None else env
-    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        if env.get(name, "").strip().lower() in _TRUE:
-            return name
-    return None
-
-
-def hub_reachable(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> bool:
-    """One TCP connect to the hub endpoint: decides in `timeout_s` instead of the hub client's ~45 s retries."""
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((url.hostname or "huggingface.co", port), timeout=timeout_s):
-            return True
-    except OSError:
-        return False
-
-
-def _cached_hub_file(model: torch.nn.Module) -> str | None:
-    """The model's weights file in the local hub cache, if an earlier run downloaded it."""
-    from huggingface_hub import try_to_load_from_cache
-
-    repo = model.pretrained_cfg.get("hf_hub_id")
-    if not repo:
-        return None
-    for filename in ("model.safetensors", "open_clip_pytorch_model.bin", "pytorch_model.bin"):
-        path = try_to_load_from_cache(repo, filename)
-        if isinstance(path, str):
-            return path
-    return None
 
 
 @dataclass(frozen=True)
@@ -139,16 +100,13 @@ def load_weights(name: str, cfg: ModelConfig) -> tuple[torch.nn.Module, str]:
         return model, f"file:{path}"
 
     model = _create(cfg, pretrained=False)
-    offline_var = hub_disabled_by_env()
-    reason = f"{offline_var} is set" if offline_var else None
-    if reason is None and not hub_reachable():
-        reason = f"the hub ({os.environ.get('HF_ENDPOINT', 'huggingface.co')}) is unreachable"
+    reason = hub_unavailable_reason()
     if reason is None:
         try:
             return _create(cfg, pretrained=True), "hub"
         except Exception as exc:  # noqa: BLE001 - any download failure falls back, loudly
             reason = f"downloading from the hub failed: {exc}"
-    cached = _cached_hub_file(model)
+    cached = cached_hub_file(model)
     if cached is not None:
         log.info("model %s: %s; using the hub weights from the local cache %s", name, reason, cached)
         return _create(cfg, pretrained=True, pretrained_cfg_overlay={"file": cached}), "hub"
@@ -187,5 +145,10 @@ def preprocessing(model: torch.nn.Module) -> tuple[HostTransform, tuple[int, int
 
 def load_model(name: str, cfg: ModelConfig) -> LoadedModel:
     model, weights = load_weights(name, cfg)
+    for variant, settings in cfg.variants.items():  # the model's depth is known only now
+        try:
+            settings.check_depth(len(model.blocks))
+        except ValueError as exc:
+            raise ValueError(f"model {name!r} ({cfg.arch}), variant {variant!r}: {exc}") from None
     transform, input_size = preprocessing(model)
     return LoadedModel(model, weights, class_labels(model), transform, input_size)

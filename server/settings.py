@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -20,7 +21,7 @@ class ServerSettings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU workers")
     preprocess_threads: int = Field(4, ge=1, description="threads that decode and preprocess images")
-    warmup: bool = Field(True, description="run each variant once before /readyz says ready")
+    no_warmup: bool = Field(False, description="skip running each variant once before /readyz says ready")
     decode_processes: Literal["auto", "on", "off"] = Field(
         "auto", description="decode images in processes (one per preprocessing thread): auto = on with CUDA")
     device_process: Literal["auto", "on", "off"] = Field(
@@ -45,7 +46,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> ServerSettings:
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--torch-threads", type=int, help="torch intra-op threads on CPU workers")
     parser.add_argument("--preprocess-threads", type=int, help="threads that decode and preprocess images")
-    parser.add_argument("--no-warmup", dest="warmup", action="store_const", const=False,
+    parser.add_argument("--no-warmup", action="store_const", const=True,
                         help="skip the warm-up forward passes")
     parser.add_argument("--decode-processes", choices=["auto", "on", "off"],
                         help="decode and preprocess images in child processes, one per preprocessing thread, so "
@@ -65,3 +66,18 @@ def parse_settings(argv: Sequence[str] | None = None) -> ServerSettings:
                         "this process (default 4 x max_images_per_request, at least 256; 0: in request bodies)")
     given = {key: value for key, value in vars(parser.parse_args(argv)).items() if value is not None}
     return ServerSettings(**given)
+
+
+# MAME_* variables read elsewhere (server/experiments.py), not settings of this process's start.
+OTHER_VARIABLES = {"MAME_ADMIN_TOKEN"}
+# Kubernetes gives every pod variables for each Service of its namespace: MAME_SERVE_SERVICE_HOST, ...
+_SERVICE_LINK = re.compile(r"^[A-Z0-9_]+_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_\d+_(TCP|UDP|SCTP)(_[A-Z]+)?)?)$")
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """MAME_* variables that set nothing (MAME_PROT=9000 for MAME_PORT): said at start, not silently ignored.
+    Warned about rather than refused, since a platform may set variables of its own (Kubernetes service links,
+    which `_SERVICE_LINK` leaves out)."""
+    known = {f"MAME_{name.upper()}" for name in ServerSettings.model_fields} | OTHER_VARIABLES
+    return sorted(name for name in environ
+                  if name.startswith("MAME_") and name not in known and not _SERVICE_LINK.match(name))

@@ -205,6 +205,8 @@ def test_admin_auth_over_http(admin_server):
         "split_before": None, "split_after": {"mame-0.5": 1.0}}
     refusals = [
         (httpx.post(url, headers=auth, json={**body, "split": {"baseline": 0.9}}), 422, "invalid_parameter"),
+        (httpx.post(url, headers={**auth, "content-type": "application/json"}, content=b"{not json"),
+         422, "invalid_parameter"),
         (httpx.post(url, headers=auth, json={**body, "split": {"typo": 1.0}}), 404, "unknown_variant"),
         (httpx.post(url, headers=auth, json={**body, "model": "nope"}), 404, "unknown_model"),
         (httpx.post(url, headers=auth, json={**body, "name": "burst"}), 409, "experiment_exists"),

@@ -156,3 +156,61 @@ def test_command_rejects_bad_options(capsys):
     assert "--batch-size" in capsys.readouterr().err
     assert main(["--threads", "0"]) == 2
     assert "--threads" in capsys.readouterr().err
+
+
+def _one_line_error(err: str, prog: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), err
+    return lines[0]
+
+
+def test_command_refuses_a_file_that_is_not_an_image(tmp_path, capsys):
+    images = tmp_path / "pictures"
+    images.mkdir()
+    (images / "coffee.jpg").write_bytes(sample_images()[0].read_bytes())
+    (images / "bad.jpg").write_text("not an image")
+    rc = main(["--arch", "vit_tiny_patch16_224", "--model-kwargs", json.dumps(TINY), "--images", str(images),
+               "--no-progress"])
+    assert rc == 2
+    assert "bad.jpg" in _one_line_error(capsys.readouterr().err, "mame-bench")
+
+
+@pytest.mark.parametrize("blocks", ["99", "5", "0"])
+def test_command_refuses_mame_blocks_outside_the_model(blocks, capsys):
+    rc = main(["--arch", "vit_tiny_patch16_224", "--model-kwargs", json.dumps(TINY), "--mame-blocks", blocks,
+               "--no-progress"])
+    assert rc == 2
+    assert f"--mame-blocks {blocks} outside 1..4" in _one_line_error(capsys.readouterr().err, "mame-bench")
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("offline", ["variable", "unreachable"])
+def test_hub_weights_without_the_hub_are_one_clear_line(offline, monkeypatch, capsys):
+    if offline == "variable":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:  # decided by the probe in seconds, not after the hub client's retries
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.setattr("mame_core.images.cached_hub_file", lambda model: None)  # whatever this machine caches
+    rc = main(["--arch", "vit_tiny_patch16_224", "--model-kwargs", json.dumps(TINY), "--weights", "hub",
+               "--no-progress"])
+    assert rc == 2
+    line = _one_line_error(capsys.readouterr().err, "mame-bench")
+    assert "pretrained weights" in line and "not in the local hub cache" in line and "--weights random" in line
+
+
+def test_hub_weights_come_from_the_cache_without_the_hub(tmp_path, monkeypatch, tiny_model):
+    path = tmp_path / "cached.pth"
+    torch.save(tiny_model.state_dict(), path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("mame_core.images.cached_hub_file", lambda model: str(path))
+    loaded = load_model("vit_tiny_patch16_224", "hub", TINY)
+    for key, value in tiny_model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key

@@ -103,3 +103,38 @@ def test_eval_rejects_bad_folder(tmp_path, capsys):
     assert "not an ImageFolder directory" in capsys.readouterr().err
     assert main([str(tmp_path), *args]) == 2  # exists, but has no class folders
     assert "not an ImageFolder directory" in capsys.readouterr().err
+
+
+def _one_line_error(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mame-eval: error: "), err
+    return lines[0]
+
+
+def test_eval_refuses_a_file_that_is_not_an_image(tmp_path, capsys):
+    folder = write_image_folder(tmp_path / "data", ["cat", "dog"], per_class=1)
+    (folder / "dog" / "bad.jpg").write_text("not an image")
+    (folder / "dog" / "notes.txt").write_text("not a picture file: skipped, as ImageFolder does")
+    rc = main([str(folder), "--arch", "vit_tiny_patch16_224", "--model-kwargs", json.dumps(TINY),
+               "--weights", "random", "--no-progress"])
+    assert rc == 2
+    line = _one_line_error(capsys.readouterr().err)
+    assert "bad.jpg" in line and "not a readable image" in line
+
+
+def test_eval_default_hub_weights_offline_is_one_clear_line(tmp_path, monkeypatch, capsys):
+    folder = write_image_folder(tmp_path / "data", ["cat"], per_class=1)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("mame_core.images.cached_hub_file", lambda model: None)  # whatever this machine caches
+    rc = main([str(folder), "--arch", "vit_tiny_patch16_224", "--model-kwargs", json.dumps(TINY), "--no-progress"])
+    assert rc == 2
+    line = _one_line_error(capsys.readouterr().err)
+    assert "HF_HUB_OFFLINE is set" in line and "--weights random" in line
+
+
+def test_eval_refuses_mame_blocks_past_the_depth(tmp_path, capsys):
+    folder = write_image_folder(tmp_path / "data", ["cat"], per_class=1)
+    rc = main([str(folder), "--arch", "vit_tiny_patch16_224", "--model-kwargs", json.dumps(TINY),
+               "--weights", "random", "--mame-blocks", "99", "--no-progress"])
+    assert rc == 2
+    assert "--mame-blocks 99 outside 1..4" in _one_line_error(capsys.readouterr().err)

@@ -160,3 +160,25 @@ def test_key_biased_attention_equals_additive_bias(prop_attn, head_dim):
     got = _key_biased_attention(q, k, v, _key_bias(size, prop_attn, q.dtype), head_dim ** -0.5)
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_blocks_count_merging_blocks_from_one():
+    # blocks = how many leading blocks merge (MAME_SPEC section 2); merging in none is method "none".
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="blocks must be an integer >= 1"):
+            MergeSettings.from_dict({"method": "mame", "tau": 0.9, "blocks": bad})
+    with pytest.raises(ValueError, match="at least one value"):
+        MergeSettings.from_dict({"method": "mame", "tau": []})
+    assert MergeSettings.from_dict({"method": "mame", "tau": 0.9, "blocks": 1}).merge_blocks(12) == 1
+
+
+def test_check_depth_refuses_blocks_the_model_lacks():
+    MergeSettings(method="mame", tau=0.9, blocks=4).check_depth(4)
+    MergeSettings(method="mame", tau=0.9).check_depth(4)  # the default, 8, is cut to a shallower model
+    MergeSettings(method="tome", r=2).check_depth(4)
+    with pytest.raises(ValueError, match="first 5 blocks, but the model has only 4 blocks"):
+        MergeSettings(method="mame", tau=0.9, blocks=5).check_depth(4)
+    with pytest.raises(ValueError, match="first 5 blocks"):
+        MergeSettings(method="mame", tau=(0.9,) * 5).check_depth(4)
+    with pytest.raises(ValueError, match="first 99 blocks"):
+        MergeSettings(method="tome", r=2, blocks=99).check_depth(4)

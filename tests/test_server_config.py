@@ -9,8 +9,9 @@ import pytest
 import torch
 from serverproc import TINY_MODEL, tiny_config
 
+from mame_core.hub import hub_disabled_by_env, hub_reachable
 from server.config import ConfigError, ServingConfig, load_config, parse_config
-from server.models import class_labels, hub_disabled_by_env, hub_reachable, load_model, preprocessing
+from server.models import class_labels, load_model, preprocessing
 from server.settings import parse_settings
 
 
@@ -77,7 +78,20 @@ def test_settings_flags_override_environment(monkeypatch, tmp_path):
     settings = parse_settings(["--port", "9200"])
     assert settings.port == 9200 and settings.host == "127.0.0.2"
     settings = parse_settings(["--config", str(tmp_path / "x.yaml"), "--no-warmup"])
-    assert settings.config == tmp_path / "x.yaml" and settings.warmup is False and settings.port == 9100
+    assert settings.config == tmp_path / "x.yaml" and settings.no_warmup is True and settings.port == 9100
+
+
+def test_every_flag_is_also_its_mame_variable_and_misspelt_ones_are_said(monkeypatch):
+    from server.settings import unknown_variables
+
+    monkeypatch.setenv("MAME_NO_WARMUP", "1")  # --no-warmup
+    assert parse_settings([]).no_warmup is True
+    environ = {"MAME_PROT": "9000", "MAME_PORT": "1", "MAME_ADMIN_TOKEN": "x", "HOME": "/root",
+               # Kubernetes service links of a Service named mame-serve: not ours, and not warned about
+               "MAME_SERVE_SERVICE_HOST": "10.0.0.1", "MAME_SERVE_SERVICE_PORT": "8000",
+               "MAME_SERVE_SERVICE_PORT_HTTP": "8000", "MAME_SERVE_PORT": "tcp://10.0.0.1:8000",
+               "MAME_SERVE_PORT_8000_TCP": "tcp://10.0.0.1:8000", "MAME_SERVE_PORT_8000_TCP_ADDR": "10.0.0.1"}
+    assert unknown_variables(environ) == ["MAME_PROT"]
 
 
 def test_bad_environment_setting_is_an_error(monkeypatch):
@@ -208,3 +222,19 @@ def test_unusual_transforms_are_not_fused():
     plain = transforms.Compose([transforms.Resize(248), transforms.CenterCrop(224), transforms.PILToTensor()])
     assert fused_resize_crop(plain) is None  # not timm's MaybePILToTensor: unknown, left alone
     assert fused_resize_crop(transforms.Compose([transforms.Resize((224, 224))])) is None
+
+
+def test_variant_with_zero_blocks_is_a_config_error():
+    config = tiny_config()
+    config["models"]["tiny"]["variants"]["bad"] = {"method": "mame", "tau": 0.9, "blocks": 0}
+    with pytest.raises(ConfigError, match="models.tiny.variants.bad"):
+        parse_config(config, "serving.yaml")
+
+
+def test_variant_past_the_models_depth_is_refused_at_load():
+    config = tiny_config()  # the tiny model has 4 blocks
+    config["models"]["tiny"]["variants"]["deep"] = {"method": "mame", "tau": 0.9, "blocks": 99}
+    cfg = parse_config(config).models["tiny"]  # the depth is known only once the model is built
+    with pytest.raises(ValueError, match="model 'tiny' .*variant 'deep': merging in the first 99 blocks, but the "
+                                         "model has only 4 blocks"):
+        load_model("tiny", cfg)

@@ -7,6 +7,7 @@ import io
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -157,6 +158,35 @@ def test_each_bad_input_gets_its_status_and_code(server, images):
     assert counted['{experiment="",model="",status="404",variant=""}'] >= 1
     assert not any('model="nope"' in key for key in counted)
     assert any('status="413"' in key for key in counted)
+    # Every answer is counted, a bad top_k too (read before anything else, as FastAPI did); an unknown variant
+    # of the default model counts under that model, as if it had been named.
+    assert counted['{experiment="",model="tiny",status="422",variant=""}'] >= 3
+    assert counted['{experiment="",model="tiny",status="404",variant=""}'] >= 1
+
+
+def test_a_file_field_without_a_filename_is_an_image(server, images):
+    """What `curl -F 'file=<cat.png'` sends: a form field named file, no filename."""
+    body = (b'--b\r\nContent-Disposition: form-data; name="file"\r\nContent-Type: image/png\r\n\r\n'
+            + images["shapes"] + b"\r\n--b--\r\n")
+    response = post(server, body, "multipart/form-data; boundary=b")
+    assert response.status_code == 200, response.text
+    assert response.json()["predictions"]
+
+
+def test_a_client_that_leaves_mid_body_is_counted_as_499_not_a_server_error(server):
+    """Nobody reads that answer; counted as a server error it fed the error-rate alert and the A/B errors."""
+    def counted(status: str) -> float:
+        values = metric_values(httpx.get(f"{server.url}/metrics").text, "mame_requests_total")
+        return sum(v for k, v in values.items() if f'status="{status}"' in k)
+
+    before, errors_before = counted("499"), counted("500")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/classify HTTP/1.1\r\nhost: x\r\ncontent-type: image/png\r\n"
+                     b"content-length: 5000\r\n\r\n" + b"\x89PNG" * 25)
+    deadline = time.monotonic() + 10
+    while counted("499") == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert counted("499") == before + 1 and counted("500") == errors_before
 
 
 def test_models_health_readiness_docs(server):
@@ -168,7 +198,12 @@ def test_models_health_readiness_docs(server):
     assert tiny["variants"]["mame-0.5"]["tau"] == 0.5 and tiny["variants"]["tome-r8"]["r"] == 8
     assert httpx.get(f"{server.url}/healthz").json() == {"status": "ok"}
     assert httpx.get(f"{server.url}/readyz").status_code == 200
-    assert "/v1/classify" in httpx.get(f"{server.url}/openapi.json").json()["paths"]
+    for path in ("/healthz", "/readyz", "/metrics"):  # load balancers probe with HEAD
+        head = httpx.head(f"{server.url}{path}")
+        assert head.status_code == 200 and head.content == b"" and head.headers["x-request-id"], path
+    classify = httpx.get(f"{server.url}/openapi.json").json()["paths"]["/v1/classify"]["post"]
+    assert {"multipart/form-data", "image/*"} <= set(classify["requestBody"]["content"])  # /docs can send one
+    assert {"400", "413", "415", "503", "504"} <= set(classify["responses"])
     assert httpx.get(f"{server.url}/docs").status_code == 200
     given = uuid.uuid4().hex
     assert httpx.get(f"{server.url}/healthz", headers={"x-request-id": given}).headers["x-request-id"] == given
@@ -218,13 +253,22 @@ def test_burst_on_a_tiny_queue_gives_fast_503s_and_no_other_5xx(images):
         assert metric_values(metrics, "mame_queue_depth")['{model="tiny",variant="baseline"}'] == 0
 
 
-def test_request_past_its_deadline_gets_504(images):
-    # Batches wait up to 3 s to fill, the deadline is 0.3 s: the request times out in the queue.
+@pytest.mark.parametrize("layout", ["in-process", "front-ends"])
+def test_request_past_its_deadline_gets_504_and_a_stalled_body_408(images, layout):
+    # Batches wait up to 3 s to fill, the deadline is 0.5 s: the request times out in the queue.
     config = tiny_config(batching={"max_batch_size": 64, "max_wait_ms": 3000},
-                         limits={"request_timeout_s": 0.3})
-    with running_server(config) as server:
+                         limits={"request_timeout_s": 0.5})
+    with running_server(config, args=PROCESS_LAYOUTS[layout]) as server:
         response = post(server, images["flat"])
         assert response.status_code == 504 and response.json()["error"] == "timeout"
+        # A body that stops coming (a stalled or slowloris upload) does not hold its connection for ever.
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+            sock.sendall(b"POST /v1/classify HTTP/1.1\r\nhost: x\r\ncontent-type: image/png\r\n"
+                         b"content-length: 5000\r\n\r\n\x89PNG")
+            answer = b""
+            while b"}" not in answer and (chunk := sock.recv(65536)):  # the head and the JSON may come apart
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408") and b'"request_timeout"' in answer, answer
         assert httpx.get(f"{server.url}/healthz").status_code == 200
 
 

@@ -56,3 +56,17 @@ def test_quoted_parameters_may_hold_semicolons_and_escaped_quotes():
             b"Content-Type: image/jpeg\r\n\r\nJ\r\n--x--\r\n")
     assert parse_multipart(body, "multipart/form-data; boundary=x", 2) == [Part("file", 'a "b" c;d.jpg', "image/jpeg",
                                                                                  b"J")]
+
+
+def test_file_fields_with_or_without_a_filename_are_the_images():
+    from server.errors import ApiError
+    from server.hostpath import image_payloads
+
+    body = (b'--b\r\nContent-Disposition: form-data; name="file"\r\nContent-Type: image/jpeg\r\n\r\nJPEG1\r\n'
+            b'--b\r\nContent-Disposition: form-data; name="note"\r\n\r\nhi\r\n'
+            b'--b\r\nContent-Disposition: form-data; name="file"; filename="b.jpg"\r\n\r\nJPEG2\r\n--b--\r\n')
+    payloads, multipart = image_payloads("multipart/form-data; boundary=b", body, max_files=4)
+    assert payloads == [("file", b"JPEG1"), ("b.jpg", b"JPEG2")] and multipart
+    with pytest.raises(ApiError, match="no `file` field.*fields: 'image'"):
+        image_payloads("multipart/form-data; boundary=b",
+                       b'--b\r\nContent-Disposition: form-data; name="image"\r\n\r\nJPEG\r\n--b--\r\n', max_files=4)

@@ -120,3 +120,11 @@ def test_command_rejects_bad_input(tmp_path, capsys):
     assert main([str(SAMPLES_DIR / "coffee.jpg"), "--blocks-shown", "9", *args]) == 2
     assert "outside 1..4" in capsys.readouterr().err
     assert not (tmp_path / "o.png").exists()
+
+
+def test_command_refuses_merge_blocks_past_the_depth(tmp_path, capsys):
+    rc = main([str(SAMPLES_DIR / "coffee.jpg"), "--out", str(tmp_path / "o.png"), "--arch", "vit_tiny_patch16_224",
+               "--model-kwargs", json.dumps(TINY), "--blocks-shown", "1", "--merge-blocks", "9"])
+    assert rc == 2
+    assert "--merge-blocks 9 outside 1..4" in capsys.readouterr().err
+    assert not (tmp_path / "o.png").exists()
