@@ -10,7 +10,7 @@
 #     bench      mame-bench ViT-B/16 batch 256, fp16 and bf16 (MaMe vs ToMe vs unmerged)
 # Each serve part takes ~1-2 minutes (model load and warm-up included), bench ~3: a lent machine's 15 minutes
 # fit `serve16 fe8 serve1` in one call, the rest in a second.
-set -u
+set -u -o pipefail  # a benchmark that fails fails its part, tee or not
 out=${OUT:-gpu-figures}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1

@@ -269,8 +269,9 @@ def create_app(config: ServingConfig, *, preprocess_threads: int = 4, warmup: bo
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        if exc.status_code == 400:  # FastAPI's "There was an error parsing the body": a bad JSON body
-            return _error_response(invalid_parameter(f"body: not valid JSON ({exc.detail})"), request.state.request_id)
+        if exc.status_code == 400:  # FastAPI's "There was an error parsing the body" (not UTF-8, cut short, ...)
+            cause = f"{type(exc.__cause__).__name__}: {exc.__cause__}" if exc.__cause__ else exc.detail
+            return _error_response(invalid_parameter(f"body: could not be read ({cause})"), request.state.request_id)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return _error_response(ApiError(exc.status_code, code, str(exc.detail)), request.state.request_id)
 

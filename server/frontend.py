@@ -210,8 +210,11 @@ class FrontEnd:
         except ApiError as exc:
             await respond_error(send, exc, request_id)
             return
+        # HEAD: the engine's content-length, that of the GET (the body is not sent)
+        length = next((int(v) for k, v in answer_headers if k.lower() == b"content-length"), 0) \
+            if scope["method"] == "HEAD" else None
         await respond(send, status, [(k, v) for k, v in answer_headers if k.lower() not in _NOT_FORWARDED]
-                      + [(b"x-request-id", request_id.encode())], body)
+                      + [(b"x-request-id", request_id.encode())], body, length)
 
     async def _engine(self, method: str, target: bytes, headers: list, body: bytes) -> Answer:
         """A request passed to the engine's HTTP socket as it came (the target unparsed: httpx would drop
@@ -337,9 +340,11 @@ async def respond_error(send: Callable, error: ApiError, request_id: str) -> Non
     await respond(send, error.status, headers, body)
 
 
-async def respond(send: Callable, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+async def respond(send: Callable, status: int, headers: list[tuple[bytes, bytes]], body: bytes,
+                  content_length: int | None = None) -> None:
+    length = len(body) if content_length is None else content_length
     await send({"type": "http.response.start", "status": status,
-                "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+                "headers": [*headers, (b"content-length", str(length).encode())]})
     await send({"type": "http.response.body", "body": body})
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Literal
@@ -70,14 +69,18 @@ def parse_settings(argv: Sequence[str] | None = None) -> ServerSettings:
 
 # MAME_* variables read elsewhere (server/experiments.py), not settings of this process's start.
 OTHER_VARIABLES = {"MAME_ADMIN_TOKEN"}
-# Kubernetes gives every pod variables for each Service of its namespace: MAME_SERVE_SERVICE_HOST, ...
-_SERVICE_LINK = re.compile(r"^[A-Z0-9_]+_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_\d+_(TCP|UDP|SCTP)(_[A-Z]+)?)?)$")
+# Kubernetes gives every pod variables for each Service of its namespace: for a Service mame-serve,
+# MAME_SERVE_SERVICE_HOST always, with MAME_SERVE_SERVICE_PORT[_<name>] and MAME_SERVE_PORT[_<n>_<proto>[_...]].
+_SERVICE_HOST = "_SERVICE_HOST"
 
 
 def unknown_variables(environ: Mapping[str, str]) -> list[str]:
     """MAME_* variables that set nothing (MAME_PROT=9000 for MAME_PORT): said at start, not silently ignored.
     Warned about rather than refused, since a platform may set variables of its own (Kubernetes service links,
-    which `_SERVICE_LINK` leaves out)."""
+    recognised by their <SERVICE>_SERVICE_HOST). Names match settings whatever their case, as pydantic-settings
+    reads them."""
     known = {f"MAME_{name.upper()}" for name in ServerSettings.model_fields} | OTHER_VARIABLES
-    return sorted(name for name in environ
-                  if name.startswith("MAME_") and name not in known and not _SERVICE_LINK.match(name))
+    names = {name.upper(): name for name in environ if name.upper().startswith("MAME_")}
+    services = [name[:-len(_SERVICE_HOST)] for name in names if name.endswith(_SERVICE_HOST)]
+    return sorted(original for upper, original in names.items() if upper not in known and not any(
+        upper.startswith((f"{service}_SERVICE_", f"{service}_PORT")) for service in services))

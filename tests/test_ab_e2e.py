@@ -207,6 +207,8 @@ def test_admin_auth_over_http(admin_server):
         (httpx.post(url, headers=auth, json={**body, "split": {"baseline": 0.9}}), 422, "invalid_parameter"),
         (httpx.post(url, headers={**auth, "content-type": "application/json"}, content=b"{not json"),
          422, "invalid_parameter"),
+        (httpx.post(url, headers={**auth, "content-type": "application/json"}, content=b'{"name": "\xff"}'),
+         422, "invalid_parameter"),  # not UTF-8: FastAPI's 400, answered as the contract's 422
         (httpx.post(url, headers=auth, json={**body, "split": {"typo": 1.0}}), 404, "unknown_variant"),
         (httpx.post(url, headers=auth, json={**body, "model": "nope"}), 404, "unknown_model"),
         (httpx.post(url, headers=auth, json={**body, "name": "burst"}), 409, "experiment_exists"),

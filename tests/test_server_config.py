@@ -92,6 +92,10 @@ def test_every_flag_is_also_its_mame_variable_and_misspelt_ones_are_said(monkeyp
                "MAME_SERVE_SERVICE_PORT_HTTP": "8000", "MAME_SERVE_PORT": "tcp://10.0.0.1:8000",
                "MAME_SERVE_PORT_8000_TCP": "tcp://10.0.0.1:8000", "MAME_SERVE_PORT_8000_TCP_ADDR": "10.0.0.1"}
     assert unknown_variables(environ) == ["MAME_PROT"]
+    # Without the service's _SERVICE_HOST a name ending in _PORT is a guess at a setting, said as such;
+    # case does not matter (pydantic-settings reads MAME_port as MAME_PORT).
+    assert unknown_variables({"MAME_HTTP_PORT": "1", "MAME_port": "1", "mame_prot": "1"}) == ["MAME_HTTP_PORT",
+                                                                                           "mame_prot"]
 
 
 def test_bad_environment_setting_is_an_error(monkeypatch):

@@ -201,6 +201,7 @@ def test_models_health_readiness_docs(server):
     for path in ("/healthz", "/readyz", "/metrics"):  # load balancers probe with HEAD
         head = httpx.head(f"{server.url}{path}")
         assert head.status_code == 200 and head.content == b"" and head.headers["x-request-id"], path
+    assert httpx.head(f"{server.url}/healthz").headers["content-length"] == "15"  # the GET's: {"status":"ok"}
     classify = httpx.get(f"{server.url}/openapi.json").json()["paths"]["/v1/classify"]["post"]
     assert {"multipart/form-data", "image/*"} <= set(classify["requestBody"]["content"])  # /docs can send one
     assert {"400", "413", "415", "503", "504"} <= set(classify["responses"])
