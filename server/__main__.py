@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from server.app import create_app
 from server.config import ConfigError, ServingConfig, load_config
 from server.frontend import FrontEndProcesses, port_socket
+from server.hostpath import head_timeout_protocol
 from server.settings import ServerSettings, parse_settings, unknown_variables
 from server.worker import resolve_devices
 
@@ -130,13 +131,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = {"log_level": settings.log_level, "timeout_graceful_shutdown": int(graceful_s),
                "access_log": settings.log_level == "debug"}
     if not frontends:
-        server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, **options))
+        server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, **options,
+                                               http=head_timeout_protocol(config.limits.request_timeout_s)))
         server.run()
     else:
         engine_socket = os.path.join(workdir, "engine.sock")
         processes = FrontEndProcesses(frontends, reserved, engine_socket, channel_socket, settings.preprocess_threads,
                                       settings.log_level, graceful_s, crops_dir=workdir,
-                                      arena_slots=settings.crop_arena_slots, on_fatal=on_fatal)
+                                      arena_slots=settings.crop_arena_slots, on_fatal=on_fatal,
+                                      head_timeout_s=config.limits.request_timeout_s)
         server = EngineServer(uvicorn.Config(app, uds=engine_socket, **options), processes, workdir)
         processes.start()
         try:

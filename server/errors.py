@@ -19,6 +19,11 @@ class ApiError(Exception):
         """The error as it crosses between the server's processes (decode processes, front-ends)."""
         return json.dumps({"status": self.status, "code": self.code, "detail": self.detail}).encode()
 
+    def to_answer(self, request_id: str) -> bytes:
+        """The JSON body a client gets (docs/CONTRACT.md), compact as the server's other answers."""
+        return json.dumps({"error": self.code, "detail": self.detail, "request_id": request_id},
+                          separators=(",", ":")).encode()
+
     @classmethod
     def from_json(cls, data: bytes | str) -> ApiError:
         found = json.loads(data)

@@ -47,7 +47,14 @@ import uvicorn
 from server.channel import Channel, ChannelError
 from server.decode_child import Decoder, crop_bytes, decoder_from_list, decoder_to_list
 from server.errors import ApiError, internal, not_ready
-from server.hostpath import image_payloads, read_limited, request_id_of, run_all_in_pool, without_reserved
+from server.hostpath import (
+    head_timeout_protocol,
+    image_payloads,
+    read_limited,
+    request_id_of,
+    run_all_in_pool,
+    without_reserved,
+)
 from server.imaging import ResizeCrop
 
 log = logging.getLogger("mame.frontend")
@@ -333,8 +340,7 @@ def header(headers: list[tuple[bytes, bytes]], name: bytes) -> str:
 
 async def respond_error(send: Callable, error: ApiError, request_id: str) -> None:
     """An error the front-end answers itself, as the engine's errors look (docs/CONTRACT.md)."""
-    body = json.dumps({"error": error.code, "detail": error.detail, "request_id": request_id},
-                      separators=(",", ":")).encode()
+    body = error.to_answer(request_id)
     headers = [(b"content-type", b"application/json"), (b"x-request-id", request_id.encode()),
                *((name.lower().encode(), value.encode()) for name, value in error.headers.items())]
     await respond(send, error.status, headers, body)
@@ -357,7 +363,7 @@ class FrontEndProcesses:
 
     def __init__(self, count: int, reserved: socket.socket, engine_socket: str, channel_socket: str, threads: int,
                  log_level: str, graceful_s: float, crops_dir: str | None, arena_slots: int | None = None,
-                 on_fatal: Callable[[BaseException], None] | None = None):
+                 on_fatal: Callable[[BaseException], None] | None = None, head_timeout_s: float = 30.0):
         self.on_fatal = on_fatal or (lambda exc: None)
         self._quick_deaths = 0
         self.channel_socket = channel_socket
@@ -370,6 +376,7 @@ class FrontEndProcesses:
         self.threads = threads
         self.log_level = log_level
         self.graceful_s = graceful_s
+        self.head_timeout_s = head_timeout_s
         self.processes: list[subprocess.Popen] = []
         self._stopping = threading.Event()
         self._lock = threading.Lock()
@@ -389,6 +396,7 @@ class FrontEndProcesses:
              "--engine-socket", self.engine_socket,
              "--channel-socket", self.channel_socket,
              "--threads", str(self.threads), "--log-level", self.log_level, "--graceful-s", str(self.graceful_s),
+             "--head-timeout-s", str(self.head_timeout_s),
              *(["--crops-dir", self.crops_dir] if self.crops_dir else []),
              *(["--arena-slots", str(self.arena_slots)] if self.arena_slots is not None else [])],
             cwd=Path(__file__).resolve().parent.parent)  # `server` imports from the checkout too
@@ -472,6 +480,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=4, help="decoding threads")
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--graceful-s", type=float, default=40.0)
+    parser.add_argument("--head-timeout-s", type=float, default=30.0, help="request heads must arrive within this")
     parser.add_argument("--crops-dir", help="where to put the shared-memory file for crops (default: none)")
     parser.add_argument("--arena-slots", type=int, help="crops in shared memory (default: from the limits)")
     args = parser.parse_args(argv)
@@ -482,7 +491,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     sock = port_socket(args.host, args.port, listen=True)
     server = uvicorn.Server(uvicorn.Config(
         FrontEnd(args.engine_socket, args.channel_socket, args.threads, args.crops_dir, args.arena_slots),
-        log_level=args.log_level, lifespan="on",
+        log_level=args.log_level, lifespan="on", http=head_timeout_protocol(args.head_timeout_s),
         timeout_graceful_shutdown=int(args.graceful_s), access_log=args.log_level == "debug"))
     orphaned = threading.Event()
     threading.Thread(target=stop_when_orphaned, args=(server, orphaned), name="parent-watch", daemon=True).start()

@@ -126,3 +126,56 @@ async def run_all_in_pool(pool: ThreadPoolExecutor, function: Callable[..., T], 
         if error is not None:
             raise error
     return results
+
+
+def head_timeout_protocol(timeout_s: float) -> type:
+    """uvicorn's httptools HTTP protocol, plus a deadline for each request's head (request line and headers):
+    uvicorn times out only idle keep-alive connections, so a client that connected and sent nothing, or half
+    its headers (slowloris), held its connection for ever. Past `timeout_s` from the connection or from the
+    request's first byte: a request begun gets a 408 `request_timeout`, and the connection is closed."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class HeadTimeoutProtocol(HttpToolsProtocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._head_timer = None
+            self._head_begun = False
+            self._start_head_timer()
+
+        def _start_head_timer(self) -> None:
+            if self._head_timer is None:
+                self._head_timer = self.loop.call_later(timeout_s, self._head_timed_out)
+
+        def _stop_head_timer(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._head_begun = True
+            self._start_head_timer()
+
+        def on_headers_complete(self) -> None:
+            self._stop_head_timer()
+            self._head_begun = False
+            super().on_headers_complete()
+
+        def connection_lost(self, exc) -> None:
+            self._stop_head_timer()
+            super().connection_lost(exc)
+
+        def _head_timed_out(self) -> None:
+            self._head_timer = None
+            if self.transport.is_closing():
+                return
+            if self._head_begun:
+                request_id = request_id_of([])  # the head with the client's own id never came
+                body = request_timeout(f"the request head (request line and headers) did not arrive within "
+                                       f"{timeout_s:g} s").to_answer(request_id)
+                self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                                     b"x-request-id: %s\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s"
+                                     % (request_id.encode(), len(body), body))
+            self.transport.close()
+
+    return HeadTimeoutProtocol

@@ -255,7 +255,7 @@ def test_burst_on_a_tiny_queue_gives_fast_503s_and_no_other_5xx(images):
 
 
 @pytest.mark.parametrize("layout", ["in-process", "front-ends"])
-def test_request_past_its_deadline_gets_504_and_a_stalled_body_408(images, layout):
+def test_request_past_its_deadline_gets_504_and_a_stalled_body_or_head_408(images, layout):
     # Batches wait up to 3 s to fill, the deadline is 0.5 s: the request times out in the queue.
     config = tiny_config(batching={"max_batch_size": 64, "max_wait_ms": 3000},
                          limits={"request_timeout_s": 0.5})
@@ -270,6 +270,15 @@ def test_request_past_its_deadline_gets_504_and_a_stalled_body_408(images, layou
             while b"}" not in answer and (chunk := sock.recv(65536)):  # the head and the JSON may come apart
                 answer += chunk
         assert answer.startswith(b"HTTP/1.1 408") and b'"request_timeout"' in answer, answer
+        # Nor do headers that stop coming (uvicorn alone waits for them for ever), nor a silent connection.
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+            sock.sendall(b"POST /v1/classify HTTP/1.1\r\nhost: x\r\ncontent-ty")
+            answer = b""
+            while chunk := sock.recv(65536):  # until the server closes the connection
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408") and b'"request_timeout"' in answer, answer
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+            assert sock.recv(65536) == b""  # closed, without an answer to a request never begun
         assert httpx.get(f"{server.url}/healthz").status_code == 200
 
 
