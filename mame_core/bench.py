@@ -227,9 +227,9 @@ def main(argv: list[str] | None = None) -> int:
         device, dtype = resolve_device_dtype(args.device, args.dtype)
         taus, tome_r = parse_list(args.taus, float, "--taus"), parse_list(args.tome_r, int, "--tome-r")
         paths = sample_images() if args.images is None else list_images(args.images)
+        variants = make_variants(taus, tome_r, args.mame_blocks, unpatched=True)  # bad settings: before a download
         model = load_model(args.arch, args.weights, parse_model_kwargs(args.model_kwargs))
         check_merge_blocks("--mame-blocks", args.mame_blocks, model)
-        variants = make_variants(taus, tome_r, args.mame_blocks, unpatched=True)
         x = make_batch(paths, model, args.batch_size)  # decodes every picture: a bad file is bad input
     except ValueError as err:
         print(f"mame-bench: error: {err}", file=sys.stderr)

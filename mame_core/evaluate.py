@@ -152,9 +152,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--batch-size must be >= 1 and --workers >= 0")
         device, dtype = resolve_device_dtype(args.device, args.dtype)
         taus, tome_r = parse_list(args.taus, float, "--taus"), parse_list(args.tome_r, int, "--tome-r")
+        variants = make_variants(taus, tome_r, args.mame_blocks)  # bad settings: before a download
         model = load_model(args.arch, args.weights, parse_model_kwargs(args.model_kwargs))
         check_merge_blocks("--mame-blocks", args.mame_blocks, model)
-        variants = make_variants(taus, tome_r, args.mame_blocks)
         try:
             dataset = ImageFolder(str(args.folder), transform=model_transform(model), is_valid_file=image_file)
         except (FileNotFoundError, NotADirectoryError) as err:

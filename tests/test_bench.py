@@ -175,12 +175,14 @@ def test_command_refuses_a_file_that_is_not_an_image(tmp_path, capsys):
     assert "bad.jpg" in _one_line_error(capsys.readouterr().err, "mame-bench")
 
 
-@pytest.mark.parametrize("blocks", ["99", "5", "0"])
-def test_command_refuses_mame_blocks_outside_the_model(blocks, capsys):
+@pytest.mark.parametrize(("blocks", "said"), [("99", "--mame-blocks 99 outside 1..4"),
+                                             ("5", "--mame-blocks 5 outside 1..4"),
+                                             ("0", "blocks must be an integer >= 1")])  # before loading a model
+def test_command_refuses_mame_blocks_outside_the_model(blocks, said, capsys):
     rc = main(["--arch", "vit_tiny_patch16_224", "--model-kwargs", json.dumps(TINY), "--mame-blocks", blocks,
                "--no-progress"])
     assert rc == 2
-    assert f"--mame-blocks {blocks} outside 1..4" in _one_line_error(capsys.readouterr().err, "mame-bench")
+    assert said in _one_line_error(capsys.readouterr().err, "mame-bench")
 
 
 def _closed_port() -> int:
