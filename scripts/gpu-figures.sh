@@ -10,44 +10,60 @@
 #     bench      mame-bench ViT-B/16 batch 256, fp16 and bf16 (MaMe vs ToMe vs unmerged)
 # Each serve part takes ~1-2 minutes (model load and warm-up included), bench ~3: a lent machine's 15 minutes
 # fit `serve16 fe8 serve1` in one call, the rest in a second.
+# SMOKE=1 runs every part on the CPU with tiny models and 1 s windows (tests/test_bench_serving.py does, so
+# that a lent machine's minutes are not spent finding a broken flag). PYTHON: the interpreter (python3).
 set -u -o pipefail  # a benchmark that fails fails its part, tee or not
 out=${OUT:-gpu-figures}
+py=${PYTHON:-python3}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/gpu.txt"
-serve="python -m server.bench_serving throughput --arch vit_base_patch16_224 --device cuda --dtype float16 --batch 64 --preprocess-threads 4 --seconds 3 --rounds 3"
+# Appended to each command (argparse keeps the last value of a flag): the CPU stand-ins of SMOKE=1.
+smoke_serve=() smoke_latency=() smoke_bench=()
+if [ -n "${SMOKE:-}" ]; then
+  cpu=(--near-free --device cpu --dtype float32 --threads 1)
+  smoke_serve=("${cpu[@]}" --seconds 1 --rounds 1 --client-processes 1 --concurrency 4 --preprocess-threads 1)
+  smoke_latency=("${cpu[@]}" --requests 3)
+  smoke_bench=(--device cpu --arch vit_tiny_patch16_224 --batch-size 2 --rounds 1 --iters 1 --warmup 0
+               --model-kwargs '{"img_size": 64, "patch_size": 16, "embed_dim": 64, "depth": 4, "num_heads": 2}')
+else
+  nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+fi
+serve() {
+  $py -m server.bench_serving throughput --arch vit_base_patch16_224 --device cuda --dtype float16 --batch 64 \
+    --preprocess-threads 4 --seconds 3 --rounds 3 "$@" "${smoke_serve[@]}"
+}
 # Which server threads hold the GIL in the last window (py-spy, when installed: pip install py-spy).
-profile=$(python -c "import shutil, sys, pathlib; print(1 if shutil.which('py-spy') or (pathlib.Path(sys.executable).parent / 'py-spy').exists() else '')")
+profile=$($py -c "import shutil, sys, pathlib; print(1 if shutil.which('py-spy') or (pathlib.Path(sys.executable).parent / 'py-spy').exists() else '')")
 
 part() {
   case $1 in
     serve16)
       echo "=== served / offline, ViT-B/16 fp16, batch 64, 16-image requests of 224 px JPEGs (default layout: front-ends)"
-      $serve --client-processes 5 --concurrency 24 --images-per-request 16 --image-edge 224 \
+      serve --client-processes 5 --concurrency 24 --images-per-request 16 --image-edge 224 \
         ${profile:+--gil-profile "$out/gil-16.txt"} 2>&1 | tee "$out/serve-vitb-16.txt"
       echo "=== the same, one server process (no front-ends; decode processes), the layout before front-ends"
-      $serve --client-processes 5 --concurrency 24 --images-per-request 16 --image-edge 224 --http-processes 0 \
+      serve --client-processes 5 --concurrency 24 --images-per-request 16 --image-edge 224 --http-processes 0 \
         --preprocess-threads 10 2>&1 | tee "$out/serve-vitb-16-one-process.txt" ;;
     fe8)
       echo "=== served / offline, 16-image requests, 8 front-end processes"
-      $serve --client-processes 5 --concurrency 32 --images-per-request 16 --image-edge 224 --http-processes 8 \
+      serve --client-processes 5 --concurrency 32 --images-per-request 16 --image-edge 224 --http-processes 8 \
         2>&1 | tee "$out/serve-vitb-16-fe8.txt" ;;
     serve1)
       echo "=== served / offline, one bundled photo per request"
-      $serve --client-processes 6 --concurrency 192 2>&1 | tee "$out/serve-vitb-1.txt" ;;
+      serve --client-processes 6 --concurrency 192 2>&1 | tee "$out/serve-vitb-1.txt" ;;
     latency)
       echo "=== latency added at concurrency 1"
-      python -m server.bench_serving latency --arch vit_base_patch16_224 --device cuda --dtype float16 --requests 30 \
-        2>&1 | tee "$out/latency.txt" ;;
+      $py -m server.bench_serving latency --arch vit_base_patch16_224 --device cuda --dtype float16 --requests 30 \
+        "${smoke_latency[@]}" 2>&1 | tee "$out/latency.txt" ;;
     memory)
       echo "=== memory, default config"
-      python -m server.bench_serving memory 2>&1 | tee "$out/memory.txt" ;;
+      $py -m server.bench_serving memory 2>&1 | tee "$out/memory.txt" ;;
     bench)
       for dtype in float16 bfloat16; do
         echo "=== mame-bench ViT-B/16, batch 256, $dtype"
-        python -m mame_core.bench --device cuda --batch-size 256 --taus 1.0,0.9,0.85,0.8,0.7 --tome-r 8,13,16 \
+        $py -m mame_core.bench --device cuda --batch-size 256 --taus 1.0,0.9,0.85,0.8,0.7 --tome-r 8,13,16 \
           --rounds 5 --iters 10 --warmup 3 --no-progress --dtype "$dtype" --json "$out/bench-b256-$dtype.json" \
-          2>&1 | tee "$out/bench-b256-$dtype.txt"
+          "${smoke_bench[@]}" 2>&1 | tee "$out/bench-b256-$dtype.txt"
       done ;;
     *) echo "unknown part $1 (serve16 fe8 serve1 latency memory bench)" >&2; return 2 ;;
   esac
