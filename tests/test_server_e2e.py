@@ -118,6 +118,47 @@ def png(width: int, height: int, mode: str = "RGB") -> bytes:
     return buffer.getvalue()
 
 
+def test_bad_requests_and_vanishing_clients_do_not_disturb_good_ones_in_flight(server, images):
+    """Good images sent among undecodable, oversized and half-sent requests, all at once: every good one gets
+    the answer it gets alone, every bad one its own error."""
+    alone = {name: httpx.post(f"{server.url}/v1/classify", params={"variant": "mame-0.5"}, content=data,
+                              headers={"content-type": "image/png"}).json() for name, data in images.items()}
+
+    def vanish() -> None:  # sends half a body and leaves
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+            sock.sendall(b"POST /v1/classify HTTP/1.1\r\nhost: x\r\ncontent-type: image/png\r\n"
+                         b"content-length: 9000\r\n\r\n" + images["shapes"][:100])
+
+    async def everything() -> list:
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+        async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+            def send(data: bytes) -> asyncio.Future:
+                return client.post(f"{server.url}/v1/classify", params={"variant": "mame-0.5"}, content=data,
+                                   headers={"content-type": "image/png"})
+
+            jobs = []
+            for round_ in range(4):
+                for name, data in images.items():
+                    jobs.append((name, send(data)))
+                jobs += [("garbage", send(b"not an image at all")), ("truncated", send(images["noise"][:300])),
+                         ("too large", send(b"\x89PNG" + b"0" * 400_000)),
+                         ("vanish", asyncio.to_thread(vanish))]
+            answers = await asyncio.gather(*(job for _, job in jobs))
+            return list(zip((name for name, _ in jobs), answers))
+
+    for name, response in asyncio.run(everything()):
+        if name == "vanish":
+            continue
+        if name in alone:
+            assert response.status_code == 200, (name, response.text)
+            got, want = response.json(), alone[name]
+            assert got["tokens"] == want["tokens"], name
+            assert [p["index"] for p in got["predictions"]] == [p["index"] for p in want["predictions"]], name
+        else:
+            assert response.status_code == {"garbage": 400, "truncated": 400, "too large": 413}[name], name
+    assert httpx.get(f"{server.url}/readyz").status_code == 200
+
+
 def test_each_bad_input_gets_its_status_and_code(server, images):
     good = images["shapes"]
     truncated_jpeg = io.BytesIO()
