@@ -129,7 +129,7 @@ CLASSIFY_OPENAPI = {
                   for status, text in [
                       (400, "bad_image: undecodable or truncated image, malformed multipart"),
                       (404, "unknown_model, unknown_variant or unknown_experiment"),
-                      (408, "request_timeout: the body did not arrive in time"),
+                      (408, "request_timeout: the request's head or body did not arrive in time"),
                       (413, "too_large: over the byte, pixel or file-count limit"),
                       (415, "unsupported_media_type: not an image type"),
                       (503, "overloaded (queue full) or not_ready (loading); Retry-After"),
@@ -156,11 +156,9 @@ def json_response(content: Any) -> Response:
     return Response(to_json(content), media_type="application/json")
 
 
-def _error_response(exc: ApiError, request_id: str) -> JSONResponse:
-    return JSONResponse(
-        {"error": exc.code, "detail": exc.detail, "request_id": request_id},
-        status_code=exc.status, headers={**exc.headers, "X-Request-Id": request_id},
-    )
+def _error_response(exc: ApiError, request_id: str) -> Response:
+    return Response(exc.to_answer(request_id), status_code=exc.status,
+                    headers={**exc.headers, "X-Request-Id": request_id}, media_type="application/json")
 
 
 def image_answer(route: Route, weights: str, labels: list[str], request_id: str, result: ImageResult,
@@ -259,16 +257,16 @@ def create_app(config: ServingConfig, *, preprocess_threads: int = 4, warmup: bo
     app.add_middleware(RequestIdMiddleware, direct=direct_routes, drop_reserved=not behind_frontends)
 
     @app.exception_handler(ApiError)
-    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+    async def api_error(request: Request, exc: ApiError) -> Response:
         return _error_response(exc, request.state.request_id)
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         return _error_response(invalid_parameter(problems), request.state.request_id)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         if exc.status_code == 400:  # FastAPI's "There was an error parsing the body" (not UTF-8, cut short, ...)
             cause = f"{type(exc.__cause__).__name__}: {exc.__cause__}" if exc.__cause__ else exc.detail
             return _error_response(invalid_parameter(f"body: could not be read ({cause})"), request.state.request_id)

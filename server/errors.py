@@ -22,7 +22,7 @@ class ApiError(Exception):
     def to_answer(self, request_id: str) -> bytes:
         """The JSON body a client gets (docs/CONTRACT.md), compact as the server's other answers."""
         return json.dumps({"error": self.code, "detail": self.detail, "request_id": request_id},
-                          separators=(",", ":")).encode()
+                          separators=(",", ":"), ensure_ascii=False).encode()
 
     @classmethod
     def from_json(cls, data: bytes | str) -> ApiError:
