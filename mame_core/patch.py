@@ -108,7 +108,8 @@ class MergeResult:
     sources: list[Tensor] | None = None  # per block: [B, T, num_patches] source map
 
 
-def _check_supported(model: nn.Module) -> None:
+def check_supported(model: nn.Module) -> None:
+    """A TypeError saying why `patch_vit` cannot patch this model (works on a model built on the meta device)."""
     if not isinstance(model, VisionTransformer):
         raise TypeError(f"patch_vit needs a timm VisionTransformer, got {type(model).__name__}")
     if getattr(model, "attn_pool", None) is not None:
@@ -224,7 +225,7 @@ class MergingViT(nn.Module):
 
     def __init__(self, model: VisionTransformer):
         super().__init__()
-        _check_supported(model)
+        check_supported(model)
         self.model = model
         self.depth = len(model.blocks)
         self.num_prefix_tokens = int(model.num_prefix_tokens)

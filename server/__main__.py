@@ -19,6 +19,7 @@ from server.app import create_app
 from server.config import ConfigError, ServingConfig, load_config
 from server.frontend import FrontEndProcesses, port_socket
 from server.hostpath import head_timeout_protocol
+from server.models import check_models
 from server.settings import ServerSettings, parse_settings, unknown_variables
 from server.worker import resolve_devices
 
@@ -98,6 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(settings.config)
+        check_models(config)
     except ConfigError as exc:
         print(f"mame-serve: {exc}", file=sys.stderr)
         return 2

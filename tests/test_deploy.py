@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from server.config import load_config
+from server.models import check_models
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
@@ -304,6 +305,7 @@ def serving_configs() -> dict[str, Path]:
 def test_shipped_serving_configs_load(name: str) -> None:
     config = load_config(serving_configs()[name])
     assert config.models and all(model.default_variant for model in config.models.values())
+    check_models(config)  # what mame-serve checks at start: the archs build ViTs deep enough for the variants
 
 
 def test_kubernetes_base_config_is_the_compose_config() -> None:

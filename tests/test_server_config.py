@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+import yaml
 from serverproc import TINY_MODEL, tiny_config
 
 from mame_core.hub import hub_disabled_by_env, hub_reachable
@@ -233,6 +234,26 @@ def test_variant_with_zero_blocks_is_a_config_error():
     config["models"]["tiny"]["variants"]["bad"] = {"method": "mame", "tau": 0.9, "blocks": 0}
     with pytest.raises(ConfigError, match="models.tiny.variants.bad"):
         parse_config(config, "serving.yaml")
+
+
+@pytest.mark.parametrize(("change", "said"), [
+    ({"variants": {"deep": {"method": "mame", "tau": 0.9, "blocks": 99}}},
+     "models.tiny.variants.deep: merging in the first 99 blocks, but the model has only 4 blocks"),
+    ({"arch": "nope_net"}, "models.tiny: timm cannot build 'nope_net': Unknown model"),
+    ({"model_kwargs": {"bogus": 1}}, "models.tiny: timm cannot build 'vit_tiny_patch16_224'"),
+    ({"arch": "resnet18", "model_kwargs": {}}, "models.tiny.arch: 'resnet18' cannot merge tokens"),
+])
+def test_models_that_cannot_serve_are_one_line_at_start(change, said, tmp_path, capsys):
+    """Checked before anything loads (a meta-device build, no weights): exit 2 and the key, not a traceback."""
+    from server.__main__ import main
+
+    config = tiny_config()
+    config["models"]["tiny"].update(change)
+    config["models"]["tiny"].pop("default_variant", None)
+    (tmp_path / "serving.yaml").write_text(yaml.safe_dump(config))
+    assert main(["--config", str(tmp_path / "serving.yaml"), "--port", "0"]) == 2
+    error = capsys.readouterr().err
+    assert said in error and "Traceback" not in error and len(error.strip().splitlines()) == 1, error
 
 
 def test_variant_past_the_models_depth_is_refused_at_load():
