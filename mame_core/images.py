@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import random
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import timm
@@ -42,22 +43,26 @@ def sample_images() -> list[Path]:
     return list_images(SAMPLES_DIR)
 
 
-def load_rgb(path: str | Path) -> Image.Image:
-    """Decode an image file to RGB, honouring EXIF orientation; a clear ValueError if it is not one."""
+@contextmanager
+def _opened(path: str | Path) -> Iterator[Image.Image]:
+    """PIL's image at `path`; what PIL cannot read there (header or pixels) is a ValueError naming the file."""
     try:
         with Image.open(path) as img:
-            return ImageOps.exif_transpose(img).convert("RGB")
+            yield img
     except (UnidentifiedImageError, OSError) as err:
         raise ValueError(f"{str(path)!r} is not a readable image: {err}") from err
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Decode an image file to RGB, honouring EXIF orientation; a clear ValueError if it is not one."""
+    with _opened(path) as img:
+        return ImageOps.exif_transpose(img).convert("RGB")
 
 
 def check_image(path: str | Path) -> None:
     """A ValueError naming `path` unless PIL recognises it as an image (reads the header only)."""
-    try:
-        with Image.open(path):
-            pass
-    except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"{str(path)!r} is not a readable image: {err}") from err
+    with _opened(path):
+        pass
 
 
 def check_merge_blocks(option: str, blocks: int | None, model: torch.nn.Module) -> None:

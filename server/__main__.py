@@ -141,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         processes = FrontEndProcesses(frontends, reserved, engine_socket, channel_socket, settings.preprocess_threads,
                                       settings.log_level, graceful_s, crops_dir=workdir,
                                       arena_slots=settings.crop_arena_slots, on_fatal=on_fatal,
-                                      head_timeout_s=config.limits.request_timeout_s)
+                                      request_timeout_s=config.limits.request_timeout_s)
         server = EngineServer(uvicorn.Config(app, uds=engine_socket, **options), processes, workdir)
         processes.start()
         try:

@@ -74,7 +74,6 @@ FRONTEND_CROPS_AT = "x-mame-crops-at"  # "<arena file> <byte offset> ...": the c
 _NOT_FORWARDED = {b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer", b"upgrade",
                   b"proxy-connection", b"content-length", b"x-request-id", b"date", b"server"}
 PASS_THROUGH_MAX_BYTES = 1 << 20  # bodies of requests other than classify (admin JSON): no more
-PASS_THROUGH_BODY_TIMEOUT_S = 30.0  # ... arriving within this
 PLAN_MAX_AGE_S = 5.0  # how stale the engine's experiments may be here (a stale one costs a re-send, no error)
 LOADING_RECHECK_S = 0.5
 ARENA_MIN_SLOTS = 256  # crops in shared memory per front-end (37 MiB at 224 px); more in flight: in messages
@@ -99,7 +98,6 @@ class Plan:
     max_body_bytes: int
     max_pixels: int
     max_images: int
-    request_timeout_s: float
     default_model: str
     experiment_models: dict[str, str]  # running experiments
     decoders: dict[str, Decoder]
@@ -110,7 +108,7 @@ class Plan:
         decoders = {name: decoder_from_list(values) for name, values in data["decoders"].items() if values}
         limits = data["limits"]
         return cls(data["ready"], limits["max_body_bytes"], limits["max_pixels"], limits["max_images_per_request"],
-                   limits["request_timeout_s"], data["default_model"], data["experiment_models"], decoders, fetched_at)
+                   data["default_model"], data["experiment_models"], decoders, fetched_at)
 
     def model_for(self, params: dict[str, str]) -> str | None:
         """The model the engine will route a request to (its rule, server/routing.py), if decodable here."""
@@ -175,8 +173,9 @@ class FrontEnd:
     """The ASGI application of one front-end process."""
 
     def __init__(self, engine_socket: str, channel_socket: str, threads: int, crops_dir: str | None = None,
-                 arena_slots: int | None = None):
+                 arena_slots: int | None = None, request_timeout_s: float = 30.0):
         self.engine_socket = engine_socket
+        self.request_timeout_s = request_timeout_s  # the serving config's: heads and bodies arrive within it
         self.channel = Channel(channel_socket)
         self.crops_dir = crops_dir if arena_slots != 0 else None
         self.arena_slots = arena_slots
@@ -207,7 +206,7 @@ class FrontEnd:
                 status, answer_headers, body = await self._classify(scope, receive, headers)
             else:
                 body = await read_limited(receive, header(scope["headers"], b"content-length"),
-                                          PASS_THROUGH_MAX_BYTES, PASS_THROUGH_BODY_TIMEOUT_S)
+                                          PASS_THROUGH_MAX_BYTES, self.request_timeout_s)
                 status, answer_headers, body = await self._engine(scope["method"], target, headers, body)
         except (httpx.TransportError, ChannelError) as exc:
             log.warning("the engine is not reachable: %s", exc)
@@ -246,7 +245,7 @@ class FrontEnd:
         body, error, n_images, slots, crops = b"", None, 0, None, []
         try:
             body = await read_limited(receive, header(scope["headers"], b"content-length"), plan.max_body_bytes,
-                                      max(0.0, started + plan.request_timeout_s - time.monotonic()))
+                                      max(0.0, started + self.request_timeout_s - time.monotonic()))
             payloads, multipart = image_payloads(header(headers, b"content-type"), body, plan.max_images)
             n_images = len(payloads)
             if model is not None:
@@ -363,7 +362,7 @@ class FrontEndProcesses:
 
     def __init__(self, count: int, reserved: socket.socket, engine_socket: str, channel_socket: str, threads: int,
                  log_level: str, graceful_s: float, crops_dir: str | None, arena_slots: int | None = None,
-                 on_fatal: Callable[[BaseException], None] | None = None, head_timeout_s: float = 30.0):
+                 on_fatal: Callable[[BaseException], None] | None = None, request_timeout_s: float = 30.0):
         self.on_fatal = on_fatal or (lambda exc: None)
         self._quick_deaths = 0
         self.channel_socket = channel_socket
@@ -376,7 +375,7 @@ class FrontEndProcesses:
         self.threads = threads
         self.log_level = log_level
         self.graceful_s = graceful_s
-        self.head_timeout_s = head_timeout_s
+        self.request_timeout_s = request_timeout_s
         self.processes: list[subprocess.Popen] = []
         self._stopping = threading.Event()
         self._lock = threading.Lock()
@@ -396,7 +395,7 @@ class FrontEndProcesses:
              "--engine-socket", self.engine_socket,
              "--channel-socket", self.channel_socket,
              "--threads", str(self.threads), "--log-level", self.log_level, "--graceful-s", str(self.graceful_s),
-             "--head-timeout-s", str(self.head_timeout_s),
+             "--request-timeout-s", str(self.request_timeout_s),
              *(["--crops-dir", self.crops_dir] if self.crops_dir else []),
              *(["--arena-slots", str(self.arena_slots)] if self.arena_slots is not None else [])],
             cwd=Path(__file__).resolve().parent.parent)  # `server` imports from the checkout too
@@ -480,7 +479,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=4, help="decoding threads")
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--graceful-s", type=float, default=40.0)
-    parser.add_argument("--head-timeout-s", type=float, default=30.0, help="request heads must arrive within this")
+    parser.add_argument("--request-timeout-s", type=float, default=30.0,
+                        help="the serving config's limits.request_timeout_s: request heads and bodies arrive within it")
     parser.add_argument("--crops-dir", help="where to put the shared-memory file for crops (default: none)")
     parser.add_argument("--arena-slots", type=int, help="crops in shared memory (default: from the limits)")
     args = parser.parse_args(argv)
@@ -490,8 +490,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     sock = port_socket(args.host, args.port, listen=True)
     server = uvicorn.Server(uvicorn.Config(
-        FrontEnd(args.engine_socket, args.channel_socket, args.threads, args.crops_dir, args.arena_slots),
-        log_level=args.log_level, lifespan="on", http=head_timeout_protocol(args.head_timeout_s),
+        FrontEnd(args.engine_socket, args.channel_socket, args.threads, args.crops_dir, args.arena_slots,
+                 args.request_timeout_s),
+        log_level=args.log_level, lifespan="on", http=head_timeout_protocol(args.request_timeout_s),
         timeout_graceful_shutdown=int(args.graceful_s), access_log=args.log_level == "debug"))
     orphaned = threading.Event()
     threading.Thread(target=stop_when_orphaned, args=(server, orphaned), name="parent-watch", daemon=True).start()
