@@ -6,8 +6,10 @@ ARCH := $(shell uname -m)
 # torch and torchvision must come as a matching pair (timm needs torchvision's compiled ops).
 ifeq ($(ARCH),aarch64)
 TORCH_SPEC ?= torch==2.9.1 torchvision==0.24.1
+MIN_FREE_GIB ?= 2
 else
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+MIN_FREE_GIB ?= 7
 endif
 
 .PHONY: install serve test test-fast bench lint
@@ -16,6 +18,11 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	@# A CUDA build of torch is ~5.5 GiB installed: say so up front, not as pip's OSError halfway through.
+	@$(PY) -c 'import torch' 2>/dev/null || { free=$$(df -Pk $(VENV) | awk 'NR == 2 {print int($$4 / 1048576)}'); \
+	  if [ "$$free" -lt $(MIN_FREE_GIB) ]; then \
+	    echo "error: installing PyTorch into $(VENV) needs about $(MIN_FREE_GIB) GiB free; $$free GiB are (df -h $(VENV))" >&2; \
+	    exit 1; fi; }
 	$(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
