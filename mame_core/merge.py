@@ -87,11 +87,14 @@ def mame_merge(
     preserved = valid_src & (weights.sum(dim=1) == 0)
 
     # Size-weighted fusion. Padding rows may hold anything (NaN * 0 is NaN), so they are zeroed with where.
+    # Each term's weight is divided by the dst's new size before it meets a token: the weights of a fused token
+    # sum to 1, so in fp16 no partial sum can overflow where the mean itself fits (size 80 x 1000 would).
     mass = weights * size_src.to(weights.dtype).unsqueeze(1)  # [B, M, N]
     x_src = torch.where(valid_src.unsqueeze(-1), x[:, src_pos], 0.0)
     new_size_dst = size_dst + mass.sum(dim=2).to(size.dtype)
-    fused = torch.where(valid_dst.unsqueeze(-1), size_dst.to(x.dtype).unsqueeze(-1) * x[:, dst_pos], 0.0)
-    fused = _divide_where_positive(fused + mass.to(x.dtype) @ x_src, new_size_dst.to(x.dtype).unsqueeze(-1))
+    src_share = _divide_where_positive(mass, new_size_dst.to(mass.dtype).unsqueeze(-1))
+    dst_share = _divide_where_positive(size_dst, new_size_dst).to(x.dtype).unsqueeze(-1)
+    fused = torch.where(valid_dst.unsqueeze(-1), dst_share * x[:, dst_pos], 0.0) + src_share.to(x.dtype) @ x_src
 
     # Compaction: each image's row becomes [special, its real dsts, its preserved srcs, padding]. Every
     # token is scattered to its slot; merged sources and padding go to one extra slot that is cut off.
@@ -166,8 +169,12 @@ def tome_merge(batch: TokenBatch, metric: Tensor, r: int, num_special: int) -> T
         return out.squeeze(-1) if squeeze else out
 
     new_size_body = combine(size, None)
-    weight = size.to(x.dtype)
-    x_body = combine(x, weight) / new_size_body.to(x.dtype).unsqueeze(-1)
+    # Each token's weight is its size over the size of the token it ends up in (its B target's new size, or
+    # its own when it stays): weights of a merged token sum to 1, so no fp16 partial sum overflows.
+    new_size_b = new_size_body[:, -b_pos.numel():]
+    end_size_a = size[:, a_pos].scatter(1, merged_a, new_size_b.gather(1, target_b))
+    end_size = size.index_copy(1, a_pos, end_size_a).index_copy(1, b_pos, new_size_b)
+    x_body = combine(x, (size / end_size).to(x.dtype))
     new_x = torch.cat([x[:, :num_special], x_body], dim=1)
     new_size = torch.cat([size[:, :num_special], new_size_body], dim=1)
     new_source = None

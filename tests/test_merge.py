@@ -230,3 +230,19 @@ def test_reorder_path_equals_merge_at_tau_one():
         ordered = mame_order(batch, special, stride)
         assert torch.equal(merged.x, ordered.x) and torch.equal(merged.size, ordered.size)
         assert torch.equal(merged.source, ordered.source)
+
+
+@pytest.mark.parametrize("method", ["mame", "tome"])
+def test_fp16_fusion_of_big_tokens_does_not_overflow(method):
+    # Tokens of 1000 that each stand for 40 patches: size x value (40,000, then 80,000 once fused) passes
+    # fp16's 65,504, the size-weighted mean (1000) does not. The weights must be normalised before the product.
+    x = torch.full((1, 9, 4), 1000.0, dtype=torch.float16)
+    size = torch.full((1, 9), 40.0)
+    size[0, 0] = 1
+    metric = torch.ones(1, 9, 8, dtype=torch.float16)
+    if method == "mame":
+        out, _ = mame_merge(TokenBatch(x, size), metric, 0.5, num_special=1)
+    else:
+        out = tome_merge(TokenBatch(x, size), metric, 3, num_special=1)
+    assert out.size.sum().item() == size.sum().item()
+    assert torch.equal(out.x, torch.full_like(out.x, 1000.0))
