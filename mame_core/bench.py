@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -161,7 +162,10 @@ def format_table(rows: list[BenchRow], cpu_columns: bool = False) -> str:
 def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:  # torch's word for a device string it does not know
+        raise ValueError(f"--device {device!r}: {err}") from err
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: CUDA is not available on this machine")
     if dtype == "auto":
@@ -171,8 +175,30 @@ def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.d
     return dev, DTYPES[dtype]
 
 
+def batch_pictures(batch_size: int, pictures: int) -> str:
+    """What a batch is made of, for the header: fill_batch takes the first pictures, then augmented copies."""
+    if batch_size < pictures:
+        return f"{batch_size} of the {pictures} pictures"
+    return f"{pictures} pictures" + (" and augmented copies" if batch_size > pictures else "")
+
+
+def check_report_target(target: str | None) -> None:
+    """--json PATH must be writable before the run, not found unwritable after it: its folder is made if missing."""
+    if target in (None, "-"):
+        return
+    path = Path(target)
+    if path.is_dir():
+        raise ValueError(f"--json {target}: is a directory, expected a file path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--json {target}: cannot create its folder: {err.strerror}") from err
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ValueError(f"--json {target}: not writable")
+
+
 def write_report(report: dict, target: str | None) -> None:
-    """--json: the report as JSON on stdout ("-") or in a file."""
+    """--json: the report as JSON on stdout ("-") or in a file (checked by check_report_target first)."""
     if target == "-":
         print(json.dumps(report, indent=2))
     elif target:
@@ -224,6 +250,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         if args.threads is not None and args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        if args.rounds < 1 or args.iters < 1 or args.warmup < 0:
+            raise ValueError(f"need --rounds >= 1, --iters >= 1, --warmup >= 0; got {args.rounds}, {args.iters}, "
+                             f"{args.warmup}")
+        check_report_target(args.json)
         device, dtype = resolve_device_dtype(args.device, args.dtype)
         taus, tome_r = parse_list(args.taus, float, "--taus"), parse_list(args.tome_r, int, "--tome-r")
         paths = sample_images() if args.images is None else list_images(args.images)
@@ -239,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     x = x.to(device, dtype)
     rows = run_bench(model.to(device, dtype), x, variants, args.rounds, args.iters, args.warmup, progress=not args.no_progress)
 
+    used = min(args.batch_size, len(paths))  # fill_batch takes the first pictures, then augmented copies
     report = {
         "arch": args.arch,
         "weights": "random-init" if args.weights == "random" else args.weights,
@@ -247,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": str(dtype).removeprefix("torch."),
         "batch_size": args.batch_size,
         "images": "bundled samples" if args.images is None else str(args.images),
-        "num_images": len(paths),
+        "num_images": used,  # distinct pictures in the batch (later copies are augmented)
+        "images_in_folder": len(paths),
         "rounds": args.rounds,
         "iters": args.iters,
         "torch_threads": torch.get_num_threads(),
@@ -256,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json != "-":
         print(
             f"{args.arch} ({report['weights']}), {report['device_name']}, {report['dtype']}, "
-            f"batch {args.batch_size}, {len(paths)} images, median of {args.rounds} rounds x {args.iters} iters"
+            f"batch {args.batch_size} ({batch_pictures(args.batch_size, len(paths))}), median of {args.rounds} rounds x {args.iters} iters"
         )
         print(format_table(rows, cpu_columns=device.type == "cpu"))
     write_report(report, args.json)

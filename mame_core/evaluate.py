@@ -24,12 +24,20 @@ from mame_core import MergeSettings, patch_vit
 from mame_core.bench import (
     Variant,
     add_report_args,
+    check_report_target,
     make_variants,
     parse_list,
     resolve_device_dtype,
     write_report,
 )
-from mame_core.images import check_image, check_merge_blocks, load_model, model_transform, parse_model_kwargs
+from mame_core.images import (
+    check_image,
+    check_merge_blocks,
+    load_model,
+    load_rgb,
+    model_transform,
+    parse_model_kwargs,
+)
 
 WNID = re.compile(r"^n\d{8}$")
 
@@ -150,13 +158,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.batch_size < 1 or args.workers < 0:
             raise ValueError("--batch-size must be >= 1 and --workers >= 0")
+        check_report_target(args.json)
         device, dtype = resolve_device_dtype(args.device, args.dtype)
         taus, tome_r = parse_list(args.taus, float, "--taus"), parse_list(args.tome_r, int, "--tome-r")
         variants = make_variants(taus, tome_r, args.mame_blocks)  # bad settings: before a download
         model = load_model(args.arch, args.weights, parse_model_kwargs(args.model_kwargs))
         check_merge_blocks("--mame-blocks", args.mame_blocks, model)
         try:
-            dataset = ImageFolder(str(args.folder), transform=model_transform(model), is_valid_file=image_file)
+            # load_rgb: EXIF orientation as in mame-bench and mame-vis, and a ValueError naming a file that
+            # turns out undecodable mid-run (the start only reads headers).
+            dataset = ImageFolder(str(args.folder), transform=model_transform(model), loader=load_rgb,
+                                  is_valid_file=image_file)
         except (FileNotFoundError, NotADirectoryError) as err:
             raise ValueError(f"{args.folder}: not an ImageFolder directory ({err})") from err
         targets_map = class_indices(dataset.classes, model.num_classes)
@@ -165,7 +177,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers)
     vit = patch_vit(model.to(device, dtype))
-    rows = evaluate(vit, loader, variants, targets_map, device, dtype, progress=not args.no_progress)
+    try:
+        rows = evaluate(vit, loader, variants, targets_map, device, dtype, progress=not args.no_progress)
+    except ValueError as err:  # from a loader process it comes with the worker's traceback: its last line says it
+        said = str(err).strip().splitlines()[-1].removeprefix("ValueError: ")
+        print(f"mame-eval: error: {said}", file=sys.stderr)
+        return 2
 
     report = {
         "arch": args.arch,

@@ -7,6 +7,7 @@ resolution, a mean or a std.
 from __future__ import annotations
 
 import json
+import pickle
 import random
 import warnings
 from collections.abc import Callable, Iterator
@@ -17,8 +18,10 @@ import timm
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from timm.data import create_transform, resolve_data_config
+from timm.models import load_checkpoint
 
 from mame_core.hub import cached_hub_file, hub_unavailable_reason
+from mame_core.patch import check_supported
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
 SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
@@ -175,9 +178,28 @@ def load_model(arch: str, weights: str = "random", model_kwargs: dict | None = N
         else:
             if not Path(weights).is_file():
                 raise ValueError(f"--weights: expected 'random', 'hub' or a checkpoint file, got {weights!r}")
-            model = timm.create_model(arch, pretrained=False, checkpoint_path=weights, **kwargs)
+            model = _checkpoint_model(arch, weights, kwargs)
     except RuntimeError as err:
         if "Unknown model" in str(err):
             raise ValueError(f"unknown timm architecture {arch!r}") from err
         raise
+    except TypeError as err:  # what timm's constructors say of a keyword they do not take
+        raise ValueError(f"cannot build {arch} with --model-kwargs {json.dumps(kwargs)}: {err}") from err
+    try:
+        check_supported(model)  # before anything reads model.blocks: a ResNet is bad input, not a traceback
+    except TypeError as err:
+        raise ValueError(f"{arch}: {err}") from err
     return model.eval()
+
+
+def _checkpoint_model(arch: str, path: str, kwargs: dict) -> torch.nn.Module:
+    """`arch` built with the weights of a local checkpoint file; a ValueError naming the file when they do not fit
+    (not a checkpoint, another architecture's shapes)."""
+    model = timm.create_model(arch, pretrained=False, **kwargs)
+    try:
+        load_checkpoint(model, path)
+    except (RuntimeError, OSError, KeyError, pickle.UnpicklingError, EOFError) as err:
+        said = " ".join(str(err).split()) or type(err).__name__  # torch's multi-line report, on one line
+        cut = said if len(said) <= 300 else said[:300] + " ..."
+        raise ValueError(f"--weights {path}: cannot load it into {arch}: {cut}") from err
+    return model

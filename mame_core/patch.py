@@ -114,8 +114,13 @@ def check_supported(model: nn.Module) -> None:
         raise TypeError(f"patch_vit needs a timm VisionTransformer, got {type(model).__name__}")
     if getattr(model, "attn_pool", None) is not None:
         raise TypeError("attention-pooling heads (global_pool='map') are not supported by token merging")
-    if model.global_pool not in ("token", "avg", "max", "avgmax", ""):
+    if model.global_pool == "":
+        # Per-token outputs: after merging, each image keeps its own number of tokens (padded in a batch).
+        raise TypeError("per-token outputs (global_pool='') are not supported: merged images differ in length")
+    if model.global_pool not in ("token", "avg", "max", "avgmax"):
         raise TypeError(f"unsupported global_pool {model.global_pool!r}")
+    if getattr(model, "dynamic_img_size", False):
+        raise TypeError("dynamic_img_size models are not supported: the patch counts tokens at the built input size")
     for i, blk in enumerate(model.blocks):
         if type(blk) is not Block or type(blk.attn) is not Attention:
             raise TypeError(
@@ -314,10 +319,14 @@ class MergingViT(nn.Module):
 
     @staticmethod
     def _tau_tensor(tau: Tensor | Sequence[float], bsz: int, device: torch.device) -> Tensor:
-        t = torch.as_tensor(tau, dtype=torch.float32).to(device)
+        # float64, like a Python float: mame_fusion_weights casts it to the similarity's dtype, so a per-image
+        # tau and the same scalar tau are one threshold in a float64 model too.
+        t = torch.as_tensor(tau, dtype=torch.float64)
         if t.shape != (bsz,):
             raise ValueError(f"per-image tau must have shape [{bsz}], got {list(t.shape)}")
-        return t
+        if not bool((t.isfinite() & (t >= -1)).all()):
+            raise ValueError(f"per-image tau must be finite numbers >= -1, got {t.tolist()}")
+        return t.to(device)
 
     def _head(self, h: Tensor, size: Tensor) -> Tensor:
         """timm's forward_head with pooling over real tokens only (size-weighted for averages)."""

@@ -130,7 +130,7 @@ def save_figure(panels: list[np.ndarray], titles: list[str], out: Path, suptitle
     fig.suptitle(suptitle, fontsize=10)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=150)
+    fig.savefig(out, dpi=150, format="png")
     plt.close(fig)
 
 
@@ -177,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        # matplotlib picks the format by suffix and adds .png to a bare name: ask for the name that gets written.
+        if args.out.is_dir() or args.out.suffix.lower() != ".png":
+            raise ValueError(f"--out {args.out}: give the path of a .png file to write")
         img = load_rgb(args.image)
         model = load_model(args.arch, args.weights, parse_model_kwargs(args.model_kwargs))
         blocks = parse_blocks(args.blocks_shown, len(model.blocks))
@@ -186,7 +189,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mame-vis: error: {err}", file=sys.stderr)
         return 2
     weights = "random weights" if args.weights == "random" else args.weights
-    save_figure(panels, titles, args.out, f"{args.arch} ({weights}), MaMe tau={args.tau}")
+    try:
+        save_figure(panels, titles, args.out, f"{args.arch} ({weights}), MaMe tau={args.tau}")
+    except OSError as err:
+        print(f"mame-vis: error: cannot write {args.out}: {err.strerror or err}", file=sys.stderr)
+        return 2
     print(f"wrote {args.out}")
     return 0
 

@@ -69,6 +69,20 @@ def test_load_model_errors(tmp_path):
         load_model("not_a_model_arch")
     with pytest.raises(ValueError, match="checkpoint file"):
         load_model("vit_tiny_patch16_224", str(tmp_path / "missing.pth"), TINY)
+    # Each of these was a traceback from timm or torch: a model patch_vit cannot patch, a keyword the model
+    # does not take, a file that is not a checkpoint, a checkpoint of another shape.
+    with pytest.raises(ValueError, match="resnet18: patch_vit needs a timm VisionTransformer"):
+        load_model("resnet18")
+    with pytest.raises(ValueError, match="--model-kwargs .*unexpected keyword argument 'foo'"):
+        load_model("vit_tiny_patch16_224", "random", {**TINY, "foo": 1})
+    not_checkpoint = tmp_path / "notes.pth"
+    not_checkpoint.write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="--weights .*notes.pth: cannot load it into vit_tiny_patch16_224"):
+        load_model("vit_tiny_patch16_224", str(not_checkpoint), TINY)
+    other_shape = tmp_path / "deeper.pth"
+    torch.save(load_model("vit_tiny_patch16_224", "random", {**TINY, "depth": 5}).state_dict(), other_shape)
+    with pytest.raises(ValueError, match="cannot load it into .*Unexpected key.*blocks.4"):
+        load_model("vit_tiny_patch16_224", str(other_shape), TINY)
 
 
 def test_parsers():
@@ -137,6 +151,7 @@ def test_command_json(tmp_path, capsys):
     assert "tau=0.8" in table and "r=3" in table and "random-init" in table and "img/CPU-s" in table
     report = json.loads(out.read_text())
     assert report["batch_size"] == 3 and report["num_images"] == 2 and report["weights"] == "random-init"
+    assert report["images_in_folder"] == 2 and "batch 3 (2 pictures and augmented copies)" in table
     assert report["device"] == "cpu" and report["dtype"] == "float32" and report["torch_threads"] == 1
     rows = report["rows"]
     assert [(r["method"], r["setting"]) for r in rows] == [
@@ -156,6 +171,27 @@ def test_command_rejects_bad_options(capsys):
     assert "--batch-size" in capsys.readouterr().err
     assert main(["--threads", "0"]) == 2
     assert "--threads" in capsys.readouterr().err
+    for flag, value in [("--rounds", "0"), ("--iters", "0"), ("--warmup", "-1")]:
+        assert main([flag, value]) == 2
+        assert flag in _one_line_error(capsys.readouterr().err, "mame-bench")
+    assert main(["--device", "gpu"]) == 2
+    assert "--device 'gpu'" in _one_line_error(capsys.readouterr().err, "mame-bench")
+
+
+def test_command_refuses_an_unwritable_json_path_before_the_run(tmp_path, capsys):
+    (tmp_path / "file").write_text("a file, not a folder")
+    assert main(["--json", str(tmp_path / "file" / "bench.json")]) == 2
+    assert "--json" in _one_line_error(capsys.readouterr().err, "mame-bench")
+    assert main(["--json", str(tmp_path)]) == 2
+    assert "is a directory" in _one_line_error(capsys.readouterr().err, "mame-bench")
+
+
+def test_header_says_which_pictures_fill_the_batch():
+    from mame_core.bench import batch_pictures
+
+    assert batch_pictures(8, 9) == "8 of the 9 pictures"
+    assert batch_pictures(9, 9) == "9 pictures"
+    assert batch_pictures(16, 9) == "9 pictures and augmented copies"
 
 
 def _one_line_error(err: str, prog: str) -> str:

@@ -122,6 +122,19 @@ def test_eval_refuses_a_file_that_is_not_an_image(tmp_path, capsys):
     assert "bad.jpg" in line and "not a readable image" in line
 
 
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_eval_refuses_a_picture_that_fails_to_decode_mid_run(tmp_path, capsys, workers):
+    # Its header reads, its pixels do not: only found when the loader decodes it, in a worker process or not.
+    folder = write_image_folder(tmp_path / "data", ["cat", "dog"], per_class=1)
+    whole = (folder / "dog" / "0.jpg").read_bytes()
+    (folder / "dog" / "cut.jpg").write_bytes(whole[: len(whole) // 3])
+    rc = main([str(folder), "--arch", "vit_tiny_patch16_224", "--model-kwargs", json.dumps(TINY),
+               "--weights", "random", "--no-progress", "--workers", workers])
+    assert rc == 2
+    line = _one_line_error(capsys.readouterr().err)
+    assert "cut.jpg' is not a readable image" in line
+
+
 def test_eval_default_hub_weights_offline_is_one_clear_line(tmp_path, monkeypatch, capsys):
     folder = write_image_folder(tmp_path / "data", ["cat"], per_class=1)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import timm
 import torch
 from conftest import content_images, tiny_vit
 
 from mame_core import MergeSettings, patch_vit
+from mame_core.merge import TokenBatch, mame_merge
+from mame_core.patch import MergingViT
 
 SHAPES = {
     "cls": {"arch": "vit_tiny_patch16_224"},
@@ -121,6 +125,28 @@ def test_unsupported_models_are_refused():
         patch_vit(torch.nn.Linear(2, 2))
     with pytest.raises(TypeError, match="map"):
         patch_vit(tiny_vit(global_pool="map"))
+    # Per-token outputs would come padded, with rows that depend on the batch; dynamic sizes break token counts.
+    with pytest.raises(TypeError, match="per-token"):
+        patch_vit(tiny_vit(global_pool=""))
+    with pytest.raises(TypeError, match="dynamic_img_size"):
+        patch_vit(tiny_vit(dynamic_img_size=True))
+
+
+def test_per_image_tau_is_the_scalar_threshold_in_float64_and_checked(images):
+    # Keys at cosine 0.89999999: a float32 copy of tau = 0.9 (0.89999998) would merge what tau = 0.9 keeps.
+    cos = 0.89999999
+    keys = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [cos, math.sqrt(1 - cos * cos)]]], dtype=torch.float64)
+    batch = TokenBatch(torch.randn(1, 3, 4, dtype=torch.float64), torch.ones(1, 3, dtype=torch.float64))
+    per_image = MergingViT._tau_tensor([0.9], 1, torch.device("cpu"))
+    assert mame_merge(batch, keys, per_image, 1)[1].tolist() == mame_merge(batch, keys, 0.9, 1)[1].tolist() == [3]
+    vit = patch_vit(tiny_vit().double())
+    settings = MergeSettings(method="mame", tau=0.9, blocks=3)
+    with torch.inference_mode():
+        x = images[:2].double()
+        with pytest.raises(ValueError, match="finite"):
+            vit(x, settings, tau=[float("nan"), 0.5])
+        with pytest.raises(ValueError, match=">= -1"):
+            vit(x, settings, tau=[-5.0, 0.5])
 
 
 @pytest.mark.slow

@@ -120,6 +120,13 @@ def test_command_rejects_bad_input(tmp_path, capsys):
     assert main([str(SAMPLES_DIR / "coffee.jpg"), "--blocks-shown", "9", *args]) == 2
     assert "outside 1..4" in capsys.readouterr().err
     assert not (tmp_path / "o.png").exists()
+    # matplotlib would write figure.png for "figure", a JPEG for .jpg, and fail after the run for .txt.
+    for out in (tmp_path / "figure", tmp_path / "figure.jpg", tmp_path / "figure.txt", tmp_path):
+        rc = main([str(SAMPLES_DIR / "coffee.jpg"), "--blocks-shown", "1", "--out", str(out),
+                   "--arch", "vit_tiny_patch16_224", "--model-kwargs", json.dumps(TINY)])
+        assert rc == 2
+        assert "give the path of a .png file" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.jpg"]
 
 
 def test_command_refuses_merge_blocks_past_the_depth(tmp_path, capsys):
