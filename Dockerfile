@@ -8,16 +8,23 @@
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
-ARG TORCH_VERSION=2.14.1
-ARG TORCHVISION_VERSION=0.29.1
+# Set by BuildKit (amd64, arm64, ...).
+ARG TARGETARCH
+# Empty: the Makefile's pair for the target architecture (x86_64: 2.14.1 / 0.29.1, aarch64: 2.9.1 / 0.24.1).
+ARG TORCH_VERSION=""
+ARG TORCHVISION_VERSION=""
 # Empty: the default index (CUDA wheels). Set it to PyTorch's CPU index for a CPU-only image.
 ARG TORCH_INDEX_URL=""
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-# torch first, in its own layer: the largest and least often changed. Versions follow the Makefile.
+# torch first, in its own layer: the largest and least often changed. Versions follow the Makefile's TORCH_SPEC.
 RUN if [ -n "$TORCH_INDEX_URL" ]; then export PIP_INDEX_URL="$TORCH_INDEX_URL"; fi; \
-    pip install --no-cache-dir "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
+    case "$TARGETARCH" in \
+        arm64) torch=2.9.1 torchvision=0.24.1 ;; \
+        *) torch=2.14.1 torchvision=0.29.1 ;; \
+    esac; \
+    pip install --no-cache-dir "torch==${TORCH_VERSION:-$torch}" "torchvision==${TORCHVISION_VERSION:-$torchvision}"
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY mame_core ./mame_core
@@ -26,7 +33,8 @@ COPY loadtest ./loadtest
 RUN pip install --no-cache-dir .
 
 # Optional: bake pretrained weights into the image (timm model names, space separated). They land in
-# the Hugging Face cache that the server reads with HF_HUB_OFFLINE=1; empty = mount them at run time.
+# the Hugging Face cache /opt/hf-cache that the server reads with HF_HUB_OFFLINE=1; empty = random weights
+# unless weight files are mounted at /models (or a cache over /opt/hf-cache) at run time.
 ARG PRELOAD_MODELS=""
 ENV HF_HOME=/opt/hf-cache
 RUN mkdir -p /opt/hf-cache && for arch in $PRELOAD_MODELS; do \
@@ -40,11 +48,13 @@ RUN groupadd --system --gid "${UID}" mame \
     && mkdir -p /etc/mame /models /var/cache/mame \
     && chown mame:mame /models /var/cache/mame
 COPY --from=build /opt/venv /opt/venv
-COPY --from=build --chown=mame:mame /opt/hf-cache /var/cache/mame/hf
+# The baked Hugging Face cache: owned by root (read-only to the server) and outside every volume, so that
+# no volume mounted at /var/cache/mame or /models (an emptyDir, a compose volume) can hide it.
+COPY --from=build /opt/hf-cache /opt/hf-cache
 COPY --chown=mame:mame deploy/serving.yaml /etc/mame/serving.yaml
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
-    HF_HOME=/var/cache/mame/hf \
+    HF_HOME=/opt/hf-cache \
     HF_HUB_OFFLINE=1 \
     TORCH_HOME=/var/cache/mame/torch \
     XDG_CACHE_HOME=/var/cache/mame/xdg \
@@ -52,7 +62,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     MAME_CONFIG=/etc/mame/serving.yaml \
     MAME_HOST=0.0.0.0 \
     MAME_PORT=8000
-# /models: weight files named in the serving config (weights: /models/<file>); /var/cache/mame: hub cache.
+# /models: weight files named in the serving config (weights: /models/<file>); /var/cache/mame: writable
+# caches (torch, XDG). Neither holds the baked weights (/opt/hf-cache).
 VOLUME ["/models", "/var/cache/mame"]
 # Numeric, so that Kubernetes can check runAsNonRoot without reading /etc/passwd.
 USER ${UID}:${UID}

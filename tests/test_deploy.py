@@ -211,6 +211,60 @@ def test_dockerfile_is_multi_stage_non_root_with_healthcheck() -> None:
     assert any(op == "ARG" and arg.startswith("PRELOAD_MODELS") for op, arg in steps), "weights by build arg"
 
 
+def dockerfile_stages() -> dict[str, list[tuple[str, str]]]:
+    """Instructions per stage, by the stage's name (FROM ... AS name)."""
+    stages: dict[str, list[tuple[str, str]]] = {}
+    for op, arg in dockerfile_instructions():
+        if op == "FROM":
+            current = stages.setdefault(arg.split()[-1], [])
+        elif stages:
+            current.append((op, arg))
+    return stages
+
+
+def stage_env(steps: list[tuple[str, str]]) -> dict[str, str]:
+    return dict(pair.split("=", 1) for op, arg in steps if op == "ENV" for pair in arg.split())
+
+
+def overlaps(a: str, b: str) -> bool:
+    """One path is the other or lies inside it: a volume mounted at either hides what the image has there."""
+    a, b = a.rstrip("/"), b.rstrip("/")
+    return a == b or a.startswith(b + "/") or b.startswith(a + "/")
+
+
+def image_env() -> dict[str, str]:
+    return stage_env(dockerfile_stages()["runtime"])
+
+
+def test_baked_weights_lie_outside_every_volume_of_the_image_and_the_compose_stack() -> None:
+    """PRELOAD_MODELS weights sit in the image's HF_HOME: a volume there (or above it) would hide them."""
+    stages = dockerfile_stages()
+    baked, hf_home = stage_env(stages["build"])["HF_HOME"], image_env()["HF_HOME"]
+    copies = [arg.split() for op, arg in stages["runtime"] if op == "COPY" and "--from=build" in arg]
+    volumes = [path for op, arg in stages["runtime"] if op == "VOLUME" for path in json.loads(arg)]
+    assert not [v for v in volumes if overlaps(v, hf_home)], f"VOLUME {volumes} covers HF_HOME {hf_home}"
+    cache_copy = next(args for args in copies if args[-2] == baked)
+    assert cache_copy[-1] == hf_home, "the baked cache must land in the runtime HF_HOME"
+    assert not any(a.startswith("--chown") for a in cache_copy), "the baked cache is read-only to the server"
+    for name in ("compose.yaml", "compose.gpu.yaml"):
+        server = yaml.safe_load((DEPLOY / name).read_text())["services"]["server"]
+        mounts = [volume.split(":")[1] for volume in server.get("volumes", [])]
+        assert not [m for m in mounts if overlaps(m, hf_home)], f"{name}: a volume covers HF_HOME {hf_home}"
+        assert server.get("environment", {}).get("HF_HOME", hf_home) == hf_home, name
+
+
+def test_dockerfile_torch_pair_follows_the_makefile_per_architecture() -> None:
+    makefile = (REPO / "Makefile").read_text()
+    match = re.search(r"ifeq \(\$\(ARCH\),aarch64\)\nTORCH_SPEC \?= torch==(\S+) torchvision==(\S+)\n.*?"
+                      r"\nelse\nTORCH_SPEC \?= torch==(\S+) torchvision==(\S+)\n", makefile, re.DOTALL)
+    assert match, "the Makefile's TORCH_SPEC changed shape"
+    dockerfile = (REPO / "Dockerfile").read_text()
+    pairs = {arch: (torch, vision) for arch, torch, vision in
+             re.findall(r"^\s*(\S+)\) torch=(\S+) torchvision=(\S+) ;;", dockerfile, re.MULTILINE)}
+    assert pairs == {"arm64": match.group(1, 2), "*": match.group(3, 4)}, pairs
+    assert '"torch==${TORCH_VERSION:-$torch}" "torchvision==${TORCHVISION_VERSION:-$torchvision}"' in dockerfile
+
+
 def test_every_file_the_dockerfile_copies_is_in_the_build_context() -> None:
     allowed = [line[1:].rstrip("/") for line in (REPO / ".dockerignore").read_text().splitlines()
                if line.startswith("!")]
@@ -344,6 +398,7 @@ def test_compose_stack_wiring() -> None:
 CRD_SCHEMAS = {
     ("keda.sh/v1alpha1", "ScaledObject"): K8S / "crd-schemas/keda.sh_v1alpha1_scaledobject.yaml",
     ("monitoring.coreos.com/v1", "ServiceMonitor"): K8S / "crd-schemas/monitoring.coreos.com_v1_servicemonitor.yaml",
+    ("monitoring.coreos.com/v1", "PrometheusRule"): K8S / "crd-schemas/monitoring.coreos.com_v1_prometheusrule.yaml",
 }
 
 
@@ -374,7 +429,7 @@ def overlay(request: pytest.FixtureRequest) -> tuple[str, dict[str, dict]]:
 def test_every_manifest_validates_offline(directory: str) -> None:
     docs = kustomize_build(K8S / directory)
     assert {"Namespace", "ConfigMap", "Deployment", "Service", "PodDisruptionBudget", "ScaledObject",
-            "ServiceMonitor"} == {doc["kind"] for doc in docs}
+            "ServiceMonitor", "PrometheusRule"} == {doc["kind"] for doc in docs}
     for doc in docs:
         try:
             validate_manifest(doc)
@@ -387,6 +442,8 @@ def test_every_manifest_validates_offline(directory: str) -> None:
     ("ScaledObject", ["spec", "maxReplicas"], 4),
     ("ScaledObject", ["spec", "triggers", 0, "metadata", "treshold"], "4"),
     ("ServiceMonitor", ["spec", "endpoints", 0, "interval"], "15 seconds"),
+    ("PrometheusRule", ["spec", "groups", 1, "rules", 0, "for"], "10 minutes"),
+    ("PrometheusRule", ["spec", "groups", 0, "rules", 0, "recrod"], "x"),
 ])
 def test_validation_rejects_typos(kind: str, path: list, bad_value: Any) -> None:
     doc = {d["kind"]: d for d in kustomize_build(K8S / "overlays/gpu")}[kind]
@@ -485,3 +542,37 @@ def test_autoscaler_query_selects_this_deployment(overlay: tuple[str, dict[str, 
     assert float(trigger["metadata"]["threshold"]) == 1.5 * model.batching.max_batch_size
     assert 1 <= scaled["minReplicaCount"] < scaled["maxReplicaCount"]
     assert "replicas" not in objs["Deployment"]["spec"], "the autoscaler owns the replica count"
+
+
+@pytest.mark.parametrize("directory", ["base", *(f"overlays/{o}" for o in OVERLAYS)])
+def test_prometheusrule_groups_are_the_rule_files(directory: str) -> None:
+    """The cluster's Prometheus gets the compose stack's recording and alert rules, unchanged."""
+    (rule,) = [doc for doc in kustomize_build(K8S / directory) if doc["kind"] == "PrometheusRule"]
+    expected = [group for path in RULE_FILES for group in yaml.safe_load(path.read_text())["groups"]]
+    assert rule["spec"]["groups"] == expected, (
+        "deploy/k8s/base/prometheusrule.yaml differs from deploy/prometheus/rules/*.yml: copy their groups")
+
+
+def test_pods_keep_the_baked_weights_visible_and_caches_writable(overlay: tuple[str, dict[str, dict]]) -> None:
+    _, objs = overlay
+    container, pod = pod_container(objs), objs["Deployment"]["spec"]["template"]["spec"]
+    env = image_env() | {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+    assert env["HF_HOME"] == image_env()["HF_HOME"], "HF_HOME must stay the image's baked cache"
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    covering = [path for path in mounts if overlaps(path, env["HF_HOME"])]
+    assert not covering, f"volumes at {covering} hide the weights baked into the image at {env['HF_HOME']}"
+    assert container["securityContext"]["readOnlyRootFilesystem"]
+    for name in ("TORCH_HOME", "XDG_CACHE_HOME", "MPLCONFIGDIR"):
+        writable = [path for path, m in mounts.items()
+                    if not m.get("readOnly") and env[name].startswith(path.rstrip("/") + "/")]
+        assert writable, f"{name}={env[name]} is on the read-only root file system"
+    assert {v["name"] for v in pod["volumes"]} >= {m["name"] for m in mounts.values()}
+
+
+def test_pods_are_scraped_once(overlay: tuple[str, dict[str, dict]]) -> None:
+    """The ServiceMonitor scrapes the pods; prometheus.io annotations would add a second scrape (another job)
+    on clusters with an annotation-based job, doubling every sum of the recording rules."""
+    _, objs = overlay
+    assert "ServiceMonitor" in objs
+    annotations = objs["Deployment"]["spec"]["template"]["metadata"].get("annotations", {})
+    assert not [key for key in annotations if key.startswith("prometheus.io/")], annotations
