@@ -11,6 +11,7 @@ import dataclasses
 import itertools
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -74,6 +75,8 @@ class LoadPlan:
             raise ValueError(f"closed loop needs a concurrency of at least 1, got {self.concurrency}")
         if not self.timeout_s > 0:
             raise ValueError(f"timeout must be positive, got {self.timeout_s} s")
+        if self.max_connections < 1:  # 0 would leave every request waiting for a connection
+            raise ValueError(f"--max-connections must be at least 1, got {self.max_connections}")
 
 
 @dataclass(frozen=True)
@@ -152,9 +155,13 @@ class Progress:
 
 
 async def send_one(
-    client: httpx.AsyncClient, target: Target, spec: RequestSpec, intended: float, start: float, progress: Progress
+    client: httpx.AsyncClient, target: Target, spec: RequestSpec, intended: float, start: float, progress: Progress,
+    timeout_s: float,
 ) -> Outcome:
-    """One request; latency runs from `intended` (the schedule), so a late send still counts."""
+    """One request; latency runs from `intended` (the schedule), so a late send still counts. The send
+    lag runs from `intended` until the request gets a connection (httpcore's first trace event:
+    connecting, or sending on a kept-alive connection), so it holds the event loop's delay and the
+    wait for a free connection in the client's pool; that wait is bounded by `timeout_s`."""
     params: dict[str, str] = {}
     if target.model:
         params["model"] = target.model
@@ -168,26 +175,43 @@ async def send_one(
     if spec.user_key is not None:
         headers[target.user_header] = spec.user_key
     loop = asyncio.get_running_loop()
-    send_lag = max(0.0, loop.time() - intended)
+    on_wire: list[float] = []
+
+    async def trace(event: str, info: dict[str, Any]) -> None:
+        if not on_wire and not pool_wait.expired():  # expired: the timeout is already cancelling us
+            on_wire.append(loop.time())
+            # From here httpx's connect/write/read timeouts bound the request.
+            pool_wait.reschedule(None)
+
     progress.sent += 1
     try:
-        if len(spec.images) == 1:
-            image = spec.images[0]
-            response = await client.post(CLASSIFY_PATH, params=params, content=image.data,
-                                         headers={**headers, "Content-Type": image.content_type})
-        else:
-            files = [("file", (image.name, image.data, image.content_type)) for image in spec.images]
-            response = await client.post(CLASSIFY_PATH, params=params, headers=headers, files=files)
+        # httpx's own pool timeout restarts whenever another request takes the freed connection
+        # first, so a full pool could hold a request far longer than --timeout: bound it here.
+        async with asyncio.timeout(timeout_s) as pool_wait:
+            if len(spec.images) == 1:
+                image = spec.images[0]
+                response = await client.post(CLASSIFY_PATH, params=params, content=image.data,
+                                             headers={**headers, "Content-Type": image.content_type},
+                                             extensions={"trace": trace})
+            else:
+                files = [("file", (image.name, image.data, image.content_type)) for image in spec.images]
+                response = await client.post(CLASSIFY_PATH, params=params, headers=headers, files=files,
+                                             extensions={"trace": trace})
         try:
             body = response.json() if response.status_code == 200 else None
         except ValueError:
             body = None
         fields = read_answer(response.status_code, body, spec.variant)
+    except (TimeoutError, httpx.PoolTimeout):
+        fields = {"group": spec.variant or UNKNOWN_VARIANT, "status": "pool_timeout"}
     except httpx.TimeoutException:
         fields = {"group": spec.variant or UNKNOWN_VARIANT, "status": "client_timeout"}
     except httpx.TransportError:
         fields = {"group": spec.variant or UNKNOWN_VARIANT, "status": "connection_error"}
-    latency = loop.time() - intended
+    done = loop.time()
+    latency = done - intended
+    # A request that never got a connection lagged for all of its life.
+    send_lag = max(0.0, (on_wire[0] if on_wire else done) - intended)
     outcome = Outcome(intended_at_s=intended - start, latency_s=latency, send_lag_s=send_lag, **fields)
     if outcome.ok:
         progress.ok += 1
@@ -205,7 +229,8 @@ async def _open_loop(client, target, plan, specs, start, progress) -> list[Outco
         delay = start + offset - loop.time()
         if delay > 0:
             await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(send_one(client, target, next(specs), start + offset, start, progress)))
+        tasks.append(asyncio.create_task(send_one(client, target, next(specs), start + offset, start, progress,
+                                                  plan.timeout_s)))
     return list(await asyncio.gather(*tasks))
 
 
@@ -217,7 +242,8 @@ async def _closed_loop(client, target, plan, specs, start, progress) -> list[Out
 
     async def worker() -> None:
         while loop.time() < deadline and next(counter) < plan.max_requests:
-            outcomes.append(await send_one(client, target, next(specs), loop.time(), start, progress))
+            outcomes.append(await send_one(client, target, next(specs), loop.time(), start, progress,
+                                            plan.timeout_s))
 
     await asyncio.gather(*(worker() for _ in range(plan.concurrency)))
     return outcomes
@@ -278,13 +304,15 @@ def wait_ready(url: str, timeout_s: float) -> None:
         time.sleep(0.5)
 
 
+def settings(target: Target, plan: LoadPlan, images: Sequence[ImagePayload]) -> dict[str, Any]:
+    """Every setting that shapes the load, for the JSON report: all of Target and LoadPlan."""
+    return {**dataclasses.asdict(target), **dataclasses.asdict(plan), "images": len(images)}
+
+
 def run_report(target: Target, plan: LoadPlan, images: Sequence[ImagePayload], show_progress: bool) -> RunReport:
     outcomes = asyncio.run(run_load(target, plan, images, show_progress))
-    meta = {"url": target.url, "model": target.model, "variants": list(target.variants),
-            "experiment": target.experiment, "images": len(images), "max_requests": plan.max_requests,
-            "duration_s": plan.duration_s}
     return summarize(outcomes, plan.mode, plan.rate_rps if plan.mode == "open" else None,
-                     plan.concurrency if plan.mode == "closed" else None, meta)
+                     plan.concurrency if plan.mode == "closed" else None, settings(target, plan, images))
 
 
 def run_sweep(
@@ -317,6 +345,37 @@ def run_sweep(
     return points
 
 
+def _needs(args: argparse.Namespace) -> list[tuple[tuple[str, ...], str, bool]]:
+    """Flags that only act with another one: (their dests, what they need, whether it is given)."""
+    return [
+        (("sweep_factor", "sweep_steps", "max_p99_ms", "max_error_rate", "min_goodput", "plot"), "--sweep", args.sweep),
+        (("users", "user_header"), "--experiment", bool(args.experiment)),
+        (("concurrency",), "--mode closed", args.mode == "closed"),
+        (("rate",), "--mode open", args.mode == "open"),
+    ]
+
+
+def _refuse_ignored_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """A flag set away from its default that this run would not use is refused, not ignored: the
+    user meant something that would not happen, and finding out after the run costs the run."""
+    for dests, needed, present in _needs(args):
+        for dest in dests:
+            if not present and getattr(args, dest) != parser.get_default(dest):
+                raise ValueError(f"--{dest.replace('_', '-')} only applies with {needed}")
+    if args.sweep and args.experiment:
+        raise ValueError("--sweep runs each --variant alone; it cannot use --experiment")
+
+
+def _check_output(path: Path, flag: str) -> None:
+    """Fail before the run, not after it: make the folder and check that the file can be written."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"{flag} {path}: cannot create its folder ({error.strerror})") from None
+    if path.is_dir() or not os.access(path if path.exists() else path.parent, os.W_OK):
+        raise ValueError(f"{flag} {path}: cannot write this file")
+
+
 def _variants(values: list[str] | None) -> tuple[str, ...]:
     names = [name.strip() for value in values or [] for name in value.split(",")]
     if any(not name for name in names):
@@ -345,8 +404,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=8, help="closed loop workers (default: %(default)s)")
     p.add_argument("--requests", type=int, default=1000, help="most requests to send (per sweep step)")
     p.add_argument("--duration", type=float, default=30.0, help="most seconds of sending (per sweep step)")
-    p.add_argument("--timeout", type=float, default=30.0, help="per-request timeout in seconds")
-    p.add_argument("--max-connections", type=int, default=1000, help="client connection pool size")
+    p.add_argument("--timeout", type=float, default=30.0,
+                   help="seconds for each wait of a request: a pooled connection, connecting, sending, each read")
+    p.add_argument("--max-connections", type=int, default=1000,
+                   help="client connection pool size (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed for arrivals, variants and users")
     p.add_argument("--wait-ready", type=float, default=0.0, metavar="SECONDS",
                    help="first wait up to this long for GET /readyz to answer 200")
@@ -387,6 +448,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ValueError("--sweep runs each variant alone: name them with --variant")
             limits = SweepLimits(args.max_p99_ms, args.max_error_rate, args.min_goodput)
             rates = sweep_rates(args.rate, args.sweep_factor, args.sweep_steps)
+        _refuse_ignored_flags(args, parser)
+        if args.json:
+            _check_output(args.json, "--json")
+        if args.sweep:
+            _check_output(args.plot, "--plot")
         images = load_images(args.images)
     except ValueError as error:
         parser.error(str(error))
@@ -394,16 +460,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             wait_ready(args.url, args.wait_ready)
         except RuntimeError as error:
+            # The server is down or not ready: the same exit status as a run where nothing succeeded.
             print(f"mame-load: {error}", file=sys.stderr)
-            return 2
+            return 1
 
     if args.sweep:
         points = run_sweep(target, plan, images, rates, limits, not args.quiet)
         print(format_saturation(saturation(points)))
+        # The JSON first: a long sweep's figures must survive a plot that fails.
+        if args.json:
+            sweep = {"settings": {**settings(target, plan, images), "rates": rates}, **sweep_to_dict(points, limits)}
+            args.json.write_text(json.dumps(sweep, indent=2))
         plot_sweep(points, args.plot, f"{args.model or 'default model'}: latency vs throughput (open loop)")
         print(f"plot: {args.plot}")
-        if args.json:
-            args.json.write_text(json.dumps(sweep_to_dict(points, limits), indent=2))
         return 0 if any(p.step.ok for p in points) else 1
 
     report = run_report(target, plan, images, not args.quiet)

@@ -5,17 +5,25 @@
 
 Each request draws a variant by weight and shows up in Locust's statistics as `classify [<variant>]`.
 An answer that is not 200, or that names another variant than the one asked for, counts as a failure.
+A bad --variants, --images or --top-k stops Locust at start with one line and exit status 2.
 """
 from __future__ import annotations
 
 import itertools
+import logging
 import random
+import sys
 from pathlib import Path
 
 from locust import HttpUser, between, events, task
+from locust.runners import MasterRunner
 
 from loadtest.images import ImagePayload, load_images
 from loadtest.variants import parse_weighted_variants
+
+logger = logging.getLogger(__name__)
+# Parsed options by their raw values: parsed once, shared by every user (the web UI may change them).
+_parsed: dict[tuple[str, str, int], tuple[dict[str, float], list[ImagePayload]]] = {}
 
 
 @events.init_command_line_parser.add_listener
@@ -26,15 +34,39 @@ def _add_arguments(parser) -> None:
     parser.add_argument("--top-k", type=int, default=0, help="top_k query parameter (0: server default)")
 
 
+def parsed_options(options) -> tuple[dict[str, float], list[ImagePayload]]:
+    """Variant weights and images from the options; ValueError names a bad value."""
+    key = (options.variants, options.images, options.top_k)
+    if key not in _parsed:
+        if options.top_k < 0:
+            raise ValueError(f"--top-k must be 0 (server default) or positive, got {options.top_k}")
+        weights = parse_weighted_variants(options.variants)
+        _parsed[key] = (weights, load_images(Path(options.images) if options.images else None))
+    return _parsed[key]
+
+
+@events.init.add_listener
+def _check_options(environment, runner=None, **_kwargs) -> None:
+    # Checked once before any user starts: otherwise every user fails in on_start with a traceback,
+    # and a headless run without -t then waits forever with nothing to send. A distributed master
+    # runs no users (its --images may not exist where it runs); each worker checks for itself.
+    if environment.parsed_options is None or isinstance(runner, MasterRunner):
+        return
+    try:
+        parsed_options(environment.parsed_options)
+    except ValueError as error:
+        logger.error("%s", error)
+        sys.exit(2)
+
+
 class ClassifyUser(HttpUser):
     wait_time = between(0.0, 0.1)
 
     def on_start(self) -> None:
         options = self.environment.parsed_options
-        self.weights = parse_weighted_variants(options.variants)
+        self.weights, images = parsed_options(options)
         self.model = options.model
         self.top_k = options.top_k
-        images: list[ImagePayload] = load_images(Path(options.images) if options.images else None)
         self.images = itertools.cycle(random.sample(images, len(images)))
 
     @task

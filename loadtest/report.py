@@ -12,6 +12,8 @@ OK_STATUS = "200"
 UNKNOWN_VARIANT = "(unknown)"
 TOTAL = "(all)"
 PERCENTILES = (50.0, 90.0, 99.0)
+# A send lag this long is the client's doing (an event loop hiccup is a few ms): say so under the table.
+CLIENT_LAG_NOTE_MS = 100.0
 
 
 @dataclass(frozen=True)
@@ -19,10 +21,11 @@ class Outcome:
     """One request as the client saw it."""
 
     group: str  # variant named in the answer, else the one asked for, else UNKNOWN_VARIANT
-    status: str  # HTTP status as text ("200", "503") or a client-side failure ("client_timeout", ...)
+    status: str  # HTTP status as text ("200", "503") or a client-side failure ("client_timeout", "pool_timeout", ...)
     intended_at_s: float  # when it was meant to be sent, seconds after the run started
     latency_s: float  # from intended_at_s to the end of the answer (open loop: avoids coordinated omission)
-    send_lag_s: float = 0.0  # how late the client actually sent it (the generator falling behind)
+    # How long it waited in the client (event loop, connection pool) before it got a connection.
+    send_lag_s: float = 0.0
     queue_ms: float | None = None  # server-side, from the answer's timings_ms
     inference_ms: float | None = None
     final_tokens: float | None = None  # mean over the request's images
@@ -171,4 +174,8 @@ def format_table(report: RunReport) -> str:
     footer = (f"{load}; {report.elapsed_s:.1f} s; latency over successful requests"
               f"{' from the intended send time' if report.mode == 'open' else ''};"
               f" max client send lag {report.max_send_lag_ms:.1f} ms")
+    if report.max_send_lag_ms >= CLIENT_LAG_NOTE_MS:
+        footer += (f"\nnote: a request waited up to {report.max_send_lag_ms / 1000:.2f} s in this client before it"
+                   " got a connection (pool full: raise --max-connections; or the client is overloaded);"
+                   " that wait is in the latencies above, not in the server")
     return "\n".join([*lines, footer])

@@ -4,8 +4,16 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import os
 import random
+import shutil
 import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -301,3 +309,174 @@ def test_closed_loop_stops_at_the_request_count(tmp_path: Path) -> None:
           "--quiet", "--json", str(out)])
     report = json.loads(out.read_text())
     assert report["total"]["sent"] == 7 and report["concurrency"] == 3
+
+
+# --- client-side waiting, timeouts and arguments (audit defects 3-6) -----------------------------------
+
+class SlowHandler(BaseHTTPRequestHandler):
+    """Answers every classify request with a valid one-image answer after SLOW_S, on a kept-alive
+    connection: a stand-in for a server whose every answer takes that long."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        time.sleep(SLOW_S)
+        body = json.dumps({"variant": "v", "tokens": {"final": 5},
+                           "timings_ms": {"queue": 0.0, "inference": SLOW_S * 1000}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+SLOW_S = 0.2
+
+
+@pytest.fixture
+def slow_url() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), SlowHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_send_lag_shows_the_wait_for_a_pooled_connection(slow_url: str, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """Four requests at once through one connection to a 0.2 s server: the last waits ~0.6 s in the
+    client's pool. That wait is latency, and the footer's send lag must show it (it used to be ~0 ms)."""
+    out = tmp_path / "report.json"
+    code = main(["--url", slow_url, "--rate", "1000", "--requests", "4", "--max-connections", "1",
+                 "--quiet", "--json", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["total"]["ok"] == 4
+    lag_ms, worst_ms = report["max_send_lag_ms"], report["total"]["latency_ms"]["max"]
+    assert lag_ms > 2.5 * SLOW_S * 1000
+    # The slowest request's latency is its wait in the client plus one server answer, no more.
+    assert SLOW_S * 1000 - 20 < worst_ms - lag_ms < SLOW_S * 1000 + 150
+    footer = capsys.readouterr().out.splitlines()[-2:]
+    assert f"max client send lag {lag_ms:.1f} ms" in footer[0]
+    assert footer[1].startswith("note: a request waited up to") and "--max-connections" in footer[1]
+
+
+def test_timeout_bounds_the_wait_for_a_pooled_connection(slow_url: str, tmp_path: Path) -> None:
+    """Five requests at once through one connection to a 0.2 s server with --timeout 0.3: the ones still
+    waiting for the connection after 0.3 s give up as pool_timeout, and no request lasts much longer
+    than the pool wait plus one answer (httpx alone let them wait for one answer after another)."""
+    out = tmp_path / "report.json"
+    main(["--url", slow_url, "--rate", "1000", "--requests", "5", "--max-connections", "1", "--timeout", "0.3",
+          "--quiet", "--json", str(out)])
+    report = json.loads(out.read_text())
+    total = report["total"]
+    assert 1 <= total["ok"] <= 2 and total["errors"] == {"pool_timeout": 5 - total["ok"]}
+    assert total["latency_ms"]["max"] < (0.3 + SLOW_S) * 1000 + 200
+    assert 300 <= report["max_send_lag_ms"] < 450  # the give-ups waited the whole --timeout
+
+
+def test_max_connections_below_one_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    for value in (0, -1):
+        with pytest.raises(ValueError, match="--max-connections must be at least 1"):
+            LoadPlan("open", 10, 1.0, rate_rps=1.0, max_connections=value)
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--url", f"http://127.0.0.1:{free_port()}", "--max-connections", str(value), "--requests", "1",
+                  "--timeout", "1", "--quiet"])
+        assert exit_info.value.code == 2
+        assert f"--max-connections must be at least 1, got {value}" in capsys.readouterr().err
+
+
+def test_unwritable_output_paths_are_refused_before_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    url = f"http://127.0.0.1:{free_port()}"
+    for argv in (["--json", str(blocker / "x.json")],
+                 ["--sweep", "--variant", "a", "--plot", str(blocker / "x.png"), "--json", str(tmp_path / "s.json")]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--url", url, "--requests", "2", "--duration", "1", "--quiet", *argv])
+        assert exit_info.value.code == 2
+        assert str(blocker) in capsys.readouterr().err
+    assert not (tmp_path / "s.json").exists()
+    # A missing folder is made, as --plot always did.
+    out = tmp_path / "results" / "run.json"
+    assert main(["--url", url, "--requests", "2", "--duration", "1", "--quiet", "--json", str(out)]) == 1
+    assert json.loads(out.read_text())["total"]["sent"] == 2
+
+
+def test_sweep_json_is_written_before_the_plot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def failing_plot(*args, **kwargs) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr("loadtest.load.plot_sweep", failing_plot)
+    out = tmp_path / "sweep.json"
+    with pytest.raises(OSError, match="disk full"):
+        main(["--url", f"http://127.0.0.1:{free_port()}", "--sweep", "--variant", "a", "--rate", "50",
+              "--sweep-steps", "2", "--duration", "0.2", "--requests", "3", "--quiet", "--json", str(out)])
+    sweep = json.loads(out.read_text())
+    assert sweep["points"][0]["step"]["errors"] == {"connection_error": 3}
+    assert sweep["settings"]["variants"] == ["a"] and sweep["settings"]["rates"] == [50.0, 75.0]
+
+
+def test_json_report_holds_every_setting(tmp_path: Path) -> None:
+    out = tmp_path / "report.json"
+    url = f"http://127.0.0.1:{free_port()}"
+    main(["--url", url, "--experiment", "ab", "--users", "7", "--user-header", "X-Key", "--top-k", "3",
+          "--images-per-request", "2", "--rate", "50", "--requests", "2", "--duration", "1", "--timeout", "2",
+          "--max-connections", "9", "--seed", "5", "--quiet", "--json", str(out)])
+    assert json.loads(out.read_text())["meta"] == {
+        "url": url, "model": None, "variants": [], "experiment": "ab", "users": 7, "user_header": "X-Key",
+        "top_k": 3, "images_per_request": 2, "mode": "open", "max_requests": 2, "duration_s": 1.0,
+        "rate_rps": 50.0, "concurrency": None, "timeout_s": 2.0, "max_connections": 9, "seed": 5,
+        "images": len(load_images(None)),
+    }
+
+
+def test_wait_ready_giving_up_exits_like_a_down_server(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--url", f"http://127.0.0.1:{free_port()}", "--wait-ready", "0.2", "--quiet"]) == 1
+    assert "was not ready after 0.2 s" in capsys.readouterr().err
+
+
+def test_flags_that_would_be_ignored_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    cases = [
+        (["--max-p99-ms", "0"], "--max-p99-ms only applies with --sweep"),
+        (["--plot", "x.png"], "--plot only applies with --sweep"),
+        (["--sweep-steps", "3"], "--sweep-steps only applies with --sweep"),
+        (["--users", "5"], "--users only applies with --experiment"),
+        (["--user-header", "X-Key"], "--user-header only applies with --experiment"),
+        (["--concurrency", "4"], "--concurrency only applies with --mode closed"),
+        (["--mode", "closed", "--rate", "5"], "--rate only applies with --mode open"),
+        (["--sweep", "--variant", "a", "--experiment", "ab"], "cannot use --experiment"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--url", f"http://127.0.0.1:{free_port()}", "--requests", "1", "--duration", "0.2", "--quiet",
+                  *argv])
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(shutil.which("locust", path=str(Path(sys.executable).parent)) is None,
+                    reason="locust is not installed (pip install -e '.[loadtest]')")
+def test_locust_refuses_bad_options_at_start() -> None:
+    """A bad option is one line and exit 2 before any user starts, even headless without -t (it used to
+    print a traceback per user and then wait forever with nothing to send)."""
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    cases = [(["--variants", "baseline:x"], "variant weight must be a number"),
+             (["--images", str(root / "no-such-dir")], "does not exist"),
+             (["--top-k", "-1"], "--top-k must be")]
+    for argv, message in cases:
+        result = subprocess.run(
+            [str(Path(sys.executable).parent / "locust"), "-f", "loadtest/locustfile.py", "--headless",
+             "-H", f"http://127.0.0.1:{free_port()}", "-u", "2", "-r", "2", *argv],
+            check=False, capture_output=True, text=True, timeout=60, env=env, cwd=root)
+        assert result.returncode == 2, result.stderr
+        assert message in result.stderr and "Traceback" not in result.stderr

@@ -192,3 +192,24 @@ def test_sweep_writes_the_plot_and_the_saturation_table(server: ServerProcess, t
     assert [row["stopped_by"] for row in sweep["saturation"]] == ["rate ladder exhausted"] * 2
     with Image.open(plot) as image:
         assert image.format == "PNG"
+
+
+def test_footer_tells_client_pool_wait_from_server_time(tmp_path: Path) -> None:
+    """Audit repro, shortened: every answer takes ~0.3 s (the batcher waits for more images), and one
+    client connection serialises six requests sent at once. The latency grows to ~1.8 s; the server's
+    own time stays ~0.3 s, and the footer's send lag must account for the rest."""
+    with running_server(tiny_config(batching={"max_batch_size": 64, "max_wait_ms": 300})) as slow:
+        result = subprocess.run(
+            [sys.executable, "-m", "loadtest.load", "--url", slow.url, "--variant", "baseline", "--rate", "1000",
+             "--requests", "6", "--max-connections", "1", "--quiet", "--json", str(tmp_path / "slow.json")],
+            check=False, capture_output=True, text=True, timeout=60, env=CLIENT_ENV, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((tmp_path / "slow.json").read_text())
+    total = report["total"]
+    server_ms = total["queue_ms_mean"] + total["inference_ms_mean"]
+    assert total["ok"] == 6 and 250 < server_ms < 600
+    assert total["latency_ms"]["max"] > 4 * server_ms  # what the old footer left unexplained
+    # The slowest request's latency is its wait in the client plus about one server answer.
+    assert total["latency_ms"]["max"] - report["max_send_lag_ms"] < server_ms + 150
+    assert f"max client send lag {report['max_send_lag_ms']:.1f} ms" in result.stdout
+    assert "note: a request waited up to" in result.stdout
