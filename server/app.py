@@ -34,6 +34,7 @@ from server.errors import (
     not_ready,
     overloaded,
     timeout,
+    too_large,
 )
 from server.experiments import (
     ExperimentError,
@@ -100,17 +101,30 @@ class RequestIdMiddleware:
                 response = await handler(request)
             except ApiError as exc:
                 response = _error_response(exc, request_id)
+            except Exception:  # noqa: BLE001 - logged and answered as a 500 by _unexpected_error
+                response = _unexpected_error(scope, request_id)
             response.headers["X-Request-Id"] = request_id
             await response(scope, receive, send)
             return
 
+        started = False
+
         async def send_with_id(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 message.setdefault("headers", [])
                 MutableHeaders(scope=message)["X-Request-Id"] = request_id
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            if started:  # too late for an answer: uvicorn closes the connection
+                raise
+            # A bug, answered here: Starlette's would be a text/plain 500 without an id, and uvicorn would then
+            # close the connection, failing the client's next request on it too.
+            await _unexpected_error(scope, request_id)(scope, receive, send)
 
 
 DEFAULT_TOP_K = 5
@@ -130,7 +144,7 @@ CLASSIFY_OPENAPI = {
                       (400, "bad_image: undecodable or truncated image, malformed multipart"),
                       (404, "unknown_model, unknown_variant or unknown_experiment"),
                       (408, "request_timeout: the request's head or body did not arrive in time"),
-                      (413, "too_large: over the byte, pixel or file-count limit"),
+                      (413, "too_large: over the byte, pixel, file-count or queue limit"),
                       (415, "unsupported_media_type: not an image type"),
                       (503, "overloaded (queue full) or not_ready (loading); Retry-After"),
                       (504, "timeout: no answer within the request timeout")]},
@@ -154,6 +168,12 @@ def query_int(value: str | None, name: str, default: int) -> int:
 def json_response(content: Any) -> Response:
     """What FastAPI answered for an endpoint returning `Any`: pydantic's JSON bytes (compact), application/json."""
     return Response(to_json(content), media_type="application/json")
+
+
+def _unexpected_error(scope: Scope, request_id: str) -> Response:
+    """The contract's 500 `internal` for an exception nothing else answered; the traceback goes to the log."""
+    log.exception("request %s (%s %s) failed", request_id, scope["method"], scope["path"])
+    return _error_response(internal(f"unexpected server error; the server log has request {request_id}"), request_id)
 
 
 def _error_response(exc: ApiError, request_id: str) -> Response:
@@ -271,7 +291,16 @@ def create_app(config: ServingConfig, *, preprocess_threads: int = 4, warmup: bo
             cause = f"{type(exc.__cause__).__name__}: {exc.__cause__}" if exc.__cause__ else exc.detail
             return _error_response(invalid_parameter(f"body: could not be read ({cause})"), request.state.request_id)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return _error_response(ApiError(exc.status_code, code, str(exc.detail)), request.state.request_id)
+        # Starlette's headers too: a 405 must say what is allowed (RFC 9110 15.5.6).
+        return _error_response(ApiError(exc.status_code, code, str(exc.detail), dict(exc.headers or {})),
+                               request.state.request_id)
+
+    def check_queue_room(model: str, n_images: int) -> None:
+        """More images than the model's queue holds would be a 503 `overloaded` on every try, idle or not."""
+        limit = config.models[model].batching.max_queue
+        if n_images > limit:
+            raise too_large(f"{n_images} images in one request; model {model!r} queues at most {limit} "
+                            "(its batching.max_queue)")
 
     def prepare(model: str, data: bytes) -> torch.Tensor:
         return service.preprocess(model, data, limits.max_pixels)
@@ -328,9 +357,10 @@ def create_app(config: ServingConfig, *, preprocess_threads: int = 4, warmup: bo
         deadline = started + limits.request_timeout_s
         request_id = request.state.request_id
         # Client-chosen names become label values only when they exist (bounded series).
-        known_experiment = experiment is not None and experiment in registry.names(include_stopped=True)
-        if model is None and experiment is None:
-            model_label = config.default_model_name  # what the request asked for, as if named
+        experiment_model = registry.model_of(experiment) if experiment is not None else None
+        known_experiment = experiment_model is not None
+        if model is None:  # what the request asked for, as if named: its experiment's model, or the default
+            model_label = (experiment_model or "") if experiment is not None else config.default_model_name
         else:
             model_label = model if model in config.models else ""
         label_values = (model_label, "", experiment if known_experiment else "")
@@ -358,6 +388,7 @@ def create_app(config: ServingConfig, *, preprocess_threads: int = 4, warmup: bo
                 raise_frontend_error(request)  # errors first: they do not depend on the model
                 if request.headers.get(FRONTEND_MODEL) != route.model:
                     raise Reroute(route.model)
+                check_queue_room(route.model, n_images)
                 images = await frontend_crops(request, service.models[route.model].input_size, arenas)
             else:
                 body = await read_limited(request.receive, request.headers.get("content-length", ""),
@@ -365,6 +396,7 @@ def create_app(config: ServingConfig, *, preprocess_threads: int = 4, warmup: bo
                 payloads, multipart = image_payloads(request.headers.get("content-type", ""), body,
                                                      limits.max_images_per_request)
                 n_images = len(payloads)
+                check_queue_room(route.model, n_images)
                 images = await run_all_in_pool(pool, prepare, [(route.model, data) for _, data in payloads])
             try:
                 items = service.submit(route.model, route.variant, list(images), top_k, deadline)

@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 SCALE = 2**64  # size of the hash space: bucket points are integers in [0, SCALE)
 WEIGHT_SUM_TOLERANCE = 1e-6
 ADMIN_TOKEN_ENV = "MAME_ADMIN_TOKEN"
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # an HTTP token (RFC 9110)
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # fullmatch: "$" would let a final "\n" in
+_HEADER_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP token (RFC 9110)
 
 AssignmentKind = Literal["assigned", "override", "default"]
 
@@ -52,6 +52,9 @@ def validate_split(split: Mapping[str, float]) -> dict[str, float]:
             raise ValueError(f"weight of variant {variant!r} must be a finite number, got {weight!r}")
         if weight < 0:
             raise ValueError(f"weight of variant {variant!r} is negative ({weight}); weights must be >= 0")
+    for variant, weight in split.items():  # a share of the traffic (and 1e308s would overflow the sum)
+        if weight > 1 + WEIGHT_SUM_TOLERANCE:
+            raise ValueError(f"weight of variant {variant!r} is {weight:g}; a weight is a share of 1")
     total = math.fsum(split.values())
     if abs(total - 1.0) > WEIGHT_SUM_TOLERANCE:
         raise ValueError(
@@ -77,7 +80,7 @@ def parse_sticky(sticky: str) -> tuple[Literal["header", "query", "client"], str
         raise ValueError(f"sticky must be 'header:<Name>', 'query:<param>' or 'client', got {sticky!r}")
     if not name:
         raise ValueError(f"sticky {sticky!r} names no {kind}")
-    if kind == "header" and not _HEADER_NAME_RE.match(name):
+    if kind == "header" and not _HEADER_NAME_RE.fullmatch(name):
         raise ValueError(f"sticky {sticky!r}: {name!r} is not a valid HTTP header name")
     if kind == "header" and name.lower().startswith("x-mame-"):
         raise ValueError(f"sticky {sticky!r}: x-mame-* headers are reserved for the server's own processes")
@@ -155,7 +158,7 @@ class SplitChange(BaseModel):
 
 def check_experiment_name(name: str) -> str:
     """Names appear in URLs and metric labels: 1-64 of [A-Za-z0-9._-], starting alphanumeric."""
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise ValueError(
             f"experiment name {name!r} is invalid: use 1-64 characters of A-Z a-z 0-9 . _ -, "
             "starting with a letter or digit"
@@ -715,6 +718,12 @@ class ExperimentRegistry:
     def names(self, include_stopped: bool = False) -> list[str]:
         with self._lock:
             return [n for n, e in self._experiments.items() if include_stopped or e.stopped is None]
+
+    def model_of(self, name: str) -> str | None:
+        """The model of experiment `name` (running or stopped), None when there is none of that name."""
+        with self._lock:
+            exp = self._experiments.get(name)
+            return exp.config.model if exp is not None else None
 
     def current_weights(self) -> dict[str, dict[str, float]]:
         """{experiment: {variant: weight}} of the running experiments (the `mame_experiment_weight` gauge)."""

@@ -43,10 +43,12 @@ from urllib.parse import parse_qsl
 
 import httpx
 import uvicorn
+from starlette.datastructures import URL
 
 from server.channel import Channel, ChannelError
 from server.decode_child import Decoder, crop_bytes, decoder_from_list, decoder_to_list
 from server.errors import ApiError, internal, not_ready
+from server.experiments import admin_token_from_env, check_admin
 from server.hostpath import (
     head_timeout_protocol,
     image_payloads,
@@ -184,6 +186,7 @@ class FrontEnd:
         self.plan: Plan | None = None
         self._plan_lock = asyncio.Lock()
         self.engine: httpx.AsyncClient | None = None
+        self.admin_token = admin_token_from_env()  # the engine's: it started this process (read at start, as there)
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] == "lifespan":
@@ -192,7 +195,13 @@ class FrontEnd:
         if scope["type"] != "http":
             return
         request_id = request_id_of(scope["headers"])
-        headers = [(k, v) for k, v in without_reserved(scope["headers"]) if k not in _NOT_FORWARDED]
+        # Optional whitespace around a value is not part of it (RFC 9110 5.5): httptools keeps a trailing one,
+        # and h11 refuses to send it on.
+        headers = [(k, v.strip(b" \t")) for k, v in without_reserved(scope["headers"])
+                   if k not in _NOT_FORWARDED and k != b"host"]
+        # The host the engine builds its URLs from (a trailing-slash redirect): the client's when valid, else the
+        # address the client reached, as Starlette does in one process; never the engine's own socket or name.
+        headers.append((b"host", URL(scope=scope).netloc.encode("latin-1")))
         headers.append((b"x-request-id", request_id.encode()))
         if scope.get("client"):
             headers.append((FRONTEND_CLIENT.encode(), scope["client"][0].encode()))
@@ -205,9 +214,12 @@ class FrontEnd:
             if scope["method"] == "POST" and scope["path"] == "/v1/classify":
                 status, answer_headers, body = await self._classify(scope, receive, headers)
             else:
-                body = await read_limited(receive, header(scope["headers"], b"content-length"),
-                                          PASS_THROUGH_MAX_BYTES, self.request_timeout_s)
+                body = await self._pass_through_body(scope, receive)
                 status, answer_headers, body = await self._engine(scope["method"], target, headers, body)
+        except httpx.LocalProtocolError as exc:  # a request h11 will not send (the engine is fine): the client's fault
+            await respond_error(send, ApiError(400, "http_error", f"the request cannot be passed on: {exc}"),
+                                request_id)
+            return
         except (httpx.TransportError, ChannelError) as exc:
             log.warning("the engine is not reachable: %s", exc)
             await respond_error(send, not_ready(f"the inference engine is not reachable ({type(exc).__name__})"),
@@ -221,6 +233,23 @@ class FrontEnd:
             if scope["method"] == "HEAD" else None
         await respond(send, status, [(k, v) for k, v in answer_headers if k.lower() not in _NOT_FORWARDED]
                       + [(b"x-request-id", request_id.encode())], body, length)
+
+    async def _pass_through_body(self, scope: dict, receive: Callable) -> bytes:
+        """The body of a request passed on as it came, at most PASS_THROUGH_MAX_BYTES.
+
+        An admin request over it is refused for its token first, as the engine would (the token before the
+        body, docs/ab_testing.md). Checked here, with the token the engine has: this process inherits its
+        environment. Not by asking the engine with an empty body: a DELETE or GET with the right token would
+        then run."""
+        try:
+            return await read_limited(receive, header(scope["headers"], b"content-length"), PASS_THROUGH_MAX_BYTES,
+                                      self.request_timeout_s)
+        except ApiError as exc:
+            if exc.status == 413 and scope["path"].startswith("/v1/admin/"):
+                denied = check_admin(header(scope["headers"], b"authorization"), self.admin_token)
+                if denied is not None:
+                    raise ApiError(denied.status, denied.error, denied.detail, denied.headers) from None
+            raise
 
     async def _engine(self, method: str, target: bytes, headers: list, body: bytes) -> Answer:
         """A request passed to the engine's HTTP socket as it came (the target unparsed: httpx would drop

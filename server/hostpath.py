@@ -11,12 +11,12 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from server.errors import bad_image, client_closed, invalid_parameter, request_timeout, too_large
+from server.errors import ApiError, bad_image, client_closed, invalid_parameter, request_timeout, too_large
 from server.imaging import check_content_type
 from server.multipart import MultipartError, TooManyParts, parse_multipart
 
 T = TypeVar("T")
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 def request_id_of(raw_headers: list[tuple[bytes, bytes]]) -> str:
@@ -27,7 +27,7 @@ def request_id_of(raw_headers: list[tuple[bytes, bytes]]) -> str:
             given = value.decode("latin-1")
             break
     # 32 hex digits like uuid4().hex, without an os.urandom system call per request.
-    return given if _REQUEST_ID.match(given) else f"{random.getrandbits(128):032x}"
+    return given if _REQUEST_ID.fullmatch(given) else f"{random.getrandbits(128):032x}"
 
 
 def without_reserved(raw_headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
@@ -43,8 +43,9 @@ def image_payloads(content_type: str, body: bytes, max_files: int) -> tuple[list
 
     try:
         parts = parse_multipart(body, content_type, max_parts=max_files + 16)
-    except TooManyParts:
-        raise too_large(f"too many files in one request (limit {max_files})") from None
+    except TooManyParts:  # files and other fields together: a cap on parsing work, whatever the fields are
+        raise too_large(f"too many multipart parts in one request (limit {max_files + 16}: "
+                        f"{max_files} files and 16 other fields)") from None
     except MultipartError as exc:
         raise bad_image(f"malformed multipart body: {exc}") from None
     # A `file` field without a filename is an image too (`curl -F 'file=<cat.jpg'` sends one).
@@ -128,19 +129,70 @@ async def run_all_in_pool(pool: ThreadPoolExecutor, function: Callable[..., T], 
     return results
 
 
+MAX_HEAD_BYTES = 64 * 1024  # request line and headers; nginx's default is 32 KiB, uvicorn's h11 parser's 16 KiB
+
+
 def head_timeout_protocol(timeout_s: float) -> type:
-    """uvicorn's httptools HTTP protocol, plus a deadline for each request's head (request line and headers):
-    uvicorn times out only idle keep-alive connections, so a client that connected and sent nothing, or half
-    its headers (slowloris), held its connection for ever. Past `timeout_s` from the connection or from the
-    request's first byte: a request begun gets a 408 `request_timeout`, and the connection is closed."""
+    """uvicorn's httptools HTTP protocol, plus a deadline and a size limit for each request's head (request
+    line and headers), and the contract's JSON errors for heads it refuses:
+    - uvicorn times out only idle keep-alive connections, so a client that connected and sent nothing, or half
+      its headers (slowloris), held its connection for ever. Past `timeout_s` from the connection or from the
+      request's first byte: a request begun gets a 408 `request_timeout`, and the connection is closed.
+    - httptools keeps a head of any size in memory (a 300 MB header grew the server by 166 MB): past
+      MAX_HEAD_BYTES it is a 431 `http_error`, and the connection is closed.
+    - a head httptools cannot parse gets a 400 `http_error` with an X-Request-Id, not uvicorn's text/plain."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    def refuse(transport, status: int, reason: bytes, error: ApiError) -> None:
+        request_id = request_id_of([])  # the head with the client's own id never came whole
+        body = error.to_answer(request_id)
+        transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\nx-request-id: %s\r\n"
+                        b"connection: close\r\ncontent-length: %d\r\n\r\n%s"
+                        % (status, reason, request_id.encode(), len(body), body))
+        transport.close()
 
     class HeadTimeoutProtocol(HttpToolsProtocol):
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
             self._head_timer = None
             self._head_begun = False
+            self._head_bytes = 0  # of the request line and headers parsed so far
+            self._unparsed_head_bytes = 0  # received in chunks that did not complete the head (held by httptools)
+            self._head_too_large = False
             self._start_head_timer()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self._head_begun and not self.transport.is_closing():  # still in a head after this chunk
+                self._unparsed_head_bytes += len(data)
+                if self._unparsed_head_bytes > MAX_HEAD_BYTES:
+                    self._refuse_large_head()
+
+        def on_url(self, url: bytes) -> None:
+            super().on_url(url)
+            self._count_head(len(url))
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            super().on_header(name, value)
+            self._count_head(len(name) + len(value) + 4)
+
+        def _count_head(self, size: int) -> None:
+            self._head_bytes += size
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._head_too_large = True
+                raise ValueError("request head too large")  # stops httptools; uvicorn calls send_400_response
+
+        def send_400_response(self, msg: str) -> None:
+            if self._head_too_large:
+                self._refuse_large_head()
+                return
+            self._stop_head_timer()
+            refuse(self.transport, 400, b"Bad Request", ApiError(400, "http_error", f"{msg} (not valid HTTP/1.1)"))
+
+        def _refuse_large_head(self) -> None:
+            self._stop_head_timer()
+            refuse(self.transport, 431, b"Request Header Fields Too Large", ApiError(
+                431, "http_error", f"the request head is over the limit of {MAX_HEAD_BYTES} bytes"))
 
         def _start_head_timer(self) -> None:
             if self._head_timer is None:
@@ -154,6 +206,7 @@ def head_timeout_protocol(timeout_s: float) -> type:
         def on_message_begin(self) -> None:
             super().on_message_begin()
             self._head_begun = True
+            self._head_bytes = self._unparsed_head_bytes = 0
             self._start_head_timer()
 
         def on_headers_complete(self) -> None:
@@ -170,12 +223,8 @@ def head_timeout_protocol(timeout_s: float) -> type:
             if self.transport.is_closing():
                 return
             if self._head_begun:
-                request_id = request_id_of([])  # the head with the client's own id never came
-                body = request_timeout(f"the request head (request line and headers) did not arrive within "
-                                       f"{timeout_s:g} s").to_answer(request_id)
-                self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
-                                     b"x-request-id: %s\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s"
-                                     % (request_id.encode(), len(body), body))
+                refuse(self.transport, 408, b"Request Timeout", request_timeout(
+                    f"the request head (request line and headers) did not arrive within {timeout_s:g} s"))
             self.transport.close()
 
     return HeadTimeoutProtocol

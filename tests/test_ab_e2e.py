@@ -118,7 +118,9 @@ def test_answers_say_experiment_variant_and_assignment(server, images):
         answer = response.json()
         assert (answer["model"], answer["experiment"], answer["variant"], answer["assignment"]) == expected, params
     for params, status, code in [({"experiment": "twins", "model": "plain"}, 422, "invalid_parameter"),
-                                 ({"experiment": "nope"}, 404, "unknown_experiment")]:
+                                 ({"experiment": "nope"}, 404, "unknown_experiment"),
+                                 ({"experiment": "twins", "top_k": "99"}, 422, "invalid_parameter"),
+                                 ({"experiment": "twins", "variant": "nope"}, 404, "unknown_variant")]:
         response = classify(server.url, data, **params)
         assert (response.status_code, response.json()["error"]) == (status, code), params
 
@@ -130,6 +132,12 @@ def test_answers_say_experiment_variant_and_assignment(server, images):
     assert labelled(metrics, "mame_requests_total", experiment="", model="plain", variant="baseline",
                     status="200") >= 1
     assert labelled(metrics, "mame_final_tokens_count", experiment="twins", variant="mame-0.5") >= 1
+    # A refusal of a request naming only an experiment counts under that experiment's model, not model "".
+    assert labelled(metrics, "mame_requests_total", experiment="twins", model="tiny", variant="",
+                    status="422") >= 1
+    assert labelled(metrics, "mame_requests_total", experiment="twins", model="tiny", variant="",
+                    status="404") >= 1
+    assert labelled(metrics, "mame_requests_total", experiment="twins", model="", status="422") == 0
     assert metric_values(metrics, "mame_experiment_weight") == {'{experiment="twins",variant="twin"}': 1.0}
 
     listed = httpx.get(f"{server.url}/v1/experiments").json()["experiments"]
@@ -214,9 +222,19 @@ def test_admin_auth_over_http(admin_server):
         (httpx.post(url, headers=auth, json={**body, "name": "burst"}), 409, "experiment_exists"),
         (httpx.put(f"{url}/nope/split", headers=auth, json={"split": {"baseline": 1}}), 404, "unknown_experiment"),
         (httpx.delete(f"{url}/nope", headers=auth), 404, "unknown_experiment"),
+        (httpx.post(url, headers=auth, json={**body, "name": "trailing-newline\n"}), 422, "invalid_parameter"),
     ]
     for response, status, code in refusals:
         assert (response.status_code, response.json()["error"]) == (status, code), response.text
+    # Weights of 1e308 overflowed the sum: a text/plain 500 without an id, and the connection closed under
+    # the client's next request. Now a 422, and the same connection serves the next call.
+    with httpx.Client(base_url=admin_server.url, headers=auth) as client:
+        huge = client.post("/v1/admin/experiments",
+                           json={**body, "split": {"baseline": 1e308, "mame-0.5": 1e308}})
+        assert (huge.status_code, huge.json()["error"]) == (422, "invalid_parameter"), huge.text
+        assert "share of 1" in huge.json()["detail"] and huge.headers["x-request-id"]
+        assert client.get("/v1/admin/changes").status_code == 200
+        assert client.get("/healthz").status_code == 200
 
 
 def test_runtime_split_change_moves_assignment_and_weight_gauge(admin_server, images):

@@ -100,6 +100,7 @@ def test_config_accepts_the_design_example():
         ({"a": True}, "finite number"),
         ({"": 1.0}, "empty variant name"),
         ([("a", 1.0)], "must be a mapping"),
+        ({"a": 1e308, "b": 1e308}, "share of 1"),  # overflowed math.fsum: a 500, a traceback at start-up
     ],
 )
 def test_config_rejects_bad_splits_with_specific_errors(split, message):
@@ -381,6 +382,8 @@ def test_control_rejects_bad_changes():
         reg.create("f", ExperimentConfig(model="resnet", split={"baseline": 1.0}))
     with pytest.raises(ExperimentError, match="name 'bad name'"):
         reg.create("bad name", ab({"baseline": 1.0}))
+    with pytest.raises(ExperimentError, match="name 'nl\\\\n'"):  # "$" matched before a final newline
+        reg.create("nl\n", ab({"baseline": 1.0}))
     assert reg.current_weights() == {"e": {"baseline": 1.0}}  # nothing half-applied
     assert [c.action for c in reg.changes()] == ["create"]
 

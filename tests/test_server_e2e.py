@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import re
 import shutil
 import signal
@@ -205,6 +206,46 @@ def test_each_bad_input_gets_its_status_and_code(server, images):
     assert counted['{experiment="",model="tiny",status="404",variant=""}'] >= 1
 
 
+def raw_exchange(server, data: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send bytes on a new connection, read until the server closes it: (status, headers, body)."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(data)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), headers, body
+
+
+def test_http_level_refusals_are_the_contracts_json_with_an_id(server, images):
+    # What the HTTP parser refuses (a DEL in a header value) was uvicorn's text/plain 400 without an id.
+    status, headers, body = raw_exchange(server, b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-bad: a\x7fb\r\n\r\n")
+    assert (status, headers["content-type"]) == (400, "application/json"), body
+    assert json.loads(body)["error"] == "http_error" and json.loads(body)["request_id"] == headers["x-request-id"]
+    # A head of any size was kept in memory (300 MB grew the server by 166 MB): over 64 KiB it is a 431.
+    status, headers, body = raw_exchange(server, b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-big: "
+                                         + b"a" * 100_000 + b"\r\n\r\n")
+    assert (status, json.loads(body)["error"]) == (431, "http_error"), body
+    assert headers["x-request-id"] and headers["connection"] == "close"
+    # A head just under the limit, with a body in the same packet, is an ordinary request.
+    small = images["shapes"]
+    status, _, body = raw_exchange(server, b"POST /v1/classify HTTP/1.1\r\nhost: x\r\nconnection: close\r\n"
+                                   b"content-type: image/png\r\nx-pad: " + b"a" * 60_000
+                                   + b"\r\ncontent-length: %d\r\n\r\n" % len(small) + small)
+    assert status == 200, body
+    # A 405 says what is allowed (RFC 9110: it must).
+    refused = httpx.delete(f"{server.url}/v1/classify")
+    assert (refused.status_code, refused.json()["error"]) == (405, "method_not_allowed")
+    assert refused.headers["allow"] == "POST"
+    # Files and other fields together are capped (parsing work); the answer says parts, not files.
+    fields = {f"note{i}": "x" for i in range(48)}
+    too_many = httpx.post(f"{server.url}/v1/classify", data=fields, files={"file": ("a.png", small, "image/png")})
+    assert (too_many.status_code, too_many.json()["error"]) == (413, "too_large")
+    assert "too many multipart parts" in too_many.json()["detail"], too_many.text
+
+
 def test_a_file_field_without_a_filename_is_an_image(server, images):
     """What `curl -F 'file=<cat.png'` sends: a form field named file, no filename."""
     body = (b'--b\r\nContent-Disposition: form-data; name="file"\r\nContent-Type: image/png\r\n\r\n'
@@ -293,6 +334,11 @@ def test_burst_on_a_tiny_queue_gives_fast_503s_and_no_other_5xx(images):
         assert counted['{experiment="",model="tiny",status="200",variant="baseline"}'] == statuses.count(200)
         assert counted['{experiment="",model="tiny",status="503",variant="baseline"}'] == statuses.count(503)
         assert metric_values(metrics, "mame_queue_depth")['{model="tiny",variant="baseline"}'] == 0
+        # More images than the queue holds can never be taken: a 413 at once, not a 503 to retry for ever.
+        whole = httpx.post(f"{server.url}/v1/classify", files=[("file", (f"{i}.png", data, "image/png"))
+                                                               for i in range(4)])
+        assert (whole.status_code, whole.json()["error"]) == (413, "too_large"), whole.text
+        assert "queues at most 3" in whole.json()["detail"]
 
 
 @pytest.mark.parametrize("layout", ["in-process", "front-ends"])
@@ -403,3 +449,45 @@ def test_a_dead_decode_process_fails_one_image_and_is_replaced(images):
         assert failed.status_code == 500 and "decoding process died" in failed.json()["detail"]
         assert post(server, images["shapes"]).status_code == 200  # a new process took over
         assert httpx.get(f"{server.url}/readyz").status_code == 200
+
+
+def test_an_unexpected_error_is_the_contracts_500_and_keeps_the_connection():
+    """A bug in a handler: Starlette answered text/plain without an id, and uvicorn then closed the connection
+    under the client's next request. A real uvicorn on loopback, one keep-alive connection."""
+    import uvicorn
+    from fastapi import FastAPI
+
+    from server.app import RequestIdMiddleware
+
+    app = FastAPI()
+
+    @app.get("/broken")
+    async def broken():
+        raise RuntimeError("a bug")
+
+    @app.get("/fine")
+    async def fine():
+        return {"ok": True}
+
+    app.add_middleware(RequestIdMiddleware)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        server = uvicorn.Server(uvicorn.Config(app, log_level="critical"))
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        try:
+            deadline = time.monotonic() + 10
+            while not server.started and time.monotonic() < deadline:
+                time.sleep(0.05)
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+                conn.sendall(b"GET /broken HTTP/1.1\r\nhost: x\r\nx-request-id: bug-1\r\n\r\n")
+                answer = conn.recv(65536)
+                head, _, body = answer.partition(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 500") and b"x-request-id: bug-1" in head, answer
+                assert json.loads(body)["error"] == "internal" and "bug-1" in json.loads(body)["detail"]
+                conn.sendall(b"GET /fine HTTP/1.1\r\nhost: x\r\n\r\n")  # the same connection, still open
+                assert conn.recv(65536).startswith(b"HTTP/1.1 200"), "the connection was closed"
+        finally:
+            server.should_exit = True
+            thread.join(10)

@@ -54,6 +54,15 @@ def test_16_bit_grey_is_scaled_not_clipped():
     assert out[0, 0, 0] == 0 and out[0, -1, 0] == 255 and 100 < out[0, 20, 0] < 155
 
 
+def test_dark_16_bit_grey_is_scaled_whatever_its_brightest_pixel():
+    # Scaled only when a pixel passed 255, a dark picture came out bright: max 255 -> mid-grey, max 256 -> black.
+    for brightest in (255, 256):
+        arr = np.tile(np.linspace(0, 255, 40).astype(np.uint16), (30, 1))
+        arr[0, 0] = brightest
+        out = np.asarray(decode_image(encode(Image.fromarray(arr), "PNG"), LIMIT))
+        assert out.max() <= 1, brightest
+
+
 def test_transparency_is_composited_over_white():
     img = Image.new("RGBA", (10, 10), (255, 0, 0, 0))
     assert decode_image(encode(img, "PNG"), LIMIT).getpixel((5, 5)) == (255, 255, 255)
