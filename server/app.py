@@ -13,13 +13,13 @@ from dataclasses import asdict
 from typing import Any, TypeVar
 
 import torch
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import TypeAdapter, ValidationError
 from pydantic_core import to_json
-from starlette.datastructures import MutableHeaders
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import get_route_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -127,6 +127,25 @@ class RequestIdMiddleware:
             await _unexpected_error(scope, request_id)(scope, receive, send)
 
 
+class AdminAuthMiddleware:
+    """Refuses `/v1/admin/...` without the right token (MAME_ADMIN_TOKEN: 404 when unset, 401 without, 403 when
+    wrong) before anything reads the body: FastAPI parses a body parameter before it runs a route's
+    dependencies, so a malformed body with a wrong token got a 422. Front-ends check the same way."""
+
+    def __init__(self, app: ASGIApp, token: str | None) -> None:
+        self.app = app
+        self.token = token
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and (scope["path"] + "/").startswith("/v1/admin/"):
+            denied = check_admin(Headers(scope=scope).get("authorization"), self.token)
+            if denied is not None:
+                error = ApiError(denied.status, denied.error, denied.detail, denied.headers)
+                await _error_response(error, scope["state"]["request_id"])(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 DEFAULT_TOP_K = 5
 
 _ERROR_SCHEMA = {"type": "object", "required": ["error", "detail", "request_id"], "properties": {
@@ -139,16 +158,28 @@ CLASSIFY_OPENAPI = {
                      "description": "one or more images (several: the answer is {request_id, results: [...]})"}}}},
         "image/*": {"schema": {"type": "string", "format": "binary"}},
     }},
-    "responses": {str(status): {"description": text, "content": {"application/json": {"schema": _ERROR_SCHEMA}}}
-                  for status, text in [
-                      (400, "bad_image: undecodable or truncated image, malformed multipart"),
-                      (404, "unknown_model, unknown_variant or unknown_experiment"),
-                      (408, "request_timeout: the request's head or body did not arrive in time"),
-                      (413, "too_large: over the byte, pixel, file-count or queue limit"),
-                      (415, "unsupported_media_type: not an image type"),
-                      (503, "overloaded (queue full) or not_ready (loading); Retry-After"),
-                      (504, "timeout: no answer within the request timeout")]},
 }
+
+
+def error_responses(*documented: tuple[int, str]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for the contract's error body. A route that lists 422 here is not given FastAPI's
+    HTTPValidationError, which is not what this server answers."""
+    return {status: {"description": text, "content": {"application/json": {"schema": _ERROR_SCHEMA}}}
+            for status, text in documented}
+
+
+_ADMIN_ERRORS = ((401, "unauthorized: no bearer token"), (403, "forbidden: wrong token"),
+                 (404, "admin_disabled (MAME_ADMIN_TOKEN unset), unknown_model, unknown_variant, unknown_experiment"),
+                 (422, "invalid_parameter: a body that is not the schema's, a bad split or name"))
+CLASSIFY_ERRORS = error_responses(
+    (400, "bad_image: undecodable or truncated image, malformed multipart"),
+    (404, "unknown_model, unknown_variant or unknown_experiment"),
+    (408, "request_timeout: the request's head or body did not arrive in time"),
+    (413, "too_large: over the byte, pixel, file-count or queue limit"),
+    (415, "unsupported_media_type: not an image type"),
+    (422, "invalid_parameter: top_k out of range, an experiment of another model"),
+    (503, "overloaded (queue full) or not_ready (loading); Retry-After"),
+    (504, "timeout: no answer within the request timeout"))
 _INT = TypeAdapter(int)
 
 
@@ -274,6 +305,7 @@ def create_app(config: ServingConfig, *, preprocess_threads: int = 4, warmup: bo
     app.state.experiments = registry
 
     direct_routes: dict[tuple[str, str], Handler] = {}  # filled below
+    app.add_middleware(AdminAuthMiddleware, token=admin_token)  # inside RequestIdMiddleware: the id is set
     app.add_middleware(RequestIdMiddleware, direct=direct_routes, drop_reserved=not behind_frontends)
 
     @app.exception_handler(ApiError)
@@ -463,7 +495,8 @@ def create_app(config: ServingConfig, *, preprocess_threads: int = 4, warmup: bo
                 metrics.request_duration.labels(*label_values).observe(elapsed)
                 metrics.requests.labels(*label_values, str(status)).inc()
 
-    @app.post("/v1/classify", summary="Classify one or more images", openapi_extra=CLASSIFY_OPENAPI)
+    @app.post("/v1/classify", summary="Classify one or more images", openapi_extra=CLASSIFY_OPENAPI,
+              responses=CLASSIFY_ERRORS)
     async def classify(
         request: Request,
         model: str | None = Query(None, description="model name (default: the config's default model)"),
@@ -525,18 +558,13 @@ def create_app(config: ServingConfig, *, preprocess_threads: int = 4, warmup: bo
     async def list_experiments() -> dict[str, Any]:
         return {"experiments": registry.summaries()}
 
-    @app.get("/v1/experiments/{name}", summary="Per-variant report of one A/B experiment")
+    @app.get("/v1/experiments/{name}", summary="Per-variant report of one A/B experiment",
+             responses=error_responses((404, "unknown_experiment"), (422, "invalid_parameter")))
     async def experiment_report(name: str) -> dict[str, Any]:
         try:
             return registry.report(name)
         except ExperimentError as exc:
             raise as_api_error(exc) from None
-
-    async def require_admin(request: Request) -> None:
-        """Bearer token from MAME_ADMIN_TOKEN: 404 when unset (admin off), 401 without, 403 when wrong."""
-        denied = check_admin(request.headers.get("authorization"), admin_token)
-        if denied is not None:
-            raise ApiError(denied.status, denied.error, denied.detail, denied.headers)
 
     def admin_change(name: str, change: Callable[[], object]) -> dict[str, Any]:
         """Apply one runtime change (the registry logs it), update the weight gauge, answer the report."""
@@ -547,21 +575,22 @@ def create_app(config: ServingConfig, *, preprocess_threads: int = 4, warmup: bo
         sync_weights()
         return registry.report(name)
 
-    admin = [Depends(require_admin)]
-
-    @app.post("/v1/admin/experiments", status_code=201, dependencies=admin, summary="Start an experiment")
+    @app.post("/v1/admin/experiments", status_code=201, summary="Start an experiment",
+              responses=error_responses(*_ADMIN_ERRORS, (409, "experiment_exists: a running one has that name")))
     async def create_experiment(body: NewExperiment) -> dict[str, Any]:
         return admin_change(body.name, lambda: registry.create(body.name, body.config(), source="admin"))
 
-    @app.put("/v1/admin/experiments/{name}/split", dependencies=admin, summary="Change an experiment's split")
+    @app.put("/v1/admin/experiments/{name}/split", summary="Change an experiment's split",
+             responses=error_responses(*_ADMIN_ERRORS))
     async def change_split(name: str, body: SplitChange) -> dict[str, Any]:
         return admin_change(name, lambda: registry.update_split(name, body.split, source="admin"))
 
-    @app.delete("/v1/admin/experiments/{name}", dependencies=admin, summary="Stop an experiment")
+    @app.delete("/v1/admin/experiments/{name}", summary="Stop an experiment",
+                responses=error_responses(*_ADMIN_ERRORS))
     async def stop_experiment(name: str) -> dict[str, Any]:
         return admin_change(name, lambda: registry.stop(name, source="admin"))
 
-    @app.get("/v1/admin/changes", dependencies=admin, summary="Log of experiment changes")
+    @app.get("/v1/admin/changes", summary="Log of experiment changes", responses=error_responses(*_ADMIN_ERRORS[:3]))
     async def experiment_changes() -> dict[str, Any]:
         return {"changes": [asdict(record) for record in registry.changes()]}
 
@@ -577,7 +606,8 @@ def create_app(config: ServingConfig, *, preprocess_threads: int = 4, warmup: bo
             return JSONResponse({"status": "loading"}, status_code=503)
         return JSONResponse({"status": "ready"})
 
-    @app.get("/metrics", summary="Prometheus metrics")
+    @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse,
+             responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {}}}})
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

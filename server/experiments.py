@@ -100,7 +100,9 @@ class ExperimentConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     model: str = Field(min_length=1)
-    split: dict[str, float]
+    # What the validator checks, in the schema too (OpenAPI): at least one variant, each a share of 1.
+    split: dict[str, float] = Field(json_schema_extra={"minProperties": 1, "additionalProperties": {
+        "type": "number", "minimum": 0, "maximum": 1}})
     sticky: str | None = None
     shadow: ShadowConfig | None = None
 
@@ -133,7 +135,7 @@ class ExperimentConfig(BaseModel):
 class NewExperiment(ExperimentConfig):
     """Body of the admin call that creates an experiment: its name and its config."""
 
-    name: str
+    name: str = Field(json_schema_extra={"pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"})  # check_experiment_name
 
     @field_validator("name")
     @classmethod
@@ -148,7 +150,8 @@ class SplitChange(BaseModel):
     """Body of the admin call that changes a running experiment's split."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    split: dict[str, float]
+    split: dict[str, float] = Field(json_schema_extra={"minProperties": 1, "additionalProperties": {
+        "type": "number", "minimum": 0, "maximum": 1}})
 
     @field_validator("split", mode="before")
     @classmethod

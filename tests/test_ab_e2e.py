@@ -198,6 +198,9 @@ def test_admin_auth_over_http(admin_server):
     assert (wrong.status_code, wrong.json()["error"]) == (403, "forbidden")
     # auth is checked before the body: a caller without the token learns nothing about the API
     assert httpx.post(url, json={"split": "junk"}).status_code == 401
+    junk = {"authorization": "Bearer wrong", "content-type": "application/json"}
+    assert httpx.post(url, content=b"{not json", headers=junk).status_code == 403  # FastAPI parsed it first: 422
+    assert httpx.get(f"{admin_server.url}/v1/admin/nope").status_code == 401  # as through front-ends
     for call in (lambda h: httpx.put(f"{url}/burst/split", json={"split": {"baseline": 1}}, headers=h),
                  lambda h: httpx.delete(f"{url}/burst", headers=h),
                  lambda h: httpx.get(f"{admin_server.url}/v1/admin/changes", headers=h)):

@@ -284,9 +284,21 @@ def test_models_health_readiness_docs(server):
         head = httpx.head(f"{server.url}{path}")
         assert head.status_code == 200 and head.content == b"" and head.headers["x-request-id"], path
     assert httpx.head(f"{server.url}/healthz").headers["content-length"] == "15"  # the GET's: {"status":"ok"}
-    classify = httpx.get(f"{server.url}/openapi.json").json()["paths"]["/v1/classify"]["post"]
+    openapi = httpx.get(f"{server.url}/openapi.json").json()
+    classify = openapi["paths"]["/v1/classify"]["post"]
     assert {"multipart/form-data", "image/*"} <= set(classify["requestBody"]["content"])  # /docs can send one
-    assert {"400", "413", "415", "503", "504"} <= set(classify["responses"])
+    assert {"400", "413", "415", "422", "503", "504"} <= set(classify["responses"])
+    # Every documented error is the contract's body (FastAPI's HTTPValidationError is not what 422s are).
+    assert "ValidationError" not in json.dumps(openapi)
+    errors = [answer for path in openapi["paths"].values() for operation in path.values()
+              for status, answer in operation["responses"].items() if status >= "4"]
+    assert errors and all(a["content"]["application/json"]["schema"]["required"] == ["error", "detail", "request_id"]
+                          for a in errors)
+    assert set(openapi["paths"]["/v1/admin/experiments"]["post"]["responses"]) >= {"401", "403", "404", "409"}
+    assert "text/plain" in openapi["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+    schemas = openapi["components"]["schemas"]
+    assert schemas["NewExperiment"]["properties"]["name"]["pattern"]
+    assert schemas["SplitChange"]["properties"]["split"]["minProperties"] == 1
     assert httpx.get(f"{server.url}/docs").status_code == 200
     given = uuid.uuid4().hex
     assert httpx.get(f"{server.url}/healthz", headers={"x-request-id": given}).headers["x-request-id"] == given
