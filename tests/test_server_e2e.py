@@ -321,6 +321,8 @@ def test_metrics_pass_promtool(server, images):
                             check=False)
     # promtool exits 1 on lint hints as well as on errors; errors are what would break scraping.
     assert "error" not in result.stderr.lower() and "error" not in result.stdout.lower(), result
+    # Only the contract's names: no prometheus_client `_created` gauge doubling every series.
+    assert "_created" not in text
 
 
 def test_burst_on_a_tiny_queue_gives_fast_503s_and_no_other_5xx(images):
