@@ -156,31 +156,18 @@ def head_timeout_protocol(timeout_s: float) -> type:
             super().connection_made(transport)
             self._head_timer = None
             self._head_begun = False
-            self._head_bytes = 0  # of the request line and headers parsed so far
             self._unparsed_head_bytes = 0  # received in chunks that did not complete the head (held by httptools)
+            self._chunk_bytes = 0  # of the chunk being parsed
             self._head_too_large = False
             self._start_head_timer()
 
         def data_received(self, data: bytes) -> None:
+            self._chunk_bytes = len(data)
             super().data_received(data)
             if self._head_begun and not self.transport.is_closing():  # still in a head after this chunk
                 self._unparsed_head_bytes += len(data)
                 if self._unparsed_head_bytes > MAX_HEAD_BYTES:
                     self._refuse_large_head()
-
-        def on_url(self, url: bytes) -> None:
-            super().on_url(url)
-            self._count_head(len(url))
-
-        def on_header(self, name: bytes, value: bytes) -> None:
-            super().on_header(name, value)
-            self._count_head(len(name) + len(value) + 4)
-
-        def _count_head(self, size: int) -> None:
-            self._head_bytes += size
-            if self._head_bytes > MAX_HEAD_BYTES:
-                self._head_too_large = True
-                raise ValueError("request head too large")  # stops httptools; uvicorn calls send_400_response
 
         def send_400_response(self, msg: str) -> None:
             if self._head_too_large:
@@ -206,12 +193,17 @@ def head_timeout_protocol(timeout_s: float) -> type:
         def on_message_begin(self) -> None:
             super().on_message_begin()
             self._head_begun = True
-            self._head_bytes = self._unparsed_head_bytes = 0
+            self._unparsed_head_bytes = 0
             self._start_head_timer()
 
         def on_headers_complete(self) -> None:
             self._stop_head_timer()
             self._head_begun = False
+            # Counted exactly only when the chunks could hold too large a head (one compare per request else).
+            if self._unparsed_head_bytes + self._chunk_bytes > MAX_HEAD_BYTES and (
+                    len(self.url) + sum(len(k) + len(v) + 4 for k, v in self.headers) > MAX_HEAD_BYTES):
+                self._head_too_large = True
+                raise ValueError("request head too large")  # stops httptools; uvicorn calls send_400_response
             super().on_headers_complete()
 
         def connection_lost(self, exc) -> None:
