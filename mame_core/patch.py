@@ -236,7 +236,6 @@ class MergingViT(nn.Module):
         self.num_prefix_tokens = int(model.num_prefix_tokens)
         self.num_patches = int(model.patch_embed.num_patches)
         self.input_tokens = self.num_prefix_tokens + self.num_patches
-        self.pretrained_cfg = getattr(model, "pretrained_cfg", {})
         # Per block cost coefficients for the GFLOPs estimate (see _estimate_gmacs).
         as_row = lambda values: torch.tensor(values, dtype=torch.float64)
         self._attn_linear_macs = as_row([_linear_macs(blk.attn) for blk in model.blocks])

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import asdict
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from fastapi import FastAPI, Query, Request
@@ -59,8 +59,6 @@ from server.metrics import Metrics
 from server.routing import Route, as_api_error, build_registry, choose_route
 from server.service import InferenceService
 from server.worker import ImageResult
-
-T = TypeVar("T")
 
 log = logging.getLogger("mame.server")
 
@@ -140,8 +138,7 @@ class AdminAuthMiddleware:
         if scope["type"] == "http" and (scope["path"] + "/").startswith("/v1/admin/"):
             denied = check_admin(Headers(scope=scope).get("authorization"), self.token)
             if denied is not None:
-                error = ApiError(denied.status, denied.error, denied.detail, denied.headers)
-                await _error_response(error, scope["state"]["request_id"])(scope, receive, send)
+                await _error_response(denied.as_api_error(), scope["state"]["request_id"])(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
@@ -529,6 +526,8 @@ def create_app(config: ServingConfig, *, preprocess_threads: int = 4, warmup: bo
             response = await classify_request(Request(scope, receive), from_frontend=True)
         except ApiError as exc:
             response = _error_response(exc, request_id)
+        except Exception:  # noqa: BLE001 - logged; without an answer the front-end's request would wait for ever
+            response = _unexpected_error(scope, request_id)
         response.headers["X-Request-Id"] = request_id
         raw = [[name.decode("latin-1"), value.decode("latin-1")] for name, value in response.headers.raw]
         return {"status": response.status_code, "headers": raw}, bytes(response.body)

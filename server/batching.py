@@ -49,10 +49,7 @@ class WorkItem:
     enqueued_at: float = field(default_factory=time.monotonic)
     taken_at: float = 0.0
 
-    def resolve(self, value: Any) -> None:
-        self._complete(lambda: self.future.set_result(value))
-
-    def fail(self, exc: BaseException) -> None:
+    def fail(self, exc: BaseException) -> None:  # answers come in batches: resolve_all
         self._complete(lambda: self.future.set_exception(exc))
 
     def _complete(self, action: Callable[[], None]) -> None:

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 from pydantic_core import from_json, to_json
 
@@ -66,7 +69,8 @@ Handler = Callable[[Head, bytes], Awaitable[tuple[Head, bytes]]]
 
 
 async def serve(path: str, handler: Handler) -> asyncio.Server:
-    """The engine's side: answer each request frame with `handler(head, body)`, concurrently."""
+    """The engine's side: answer each request frame with `handler(head, body)`, concurrently. The handler
+    answers every request, errors included: a frame left unanswered is a call that waits for ever."""
     async def connection(reader: asyncio.StreamReader, stream: asyncio.StreamWriter) -> None:
         tasks: set[asyncio.Task] = set()
         writer = FrameWriter(stream)
@@ -136,10 +140,13 @@ class Channel:
                     answer.set_result((head, body))
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
-        writer.close()
-        for answer in list(self._pending.values()):
-            if not answer.done():
-                answer.set_exception(ChannelError("the engine closed the channel"))
+        except Exception:  # a frame that does not parse: this connection cannot be trusted any more
+            log.exception("a bad frame from the engine: closing the channel")
+        finally:  # on any exit: the next call reconnects, and no pending call waits for ever
+            writer.close()
+            for answer in list(self._pending.values()):
+                if not answer.done():
+                    answer.set_exception(ChannelError("the engine closed the channel"))
 
     async def close(self) -> None:
         if self._writer is not None:

@@ -5,7 +5,8 @@ not the ~400 MiB of a multiprocessing child that re-imports the server.
 
 Protocol over one end of a socket pair, with fixed binary headers so that each side spends a few system
 calls per image and no pickling (the parent's share of the GIL is what limits a server's throughput):
-  plan      parent -> child once: 4-byte length + JSON {model: [resize_edge, crop_h, crop_w, resample, edge]}
+  plan      parent -> child once: 4-byte length + JSON [[resize_edge, resize, crop_h, crop_w, resample], ...],
+            one per model, in the order REQUEST's model index counts
   request   parent -> child: REQUEST header (model index, max_pixels, length) + the image bytes
   answer    child -> parent: ANSWER header (status, length) + RGB bytes [H, W, 3] (status 0), or the UTF-8
             JSON {"status", "code", "detail"} of an error (status 1)

@@ -209,10 +209,6 @@ class ProcessWorker:
             if not items:
                 continue
             slab = self._free.get()  # waits while SLABS batches are in flight
-            if self._dead is not None:
-                fail_batch(items, str(self._dead), self.device)
-                self._free.put(slab)
-                continue
             first = items[0]
             try:
                 if tuple(first.image.shape) != self.described[first.model].input_size:
@@ -223,8 +219,16 @@ class ProcessWorker:
                 fail_batch(items, exc, self.device)
                 self._free.put(slab)
                 continue
+            # "Dead?" and "in flight" under one lock: a batch recorded after the receiver swept would wait for
+            # its deadline, and its slab would be lost (the drain below would then wait for ever).
             with self._lock:
-                self._in_flight[slab] = items
+                dead = self._dead
+                if dead is None:
+                    self._in_flight[slab] = items
+            if dead is not None:
+                fail_batch(items, str(dead), self.device)
+                self._free.put(slab)
+                continue
             try:
                 self._commands.send(("run", slab, first.model, first.settings, len(items),
                                      max(item.top_k for item in items), channels_last))
@@ -262,10 +266,13 @@ class ProcessWorker:
                 fail_batch(items, message[2], self.device)
             self._free.put(slab)
         # The pipe ended without a "stopped": the child died (killed, out of host memory, a crash).
+        if self._process is not None:
+            self._process.join(1)  # reaped, so that its exit code is known
         exitcode = self._process.exitcode if self._process is not None else None
-        self._dead = DeviceProcessError(f"the device process for {self.device} died (exit code {exitcode})")
-        log.error("%s", self._dead)
+        dead = DeviceProcessError(f"the device process for {self.device} died (exit code {exitcode})")
+        log.error("%s", dead)
         with self._lock:
+            self._dead = dead
             lost, self._in_flight = list(self._in_flight.items()), {}
         for slab, items in lost:
             fail_batch(items, str(self._dead), self.device)

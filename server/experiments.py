@@ -23,9 +23,11 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+
+from server.errors import ApiError
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,12 @@ def _split_field(value: Any) -> dict[str, float]:
     return validate_split(value)
 
 
+# A split {variant: weight}, checked by validate_split; the schema (OpenAPI) says the same: at least one
+# variant, each a share of 1.
+Split = Annotated[dict[str, float], BeforeValidator(_split_field), Field(json_schema_extra={
+    "minProperties": 1, "additionalProperties": {"type": "number", "minimum": 0, "maximum": 1}})]
+
+
 def parse_sticky(sticky: str) -> tuple[Literal["header", "query", "client"], str]:
     """`header:<Name>` | `query:<param>` | `client` -> (kind, name). Raises ValueError on anything else."""
     if sticky == "client":
@@ -100,16 +108,9 @@ class ExperimentConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     model: str = Field(min_length=1)
-    # What the validator checks, in the schema too (OpenAPI): at least one variant, each a share of 1.
-    split: dict[str, float] = Field(json_schema_extra={"minProperties": 1, "additionalProperties": {
-        "type": "number", "minimum": 0, "maximum": 1}})
+    split: Split
     sticky: str | None = None
     shadow: ShadowConfig | None = None
-
-    @field_validator("split", mode="before")
-    @classmethod
-    def _check_split(cls, value: Any) -> dict[str, float]:
-        return _split_field(value)
 
     @field_validator("sticky")
     @classmethod
@@ -135,7 +136,7 @@ class ExperimentConfig(BaseModel):
 class NewExperiment(ExperimentConfig):
     """Body of the admin call that creates an experiment: its name and its config."""
 
-    name: str = Field(json_schema_extra={"pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"})  # check_experiment_name
+    name: str = Field(json_schema_extra={"pattern": f"^{_NAME_RE.pattern}$"})  # what check_experiment_name checks
 
     @field_validator("name")
     @classmethod
@@ -150,13 +151,7 @@ class SplitChange(BaseModel):
     """Body of the admin call that changes a running experiment's split."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    split: dict[str, float] = Field(json_schema_extra={"minProperties": 1, "additionalProperties": {
-        "type": "number", "minimum": 0, "maximum": 1}})
-
-    @field_validator("split", mode="before")
-    @classmethod
-    def _check_split(cls, value: Any) -> dict[str, float]:
-        return _split_field(value)
+    split: Split
 
 
 def check_experiment_name(name: str) -> str:
@@ -718,10 +713,6 @@ class ExperimentRegistry:
 
     # ---- views
 
-    def names(self, include_stopped: bool = False) -> list[str]:
-        with self._lock:
-            return [n for n, e in self._experiments.items() if include_stopped or e.stopped is None]
-
     def model_of(self, name: str) -> str | None:
         """The model of experiment `name` (running or stopped), None when there is none of that name."""
         with self._lock:
@@ -806,12 +797,16 @@ class AdminDenied:
     detail: str
     headers: dict[str, str] = field(default_factory=dict)
 
+    def as_api_error(self) -> ApiError:
+        return ApiError(self.status, self.error, self.detail, self.headers)
+
 
 def check_admin(authorization: str | None, token: str | None) -> AdminDenied | None:
     """None when `Authorization: Bearer <token>` matches; else the refusal.
 
     No token configured -> 404 (the admin endpoints do not exist); no or malformed header -> 401;
-    a wrong token -> 403. Tokens are compared in constant time (on their SHA-256, so length leaks too).
+    a wrong token -> 403. Tokens are compared in constant time, on their SHA-256 digests (so the token's
+    length does not leak either).
     """
     if token is None:
         return AdminDenied(

@@ -248,7 +248,7 @@ class FrontEnd:
             if exc.status == 413 and scope["path"].startswith("/v1/admin/"):
                 denied = check_admin(header(scope["headers"], b"authorization"), self.admin_token)
                 if denied is not None:
-                    raise ApiError(denied.status, denied.error, denied.detail, denied.headers) from None
+                    raise denied.as_api_error() from None
             raise
 
     async def _engine(self, method: str, target: bytes, headers: list, body: bytes) -> Answer:
@@ -407,6 +407,7 @@ class FrontEndProcesses:
         self.request_timeout_s = request_timeout_s
         self.processes: list[subprocess.Popen] = []
         self._stopping = threading.Event()
+        self._stopped = False
         self._lock = threading.Lock()
         self._monitor = threading.Thread(target=self._watch, name="frontend-monitor", daemon=True)
 
@@ -458,8 +459,11 @@ class FrontEndProcesses:
         """Stop accepting (each front-end closes its listening socket), let each answer what it accepted,
         then return. Idempotent."""
         with self._lock:
-            if self._stopping.is_set():
+            # Its own flag: _stopping (no more replacements) is also set by the "keep dying" path, after
+            # which the surviving front-ends must still be stopped and drained here.
+            if self._stopped:
                 return
+            self._stopped = True
             self._stopping.set()
             self.reserved.close()
             for process in self.processes:

@@ -285,6 +285,35 @@ def test_a_device_process_answers_like_the_in_process_worker(loop, tiny_model):
     assert worker._process.exitcode == 0  # stopped cleanly after the drain
 
 
+def test_a_batch_being_copied_when_the_device_process_dies_fails_at_once(loop, monkeypatch):
+    """The child dies while the feeder copies a batch (the receiver has already failed what was in flight):
+    that batch was recorded afterwards and waited for its 504, and its slab was lost, so the drain at
+    shutdown waited for ever. It fails at once, naming the exit status, and the feeder stops."""
+    from server import device_process
+
+    cfg = parse_config(tiny_config()).models["tiny"]
+    s = scheduler(max_batch_size=4, max_wait_ms=0)
+    worker = device_process.ProcessWorker(torch.device("cpu"), {"m": cfg}, s, Metrics(), torch_threads=1)
+    worker.launch(None)
+    real_stack = device_process.stack_into
+
+    def stack_while_the_child_dies(images, memory):
+        worker._process.kill()
+        worker._receiver.join(10)
+        return real_stack(images, memory)
+
+    monkeypatch.setattr(device_process, "stack_into", stack_while_the_child_dies)
+    doomed = item(loop, "a")
+    s.submit([doomed])
+    s.close()
+    worker.start()
+    with pytest.raises(ApiError) as failed:  # before the fix: no answer (TimeoutError here)
+        loop.run_until_complete(asyncio.wait_for(asyncio.shield(doomed.future), 20))
+    assert failed.value.status == 500 and "died (exit code -9)" in failed.value.detail
+    worker.join(20)
+    assert not worker._feeder.is_alive()  # its slab came back: the drain at shutdown ends
+
+
 def test_channels_last_crops_are_stacked_as_such_and_infer_the_same(tiny_model):
     """Decoders hand over [H, W, 3] memory seen as [3, H, W]: the batch keeps that layout (a plain copy),
     and the forward gives exactly what a channels-first batch gives."""

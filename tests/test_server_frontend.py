@@ -160,6 +160,29 @@ def test_engine_counts_a_front_end_error_and_not_a_reroute(server):
     assert sum(v for k, v in images.items() if 'status="400"' in k) == 2  # the images the front-end counted
 
 
+def test_an_unexpected_error_on_the_channel_is_a_500_not_an_unanswered_call(server):
+    # A start time that is not a number breaks classify_request outside its own error handling: the frame
+    # went unanswered, so the front-end's call (and its client) waited for ever. Then the next call works.
+    internal = {FRONTEND_IMAGES: "1", FRONTEND_MODEL: "tiny", FRONTEND_MULTIPART: "0", "x-request-id": "odd-1"}
+
+    async def calls() -> list:
+        channel = Channel(front_end_argument(server, "--channel-socket"))
+        try:
+            broken = await asyncio.wait_for(channel.call(
+                {"query": "", "headers": list({**internal, FRONTEND_STARTED: "soon"}.items())}, b""), 10)
+            error = '{"status": 400, "code": "bad_image", "detail": "cut"}'
+            fine = await asyncio.wait_for(channel.call({"query": "", "headers": list(
+                {**internal, FRONTEND_STARTED: repr(time.monotonic()), FRONTEND_ERROR: error}.items())}, b""), 10)
+            return [broken, fine]
+        finally:
+            await channel.close()
+
+    (broken_head, broken_body), (fine_head, fine_body) = asyncio.run(calls())
+    assert broken_head["status"] == 500 and json.loads(broken_body)["error"] == "internal"
+    assert "odd-1" in json.loads(broken_body)["detail"]
+    assert (fine_head["status"], json.loads(fine_body)["error"]) == (400, "bad_image")  # the channel still serves
+
+
 def test_the_internal_routes_exist_only_behind_front_ends(server):
     with engine_http(server) as engine:
         assert engine.post("/internal/classify", content=b"").status_code == 404  # decoded requests: the channel
@@ -343,14 +366,19 @@ def test_a_redirect_names_the_address_the_client_reached_not_the_engine(server):
 
 def test_front_ends_that_keep_dying_stop_the_server():
     """Three deaths in a row within seconds of starting (a port it cannot bind, a broken install): the server
-    exits 1 for its supervisor to see, rather than serve without front-ends."""
-    with running_server(tiny_config(), args=["--http-processes", "1"]) as server:
-        killed: set[int] = set()
+    exits 1 for its supervisor to see, rather than serve without front-ends. The front-end that did not die
+    is stopped by the server (drained), not left to notice it was orphaned."""
+    with running_server(tiny_config(), args=["--http-processes", "2"]) as server:
+        survivor, killed = None, set()
         deadline = time.monotonic() + 30
         while server.proc.poll() is None and time.monotonic() < deadline:
             try:
                 for child in psutil.Process(server.proc.pid).children():
-                    if child.pid not in killed and "server.frontend" in child.cmdline():
+                    if "server.frontend" not in child.cmdline() or child.pid in killed:
+                        continue
+                    if survivor is None:
+                        survivor = child.pid
+                    elif child.pid != survivor:
                         killed.add(child.pid)
                         child.kill()
             except psutil.Error:  # a killed one not yet reaped, or the server gone meanwhile
@@ -358,6 +386,8 @@ def test_front_ends_that_keep_dying_stop_the_server():
             time.sleep(0.1)
         assert server.proc.wait(timeout=30) == 1
         assert "3 front-end processes in a row exited" in server.log()
+        time.sleep(1.5)  # an orphaned front-end notices within 0.5 s, and says so
+        assert survivor is not None and "is gone: stopping" not in server.log()
 
 
 def test_a_front_end_process_imports_no_torch():
