@@ -60,6 +60,18 @@ class MergeSettings:
             raise ValueError("method 'tome' needs r >= 1 tokens to remove per block")
         if isinstance(self.stride, bool) or not isinstance(self.stride, int) or self.stride < 2:
             raise ValueError(f"stride must be an integer >= 2, not {self.stride!r}")
+        if not isinstance(self.prop_attn, bool):  # "false" is a true string: attention would stay proportional
+            raise ValueError(f"prop_attn must be true or false, not {self.prop_attn!r}")
+        # A setting the method does not use is a mistake, not a no-op: {tau: 0.9} without `method: mame`
+        # would serve the unmerged model under a MaMe variant's name.
+        unused = {"none": {"tau": self.tau != 1.0, "r": self.r != 0, "blocks": self.blocks is not None,
+                           "stride": self.stride != 2},
+                  "mame": {"r": self.r != 0},
+                  "tome": {"tau": self.tau != 1.0, "stride": self.stride != 2}}[self.method]
+        named = [name for name, given in unused.items() if given]
+        if named:
+            raise ValueError(f"method {self.method!r} does not use {', '.join(named)} "
+                             "(MaMe: tau, blocks, stride; ToMe: r, blocks)")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MergeSettings:

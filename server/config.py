@@ -27,7 +27,8 @@ Variant = Annotated[MergeSettings, BeforeValidator(_merge_settings)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+    # allow_inf_nan=False: YAML's .inf passed `gt=0` and crashed the start (int(inf)); .nan got a false reason.
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True, allow_inf_nan=False)
 
 
 class BatchingConfig(_Strict):
@@ -65,7 +66,7 @@ class LimitsConfig(_Strict):
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     max_pixels: int = Field(40_000_000, ge=1, description="width x height of one image (decompression bombs)")
     max_images_per_request: int = Field(32, ge=1)
-    request_timeout_s: float = Field(30.0, gt=0)
+    request_timeout_s: float = Field(30.0, gt=0, le=3600)
     max_top_k: int = Field(20, ge=1)
 
 

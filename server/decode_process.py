@@ -64,8 +64,11 @@ class DecodeProcess:
                 return pixels.permute(2, 0, 1)
             payload = recv_exactly(self._sock, size)
         except (EOFError, OSError) as exc:
-            log.error("decode process %s died (exit code %s); starting another", self._process.pid,
-                      self._process.poll())
+            try:
+                exitcode = self._process.wait(1)  # reaped: its exit code, not None
+            except subprocess.TimeoutExpired:
+                exitcode = None
+            log.error("decode process %s died (exit code %s); starting another", self._process.pid, exitcode)
             self._restart()
             raise internal(f"the decoding process died: {type(exc).__name__}") from None
         if status == ERROR:

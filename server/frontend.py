@@ -156,7 +156,8 @@ class CropArena:
 
     def close(self) -> None:
         self.memory.close()
-        os.unlink(self.path)
+        # missing_ok: an orphaned front-end that stopped first removes the whole directory
+        Path(self.path).unlink(missing_ok=True)
 
 
 def decode_crop(decoder: Decoder, data: bytes, max_pixels: int, arena: CropArena | None = None,
@@ -441,17 +442,19 @@ class FrontEndProcesses:
                 log.exception("replacing a front-end process failed")
 
     def _replace(self, i: int, process: subprocess.Popen) -> None:
-        log.error("front-end process %d exited with %s; starting another", process.pid, process.returncode)
         for leftover in Path(self.crops_dir or ".").glob(f"crops-{process.pid}-*"):
             leftover.unlink(missing_ok=True)  # its crop arena (the engine lets go of its mapping)
         # One that dies within seconds of starting will again (a port it cannot bind, a broken install):
         # after a few in a row the server stops, for its supervisor to see, rather than serve without them.
         self._quick_deaths = self._quick_deaths + 1 if time.monotonic() - self._started[i] < QUICK_DEATH_S else 0
         if self._quick_deaths >= QUICK_DEATHS_FATAL:
+            log.error("front-end process %d exited with %s; not replaced: stopping the server", process.pid,
+                      process.returncode)
             self._stopping.set()
             self.on_fatal(RuntimeError(f"{self._quick_deaths} front-end processes in a row exited within "
                                        f"{QUICK_DEATH_S:g} s of starting (the last with {process.returncode})"))
             return
+        log.error("front-end process %d exited with %s; starting another", process.pid, process.returncode)
         self.processes[i] = self._spawn()
         self._started[i] = time.monotonic()
 

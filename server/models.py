@@ -20,6 +20,7 @@ from mame_core.hub import cached_hub_file, hub_unavailable_reason
 from mame_core.patch import check_supported
 from server.config import ConfigError, ModelConfig, ServingConfig
 from server.imaging import ResizeCrop
+from server.worker import resolve_devices
 
 log = logging.getLogger("mame.server")
 
@@ -97,12 +98,26 @@ def check_models(config: ServingConfig) -> None:
         try:
             with torch.device("meta"):
                 model = timm.create_model(cfg.arch, pretrained=False, **cfg.model_kwargs)
-        except (RuntimeError, TypeError, ValueError) as exc:  # an unknown arch, a bad keyword or value
-            raise ConfigError(f"models.{name}: timm cannot build {cfg.arch!r}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - timm says "bad kwargs" with asserts and ZeroDivisionErrors too
+            said = str(exc) or type(exc).__name__
+            raise ConfigError(f"models.{name}: timm cannot build {cfg.arch!r}: {said}") from None
         try:
             check_supported(model)
         except TypeError as exc:
             raise ConfigError(f"models.{name}.arch: {cfg.arch!r} cannot merge tokens: {exc}") from None
+        try:  # a device string torch does not know, or one this machine does not have
+            resolve_devices(cfg.device)
+        except ValueError as exc:
+            raise ConfigError(f"models.{name}.device: {exc}") from None
+        # What builds but cannot serve: crops are RGB, answers are classes, and a model needs blocks.
+        in_chans = model.patch_embed.proj.in_channels
+        if in_chans != 3:
+            raise ConfigError(f"models.{name}.model_kwargs: in_chans {in_chans}; the server sends RGB crops (3)")
+        if len(model.blocks) == 0:
+            raise ConfigError(f"models.{name}.model_kwargs: depth 0; a model needs at least one block")
+        if getattr(model, "num_classes", 0) < 1:
+            raise ConfigError(f"models.{name}.model_kwargs: num_classes {model.num_classes}; the server answers "
+                              "classes, so the model needs a classifier head")
         for variant, settings in cfg.variants.items():
             try:
                 settings.check_depth(len(model.blocks))
@@ -117,7 +132,12 @@ def load_weights(name: str, cfg: ModelConfig) -> tuple[torch.nn.Module, str]:
     if cfg.weights != "auto":
         path = Path(cfg.weights).expanduser()
         model = _create(cfg, pretrained=False)
-        timm.models.load_checkpoint(model, str(path), strict=True)
+        try:
+            timm.models.load_checkpoint(model, str(path), strict=True)
+        except Exception as exc:  # noqa: BLE001 - not a checkpoint, another model's shapes: the config's fault
+            said = " ".join(str(exc).split()) or type(exc).__name__
+            cut = said if len(said) <= 300 else said[:300] + " ..."
+            raise ConfigError(f"models.{name}.weights: cannot load {path} into {cfg.arch}: {cut}") from None
         return model, f"file:{path}"
 
     model = _create(cfg, pretrained=False)

@@ -57,7 +57,12 @@ def resolve_devices(spec: str) -> list[torch.device]:
     if spec == "auto":
         count = torch.cuda.device_count()
         return [torch.device("cuda", i) for i in range(count)] if count else [torch.device("cpu")]
-    devices = [torch.device(part.strip()) for part in spec.split(",") if part.strip()]
+    try:
+        devices = [torch.device(part.strip()) for part in spec.split(",") if part.strip()]
+    except RuntimeError as exc:  # torch's word for a device string it does not know
+        raise ValueError(f"{spec!r} is not a device list (auto, cpu, cuda, cuda:1, ...): {exc}") from None
+    if not devices:
+        raise ValueError(f"{spec!r} names no device (auto, cpu, cuda, cuda:1, ...)")
     for device in devices:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {device} asked for, but CUDA is not available")

@@ -113,6 +113,15 @@ def test_settings_validation():
         MergeSettings(method="mame", tau=float("nan"))
     with pytest.raises(ValueError, match="one value per merging block"):
         MergeSettings(method="mame", tau=(0.9, 0.8), blocks=3)
+    # Settings the method does not use were silently ignored: {tau: 0.9} alone served the unmerged model.
+    with pytest.raises(ValueError, match="method 'none' does not use tau, blocks"):
+        MergeSettings.from_dict({"tau": 0.9, "blocks": 3})
+    with pytest.raises(ValueError, match="method 'tome' does not use tau"):
+        MergeSettings(method="tome", r=2, tau=(0.9, 0.8))
+    with pytest.raises(ValueError, match="method 'mame' does not use r"):
+        MergeSettings(method="mame", tau=0.9, r=4)
+    with pytest.raises(ValueError, match="prop_attn must be true or false"):
+        MergeSettings.from_dict({"method": "mame", "tau": 0.9, "prop_attn": "false"})
     per_block = MergeSettings.from_dict({"method": "mame", "tau": [0.9, 0.8]})
     assert per_block.merge_blocks(12) == 2 and per_block.tau_at(1) == 0.8
     assert MergeSettings(method="mame", tau=0.9).merge_blocks(12) == 8

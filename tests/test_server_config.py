@@ -242,6 +242,17 @@ def test_variant_with_zero_blocks_is_a_config_error():
     ({"arch": "nope_net"}, "models.tiny: timm cannot build 'nope_net': Unknown model"),
     ({"model_kwargs": {"bogus": 1}}, "models.tiny: timm cannot build 'vit_tiny_patch16_224'"),
     ({"arch": "resnet18", "model_kwargs": {}}, "models.tiny.arch: 'resnet18' cannot merge tokens"),
+    # timm says these with an assert or a ZeroDivisionError: they were tracebacks, exit 1
+    ({"model_kwargs": {**TINY_MODEL["model_kwargs"], "embed_dim": 65}}, "divisible by num_heads"),
+    ({"model_kwargs": {**TINY_MODEL["model_kwargs"], "num_heads": 0}}, "timm cannot build"),
+    ({"model_kwargs": {**TINY_MODEL["model_kwargs"], "class_token": False}}, "class token"),
+    # they build, but cannot serve: a traceback at warm-up, or features answered as classes
+    ({"model_kwargs": {**TINY_MODEL["model_kwargs"], "in_chans": 1}}, "models.tiny.model_kwargs: in_chans 1"),
+    ({"model_kwargs": {**TINY_MODEL["model_kwargs"], "depth": 0}, "variants": {"baseline": {"method": "none"}}},
+     "models.tiny.model_kwargs: depth 0"),
+    ({"model_kwargs": {**TINY_MODEL["model_kwargs"], "num_classes": 0}}, "models.tiny.model_kwargs: num_classes 0"),
+    ({"device": "gpu"}, "models.tiny.device: 'gpu' is not a device list"),
+    ({"device": ","}, "models.tiny.device: ',' names no device"),
 ])
 def test_models_that_cannot_serve_are_one_line_at_start(change, said, tmp_path, capsys):
     """Checked before anything loads (a meta-device build, no weights): exit 2 and the key, not a traceback."""
@@ -254,6 +265,23 @@ def test_models_that_cannot_serve_are_one_line_at_start(change, said, tmp_path, 
     assert main(["--config", str(tmp_path / "serving.yaml"), "--port", "0"]) == 2
     error = capsys.readouterr().err
     assert said in error and "Traceback" not in error and len(error.strip().splitlines()) == 1, error
+
+
+@pytest.mark.parametrize("limits", [{"request_timeout_s": float("inf")}, {"request_timeout_s": float("nan")},
+                                    {"request_timeout_s": 7200}])
+def test_timeouts_must_be_finite_and_bounded(limits):
+    # .inf passed gt=0 and crashed the start (int(inf) for uvicorn's graceful shutdown)
+    with pytest.raises(ConfigError, match="limits.request_timeout_s"):
+        parse_config(tiny_config(limits=limits), "serving.yaml")
+
+
+def test_a_weights_file_that_is_not_a_checkpoint_names_the_key(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a checkpoint")
+    config = tiny_config()
+    config["models"]["tiny"]["weights"] = str(notes)
+    with pytest.raises(ConfigError, match=r"models.tiny.weights: cannot load .*notes.txt into vit_tiny_patch16_224"):
+        load_model("tiny", parse_config(config).models["tiny"])
 
 
 def test_variant_past_the_models_depth_is_refused_at_load():

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -51,6 +52,15 @@ def test_the_front_end_decodes_for_the_model_the_engine_will_route_to():
     assert p.model_for({"experiment": "new"}) is None  # not known yet: sent undecoded
     assert p.model_for({"model": "nope"}) is None and p.model_for({"model": ""}) is None
     assert plan(decoders={}).model_for({}) is None  # still loading, or a model without the fused transform
+
+
+def test_an_arena_whose_directory_went_first_closes_quietly(tmp_path):
+    # Orphaned front-ends: the first to stop removes the shared directory, the others then close their arena.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    arena = CropArena(str(shared), slot_bytes=16, slots=2)
+    shutil.rmtree(shared)
+    arena.close()  # was FileNotFoundError: "Exception in 'lifespan' protocol" in the log
 
 
 def test_crop_arena_slots_are_taken_given_back_and_hold_the_decoded_crop(tmp_path):
