@@ -1,4 +1,5 @@
-"""Whether timm's pretrained weights can come from the Hugging Face hub now, and where a cached copy is.
+"""Where a model's weights come from: timm's pretrained weights from the Hugging Face hub or its local cache,
+or a checkpoint file.
 
 Shared by the command-line tools and the server: both decide in seconds instead of waiting for the hub
 client's retries (about 45 s) on a machine without network access.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from urllib.parse import urlparse
 
 import torch
@@ -58,3 +60,31 @@ def cached_hub_file(model: torch.nn.Module) -> str | None:
         if isinstance(path, str):
             return path
     return None
+
+
+def pretrained_or_cached(build: Callable[..., torch.nn.Module]) -> tuple[torch.nn.Module | None, str | None, str | None]:
+    """timm's pretrained weights through `build(pretrained, **extra)`: downloaded when the hub can be used,
+    else the local cache's copy. Returns (the model or None, why the hub was not used or None, the cached file
+    used or None)."""
+    reason = hub_unavailable_reason()
+    if reason is None:
+        try:
+            return build(True), None, None
+        except Exception as exc:  # noqa: BLE001 - any download failure (HTTP, not found, connection) falls back
+            reason = f"downloading from the hub failed ({type(exc).__name__}: {exc})"
+    cached = cached_hub_file(build(False))  # an unpretrained build knows its hub repo
+    if cached is None:
+        return None, reason, None
+    return build(True, pretrained_cfg_overlay={"file": cached}), reason, cached
+
+
+def load_checkpoint_file(model: torch.nn.Module, path: str) -> None:
+    """A local checkpoint into `model`; a ValueError saying in one line why it does not fit (not a checkpoint,
+    another model's shapes), instead of torch's multi-line report."""
+    from timm.models import load_checkpoint
+
+    try:
+        load_checkpoint(model, path, strict=True)
+    except Exception as exc:  # unpickling, OSError, size mismatches: all "does not fit"
+        said = " ".join(str(exc).split()) or type(exc).__name__
+        raise ValueError(said if len(said) <= 300 else said[:300] + " ...") from exc

@@ -7,7 +7,6 @@ resolution, a mean or a std.
 from __future__ import annotations
 
 import json
-import pickle
 import random
 import warnings
 from collections.abc import Callable, Iterator
@@ -18,9 +17,8 @@ import timm
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from timm.data import create_transform, resolve_data_config
-from timm.models import load_checkpoint
 
-from mame_core.hub import cached_hub_file, hub_unavailable_reason
+from mame_core.hub import load_checkpoint_file, pretrained_or_cached
 from mame_core.patch import check_supported
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
@@ -142,16 +140,10 @@ def parse_model_kwargs(text: str | None) -> dict:
 def _hub_model(arch: str, kwargs: dict) -> torch.nn.Module:
     """timm's pretrained weights, downloaded or from the local cache; a one-line ValueError when neither works.
     Without network access this decides in seconds, not after the hub client's retries."""
-    model = timm.create_model(arch, pretrained=False, **kwargs)  # knows its hub repo, for the cache lookup
-    reason = hub_unavailable_reason()
-    if reason is None:
-        try:
-            return timm.create_model(arch, pretrained=True, **kwargs)
-        except OSError as err:  # the hub client's errors (not found, HTTP, connection) are all OSErrors
-            reason = f"downloading failed ({type(err).__name__})"
-    cached = cached_hub_file(model)
-    if cached is not None:
-        return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay={"file": cached}, **kwargs)
+    model, reason, _ = pretrained_or_cached(
+        lambda pretrained, **extra: timm.create_model(arch, pretrained=pretrained, **kwargs, **extra))
+    if model is not None:
+        return model
     raise ValueError(
         f"cannot load the pretrained weights of {arch}: {reason} and they are not in the local hub cache; "
         "use --weights random or --weights FILE (a checkpoint file)"
@@ -197,9 +189,7 @@ def _checkpoint_model(arch: str, path: str, kwargs: dict) -> torch.nn.Module:
     (not a checkpoint, another architecture's shapes)."""
     model = timm.create_model(arch, pretrained=False, **kwargs)
     try:
-        load_checkpoint(model, path)
-    except (RuntimeError, OSError, KeyError, pickle.UnpicklingError, EOFError) as err:
-        said = " ".join(str(err).split()) or type(err).__name__  # torch's multi-line report, on one line
-        cut = said if len(said) <= 300 else said[:300] + " ..."
-        raise ValueError(f"--weights {path}: cannot load it into {arch}: {cut}") from err
+        load_checkpoint_file(model, path)
+    except ValueError as err:
+        raise ValueError(f"--weights {path}: cannot load it into {arch}: {err}") from err
     return model

@@ -61,7 +61,7 @@ class MergeSettings:
         if isinstance(self.stride, bool) or not isinstance(self.stride, int) or self.stride < 2:
             raise ValueError(f"stride must be an integer >= 2, not {self.stride!r}")
         if not isinstance(self.prop_attn, bool):  # "false" is a true string: attention would stay proportional
-            raise ValueError(f"prop_attn must be true or false, not {self.prop_attn!r}")
+            raise ValueError(f"prop_attn must be true or false, not {self.prop_attn!r}")  # noqa: TRY004 (user input)
         # A setting the method does not use is a mistake, not a no-op: {tau: 0.9} without `method: mame`
         # would serve the unmerged model under a MaMe variant's name.
         unused = {"none": {"tau": self.tau != 1.0, "r": self.r != 0, "blocks": self.blocks is not None,

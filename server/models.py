@@ -16,7 +16,7 @@ from timm.data import ImageNetInfo, create_transform, infer_imagenet_subset, res
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
-from mame_core.hub import cached_hub_file, hub_unavailable_reason
+from mame_core.hub import load_checkpoint_file, pretrained_or_cached
 from mame_core.patch import check_supported
 from server.config import ConfigError, ModelConfig, ServingConfig
 from server.imaging import ResizeCrop
@@ -133,30 +133,22 @@ def load_weights(name: str, cfg: ModelConfig) -> tuple[torch.nn.Module, str]:
         path = Path(cfg.weights).expanduser()
         model = _create(cfg, pretrained=False)
         try:
-            timm.models.load_checkpoint(model, str(path), strict=True)
-        except Exception as exc:  # noqa: BLE001 - not a checkpoint, another model's shapes: the config's fault
-            said = " ".join(str(exc).split()) or type(exc).__name__
-            cut = said if len(said) <= 300 else said[:300] + " ..."
-            raise ConfigError(f"models.{name}.weights: cannot load {path} into {cfg.arch}: {cut}") from None
+            load_checkpoint_file(model, str(path))
+        except ValueError as exc:  # not a checkpoint, another model's shapes: the config's fault
+            raise ConfigError(f"models.{name}.weights: cannot load {path} into {cfg.arch}: {exc}") from None
         return model, f"file:{path}"
 
-    model = _create(cfg, pretrained=False)
-    reason = hub_unavailable_reason()
-    if reason is None:
-        try:
-            return _create(cfg, pretrained=True), "hub"
-        except Exception as exc:  # noqa: BLE001 - any download failure falls back, loudly
-            reason = f"downloading from the hub failed: {exc}"
-    cached = cached_hub_file(model)
-    if cached is not None:
-        log.info("model %s: %s; using the hub weights from the local cache %s", name, reason, cached)
-        return _create(cfg, pretrained=True, pretrained_cfg_overlay={"file": cached}), "hub"
+    model, reason, cached = pretrained_or_cached(lambda pretrained, **extra: _create(cfg, pretrained, **extra))
+    if model is not None:
+        if cached is not None:
+            log.info("model %s: %s; using the hub weights from the local cache %s", name, reason, cached)
+        return model, "hub"
     log.warning(
         "\n%s\nWARNING: model %r (%s) has RANDOM weights: %s and no cached copy exists.\n"
         "Its predictions are meaningless. Answers say \"weights\": \"random-init\".\n%s",
         "!" * 78, name, cfg.arch, reason, "!" * 78,
     )
-    return model, "random-init"
+    return _create(cfg, pretrained=False), "random-init"
 
 
 def class_labels(model: torch.nn.Module) -> list[str]:

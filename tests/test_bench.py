@@ -236,7 +236,7 @@ def test_hub_weights_without_the_hub_are_one_clear_line(offline, monkeypatch, ca
     else:  # decided by the probe in seconds, not after the hub client's retries
         monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
         monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
-    monkeypatch.setattr("mame_core.images.cached_hub_file", lambda model: None)  # whatever this machine caches
+    monkeypatch.setattr("mame_core.hub.cached_hub_file", lambda model: None)  # whatever this machine caches
     rc = main(["--arch", "vit_tiny_patch16_224", "--model-kwargs", json.dumps(TINY), "--weights", "hub",
                "--no-progress"])
     assert rc == 2
@@ -248,7 +248,7 @@ def test_hub_weights_come_from_the_cache_without_the_hub(tmp_path, monkeypatch, 
     path = tmp_path / "cached.pth"
     torch.save(tiny_model.state_dict(), path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr("mame_core.images.cached_hub_file", lambda model: str(path))
+    monkeypatch.setattr("mame_core.hub.cached_hub_file", lambda model: str(path))
     loaded = load_model("vit_tiny_patch16_224", "hub", TINY)
     for key, value in tiny_model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key

@@ -138,7 +138,7 @@ def test_eval_refuses_a_picture_that_fails_to_decode_mid_run(tmp_path, capsys, w
 def test_eval_default_hub_weights_offline_is_one_clear_line(tmp_path, monkeypatch, capsys):
     folder = write_image_folder(tmp_path / "data", ["cat"], per_class=1)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr("mame_core.images.cached_hub_file", lambda model: None)  # whatever this machine caches
+    monkeypatch.setattr("mame_core.hub.cached_hub_file", lambda model: None)  # whatever this machine caches
     rc = main([str(folder), "--arch", "vit_tiny_patch16_224", "--model-kwargs", json.dumps(TINY), "--no-progress"])
     assert rc == 2
     line = _one_line_error(capsys.readouterr().err)

@@ -166,6 +166,20 @@ def test_auto_weights_offline_fall_back_to_random_with_a_warning(monkeypatch, ca
     assert "RANDOM weights" in caplog.text and "HF_HUB_OFFLINE" in caplog.text
 
 
+def test_auto_weights_offline_come_from_the_hub_cache(monkeypatch, caplog, tmp_path):
+    reference = load_model("tiny", parse_config(tiny_config()).models["tiny"]).model
+    path = tmp_path / "cached.pth"
+    torch.save({key: value * 2 for key, value in reference.state_dict().items()}, path)  # not the seeded init
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("mame_core.hub.cached_hub_file", lambda model: str(path))
+    cfg = parse_config(tiny_config()).models["tiny"].model_copy(update={"weights": "auto"})
+    with caplog.at_level("INFO", logger="mame.server"):
+        loaded = load_model("tiny", cfg)
+    assert loaded.weights == "hub" and f"using the hub weights from the local cache {path}" in caplog.text
+    for key, value in reference.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[key], value * 2), key
+
+
 def test_local_checkpoint_is_loaded_without_the_hub(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
     reference = load_model("tiny", parse_config(tiny_config()).models["tiny"]).model
