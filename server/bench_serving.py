@@ -338,9 +338,9 @@ def cmd_throughput(args) -> None:
     by_kind = [(kind, statistics.median(dict(load.children_ms_per_image).get(kind, 0.0) for load in served))
                for kind in sorted(kinds)]
     by_kind = [(kind, ms) for kind, ms in by_kind if ms >= 0.0005]  # e.g. multiprocessing's resource tracker
-    print("  child processes " + (", ".join(f"{kind} {ms:.3f}" for kind, ms in by_kind) or "none")
-          + f" ms CPU per image; the server used {statistics.median(load.busy_cores for load in served):.1f} "
-          f"cores (of {psutil.cpu_count()} here)")
+    children = ", ".join(f"{kind} {ms:.3f}" for kind, ms in by_kind) + " ms CPU per image" if by_kind else "none"
+    print(f"  child processes {children}; the server used "
+          f"{statistics.median(load.busy_cores for load in served):.1f} cores (of {psutil.cpu_count()} here)")
     if timings := [load.timings_ms for load in served if load.timings_ms]:
         trip, total, queue, inference = (statistics.median(column) for column in zip(*timings))
         # Where a request's time goes tells which stage limits: a long queue wait means the device (or
