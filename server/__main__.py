@@ -6,6 +6,8 @@ import asyncio
 import logging
 import os
 import shutil
+import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -25,6 +27,8 @@ from server.worker import resolve_devices
 
 # Answers to accepted requests may take this long beyond the request timeout during a graceful stop.
 SHUTDOWN_GRACE_S = 10.0
+
+log = logging.getLogger("mame.server")
 
 
 class EngineServer(uvicorn.Server):
@@ -72,6 +76,19 @@ def resolve_http_processes(setting: str | int, config: ServingConfig) -> int:
     return min(8, max(1, available_cpus() // 4))
 
 
+def public_socket(host: str, port: int) -> socket.socket:
+    """The HTTP socket of the one-process layout, bound before the models load; uvicorn listens on it. Not
+    SO_REUSEPORT, unlike the front-ends' port_socket: nothing else may listen there."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart despite TIME_WAIT
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def available_cpus() -> int:
     """CPUs this process may use: its affinity, and a container's CPU quota (cgroup v2) when lower."""
     cpus = len(os.sched_getaffinity(0))
@@ -103,6 +120,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"mame-serve: {exc}", file=sys.stderr)
         return 2
+    # Ctrl-C as SIGTERM: uvicorn drains, then re-raises the signal it caught. Under Python's handler that was
+    # a KeyboardInterrupt traceback, and an exit that finalised the interpreter while the model loader thread
+    # was inside torch (C++ terminate, SIGABRT). With the default action the process ends by the signal.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
     failure: list[BaseException] = []
     server: uvicorn.Server | None = None
@@ -113,13 +134,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             server.should_exit = True
 
     frontends = resolve_http_processes(settings.http_processes, config)
+    # Bound before anything loads: a port in use is one line and exit 2 in every layout. With front-ends it is
+    # held here (not listening) and each front-end listens on it too (SO_REUSEPORT).
+    try:
+        public = port_socket(settings.host, settings.port, listen=False) if frontends \
+            else public_socket(settings.host, settings.port)
+    except OSError as exc:
+        print(f"mame-serve: cannot listen on {settings.host}:{settings.port}: {exc}", file=sys.stderr)
+        return 2
     workdir, channel_socket = "", None
     if frontends:
-        try:  # held here; each front-end listens on it too (SO_REUSEPORT)
-            reserved = port_socket(settings.host, settings.port, listen=False)
-        except OSError as exc:
-            print(f"mame-serve: cannot listen on {settings.host}:{settings.port}: {exc}", file=sys.stderr)
-            return 2
         # The engine's sockets and the front-ends' crop arenas, in shared memory where there is some.
         workdir = tempfile.mkdtemp(prefix="mame-engine-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
         channel_socket = os.path.join(workdir, "channel.sock")
@@ -135,10 +159,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not frontends:
         server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, **options,
                                                http=head_timeout_protocol(config.limits.request_timeout_s)))
-        server.run()
+        log.info("listening on http://%s:%d", settings.host, public.getsockname()[1])  # uvicorn says not, given a socket
+        server.run(sockets=[public])
     else:
         engine_socket = os.path.join(workdir, "engine.sock")
-        processes = FrontEndProcesses(frontends, reserved, engine_socket, channel_socket, settings.preprocess_threads,
+        processes = FrontEndProcesses(frontends, public, engine_socket, channel_socket, settings.preprocess_threads,
                                       settings.log_level, graceful_s, crops_dir=workdir,
                                       arena_slots=settings.crop_arena_slots, on_fatal=on_fatal,
                                       request_timeout_s=config.limits.request_timeout_s)
@@ -149,10 +174,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:  # when it did not get as far as its shutdown
             processes.stop()
             shutil.rmtree(workdir, ignore_errors=True)
-    if failure:
+    code = 0
+    if failure and isinstance(failure[0], ConfigError):  # found only when loading (a weights file): as above
+        print(f"mame-serve: {failure[0]}", file=sys.stderr)
+        code = 2
+    elif failure:
         print(f"mame-serve: stopped on a fatal error: {failure[0]}", file=sys.stderr)
-        return 1
-    return 0
+        code = 1
+    if app.state.service.loading:  # finalising the interpreter under the loader thread in torch aborts it
+        logging.shutdown()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

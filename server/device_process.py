@@ -16,21 +16,24 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import shutil
 import signal
+import tempfile
 import threading
 import time
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from queue import SimpleQueue
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.multiprocessing as mp
 
 from mame_core import MergeSettings
 from server.batching import Scheduler, WorkItem
-from server.config import ModelConfig
+from server.config import ConfigError, ModelConfig
 from server.metrics import Metrics
 from server.models import HostTransform, load_model
 from server.worker import (
@@ -72,12 +75,41 @@ class WarmUp:
     max_batch: dict[str, int]
 
 
+def _exit_orphaned(tempdir: str) -> NoReturn:
+    """The server is gone: exit now, removing what it would have removed (it may have been killed)."""
+    shutil.rmtree(tempdir, ignore_errors=True)
+    os._exit(0)
+
+
+def _exit_when_orphaned(parent: int, tempdir: str) -> None:
+    # Killed or stopped while this process loads: otherwise it would load and warm up for nothing, holding
+    # the device, and then fail to say "ready" to no one.
+    while os.getppid() == parent:
+        time.sleep(0.25)
+    _exit_orphaned(tempdir)
+
+
 def _child_main(device_name: str, models: dict[str, ModelConfig], torch_threads: int, warm_up: WarmUp | None,
-                commands: Connection, answers: Connection) -> None:
+                commands: Connection, answers: Connection, parent: int, log_level: int, tempdir: str) -> None:
     # The parent drains on Ctrl-C or SIGTERM and then stops this process; were it to die with the parent's
-    # signal, the batches already accepted would be lost. It also ends when the parent dies (end of the pipe).
+    # signal, the batches already accepted would be lost. It ends when the parent dies (end of the pipe, or
+    # a new parent process id while it loads).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # As the server logs (a spawned child has no handler: only bare WARNING lines would show).
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s[device %(process)d]: %(message)s")
+    # multiprocessing's temp dir here (the listener that hands the slabs over) is one the server made, and
+    # removes when this process is killed and cannot. Set where multiprocessing.util.get_temp_dir looks for
+    # it: a dir inside it would lengthen the listener's path, which must fit in 107 bytes.
+    mp.current_process()._config["tempdir"] = tempdir
+    threading.Thread(target=_exit_when_orphaned, args=(parent, tempdir), name="orphan-watch", daemon=True).start()
+
+    def send(message: tuple) -> None:
+        try:
+            answers.send(message)
+        except BrokenPipeError:  # the server is gone
+            _exit_orphaned(tempdir)
+
     torch.set_num_threads(torch_threads)
     try:
         device = torch.device(device_name)
@@ -99,18 +131,21 @@ def _child_main(device_name: str, models: dict[str, ModelConfig], torch_threads:
                 for settings in warm_up.variants[name]:
                     for size in warm_up_sizes(device, warm_up.max_batch[name]):
                         infer(dm, settings, torch.randint(0, 256, (size, *dm.input_size), dtype=torch.uint8), 1)
-        answers.send(("ready", described, slabs))
+        send(("ready", described, slabs))
+    except ConfigError as exc:  # e.g. a weights file that does not load: the parent says so in one line
+        send(("config", str(exc)))
+        return
     except Exception as exc:  # noqa: BLE001 - any load failure is reported to the parent, which refuses to start
-        answers.send(("failed", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+        send(("failed", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
         return
 
     while True:
         try:
             message = commands.recv()
         except EOFError:  # the parent is gone
-            return
+            _exit_orphaned(tempdir)
         if message[0] == "stop":
-            answers.send(("stopped",))
+            send(("stopped",))
             return
         _, slab, name, settings, size, top_k, channels_last = message
         dm = placed[name]
@@ -124,10 +159,11 @@ def _child_main(device_name: str, models: dict[str, ModelConfig], torch_threads:
             return outputs, time.monotonic() - started
 
         try:
-            answers.send(("done", slab, split_on_oom(run, 0, size, device)))
+            answer = ("done", slab, split_on_oom(run, 0, size, device))
         except Exception as exc:
             log.exception("device process %s: a batch of %d failed", device, size)  # the traceback, here
-            answers.send(("error", slab, f"{type(exc).__name__}: {exc}"))
+            answer = ("error", slab, f"{type(exc).__name__}: {exc}")
+        send(answer)
 
 
 class ProcessWorker:
@@ -149,6 +185,7 @@ class ProcessWorker:
         self._stopping = False
         self._dead: DeviceProcessError | None = None
         self._process = None
+        self._tempdir = ""
         self._feeder = threading.Thread(target=self._feed, name=f"feeder-{device}", daemon=True)
         self._receiver = threading.Thread(target=self._receive, name=f"receiver-{device}", daemon=True)
 
@@ -162,9 +199,11 @@ class ProcessWorker:
         ctx = mp.get_context("spawn")  # never fork a process that holds threads (and maybe CUDA)
         command_in, command_out = ctx.Pipe(duplex=False)
         answer_in, answer_out = ctx.Pipe(duplex=False)
+        self._tempdir = tempfile.mkdtemp(prefix="pymp-")  # the child's multiprocessing temp dir
         self._process = ctx.Process(
             target=_child_main, name=f"mame-device-{self.device}", daemon=True,
-            args=(str(self.device), self.models, self.torch_threads, warm_up, command_in, answer_out))
+            args=(str(self.device), self.models, self.torch_threads, warm_up, command_in, answer_out, os.getpid(),
+                  log.getEffectiveLevel(), self._tempdir))  # the server's --log-level
         self._process.start()
         command_in.close()
         answer_out.close()
@@ -173,24 +212,40 @@ class ProcessWorker:
     def wait_loaded(self, timeout_s: float = 3600.0) -> dict[str, ModelDescription]:
         """Wait until the child has loaded and warmed up its models; what it loaded."""
         deadline = time.monotonic() + timeout_s
-        while not self._answers.poll(0.5):
-            if not self._process.is_alive():
-                raise DeviceProcessError(f"the device process for {self.device} exited with "
-                                         f"{self._process.exitcode} while loading")
-            if time.monotonic() > deadline:
-                self._process.kill()
-                raise DeviceProcessError(f"the device process for {self.device} did not load in {timeout_s} s")
         try:
+            while not self._answers.poll(0.5):
+                if not self._process.is_alive():
+                    raise DeviceProcessError(f"the device process for {self.device} exited with "
+                                             f"{self._process.exitcode} while loading")
+                if time.monotonic() > deadline:
+                    raise DeviceProcessError(f"the device process for {self.device} did not load in {timeout_s} s")
             message = self._answers.recv()
         except EOFError:
+            self.end(10)
             raise DeviceProcessError(f"the device process for {self.device} exited while loading") from None
+        except DeviceProcessError:
+            self.end(0)
+            raise
+        if message[0] == "config":
+            self.end(10)
+            raise ConfigError(message[1])
         if message[0] == "failed":
-            self._process.join(10)
+            self.end(10)
             raise DeviceProcessError(f"{message[1]}\n(device process {self.device}) {message[2]}")
         _, self.described, self._slabs = message
         for slab in range(len(self._slabs)):
             self._free.put(slab)
         return self.described
+
+    def end(self, timeout_s: float = 0) -> None:
+        """Wait up to timeout_s for the child to exit, then kill it; remove its temp dir."""
+        if self._process is not None:
+            self._process.join(timeout_s)
+            if self._process.is_alive():
+                self._process.kill()
+                self._process.join(5)
+        if self._tempdir:
+            shutil.rmtree(self._tempdir, ignore_errors=True)
 
     def start(self) -> None:
         self._receiver.start()
@@ -241,10 +296,7 @@ class ProcessWorker:
             self._commands.send(("stop",))
         except (OSError, ValueError):
             pass
-        if self._process is not None:
-            self._process.join(STOP_TIMEOUT_S)
-            if self._process.is_alive():
-                self._process.kill()
+        self.end(STOP_TIMEOUT_S)
         log.info("worker %s: queue drained, device process stopped", self.device)
 
     def _receive(self) -> None:
@@ -266,8 +318,7 @@ class ProcessWorker:
                 fail_batch(items, message[2], self.device)
             self._free.put(slab)
         # The pipe ended without a "stopped": the child died (killed, out of host memory, a crash).
-        if self._process is not None:
-            self._process.join(1)  # reaped, so that its exit code is known
+        self.end(1)  # reaped, so that its exit code is known; its temp dir removed
         exitcode = self._process.exitcode if self._process is not None else None
         dead = DeviceProcessError(f"the device process for {self.device} died (exit code {exitcode})")
         log.error("%s", dead)

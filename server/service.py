@@ -13,7 +13,7 @@ import torch
 
 from mame_core import MergeSettings
 from server.batching import Scheduler, WorkItem
-from server.config import ServingConfig
+from server.config import ConfigError, ServingConfig
 from server.decode_process import DecodeProcesses
 from server.device_process import ModelDescription, ProcessWorker, WarmUp
 from server.imaging import decode_image
@@ -92,6 +92,13 @@ class InferenceService:
         self.ready = threading.Event()
         self.failed: BaseException | None = None
         self._loader: threading.Thread | None = None
+        self._spawned: list[ProcessWorker] = []  # device processes, loaded or still loading
+        self._stopping = False
+        self._lock = threading.Lock()  # stop() against the loader's starting the workers
+
+    @property
+    def loading(self) -> bool:
+        return self._loader is not None and self._loader.is_alive()
 
     def start(self, on_failure=None) -> None:
         self._on_failure = on_failure
@@ -99,7 +106,13 @@ class InferenceService:
             try:
                 self._load_and_start()
             except BaseException as exc:
-                log.exception("loading the models failed")
+                if self._stopping:  # stop() ended the loading (the server stops): nothing failed
+                    log.info("loading stopped: the server is stopping")
+                    return
+                if isinstance(exc, ConfigError):  # the config's fault: one line, as for the checks before loading
+                    log.error("loading the models failed: %s", exc)
+                else:
+                    log.exception("loading the models failed")
                 self.failed = exc
                 if on_failure is not None:
                     on_failure(exc)
@@ -119,7 +132,7 @@ class InferenceService:
         described: dict[str, ModelDescription] = {}
         remote = self._start_device_processes(devices_of, all_devices, variants, max_batch, described)
         local = self._load_in_process(devices_of, all_devices, variants, max_batch, described)
-        self.workers = [*remote, *local]
+        workers = [*remote, *local]
         for name, cfg in self.config.models.items():
             devices, d = devices_of[name], described[name]
             dtypes = {str(resolve_dtype(cfg.dtype, device)).removeprefix("torch.") for device in devices}
@@ -130,12 +143,16 @@ class InferenceService:
             self.metrics.model_info.labels(name, cfg.arch, info.weights, info.device_label, info.dtype).set(1)
             log.info("model %s: %s, weights %s, on %s (%s)", name, cfg.arch, info.weights,
                      info.device_label, info.dtype)
-        if self.decode_processes == "on" or (self.decode_processes == "auto" and any(
-                d.type == "cuda" for d in all_devices)):
-            self._decoders = DecodeProcesses(self.transforms, self.preprocess_threads)
-        for worker in self.workers:
-            worker.start()
-        self.ready.set()
+        with self._lock:
+            if self._stopping:  # stop() came while loading and has ended the device processes: start nothing
+                return
+            if self.decode_processes == "on" or (self.decode_processes == "auto" and any(
+                    d.type == "cuda" for d in all_devices)):
+                self._decoders = DecodeProcesses(self.transforms, self.preprocess_threads)
+            self.workers = workers
+            for worker in self.workers:
+                worker.start()
+            self.ready.set()
         log.info("ready: %d model(s) on %d worker(s) (%d in a device process), decoding in %s, after %.1f s",
                  len(self.models), len(self.workers), len(remote),
                  f"{self.preprocess_threads} processes" if self._decoders else "threads", time.monotonic() - started)
@@ -149,7 +166,12 @@ class InferenceService:
             names = [name for name, devices in devices_of.items() if device in devices]
             worker = ProcessWorker(device, {name: self.config.models[name] for name in names}, self.scheduler,
                                    self.metrics, self.torch_threads, on_death=self._on_death)
-            worker.spawn(WarmUp({n: list(variants[n].values()) for n in names}, max_batch) if self.warmup else None)
+            with self._lock:  # so that stop() ends every one it spawned
+                if self._stopping:
+                    raise RuntimeError("the server is stopping")
+                worker.spawn(WarmUp({n: list(variants[n].values()) for n in names}, max_batch) if self.warmup
+                             else None)
+                self._spawned.append(worker)
             spawned.append(worker)
         for worker in spawned:
             for name, description in worker.wait_loaded().items():
@@ -207,6 +229,11 @@ class InferenceService:
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Stop taking work, let the workers answer everything queued, then return."""
+        with self._lock:
+            self._stopping = True
+            loading = [worker for worker in self._spawned if worker not in self.workers]
+        for worker in loading:  # still loading: nothing to answer, and they must not outlive the server
+            worker.end()
         self.scheduler.close()
         for worker in self.workers:
             worker.join(timeout_s)
