@@ -229,6 +229,11 @@ class FrontEnd:
         except ApiError as exc:
             await respond_error(send, exc, request_id)
             return
+        except Exception:  # a bug (or a plan the engine could not give): the contract's 500, not uvicorn's text
+            log.exception("request %s failed in the front-end", request_id)
+            await respond_error(send, internal(f"unexpected front-end error; the server log has request {request_id}"),
+                                request_id)
+            return
         # HEAD: the engine's content-length, that of the GET (the body is not sent)
         length = next((int(v) for k, v in answer_headers if k.lower() == b"content-length"), 0) \
             if scope["method"] == "HEAD" else None

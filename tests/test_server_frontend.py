@@ -352,6 +352,37 @@ def test_a_request_h11_refuses_to_pass_on_is_a_400_not_an_unreachable_engine():
     assert start["status"] == 400 and json.loads(body["body"])["error"] == "http_error"
 
 
+def test_a_front_end_error_nothing_else_answers_is_the_contracts_500():
+    # The engine could not give its plan (a 500 of its own): raise_for_status's error went to uvicorn, which
+    # answered text/plain without an id.
+    def broken_plan(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(500, json={"error": "internal"})
+
+    async def call() -> list[dict]:
+        front, sent = FrontEnd("/nonexistent/engine.sock", "/nonexistent/channel.sock", threads=1), []
+        front.engine = httpx.AsyncClient(transport=httpx.MockTransport(broken_plan), base_url="http://engine")
+        scope = {"type": "http", "method": "POST", "path": "/v1/classify", "raw_path": b"/v1/classify",
+                 "query_string": b"", "headers": [(b"host", b"x"), (b"x-request-id", b"plan-1")], "scheme": "http",
+                 "server": ("127.0.0.1", 8000)}
+
+        async def receive() -> dict:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        try:
+            await front(scope, receive, send)
+        finally:
+            await front.engine.aclose()
+            front.pool.shutdown()
+        return sent
+
+    start, body = asyncio.run(call())
+    answer = json.loads(body["body"])
+    assert start["status"] == 500 and answer["error"] == "internal" and answer["request_id"] == "plan-1"
+
+
 def test_an_admin_body_over_the_cap_is_refused_for_its_token_first(server):
     """One process checks the admin token before it reads the body (docs/ab_testing.md): 401/403, not 413."""
     url, big = f"{server.url}/v1/admin/experiments", b'{"pad": "' + b"x" * (2 << 20) + b'"}'
