@@ -10,8 +10,9 @@
 #     bench      mame-bench ViT-B/16 batch 256, fp16 and bf16 (MaMe vs ToMe vs unmerged)
 # Each serve part takes ~1-2 minutes (model load and warm-up included), bench ~3: a lent machine's 15 minutes
 # fit `serve16 fe8 serve1` in one call, the rest in a second.
-# SMOKE=1 runs every part on the CPU with tiny models and 1 s windows (tests/test_bench_serving.py does, so
-# that a lent machine's minutes are not spent finding a broken flag). PYTHON: the interpreter (python3).
+# SMOKE=1 runs every part on the CPU with 1 s windows, with tiny models except `memory`, which loads the
+# default config's ViT-B on the CPU (tests/test_bench_serving.py does, so that a lent machine's minutes are
+# not spent finding a broken flag). PYTHON: the interpreter (python3).
 set -u -o pipefail  # a benchmark that fails fails its part, tee or not
 out=${OUT:-gpu-figures}
 py=${PYTHON:-python3}

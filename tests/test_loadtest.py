@@ -480,3 +480,14 @@ def test_locust_refuses_bad_options_at_start() -> None:
             check=False, capture_output=True, text=True, timeout=60, env=env, cwd=root)
         assert result.returncode == 2, result.stderr
         assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_locust_variant_weights_are_positive_finite_numbers_and_names_are_trimmed():
+    from loadtest.variants import parse_weighted_variants
+
+    assert parse_weighted_variants(" baseline:1, mame-0.9:2 ,") == {"baseline": 1.0, "mame-0.9": 2.0}
+    assert parse_weighted_variants(" a :3") == {"a": 3.0}  # " a " was sent as a variant name: a 404
+    assert parse_weighted_variants("") == {}
+    for bad in ("a:nan", "a:inf", "a:0", "a:-1", ":2", "a:x"):  # nan and inf passed, then every task failed
+        with pytest.raises(ValueError):
+            parse_weighted_variants(bad)

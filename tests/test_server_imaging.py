@@ -108,9 +108,20 @@ def test_pixel_limit_is_checked_before_decoding():
     # A 12000 x 12000 bilevel PNG is tiny compressed but 430 MB decoded: refused from its header alone.
     err = expect_error(encode(Image.new("1", (12000, 12000)), "PNG"), 413, "too_large", limit=LIMIT)
     assert "12000x12000" in err.detail
-    # Past PIL's own bomb limit, PIL refuses it while reading the header: still a 413.
+    # Past PIL's own bomb limit (~179 M pixels): ours is the only limit, whichever is larger.
     expect_error(encode(Image.new("1", (20000, 20000)), "PNG"), 413, "too_large", limit=LIMIT)
     expect_error(encode(rgb_gradient(200, 100), "PNG"), 413, "too_large", limit=19_999)
+    # A config allowing more than PIL's limit decodes such a picture (PIL used to refuse it: a 413 saying
+    # "over the limit of 200000000 pixels" for 190 M). A 1-bit 19000 x 10000 PNG: 24 MB decoded.
+    assert decode_image(encode(Image.new("1", (19000, 10000)), "PNG"), 200_000_000).size == (19000, 10000)
+
+
+def test_an_image_pil_cannot_decode_is_400_whatever_pil_raises():
+    # A 4x4 DDS whose pixel format flags PIL does not know: PIL raises NotImplementedError, which was a 500.
+    header = (b"DDS " + (124).to_bytes(4, "little") + (0x1007).to_bytes(4, "little") + (4).to_bytes(4, "little")
+              + (4).to_bytes(4, "little") + bytes(4 * 14) + (32).to_bytes(4, "little")
+              + (0x80000000).to_bytes(4, "little") + b"ZZZZ" + bytes(4 * 10))
+    expect_error(header + bytes(64), 400, "bad_image")
 
 
 @pytest.mark.parametrize("content_type", ["image/jpeg", "image/png; charset=x", "IMAGE/WEBP",
