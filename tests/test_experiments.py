@@ -553,15 +553,18 @@ def test_compare_top1():
         compare_top1(Top1(1, 0.5), Top1(1, 1.5))
 
 
-def test_identical_variants_give_shadow_agreement_1():
+def test_shadow_report_counts_agreements_and_probability_differences():
     reg = make_registry(e=ab({"mame-0.8": 1.0}, shadow={"variant": "baseline", "rate": 1.0}))
-    for key in KEYS[:200]:
+    for i, key in enumerate(KEYS[:200]):
         a = reg.choose(headers=user(key))
         assert a.shadow_variant == "baseline"
-        top = Top1(random.Random(key).randrange(1000), 0.42)
-        reg.record_shadow(a, compare_top1(top, top))  # identical models give identical top-1
+        reference = Top1(random.Random(key).randrange(1000), 0.5)
+        # one in four disagrees, its top-1 probability 0.25 away; the rest are the reference's own answer
+        served = Top1(reference.index + 1, 0.25) if i % 4 == 0 else reference
+        reg.record_shadow(a, compare_top1(served, reference))
     shadow = reg.report("e")["variants"]["mame-0.8"]["shadow"]
-    assert shadow == {"comparisons": 200, "agreements": 200, "agreement": 1.0, "mean_top1_prob_abs_diff": 0.0}
+    assert shadow == {"comparisons": 200, "agreements": 150, "agreement": 0.75,
+                      "mean_top1_prob_abs_diff": pytest.approx(50 * 0.25 / 200)}
 
 
 def test_shadow_plan_follows_rate_and_skips_the_reference_itself():

@@ -160,6 +160,19 @@ def test_bad_requests_and_vanishing_clients_do_not_disturb_good_ones_in_flight(s
     assert httpx.get(f"{server.url}/readyz").status_code == 200
 
 
+def test_a_clients_x_mame_headers_are_dropped_not_trusted(server, images):
+    # The server's processes tell each other about a request with x-mame-* headers (an error a front-end
+    # met, where its crops are, when it started); a client sending them must change nothing.
+    spoofed = {"x-mame-error": '{"status": 400, "code": "bad_image", "detail": "spoofed"}',
+               "x-mame-crops-at": "/etc/passwd 1", "x-mame-started": "0", "x-mame-images": "7",
+               "x-mame-model": "nope", "x-mame-multipart": "1", "content-type": "image/png"}
+    plain = httpx.post(f"{server.url}/v1/classify", content=images["shapes"], headers={"content-type": "image/png"})
+    answer = httpx.post(f"{server.url}/v1/classify", content=images["shapes"], headers=spoofed)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["predictions"] == plain.json()["predictions"]
+    assert answer.json()["timings_ms"]["total"] < 60_000  # x-mame-started: 0 would make it hours
+
+
 def test_each_bad_input_gets_its_status_and_code(server, images):
     good = images["shapes"]
     truncated_jpeg = io.BytesIO()

@@ -194,3 +194,35 @@ def test_a_killed_device_process_leaves_nothing_in_the_temp_dir(tmp_path):
         device_process(server.proc.pid).kill()
         assert server.proc.wait(timeout=30) == 1
     assert not leftovers(tmp), leftovers(tmp)
+
+
+def test_requests_while_the_models_load_get_not_ready_and_a_retry_after(tmp_path):
+    """The port is open before the models are: a request then is a 503 `not_ready` with Retry-After, /readyz
+    says loading, /v1/models lists nothing yet and says so; once ready, the same request is answered."""
+    config = tiny_config()
+    config["models"]["tiny"].update(arch="vit_base_patch16_224", model_kwargs={})  # seconds to build and warm
+    image = sample_images()["shapes"]
+    with started(tmp_path, config, args=LAYOUTS["in-process"]) as proc:
+        base = f"http://127.0.0.1:{proc.args[proc.args.index('--port') + 1]}"
+        deadline, loading = time.monotonic() + 120, None
+        while loading is None and time.monotonic() < deadline:
+            try:
+                readyz = httpx.get(f"{base}/readyz", timeout=5)
+            except httpx.TransportError:  # not listening yet
+                time.sleep(0.02)
+                continue
+            assert readyz.status_code == 503, "ready before one request could see it loading"
+            loading = readyz.json()
+        assert loading == {"status": "loading"}
+        refused = httpx.post(f"{base}/v1/classify", content=image, headers={"content-type": "image/png"}, timeout=30)
+        assert (refused.status_code, refused.json()["error"]) == (503, "not_ready"), refused.text
+        assert int(refused.headers["retry-after"]) >= 1
+        models = httpx.get(f"{base}/v1/models", timeout=5).json()
+        assert models["models"] == [] and models["ready"] is False
+        while httpx.get(f"{base}/readyz", timeout=5).status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        answered = httpx.post(f"{base}/v1/classify", content=image, headers={"content-type": "image/png"},
+                              timeout=60)
+        assert answered.status_code == 200, answered.text
+        counted = httpx.get(f"{base}/metrics", timeout=5).text
+        assert 'status="503"' in counted and 'model="tiny"' in counted
