@@ -362,8 +362,9 @@ def test_send_lag_shows_the_wait_for_a_pooled_connection(slow_url: str, tmp_path
     assert report["total"]["ok"] == 4
     lag_ms, worst_ms = report["max_send_lag_ms"], report["total"]["latency_ms"]["max"]
     assert lag_ms > 2.5 * SLOW_S * 1000
-    # The slowest request's latency is its wait in the client plus one server answer, no more.
-    assert SLOW_S * 1000 - 20 < worst_ms - lag_ms < SLOW_S * 1000 + 150
+    # The slowest request's latency is its wait in the client plus one server answer, no more (the upper
+    # margin is for a loaded machine: the old code fails the lag bound above by 500 ms).
+    assert SLOW_S * 1000 - 20 < worst_ms - lag_ms < SLOW_S * 1000 + 400
     footer = capsys.readouterr().out.splitlines()[-2:]
     assert f"max client send lag {lag_ms:.1f} ms" in footer[0]
     assert footer[1].startswith("note: a request waited up to") and "--max-connections" in footer[1]
@@ -379,8 +380,9 @@ def test_timeout_bounds_the_wait_for_a_pooled_connection(slow_url: str, tmp_path
     report = json.loads(out.read_text())
     total = report["total"]
     assert 1 <= total["ok"] <= 2 and total["errors"] == {"pool_timeout": 5 - total["ok"]}
-    assert total["latency_ms"]["max"] < (0.3 + SLOW_S) * 1000 + 200
-    assert 300 <= report["max_send_lag_ms"] < 450  # the give-ups waited the whole --timeout
+    # Unbounded, the last would wait for the four answers before it (1,000 ms); the margin is for a loaded machine.
+    assert total["latency_ms"]["max"] < (0.3 + SLOW_S) * 1000 + 350
+    assert 300 <= report["max_send_lag_ms"] < 800  # the give-ups waited the whole --timeout
 
 
 def test_max_connections_below_one_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
