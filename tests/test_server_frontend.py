@@ -11,6 +11,7 @@ import re
 import shutil
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -325,15 +326,15 @@ def test_header_values_with_trailing_whitespace_are_answered_as_in_one_process(s
     assert unknown.startswith(b"HTTP/1.1 404") and b'"error":"unknown_model"' in unknown, unknown
 
 
-def test_a_request_h11_refuses_to_pass_on_is_a_400_not_an_unreachable_engine():
-    def refuse(request: httpx.Request) -> httpx.Response:
-        raise httpx.LocalProtocolError("Illegal header value")
-
+def front_end_answer(engine: Callable[[httpx.Request], httpx.Response], method: str, path: str,
+                     headers: list[tuple[bytes, bytes]]) -> tuple[dict, dict]:
+    """One request through a FrontEnd whose engine is `engine` (an httpx handler): the answer's start and body
+    messages. For engine failures a real engine does not produce on demand."""
     async def call() -> list[dict]:
         front, sent = FrontEnd("/nonexistent/engine.sock", "/nonexistent/channel.sock", threads=1), []
-        front.engine = httpx.AsyncClient(transport=httpx.MockTransport(refuse), base_url="http://engine")
-        scope = {"type": "http", "method": "GET", "path": "/healthz", "raw_path": b"/healthz", "query_string": b"",
-                 "headers": [(b"host", b"x")], "scheme": "http", "server": ("127.0.0.1", 8000)}
+        front.engine = httpx.AsyncClient(transport=httpx.MockTransport(engine), base_url="http://engine")
+        scope = {"type": "http", "method": method, "path": path, "raw_path": path.encode(), "query_string": b"",
+                 "headers": [(b"host", b"x"), *headers], "scheme": "http", "server": ("127.0.0.1", 8000)}
 
         async def receive() -> dict:
             return {"type": "http.request", "body": b"", "more_body": False}
@@ -349,6 +350,14 @@ def test_a_request_h11_refuses_to_pass_on_is_a_400_not_an_unreachable_engine():
         return sent
 
     start, body = asyncio.run(call())
+    return start, body
+
+
+def test_a_request_h11_refuses_to_pass_on_is_a_400_not_an_unreachable_engine():
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.LocalProtocolError("Illegal header value")
+
+    start, body = front_end_answer(refuse, "GET", "/healthz", [])
     assert start["status"] == 400 and json.loads(body["body"])["error"] == "http_error"
 
 
@@ -358,27 +367,7 @@ def test_a_front_end_error_nothing_else_answers_is_the_contracts_500():
     def broken_plan(request: httpx.Request) -> httpx.Response:
         return httpx.Response(500, json={"error": "internal"})
 
-    async def call() -> list[dict]:
-        front, sent = FrontEnd("/nonexistent/engine.sock", "/nonexistent/channel.sock", threads=1), []
-        front.engine = httpx.AsyncClient(transport=httpx.MockTransport(broken_plan), base_url="http://engine")
-        scope = {"type": "http", "method": "POST", "path": "/v1/classify", "raw_path": b"/v1/classify",
-                 "query_string": b"", "headers": [(b"host", b"x"), (b"x-request-id", b"plan-1")], "scheme": "http",
-                 "server": ("127.0.0.1", 8000)}
-
-        async def receive() -> dict:
-            return {"type": "http.request", "body": b"", "more_body": False}
-
-        async def send(message: dict) -> None:
-            sent.append(message)
-
-        try:
-            await front(scope, receive, send)
-        finally:
-            await front.engine.aclose()
-            front.pool.shutdown()
-        return sent
-
-    start, body = asyncio.run(call())
+    start, body = front_end_answer(broken_plan, "POST", "/v1/classify", [(b"x-request-id", b"plan-1")])
     answer = json.loads(body["body"])
     assert start["status"] == 500 and answer["error"] == "internal" and answer["request_id"] == "plan-1"
 
