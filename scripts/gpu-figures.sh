@@ -10,20 +10,21 @@
 #     bench      mame-bench ViT-B/16 batch 256, fp16 and bf16 (MaMe vs ToMe vs unmerged)
 # Each serve part takes ~1-2 minutes (model load and warm-up included), bench ~3: a lent machine's 15 minutes
 # fit `serve16 fe8 serve1` in one call, the rest in a second.
-# SMOKE=1 runs every part on the CPU with 1 s windows, with tiny models except `memory`, which loads the
-# default config's ViT-B on the CPU (tests/test_bench_serving.py does, so that a lent machine's minutes are
-# not spent finding a broken flag). PYTHON: the interpreter (python3).
+# SMOKE=1 runs every part on the CPU with tiny models and 1 s windows (`memory` with the sweep's ViT-Ti
+# config; tests/test_bench_serving.py does, so that a lent machine's minutes are not spent finding a broken
+# flag). PYTHON: the interpreter (python3).
 set -u -o pipefail  # a benchmark that fails fails its part, tee or not
 out=${OUT:-gpu-figures}
 py=${PYTHON:-python3}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 # Appended to each command (argparse keeps the last value of a flag): the CPU stand-ins of SMOKE=1.
-smoke_serve=() smoke_latency=() smoke_bench=()
+smoke_serve=() smoke_latency=() smoke_bench=() smoke_memory=()
 if [ -n "${SMOKE:-}" ]; then
   cpu=(--near-free --device cpu --dtype float32 --threads 1)
   smoke_serve=("${cpu[@]}" --seconds 1 --rounds 1 --client-processes 1 --concurrency 4 --preprocess-threads 1)
   smoke_latency=("${cpu[@]}" --requests 3)
+  smoke_memory=(--config loadtest/configs/sweep-vit-tiny.yaml)  # ViT-Ti: the default config's ViT-B took ~40 s
   smoke_bench=(--device cpu --arch vit_tiny_patch16_224 --batch-size 2 --rounds 1 --iters 1 --warmup 0
                --model-kwargs '{"img_size": 64, "patch_size": 16, "embed_dim": 64, "depth": 4, "num_heads": 2}')
 else
@@ -57,8 +58,8 @@ part() {
       $py -m server.bench_serving latency --arch vit_base_patch16_224 --device cuda --dtype float16 --requests 30 \
         "${smoke_latency[@]}" 2>&1 | tee "$out/latency.txt" ;;
     memory)
-      echo "=== memory, default config"
-      $py -m server.bench_serving memory 2>&1 | tee "$out/memory.txt" ;;
+      echo "=== memory (the default config; SMOKE=1: the sweep config)"
+      $py -m server.bench_serving memory "${smoke_memory[@]}" 2>&1 | tee "$out/memory.txt" ;;
     bench)
       for dtype in float16 bfloat16; do
         echo "=== mame-bench ViT-B/16, batch 256, $dtype"
