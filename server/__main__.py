@@ -7,7 +7,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -69,24 +68,11 @@ def resolve_http_processes(setting: str | int, config: ServingConfig) -> int:
         return int(setting)
     try:
         devices = [d for cfg in config.models.values() for d in resolve_devices(cfg.device)]
-    except ValueError:  # a device that is not there: loading the models says so, and the server stops
+    except ValueError:  # a device that is not there: check_models (or loading) says so, and the server stops
         return 0
     if not any(d.type == "cuda" for d in devices):
         return 0
     return min(8, max(1, available_cpus() // 4))
-
-
-def public_socket(host: str, port: int) -> socket.socket:
-    """The HTTP socket of the one-process layout, bound before the models load; uvicorn listens on it. Not
-    SO_REUSEPORT, unlike the front-ends' port_socket: nothing else may listen there."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart despite TIME_WAIT
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    return sock
 
 
 def available_cpus() -> int:
@@ -137,8 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Bound before anything loads: a port in use is one line and exit 2 in every layout. With front-ends it is
     # held here (not listening) and each front-end listens on it too (SO_REUSEPORT).
     try:
-        public = port_socket(settings.host, settings.port, listen=False) if frontends \
-            else public_socket(settings.host, settings.port)
+        public = port_socket(settings.host, settings.port, listen=False, shared=bool(frontends))
     except OSError as exc:
         print(f"mame-serve: cannot listen on {settings.host}:{settings.port}: {exc}", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ from server.imaging import check_content_type
 from server.multipart import MultipartError, TooManyParts, parse_multipart
 
 T = TypeVar("T")
+OTHER_FIELDS = 16  # multipart parts beside the files that a request may hold: a cap on parsing work
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
@@ -42,10 +43,10 @@ def image_payloads(content_type: str, body: bytes, max_files: int) -> tuple[list
         return [("body", body)], False
 
     try:
-        parts = parse_multipart(body, content_type, max_parts=max_files + 16)
-    except TooManyParts:  # files and other fields together: a cap on parsing work, whatever the fields are
-        raise too_large(f"too many multipart parts in one request (limit {max_files + 16}: "
-                        f"{max_files} files and 16 other fields)") from None
+        parts = parse_multipart(body, content_type, max_parts=max_files + OTHER_FIELDS)
+    except TooManyParts:
+        raise too_large(f"too many multipart parts in one request (limit {max_files + OTHER_FIELDS}: "
+                        f"{max_files} files and {OTHER_FIELDS} other fields)") from None
     except MultipartError as exc:
         raise bad_image(f"malformed multipart body: {exc}") from None
     # A `file` field without a filename is an image too (`curl -F 'file=<cat.jpg'` sends one).
