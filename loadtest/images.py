@@ -82,7 +82,9 @@ def load_images(directory: Path | None) -> list[ImagePayload]:
 
 def _gradient(size: int, rng: random.Random) -> Image.Image:
     image = Image.linear_gradient("L").resize((size, size)).convert("RGB")
-    return Image.merge("RGB", (image.getchannel(0), image.getchannel(0).rotate(90), Image.new("L", image.size, 90)))
+    return Image.merge(
+        "RGB", (image.getchannel(0), image.getchannel(0).rotate(90), Image.new("L", image.size, 90))
+    )
 
 
 def _checkerboard(size: int, rng: random.Random) -> Image.Image:
@@ -92,7 +94,9 @@ def _checkerboard(size: int, rng: random.Random) -> Image.Image:
     for row in range(8):
         for col in range(8):
             if (row + col) % 2:
-                draw.rectangle([col * cell, row * cell, (col + 1) * cell - 1, (row + 1) * cell - 1], fill="black")
+                draw.rectangle(
+                    [col * cell, row * cell, (col + 1) * cell - 1, (row + 1) * cell - 1], fill="black"
+                )
     return image
 
 

@@ -86,7 +86,9 @@ class RequestSpec:
     images: tuple[ImagePayload, ...]
 
 
-def poisson_offsets(rate_rps: float, max_requests: int, duration_s: float, rng: random.Random) -> Iterator[float]:
+def poisson_offsets(
+    rate_rps: float, max_requests: int, duration_s: float, rng: random.Random
+) -> Iterator[float]:
     """Send times (seconds after start) of a Poisson process at `rate_rps`: exponential gaps, the first
     at t=0; stops at `max_requests` times or at `duration_s`, whichever comes first."""
     if rate_rps <= 0:
@@ -99,7 +101,9 @@ def poisson_offsets(rate_rps: float, max_requests: int, duration_s: float, rng: 
         t += rng.expovariate(rate_rps)
 
 
-def request_specs(target: Target, images: Sequence[ImagePayload], rng: random.Random) -> Iterator[RequestSpec]:
+def request_specs(
+    target: Target, images: Sequence[ImagePayload], rng: random.Random
+) -> Iterator[RequestSpec]:
     """Endless requests: variants drawn uniformly (so each variant's arrivals stay Poisson), a random
     user key when an experiment assigns variants, images in turn (`images_per_request` of them each)."""
     per_request = target.images_per_request
@@ -107,7 +111,9 @@ def request_specs(target: Target, images: Sequence[ImagePayload], rng: random.Ra
         variant = rng.choice(target.variants) if target.variants else None
         user_key = f"user-{rng.randrange(target.users)}" if target.experiment else None
         first = index * per_request
-        yield RequestSpec(variant, user_key, tuple(images[(first + i) % len(images)] for i in range(per_request)))
+        yield RequestSpec(
+            variant, user_key, tuple(images[(first + i) % len(images)] for i in range(per_request))
+        )
 
 
 def read_answer(status_code: int, body: Any, requested_variant: str | None) -> dict[str, Any]:
@@ -155,7 +161,12 @@ class Progress:
 
 
 async def send_one(
-    client: httpx.AsyncClient, target: Target, spec: RequestSpec, intended: float, start: float, progress: Progress,
+    client: httpx.AsyncClient,
+    target: Target,
+    spec: RequestSpec,
+    intended: float,
+    start: float,
+    progress: Progress,
     timeout_s: float,
 ) -> Outcome:
     """One request; latency runs from `intended` (the schedule), so a late send still counts. The send
@@ -229,8 +240,11 @@ async def _open_loop(client, target, plan, specs, start, progress) -> list[Outco
         delay = start + offset - loop.time()
         if delay > 0:
             await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(send_one(client, target, next(specs), start + offset, start, progress,
-                                                  plan.timeout_s)))
+        tasks.append(
+            asyncio.create_task(
+                send_one(client, target, next(specs), start + offset, start, progress, plan.timeout_s)
+            )
+        )
     return list(await asyncio.gather(*tasks))
 
 
@@ -265,7 +279,9 @@ async def run_load(
     """Send the plan's requests and return what happened to each of them."""
     if not images:
         raise ValueError("no images to send")
-    limits = httpx.Limits(max_connections=plan.max_connections, max_keepalive_connections=plan.max_connections)
+    limits = httpx.Limits(
+        max_connections=plan.max_connections, max_keepalive_connections=plan.max_connections
+    )
     specs = request_specs(target, images, random.Random(plan.seed + 1))
     progress = Progress()
     async with httpx.AsyncClient(base_url=target.url, timeout=plan.timeout_s, limits=limits) as client:
@@ -309,7 +325,9 @@ def settings(target: Target, plan: LoadPlan, images: Sequence[ImagePayload]) -> 
     return {**dataclasses.asdict(target), **dataclasses.asdict(plan), "images": len(images)}
 
 
-def run_report(target: Target, plan: LoadPlan, images: Sequence[ImagePayload], show_progress: bool) -> RunReport:
+def run_report(
+    target: Target, plan: LoadPlan, images: Sequence[ImagePayload], show_progress: bool
+) -> RunReport:
     outcomes = asyncio.run(run_load(target, plan, images, show_progress))
     return summarize(outcomes, plan.mode, plan.rate_rps if plan.mode == "open" else None,
                      plan.concurrency if plan.mode == "closed" else None, settings(target, plan, images))
@@ -348,7 +366,11 @@ def run_sweep(
 def _needs(args: argparse.Namespace) -> list[tuple[tuple[str, ...], str, bool]]:
     """Flags that only act with another one: (their dests, what they need, whether it is given)."""
     return [
-        (("sweep_factor", "sweep_steps", "max_p99_ms", "max_error_rate", "min_goodput", "plot"), "--sweep", args.sweep),
+        (
+            ("sweep_factor", "sweep_steps", "max_p99_ms", "max_error_rate", "min_goodput", "plot"),
+            "--sweep",
+            args.sweep,
+        ),
         (("users", "user_header"), "--experiment", bool(args.experiment)),
         (("concurrency",), "--mode closed", args.mode == "closed"),
         (("rate",), "--mode open", args.mode == "open"),
@@ -391,21 +413,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", action="append", metavar="NAME[,NAME...]",
                    help="variant(s) to request, drawn uniformly per request; repeat or comma-separate")
     p.add_argument("--experiment", help="experiment name: the server assigns variants by user key")
-    p.add_argument("--users", type=int, default=1000, help="distinct user keys for an experiment (default: %(default)s)")
-    p.add_argument("--user-header", default="X-User-Id", help="header carrying the user key (default: %(default)s)")
+    p.add_argument(
+        "--users", type=int, default=1000, help="distinct user keys for an experiment (default: %(default)s)"
+    )
+    p.add_argument(
+        "--user-header", default="X-User-Id", help="header carrying the user key (default: %(default)s)"
+    )
     p.add_argument("--images", type=Path, help="directory of images (default: bundled samples)")
     p.add_argument("--top-k", type=int, help="top_k query parameter")
     p.add_argument("--images-per-request", type=int, default=1,
                    help="images per request (several: one multipart request, answered as a list; the report "
                    "adds images/s)")
-    p.add_argument("--mode", choices=("open", "closed"), default="open",
-                   help="open: Poisson arrivals at --rate; closed: --concurrency workers (default: %(default)s)")
+    p.add_argument(
+        "--mode",
+        choices=("open", "closed"),
+        default="open",
+        help="open: Poisson arrivals at --rate; closed: --concurrency workers (default: %(default)s)",
+    )
     p.add_argument("--rate", type=float, default=10.0, help="open loop arrivals per second; sweep start rate")
     p.add_argument("--concurrency", type=int, default=8, help="closed loop workers (default: %(default)s)")
     p.add_argument("--requests", type=int, default=1000, help="most requests to send (per sweep step)")
     p.add_argument("--duration", type=float, default=30.0, help="most seconds of sending (per sweep step)")
-    p.add_argument("--timeout", type=float, default=30.0,
-                   help="seconds for each wait of a request: a pooled connection, connecting, sending, each read")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        help="seconds for each wait of a request: a pooled connection, connecting, sending, each read",
+    )
     p.add_argument("--max-connections", type=int, default=1000,
                    help="client connection pool size (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed for arrivals, variants and users")
@@ -415,13 +449,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress line")
     s = p.add_argument_group("sweep")
     s.add_argument("--sweep", action="store_true", help="step the open-loop rate up for each --variant")
-    s.add_argument("--sweep-factor", type=float, default=1.5, help="rate multiplier per step (default: %(default)s)")
-    s.add_argument("--sweep-steps", type=int, default=12, help="most steps per variant (default: %(default)s)")
+    s.add_argument(
+        "--sweep-factor", type=float, default=1.5, help="rate multiplier per step (default: %(default)s)"
+    )
+    s.add_argument(
+        "--sweep-steps", type=int, default=12, help="most steps per variant (default: %(default)s)"
+    )
     s.add_argument("--max-p99-ms", type=float, default=1000.0, help="stop limit on p99 latency")
     s.add_argument("--max-error-rate", type=float, default=0.01, help="stop limit on the error fraction")
     s.add_argument("--min-goodput", type=float, default=0.9,
                    help="stop when ok/s falls below this fraction of the sent rate (default: %(default)s)")
-    s.add_argument("--plot", type=Path, default=Path("sweep.png"), help="sweep plot PNG (default: %(default)s)")
+    s.add_argument(
+        "--plot", type=Path, default=Path("sweep.png"), help="sweep plot PNG (default: %(default)s)"
+    )
     return p
 
 
@@ -469,7 +509,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(format_saturation(saturation(points)))
         # The JSON first: a long sweep's figures must survive a plot that fails.
         if args.json:
-            sweep = {"settings": {**settings(target, plan, images), "rates": rates}, **sweep_to_dict(points, limits)}
+            sweep = {
+                "settings": {**settings(target, plan, images), "rates": rates},
+                **sweep_to_dict(points, limits),
+            }
             args.json.write_text(json.dumps(sweep, indent=2))
         plot_sweep(points, args.plot, f"{args.model or 'default model'}: latency vs throughput (open loop)")
         print(f"plot: {args.plot}")

@@ -71,7 +71,9 @@ class ClassifyUser(HttpUser):
 
     @task
     def classify(self) -> None:
-        variant = random.choices(list(self.weights), weights=list(self.weights.values()))[0] if self.weights else ""
+        variant = (
+            random.choices(list(self.weights), weights=list(self.weights.values()))[0] if self.weights else ""
+        )
         params = {key: value for key, value in
                   (("model", self.model), ("variant", variant), ("top_k", self.top_k or "")) if value}
         image = next(self.images)

@@ -21,7 +21,8 @@ class Outcome:
     """One request as the client saw it."""
 
     group: str  # variant named in the answer, else the one asked for, else UNKNOWN_VARIANT
-    status: str  # HTTP status as text ("200", "503") or a client-side failure ("client_timeout", "pool_timeout", ...)
+    # HTTP status as text ("200", "503") or a client-side failure ("client_timeout", "pool_timeout", ...)
+    status: str
     intended_at_s: float  # when it was meant to be sent, seconds after the run started
     latency_s: float  # from intended_at_s to the end of the answer (open loop: avoids coordinated omission)
     # How long it waited in the client (event loop, connection pool) before it got a connection.
@@ -160,22 +161,38 @@ def format_table(report: RunReport) -> str:
     rows = [header]
     for v in [*report.variants, report.total]:
         errors = " ".join(f"{status}:{count}" for status, count in v.errors.items()) or "0"
-        rows.append([
-            v.variant, str(v.sent), str(v.ok), errors, _cell(v.sent_rps), _cell(v.ok_rps), _cell(v.ok_images_per_s),
-            _cell(v.latency_ms["p50"]), _cell(v.latency_ms["p90"]), _cell(v.latency_ms["p99"]),
-            _cell(v.latency_ms["max"]), _cell(v.queue_ms_mean), _cell(v.inference_ms_mean),
-            _cell(v.final_tokens_mean),
-        ])
+        rows.append(
+            [
+                v.variant,
+                str(v.sent),
+                str(v.ok),
+                errors,
+                _cell(v.sent_rps),
+                _cell(v.ok_rps),
+                _cell(v.ok_images_per_s),
+                _cell(v.latency_ms["p50"]),
+                _cell(v.latency_ms["p90"]),
+                _cell(v.latency_ms["p99"]),
+                _cell(v.latency_ms["max"]),
+                _cell(v.queue_ms_mean),
+                _cell(v.inference_ms_mean),
+                _cell(v.final_tokens_mean),
+            ]
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
-             for row in rows]
+    lines = [
+        "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+        for row in rows
+    ]
     load = (f"open loop, {report.offered_rps:g} req/s offered" if report.mode == "open"
             else f"closed loop, concurrency {report.concurrency}")
     footer = (f"{load}; {report.elapsed_s:.1f} s; latency over successful requests"
               f"{' from the intended send time' if report.mode == 'open' else ''};"
               f" max client send lag {report.max_send_lag_ms:.1f} ms")
     if report.max_send_lag_ms >= CLIENT_LAG_NOTE_MS:
-        footer += (f"\nnote: a request waited up to {report.max_send_lag_ms / 1000:.2f} s in this client before it"
-                   " got a connection (pool full: raise --max-connections; or the client is overloaded);"
-                   " that wait is in the latencies above, not in the server")
+        footer += (
+            f"\nnote: a request waited up to {report.max_send_lag_ms / 1000:.2f} s in this client before it"
+            " got a connection (pool full: raise --max-connections; or the client is overloaded);"
+            " that wait is in the latencies above, not in the server"
+        )
     return "\n".join([*lines, footer])

@@ -1,4 +1,5 @@
-"""Images and models for the command-line tools (mame-bench, mame-vis, mame-eval).
+"""Images for the command-line tools (mame-bench, mame-vis, mame-eval); their models come from
+mame_core.models (re-exported here for the tools that import them from this module).
 
 Preprocessing always comes from the model's own timm data config; nothing here hard-codes a
 resolution, a mean or a std.
@@ -6,24 +7,19 @@ resolution, a mean or a std.
 
 from __future__ import annotations
 
-import json
 import random
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import timm
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from timm.data import create_transform, resolve_data_config
+from timm.data import create_transform
 
-from mame_core.hub import load_checkpoint_file, pretrained_or_cached
-from mame_core.patch import check_supported
+from mame_core.models import data_config, load_model, parse_model_kwargs  # noqa: F401 - the tools' names
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
 SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
-RANDOM_INIT_SEED = 0
 
 
 def list_images(folder: str | Path) -> list[Path]:
@@ -74,16 +70,6 @@ def check_merge_blocks(option: str, blocks: int | None, model: torch.nn.Module) 
         raise ValueError(f"{option} {blocks} outside 1..{depth} (the model has {depth} blocks)")
 
 
-def data_config(model: torch.nn.Module) -> dict:
-    """timm's data config for `model`, with the input size the model was actually built for: a model
-    created with an `img_size` override keeps its pretrained config's size otherwise."""
-    config = resolve_data_config({}, model=model)
-    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    if img_size is not None:
-        config["input_size"] = (config["input_size"][0], *tuple(img_size))
-    return config
-
-
 def model_transform(model: torch.nn.Module) -> Callable[[Image.Image], torch.Tensor]:
     """The model's own evaluation preprocessing (resize, crop, normalise) as timm resolves it."""
     return create_transform(**data_config(model), is_training=False)
@@ -122,74 +108,3 @@ def make_batch(
     transform = model_transform(model)
     pictures = fill_batch([load_rgb(p) for p in paths], batch_size, seed)
     return torch.stack([transform(p) for p in pictures])
-
-
-def parse_model_kwargs(text: str | None) -> dict:
-    """`--model-kwargs '{"img_size": 64}'` -> dict, for timm.create_model overrides."""
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"--model-kwargs must be a JSON object: {err}") from err
-    if not isinstance(value, dict):
-        raise ValueError(f"--model-kwargs must be a JSON object, got {type(value).__name__}")  # noqa: TRY004 (user input)
-    return value
-
-
-def _hub_model(arch: str, kwargs: dict) -> torch.nn.Module:
-    """timm's pretrained weights, downloaded or from the local cache; a one-line ValueError when neither works.
-    Without network access this decides in seconds, not after the hub client's retries."""
-    model, reason, _ = pretrained_or_cached(
-        lambda pretrained, **extra: timm.create_model(arch, pretrained=pretrained, **kwargs, **extra))
-    if model is not None:
-        return model
-    raise ValueError(
-        f"cannot load the pretrained weights of {arch}: {reason} and they are not in the local hub cache; "
-        "use --weights random or --weights FILE (a checkpoint file)"
-    )
-
-
-def load_model(arch: str, weights: str = "random", model_kwargs: dict | None = None) -> torch.nn.Module:
-    """A timm model in eval mode. `weights`: "random" (random init, warned), "hub" (timm's pretrained
-    weights, needs network access or a filled cache) or the path of a checkpoint file. Random weights
-    are drawn with a fixed seed, so two runs build the same model."""
-    kwargs = dict(model_kwargs or {})
-    try:
-        if weights == "random":
-            warnings.warn(
-                f"{arch}: random weights (seed 0); accuracy figures are meaningless, speed figures are not",
-                stacklevel=2,
-            )
-            # A fixed seed: with random weights, how much merges depends on the draw, so runs must agree.
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(RANDOM_INIT_SEED)
-                model = timm.create_model(arch, pretrained=False, **kwargs)
-        elif weights == "hub":
-            model = _hub_model(arch, kwargs)
-        else:
-            if not Path(weights).is_file():
-                raise ValueError(f"--weights: expected 'random', 'hub' or a checkpoint file, got {weights!r}")
-            model = _checkpoint_model(arch, weights, kwargs)
-    except RuntimeError as err:
-        if "Unknown model" in str(err):
-            raise ValueError(f"unknown timm architecture {arch!r}") from err
-        raise
-    except TypeError as err:  # what timm's constructors say of a keyword they do not take
-        raise ValueError(f"cannot build {arch} with --model-kwargs {json.dumps(kwargs)}: {err}") from err
-    try:
-        check_supported(model)  # before anything reads model.blocks: a ResNet is bad input, not a traceback
-    except TypeError as err:
-        raise ValueError(f"{arch}: {err}") from err
-    return model.eval()
-
-
-def _checkpoint_model(arch: str, path: str, kwargs: dict) -> torch.nn.Module:
-    """`arch` built with the weights of a local checkpoint file; a ValueError naming the file when they do not fit
-    (not a checkpoint, another architecture's shapes)."""
-    model = timm.create_model(arch, pretrained=False, **kwargs)
-    try:
-        load_checkpoint_file(model, path)
-    except ValueError as err:
-        raise ValueError(f"--weights {path}: cannot load it into {arch}: {err}") from err
-    return model

@@ -2,17 +2,16 @@
 # The GPU figures the README asks for, on a machine with a CUDA GPU and the project installed (make install,
 # or PYTHONPATH=. with torch, timm and the server's dependencies). Writes to ${OUT:-gpu-figures}/.
 #   scripts/gpu-figures.sh [PART ...]     parts, in the order given (default: all, most wanted first):
-#     serve16    served/offline, ViT-B/16 fp16 batch 64, 16-image requests: default layout, then one process
+#     serve16    served/offline, ViT-B/16 fp16 batch 64, 16-image requests: default layout, then the single layout
 #     fe8        the same with 8 front-end processes
 #     serve1     served/offline, one bundled photo per request
 #     latency    latency added at concurrency 1
 #     memory     resident and GPU memory, default config
 #     bench      mame-bench ViT-B/16 batch 256, fp16 and bf16 (MaMe vs ToMe vs unmerged)
-# Each serve part takes ~1-2 minutes (model load and warm-up included), bench ~3: a lent machine's 15 minutes
-# fit `serve16 fe8 serve1` in one call, the rest in a second.
+# Each serve part takes ~1-2 minutes (model load and warm-up included), bench ~3.
 # SMOKE=1 runs every part on the CPU with tiny models and 1 s windows (`memory` with the sweep's ViT-Ti
-# config; tests/test_bench_serving.py does, so that a lent machine's minutes are not spent finding a broken
-# flag). PYTHON: the interpreter (python3).
+# config; tests/test_bench_serving.py does, so that a broken flag is found on the CPU, not on the GPU
+# machine). PYTHON: the interpreter (python3).
 set -u -o pipefail  # a benchmark that fails fails its part, tee or not
 out=${OUT:-gpu-figures}
 py=${PYTHON:-python3}
@@ -31,7 +30,7 @@ else
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 fi
 serve() {
-  $py -m server.bench_serving throughput --arch vit_base_patch16_224 --device cuda --dtype float16 --batch 64 \
+  $py -m loadtest.serving throughput --arch vit_base_patch16_224 --device cuda --dtype float16 --batch 64 \
     --preprocess-threads 4 --seconds 3 --rounds 3 "$@" "${smoke_serve[@]}"
 }
 # Which server threads hold the GIL in the last window (py-spy, when installed: pip install py-spy).
@@ -40,26 +39,27 @@ profile=$($py -c "import shutil, sys, pathlib; print(1 if shutil.which('py-spy')
 part() {
   case $1 in
     serve16)
-      echo "=== served / offline, ViT-B/16 fp16, batch 64, 16-image requests of 224 px JPEGs (default layout: front-ends)"
+      echo "=== served / offline, ViT-B/16 fp16, batch 64, 16-image requests of 224 px JPEGs (default layout with CUDA: frontends)"
       serve --client-processes 5 --concurrency 24 --images-per-request 16 --image-edge 224 \
         ${profile:+--gil-profile "$out/gil-16.txt"} 2>&1 | tee "$out/serve-vitb-16.txt"
-      echo "=== the same, one server process (no front-ends; decode processes), the layout before front-ends"
-      serve --client-processes 5 --concurrency 24 --images-per-request 16 --image-edge 224 --http-processes 0 \
+      echo "=== the same, the single layout (one process: HTTP, decoding, batching and the forward)"
+      serve --client-processes 5 --concurrency 24 --images-per-request 16 --image-edge 224 --layout single \
         --preprocess-threads 10 2>&1 | tee "$out/serve-vitb-16-one-process.txt" ;;
     fe8)
       echo "=== served / offline, 16-image requests, 8 front-end processes"
-      serve --client-processes 5 --concurrency 32 --images-per-request 16 --image-edge 224 --http-processes 8 \
+      serve --client-processes 5 --concurrency 32 --images-per-request 16 --image-edge 224 --layout frontends \
+        --http-processes 8 \
         2>&1 | tee "$out/serve-vitb-16-fe8.txt" ;;
     serve1)
       echo "=== served / offline, one bundled photo per request"
       serve --client-processes 6 --concurrency 192 2>&1 | tee "$out/serve-vitb-1.txt" ;;
     latency)
       echo "=== latency added at concurrency 1"
-      $py -m server.bench_serving latency --arch vit_base_patch16_224 --device cuda --dtype float16 --requests 30 \
+      $py -m loadtest.serving latency --arch vit_base_patch16_224 --device cuda --dtype float16 --requests 30 \
         "${smoke_latency[@]}" 2>&1 | tee "$out/latency.txt" ;;
     memory)
       echo "=== memory (the default config; SMOKE=1: the sweep config)"
-      $py -m server.bench_serving memory "${smoke_memory[@]}" 2>&1 | tee "$out/memory.txt" ;;
+      $py -m loadtest.serving memory "${smoke_memory[@]}" 2>&1 | tee "$out/memory.txt" ;;
     bench)
       for dtype in float16 bfloat16; do
         echo "=== mame-bench ViT-B/16, batch 256, $dtype"

@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -14,15 +15,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import uvicorn
+from fastapi import FastAPI
 from pydantic import ValidationError
 
-from server.app import create_app
 from server.config import ConfigError, ServingConfig, load_config
-from server.frontend import FrontEndProcesses, port_socket
-from server.hostpath import head_timeout_protocol
-from server.models import check_models
+from server.engine.devices import resolve_devices
+from server.engine.models import check_models
+from server.frontend.sockets import port_socket
+from server.frontend.supervisor import FrontEndProcesses
+from server.http.app import create_app
 from server.settings import ServerSettings, parse_settings, unknown_variables
-from server.worker import resolve_devices
+from server.wire.head_timeout import head_timeout_protocol
 
 # Answers to accepted requests may take this long beyond the request timeout during a graceful stop.
 SHUTDOWN_GRACE_S = 10.0
@@ -61,18 +64,22 @@ class EngineServer(uvicorn.Server):
         threading.Thread(target=drain, name="drain-frontends", daemon=True).start()
 
 
-def resolve_http_processes(setting: str | int, config: ServingConfig) -> int:
-    """auto: none on CPU (one process keeps up with CPU inference); with a CUDA device, a quarter of the
-    cores this process may use, 1 to 8 (each decodes in --preprocess-threads threads)."""
+def resolve_layout(setting: str, config: ServingConfig) -> str:
+    """auto: front-ends and device processes when a model runs on a CUDA device (one process keeps up with
+    CPU inference, and the GIL it shares with decoding and HTTP limits a GPU's), else one process."""
     if setting != "auto":
-        return int(setting)
+        return setting
     try:
         devices = [d for cfg in config.models.values() for d in resolve_devices(cfg.device)]
     except ValueError:  # a device that is not there: check_models (or loading) says so, and the server stops
-        return 0
-    if not any(d.type == "cuda" for d in devices):
-        return 0
-    return min(8, max(1, available_cpus() // 4))
+        return "single"
+    return "frontends" if any(d.type == "cuda" for d in devices) else "single"
+
+
+def resolve_http_processes(setting: str | int) -> int:
+    """auto: a quarter of the cores this process may use, 1 to 8 (each decodes in --preprocess-threads
+    threads)."""
+    return min(8, max(1, available_cpus() // 4)) if setting == "auto" else int(setting)
 
 
 def available_cpus() -> int:
@@ -87,85 +94,135 @@ def available_cpus() -> int:
     return cpus
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def read_settings(argv: Sequence[str] | None) -> ServerSettings | None:
+    """The settings, or None after saying in one line what is wrong with them."""
     try:
         settings = parse_settings(argv)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         print(f"mame-serve: bad setting (flag or MAME_* variable): {problems}", file=sys.stderr)
-        return 2
+        return None
     unknown = unknown_variables(os.environ)
     if unknown:
-        print(f"mame-serve: warning: ignoring {', '.join(unknown)}: no such setting (the settings are "
-              f"{', '.join(f'MAME_{name.upper()}' for name in ServerSettings.model_fields)})", file=sys.stderr)
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        print(
+            f"mame-serve: warning: ignoring {', '.join(unknown)}: no such setting (the settings are "
+            f"{', '.join(f'MAME_{name.upper()}' for name in ServerSettings.model_fields)})",
+            file=sys.stderr,
+        )
+    return settings
+
+
+def read_config(settings: ServerSettings) -> ServingConfig | None:
     try:
         config = load_config(settings.config)
         check_models(config)
     except ConfigError as exc:
         print(f"mame-serve: {exc}", file=sys.stderr)
+        return None
+    return config
+
+
+class Fatal:
+    """The first fatal error met while serving (a device process died, a weights file would not load), which
+    stops the server."""
+
+    def __init__(self) -> None:
+        self.error: BaseException | None = None
+        self.server: uvicorn.Server | None = None
+
+    def __call__(self, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = exc
+        if self.server is not None:
+            self.server.should_exit = True
+
+    def exit_code(self) -> int:
+        if isinstance(self.error, ConfigError):  # found only when loading (a weights file): as before loading
+            print(f"mame-serve: {self.error}", file=sys.stderr)
+            return 2
+        if self.error is not None:
+            print(f"mame-serve: stopped on a fatal error: {self.error}", file=sys.stderr)
+            return 1
+        return 0
+
+
+def uvicorn_options(settings: ServerSettings, config: ServingConfig) -> dict:
+    graceful_s = config.limits.request_timeout_s + SHUTDOWN_GRACE_S
+    return {"log_level": settings.log_level, "timeout_graceful_shutdown": int(graceful_s),
+            "access_log": settings.log_level == "debug"}
+
+
+def serve_single(
+    settings: ServerSettings, config: ServingConfig, public: socket.socket, fatal: Fatal
+) -> FastAPI:
+    """One process: HTTP, decoding, batching and the device workers (threads)."""
+    app = create_app(config, preprocess_threads=settings.preprocess_threads, warmup=not settings.no_warmup,
+                     torch_threads=settings.torch_threads, on_fatal=fatal)
+    fatal.server = uvicorn.Server(uvicorn.Config(
+        app, host=settings.host, port=settings.port, **uvicorn_options(settings, config),
+        http=head_timeout_protocol(config.limits.request_timeout_s)))
+    # uvicorn says not, given a socket
+    log.info("listening on http://%s:%d", settings.host, public.getsockname()[1])
+    fatal.server.run(sockets=[public])
+    return app
+
+
+def serve_frontends(
+    settings: ServerSettings, config: ServingConfig, public: socket.socket, fatal: Fatal
+) -> FastAPI:
+    """Front-end processes on the public port; this process (the engine) on private Unix sockets; a process
+    per device."""
+    # The engine's sockets and the front-ends' crop arenas, in shared memory where there is some.
+    workdir = tempfile.mkdtemp(prefix="mame-engine-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    channel_socket, engine_socket = (
+        os.path.join(workdir, "channel.sock"),
+        os.path.join(workdir, "engine.sock"),
+    )
+    # Here only the requests the front-ends cannot decode for are decoded (in threads).
+    app = create_app(config, preprocess_threads=settings.preprocess_threads, warmup=not settings.no_warmup,
+                     torch_threads=settings.torch_threads, device_processes=True, on_fatal=fatal,
+                     frontend_channel=channel_socket)
+    options = uvicorn_options(settings, config)
+    processes = FrontEndProcesses(resolve_http_processes(settings.http_processes), public, engine_socket,
+                                  channel_socket, settings.preprocess_threads, settings.log_level,
+                                  config.limits.request_timeout_s + SHUTDOWN_GRACE_S, crops_dir=workdir,
+                                  arena_slots=settings.crop_arena_slots, on_fatal=fatal,
+                                  request_timeout_s=config.limits.request_timeout_s)
+    fatal.server = EngineServer(uvicorn.Config(app, uds=engine_socket, **options), processes, workdir)
+    processes.start()
+    try:
+        fatal.server.run()
+    finally:  # when it did not get as far as its shutdown
+        processes.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return app
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = read_settings(argv)
+    if settings is None:
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    config = read_config(settings)
+    if config is None:
         return 2
     # Ctrl-C as SIGTERM: uvicorn drains, then re-raises the signal it caught. Under Python's handler that was
     # a KeyboardInterrupt traceback, and an exit that finalised the interpreter while the model loader thread
     # was inside torch (C++ terminate, SIGABRT). With the default action the process ends by the signal.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-    failure: list[BaseException] = []
-    server: uvicorn.Server | None = None
-
-    def on_fatal(exc: BaseException) -> None:
-        failure.append(exc)
-        if server is not None:
-            server.should_exit = True
-
-    frontends = resolve_http_processes(settings.http_processes, config)
+    layout = resolve_layout(settings.layout, config)
     # Bound before anything loads: a port in use is one line and exit 2 in every layout. With front-ends it is
     # held here (not listening) and each front-end listens on it too (SO_REUSEPORT).
     try:
-        public = port_socket(settings.host, settings.port, listen=False, shared=bool(frontends))
+        public = port_socket(settings.host, settings.port, listen=False, shared=layout == "frontends")
     except OSError as exc:
         print(f"mame-serve: cannot listen on {settings.host}:{settings.port}: {exc}", file=sys.stderr)
         return 2
-    workdir, channel_socket = "", None
-    if frontends:
-        # The engine's sockets and the front-ends' crop arenas, in shared memory where there is some.
-        workdir = tempfile.mkdtemp(prefix="mame-engine-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-        channel_socket = os.path.join(workdir, "channel.sock")
-    app = create_app(config, preprocess_threads=settings.preprocess_threads, warmup=not settings.no_warmup,
-                     torch_threads=settings.torch_threads, device_process=settings.device_process,
-                     # behind front-ends, only requests they cannot decode for are decoded here: in threads
-                     decode_processes="off" if frontends and settings.decode_processes == "auto"
-                     else settings.decode_processes,
-                     on_fatal=on_fatal, frontend_channel=channel_socket)
-    graceful_s = config.limits.request_timeout_s + SHUTDOWN_GRACE_S
-    options = {"log_level": settings.log_level, "timeout_graceful_shutdown": int(graceful_s),
-               "access_log": settings.log_level == "debug"}
-    if not frontends:
-        server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, **options,
-                                               http=head_timeout_protocol(config.limits.request_timeout_s)))
-        log.info("listening on http://%s:%d", settings.host, public.getsockname()[1])  # uvicorn says not, given a socket
-        server.run(sockets=[public])
-    else:
-        engine_socket = os.path.join(workdir, "engine.sock")
-        processes = FrontEndProcesses(frontends, public, engine_socket, channel_socket, settings.preprocess_threads,
-                                      settings.log_level, graceful_s, crops_dir=workdir,
-                                      arena_slots=settings.crop_arena_slots, on_fatal=on_fatal,
-                                      request_timeout_s=config.limits.request_timeout_s)
-        server = EngineServer(uvicorn.Config(app, uds=engine_socket, **options), processes, workdir)
-        processes.start()
-        try:
-            server.run()
-        finally:  # when it did not get as far as its shutdown
-            processes.stop()
-            shutil.rmtree(workdir, ignore_errors=True)
-    code = 0
-    if failure and isinstance(failure[0], ConfigError):  # found only when loading (a weights file): as above
-        print(f"mame-serve: {failure[0]}", file=sys.stderr)
-        code = 2
-    elif failure:
-        print(f"mame-serve: stopped on a fatal error: {failure[0]}", file=sys.stderr)
-        code = 1
+    fatal = Fatal()
+    app = (serve_frontends if layout == "frontends" else serve_single)(settings, config, public, fatal)
+    code = fatal.exit_code()
     if app.state.service.loading:  # finalising the interpreter under the loader thread in torch aborts it
         logging.shutdown()
         sys.stderr.flush()

@@ -10,7 +10,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from mame_core import MergeSettings
-from server.experiments import ExperimentConfig, check_experiment_name
+from server.experiments.config import ExperimentConfig, check_experiment_name
 
 DEFAULT_CONFIG = "default.yaml"
 
@@ -27,7 +27,8 @@ Variant = Annotated[MergeSettings, BeforeValidator(_merge_settings)]
 
 
 class _Strict(BaseModel):
-    # allow_inf_nan=False: YAML's .inf passed `gt=0` and crashed the start (int(inf)); .nan got a false reason.
+    # allow_inf_nan=False: YAML's .inf passed `gt=0` and crashed the start (int(inf)); .nan got a false
+    # reason.
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True, allow_inf_nan=False)
 
 
@@ -79,14 +80,18 @@ class ServingConfig(_Strict):
     @model_validator(mode="after")
     def _check(self) -> ServingConfig:
         if self.default_model is not None and self.default_model not in self.models:
-            raise ValueError(f"default_model {self.default_model!r} is not one of the models {sorted(self.models)}")
+            raise ValueError(
+                f"default_model {self.default_model!r} is not one of the models {sorted(self.models)}"
+            )
         for name, exp in self.experiments.items():
             try:
                 check_experiment_name(name)
             except ValueError as exc:
                 raise ValueError(f"experiments: {exc}") from None
             if exp.model not in self.models:
-                raise ValueError(f"experiments.{name}.model: unknown model {exp.model!r}; known: {sorted(self.models)}")
+                raise ValueError(
+                    f"experiments.{name}.model: unknown model {exp.model!r}; known: {sorted(self.models)}"
+                )
             try:
                 exp.check_variants(self.models[exp.model].variants)
             except ValueError as exc:

@@ -21,7 +21,9 @@ def content_images(size: int = 64) -> torch.Tensor:
     gen = torch.Generator().manual_seed(0)
     flat = torch.full((3, size, size), 0.3)
     ramp = torch.linspace(-1, 1, size)
-    gradient = torch.stack([ramp.view(1, -1).expand(size, size), ramp.view(-1, 1).expand(size, size), torch.zeros(size, size)])
+    gradient = torch.stack(
+        [ramp.view(1, -1).expand(size, size), ramp.view(-1, 1).expand(size, size), torch.zeros(size, size)]
+    )
     noise = torch.randn(3, size, size, generator=gen)
     stripes = flat.clone()
     stripes[:, size // 2:, ::2] = 1.5

@@ -6,7 +6,7 @@ import copy
 import re
 from typing import Any
 
-from server.launch import ServerProcess, free_port, running_server
+from loadtest.launch import ServerProcess, free_port, running_server
 
 __all__ = ["TINY_MODEL", "ServerProcess", "free_port", "running_server", "tiny_config"]
 
@@ -57,9 +57,13 @@ def sample_images(size: int = 96) -> dict[str, bytes]:
     text = Image.new("RGB", (size, size), "white")
     draw = ImageDraw.Draw(text)
     for row in range(0, size, 8):
-        draw.text((rng.randint(0, 6), row), "".join(rng.choice("abcxyz MaMe") for _ in range(20)), fill="black")
+        draw.text(
+            (rng.randint(0, 6), row), "".join(rng.choice("abcxyz MaMe") for _ in range(20)), fill="black"
+        )
     pictures["text"] = text
-    pictures["noise"] = Image.frombytes("RGB", (size, size), bytes(rng.getrandbits(8) for _ in range(size * size * 3)))
+    pictures["noise"] = Image.frombytes(
+        "RGB", (size, size), bytes(rng.getrandbits(8) for _ in range(size * size * 3))
+    )
     encoded = {}
     for name, picture in pictures.items():
         buffer = io.BytesIO()

@@ -11,7 +11,7 @@ import pytest
 from serverproc import metric_values, running_server, sample_images, tiny_config
 from test_experiments_serving import doc_promql
 
-from server.experiments import SCALE, bucket_point
+from server.experiments.buckets import SCALE, bucket_point
 
 pytestmark = pytest.mark.e2e
 
@@ -51,7 +51,7 @@ def images() -> list[bytes]:
 
 # Each server runs as one process, and with HTTP front-end processes (server/frontend.py): routing, sticky
 # keys, shadows, reports and admin changes must not differ.
-LAYOUTS = {"one-process": [], "front-ends": ["--http-processes", "2"]}
+LAYOUTS = {"single": ["--layout", "single"], "frontends": ["--layout", "frontends", "--http-processes", "2"]}
 
 
 @pytest.fixture(scope="module", params=list(LAYOUTS))
@@ -62,7 +62,11 @@ def server(request):
         "model": "tiny", "split": {"twin": 1.0}, "sticky": "header:X-User-Id",
         "shadow": {"variant": "baseline", "rate": 1.0}}})
     plain = config["models"]["tiny"]
-    config["models"]["plain"] = {**plain, "variants": {"baseline": {"method": "none"}}, "default_variant": "baseline"}
+    config["models"]["plain"] = {
+        **plain,
+        "variants": {"baseline": {"method": "none"}},
+        "default_variant": "baseline",
+    }
     with running_server(config, env={"MAME_ADMIN_TOKEN": ""}, args=LAYOUTS[request.param]) as proc:
         yield proc
 
@@ -76,7 +80,11 @@ def test_identical_variants_agree_fully_in_the_report_and_in_metrics(server, ima
     n = 12
     for i in range(n):
         answer = classify(server.url, images[i % len(images)], {"X-User-Id": f"user-{i}"}).json()
-        assert (answer["experiment"], answer["variant"], answer["assignment"]) == ("twins", "twin", "assigned")
+        assert (answer["experiment"], answer["variant"], answer["assignment"]) == (
+            "twins",
+            "twin",
+            "assigned",
+        )
 
     def compared() -> dict | None:
         report = httpx.get(f"{server.url}/v1/experiments/twins").json()
@@ -116,7 +124,9 @@ def test_answers_say_experiment_variant_and_assignment(server, images):
         response = classify(server.url, data, **params)
         assert response.status_code == 200, (params, response.text)
         answer = response.json()
-        assert (answer["model"], answer["experiment"], answer["variant"], answer["assignment"]) == expected, params
+        assert (answer["model"], answer["experiment"], answer["variant"], answer["assignment"]) == expected, (
+            params
+        )
     for params, status, code in [({"experiment": "twins", "model": "plain"}, 422, "invalid_parameter"),
                                  ({"experiment": "nope"}, 404, "unknown_experiment"),
                                  ({"experiment": "twins", "top_k": "99"}, 422, "invalid_parameter"),
@@ -125,7 +135,9 @@ def test_answers_say_experiment_variant_and_assignment(server, images):
         assert (response.status_code, response.json()["error"]) == (status, code), params
 
     report = httpx.get(f"{server.url}/v1/experiments/twins").json()
-    assert report["variants"]["mame-0.5"]["overrides"] >= 1 and report["variants"]["mame-0.5"]["weight"] == 0.0
+    assert (
+        report["variants"]["mame-0.5"]["overrides"] >= 1 and report["variants"]["mame-0.5"]["weight"] == 0.0
+    )
     assert report["variants"]["mame-0.5"]["shadow"]["comparisons"] == 0  # overrides are never shadowed
     metrics = httpx.get(f"{server.url}/metrics").text
     assert labelled(metrics, "mame_requests_total", experiment="twins", variant="mame-0.5", status="200") >= 1
@@ -150,7 +162,9 @@ def test_answers_say_experiment_variant_and_assignment(server, images):
 
 def test_the_docs_promql_names_series_this_server_exports(server):
     exported = set()
-    for kind_line in re.findall(r"^# TYPE (\S+) (\S+)$", httpx.get(f"{server.url}/metrics").text, re.MULTILINE):
+    for kind_line in re.findall(
+        r"^# TYPE (\S+) (\S+)$", httpx.get(f"{server.url}/metrics").text, re.MULTILINE
+    ):
         name, kind = kind_line
         exported |= {"counter": {name}, "gauge": {name},  # the text format names counters with _total
                      "histogram": {f"{name}_bucket", f"{name}_sum", f"{name}_count"}}.get(kind, set())
@@ -161,14 +175,21 @@ def test_the_docs_promql_names_series_this_server_exports(server):
 def test_admin_endpoints_do_not_exist_without_a_token(server):
     auth = {"authorization": f"Bearer {TOKEN}"}
     calls = [
-        httpx.post(f"{server.url}/v1/admin/experiments", headers=auth,
-                   json={"name": "x", "model": "tiny", "split": {"baseline": 1}}),
-        httpx.put(f"{server.url}/v1/admin/experiments/twins/split", headers=auth, json={"split": {"twin": 1}}),
+        httpx.post(
+            f"{server.url}/v1/admin/experiments",
+            headers=auth,
+            json={"name": "x", "model": "tiny", "split": {"baseline": 1}},
+        ),
+        httpx.put(
+            f"{server.url}/v1/admin/experiments/twins/split", headers=auth, json={"split": {"twin": 1}}
+        ),
         httpx.delete(f"{server.url}/v1/admin/experiments/twins", headers=auth),
         httpx.get(f"{server.url}/v1/admin/changes"),
     ]
     for response in calls:
-        assert (response.status_code, response.json()["error"]) == (404, "admin_disabled"), response.request.url
+        assert (response.status_code, response.json()["error"]) == (404, "admin_disabled"), (
+            response.request.url
+        )
     assert httpx.get(f"{server.url}/v1/experiments/twins").json()["status"] == "running"
 
 
@@ -199,14 +220,17 @@ def test_admin_auth_over_http(admin_server):
     # auth is checked before the body: a caller without the token learns nothing about the API
     assert httpx.post(url, json={"split": "junk"}).status_code == 401
     junk = {"authorization": "Bearer wrong", "content-type": "application/json"}
-    assert httpx.post(url, content=b"{not json", headers=junk).status_code == 403  # FastAPI parsed it first: 422
+    # FastAPI parsed it first: 422
+    assert httpx.post(url, content=b"{not json", headers=junk).status_code == 403
     assert httpx.get(f"{admin_server.url}/v1/admin/nope").status_code == 401  # as through front-ends
     for call in (lambda h: httpx.put(f"{url}/burst/split", json={"split": {"baseline": 1}}, headers=h),
                  lambda h: httpx.delete(f"{url}/burst", headers=h),
                  lambda h: httpx.get(f"{admin_server.url}/v1/admin/changes", headers=h)):
         assert call({}).status_code == 401
         assert call({"authorization": "Bearer wrong"}).status_code == 403
-    assert httpx.get(f"{admin_server.url}/v1/experiments").json()["experiments"][0]["split"] == {"mame-0.5": 1.0}
+    assert httpx.get(f"{admin_server.url}/v1/experiments").json()["experiments"][0]["split"] == {
+        "mame-0.5": 1.0
+    }
 
     auth = {"authorization": f"Bearer {TOKEN}"}
     changes = httpx.get(f"{admin_server.url}/v1/admin/changes", headers=auth)
@@ -216,16 +240,32 @@ def test_admin_auth_over_http(admin_server):
         "split_before": None, "split_after": {"mame-0.5": 1.0}}
     refusals = [
         (httpx.post(url, headers=auth, json={**body, "split": {"baseline": 0.9}}), 422, "invalid_parameter"),
-        (httpx.post(url, headers={**auth, "content-type": "application/json"}, content=b"{not json"),
-         422, "invalid_parameter"),
-        (httpx.post(url, headers={**auth, "content-type": "application/json"}, content=b'{"name": "\xff"}'),
-         422, "invalid_parameter"),  # not UTF-8: FastAPI's 400, answered as the contract's 422
+        (
+            httpx.post(url, headers={**auth, "content-type": "application/json"}, content=b"{not json"),
+            422,
+            "invalid_parameter",
+        ),
+        (
+            httpx.post(
+                url, headers={**auth, "content-type": "application/json"}, content=b'{"name": "\xff"}'
+            ),
+            422,
+            "invalid_parameter",
+        ),  # not UTF-8: FastAPI's 400, answered as the contract's 422
         (httpx.post(url, headers=auth, json={**body, "split": {"typo": 1.0}}), 404, "unknown_variant"),
         (httpx.post(url, headers=auth, json={**body, "model": "nope"}), 404, "unknown_model"),
         (httpx.post(url, headers=auth, json={**body, "name": "burst"}), 409, "experiment_exists"),
-        (httpx.put(f"{url}/nope/split", headers=auth, json={"split": {"baseline": 1}}), 404, "unknown_experiment"),
+        (
+            httpx.put(f"{url}/nope/split", headers=auth, json={"split": {"baseline": 1}}),
+            404,
+            "unknown_experiment",
+        ),
         (httpx.delete(f"{url}/nope", headers=auth), 404, "unknown_experiment"),
-        (httpx.post(url, headers=auth, json={**body, "name": "trailing-newline\n"}), 422, "invalid_parameter"),
+        (
+            httpx.post(url, headers=auth, json={**body, "name": "trailing-newline\n"}),
+            422,
+            "invalid_parameter",
+        ),
     ]
     for response, status, code in refusals:
         assert (response.status_code, response.json()["error"]) == (status, code), response.text
@@ -242,10 +282,21 @@ def test_admin_auth_over_http(admin_server):
 
 def test_runtime_split_change_moves_assignment_and_weight_gauge(admin_server, images):
     base, auth = admin_server.url, {"authorization": f"Bearer {TOKEN}"}
-    created = httpx.post(f"{base}/v1/admin/experiments", headers=auth, json={
-        "name": "split", "model": "tiny", "split": {"baseline": 0.3, "mame-0.9": 0.7}, "sticky": "header:X-User-Id"})
+    created = httpx.post(
+        f"{base}/v1/admin/experiments",
+        headers=auth,
+        json={
+            "name": "split",
+            "model": "tiny",
+            "split": {"baseline": 0.3, "mame-0.9": 0.7},
+            "sticky": "header:X-User-Id",
+        },
+    )
     assert created.status_code == 201, created.text
-    assert created.json()["status"] == "running" and created.json()["split"] == {"baseline": 0.3, "mame-0.9": 0.7}
+    assert created.json()["status"] == "running" and created.json()["split"] == {
+        "baseline": 0.3,
+        "mame-0.9": 0.7,
+    }
 
     def weights() -> dict[str, float]:
         return metric_values(httpx.get(f"{base}/metrics").text, "mame_experiment_weight")
@@ -307,8 +358,9 @@ def test_shadow_load_never_gives_real_traffic_a_503(admin_server, images):
 
     async def client(index: int, http: httpx.AsyncClient) -> None:
         for i in range(per_client):
-            response = await http.post(f"{admin_server.url}/v1/classify", content=images[(index + i) % len(images)],
-                                       headers=PNG)
+            response = await http.post(
+                f"{admin_server.url}/v1/classify", content=images[(index + i) % len(images)], headers=PNG
+            )
             statuses.append(response.status_code)
             if response.status_code == 200:
                 assert response.json()["experiment"] == "burst"

@@ -17,17 +17,17 @@ REPO = Path(__file__).resolve().parent.parent
 
 def bench(*args: str) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-m", "server.bench_serving", *args], cwd=REPO, env=env, check=False,
+    done = subprocess.run([sys.executable, "-m", "loadtest.serving", *args], cwd=REPO, env=env, check=False,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 
 
-@pytest.mark.parametrize("device_process", ["off", "on"])
-def test_throughput_with_multi_image_requests_from_client_processes(device_process):
+@pytest.mark.parametrize("layout", ["single", "frontends"])
+def test_throughput_with_multi_image_requests_from_client_processes(layout):
     out = bench("throughput", "--tiny", "--threads", "1", "--batch", "8", "--rounds", "1", "--seconds", "1.5",
                 "--images-per-request", "4", "--image-edge", "96", "--client-processes", "2",
-                "--concurrency", "4", "--device-process", device_process)
+                "--concurrency", "4", "--layout", layout, "--http-processes", "1")
     print(out)
     assert "4 requests of 4 image(s) (96 px JPEGs) in flight from 2 client process(es)" in out
     offline = float(re.search(r"offline model\s+([\d.]+) img/s", out).group(1))
@@ -47,16 +47,24 @@ def test_gil_profile_of_the_server_is_summarised(tmp_path):
     print(out)
     share = float(re.search(r"GIL held (\d+) % of the profiled window", out).group(1))
     assert 0 < share <= 100 and profile.stat().st_size > 0
-    assert re.search(r"%\s+\S+ \(server/\w+\.py:\d+\)", out), "no frame of the server's own code was seen"
+    assert re.search(r"%\s+\S+ \(server/[\w/]+\.py:\d+\)", out), "no frame of the server's own code was seen"
 
 
 @pytest.mark.slow  # ~90 s: every part, the default ViT-B config's memory among them
 def test_the_gpu_figures_script_runs_every_part_on_the_cpu(tmp_path):
-    """scripts/gpu-figures.sh in SMOKE mode: a broken flag or part is found here, not in a lent GPU's minutes."""
+    """scripts/gpu-figures.sh in SMOKE mode: a broken flag or part is found here, not in a lent GPU's
+    minutes."""
     env = {**os.environ, "SMOKE": "1", "OUT": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
            "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(["bash", "scripts/gpu-figures.sh"], cwd=REPO, env=env, check=False, capture_output=True,
-                          text=True, timeout=600)
+    done = subprocess.run(
+        ["bash", "scripts/gpu-figures.sh"],
+        cwd=REPO,
+        env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for part in ("serve16", "fe8", "serve1", "latency", "memory", "bench"):
         assert f"--- part {part} took" in done.stdout, part

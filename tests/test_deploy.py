@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from server.config import load_config
-from server.models import check_models
+from server.engine.models import check_models
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
@@ -115,7 +115,11 @@ def dashboard_variable_metrics() -> set[str]:
 
 def scaledobject_queries() -> list[str]:
     docs = yaml.safe_load((K8S / "base/scaledobject.yaml").read_text())
-    return [trigger["metadata"]["query"] for trigger in docs["spec"]["triggers"] if trigger["type"] == "prometheus"]
+    return [
+        trigger["metadata"]["query"]
+        for trigger in docs["spec"]["triggers"]
+        if trigger["type"] == "prometheus"
+    ]
 
 
 def raw_metric_names(exprs: Iterable[str]) -> dict[str, str]:
@@ -262,7 +266,9 @@ def test_dockerfile_torch_pair_follows_the_makefile_per_architecture() -> None:
     pairs = {arch: (torch, vision) for arch, torch, vision in
              re.findall(r"^\s*(\S+)\) torch=(\S+) torchvision=(\S+) ;;", dockerfile, re.MULTILINE)}
     assert pairs == {"arm64": match.group(1, 2), "*": match.group(3, 4)}, pairs
-    assert '"torch==${TORCH_VERSION:-$torch}" "torchvision==${TORCHVISION_VERSION:-$torchvision}"' in dockerfile
+    assert (
+        '"torch==${TORCH_VERSION:-$torch}" "torchvision==${TORCHVISION_VERSION:-$torchvision}"' in dockerfile
+    )
 
 
 def test_every_file_the_dockerfile_copies_is_in_the_build_context() -> None:
@@ -307,7 +313,9 @@ def test_rule_unit_tests_catch_a_changed_alert_threshold(tmp_path: Path) -> None
 
 def test_every_alert_has_a_firing_unit_test() -> None:
     tests = yaml.safe_load((DEPLOY / "prometheus/tests/rules_test.yml").read_text())["tests"]
-    firing = {case["alertname"] for test in tests for case in test.get("alert_rule_test", []) if case["exp_alerts"]}
+    firing = {
+        case["alertname"] for test in tests for case in test.get("alert_rule_test", []) if case["exp_alerts"]
+    }
     assert {rule["alert"] for rule in alert_rules()} <= firing
 
 
@@ -382,7 +390,9 @@ def test_compose_stack_wiring() -> None:
             source = volume.split(":")[0]
             if source.startswith("."):
                 assert (DEPLOY / source).exists(), f"{name}: mounted {source} does not exist"
-    assert (DEPLOY / services["server"]["build"]["context"] / services["server"]["build"]["dockerfile"]).is_file()
+    assert (
+        DEPLOY / services["server"]["build"]["context"] / services["server"]["build"]["dockerfile"]
+    ).is_file()
     server_port = services["server"]["command"][services["server"]["command"].index("--port") + 1]
     scrape = yaml.safe_load((DEPLOY / "prometheus/prometheus.yml").read_text())["scrape_configs"][0]
     assert scrape["static_configs"][0]["targets"] == [f"server:{server_port}"]
@@ -397,8 +407,10 @@ def test_compose_stack_wiring() -> None:
 
 CRD_SCHEMAS = {
     ("keda.sh/v1alpha1", "ScaledObject"): K8S / "crd-schemas/keda.sh_v1alpha1_scaledobject.yaml",
-    ("monitoring.coreos.com/v1", "ServiceMonitor"): K8S / "crd-schemas/monitoring.coreos.com_v1_servicemonitor.yaml",
-    ("monitoring.coreos.com/v1", "PrometheusRule"): K8S / "crd-schemas/monitoring.coreos.com_v1_prometheusrule.yaml",
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): K8S
+    / "crd-schemas/monitoring.coreos.com_v1_servicemonitor.yaml",
+    ("monitoring.coreos.com/v1", "PrometheusRule"): K8S
+    / "crd-schemas/monitoring.coreos.com_v1_prometheusrule.yaml",
 }
 
 
@@ -434,17 +446,26 @@ def test_every_manifest_validates_offline(directory: str) -> None:
         try:
             validate_manifest(doc)
         except (jsonschema.ValidationError, kubernetes_validate.ValidationError) as exc:
-            pytest.fail(f"{directory}: {doc['kind']}/{doc['metadata']['name']}: {exc.message} at {list(exc.path)}")
+            pytest.fail(
+                f"{directory}: {doc['kind']}/{doc['metadata']['name']}: {exc.message} at {list(exc.path)}"
+            )
 
 
-@pytest.mark.parametrize("kind,path,bad_value", [
-    ("Deployment", ["spec", "template", "spec", "containers", 0, "readinessProbe", "httpGet", "paht"], "/readyz"),
-    ("ScaledObject", ["spec", "maxReplicas"], 4),
-    ("ScaledObject", ["spec", "triggers", 0, "metadata", "treshold"], "4"),
-    ("ServiceMonitor", ["spec", "endpoints", 0, "interval"], "15 seconds"),
-    ("PrometheusRule", ["spec", "groups", 1, "rules", 0, "for"], "10 minutes"),
-    ("PrometheusRule", ["spec", "groups", 0, "rules", 0, "recrod"], "x"),
-])
+@pytest.mark.parametrize(
+    "kind,path,bad_value",
+    [
+        (
+            "Deployment",
+            ["spec", "template", "spec", "containers", 0, "readinessProbe", "httpGet", "paht"],
+            "/readyz",
+        ),
+        ("ScaledObject", ["spec", "maxReplicas"], 4),
+        ("ScaledObject", ["spec", "triggers", 0, "metadata", "treshold"], "4"),
+        ("ServiceMonitor", ["spec", "endpoints", 0, "interval"], "15 seconds"),
+        ("PrometheusRule", ["spec", "groups", 1, "rules", 0, "for"], "10 minutes"),
+        ("PrometheusRule", ["spec", "groups", 0, "rules", 0, "recrod"], "x"),
+    ],
+)
 def test_validation_rejects_typos(kind: str, path: list, bad_value: Any) -> None:
     doc = {d["kind"]: d for d in kustomize_build(K8S / "overlays/gpu")}[kind]
     target = doc
@@ -491,7 +512,9 @@ def test_termination_grace_covers_the_drain(overlay: tuple[str, dict[str, dict]]
     assert needed < pod["terminationGracePeriodSeconds"] <= needed + 30
 
 
-def test_gpu_and_cpu_overlays_differ_where_they_must(overlay: tuple[str, dict[str, dict]], tmp_path: Path) -> None:
+def test_gpu_and_cpu_overlays_differ_where_they_must(
+    overlay: tuple[str, dict[str, dict]], tmp_path: Path
+) -> None:
     name, objs = overlay
     resources = pod_container(objs)["resources"]
     model = next(iter(load_config(served_config(objs, tmp_path)).models.values()))
@@ -527,7 +550,9 @@ def test_selectors_reach_the_pods(overlay: tuple[str, dict[str, dict]]) -> None:
     assert objs["ScaledObject"]["spec"]["scaleTargetRef"]["name"] == objs["Deployment"]["metadata"]["name"]
 
 
-def test_autoscaler_query_selects_this_deployment(overlay: tuple[str, dict[str, dict]], tmp_path: Path) -> None:
+def test_autoscaler_query_selects_this_deployment(
+    overlay: tuple[str, dict[str, dict]], tmp_path: Path
+) -> None:
     _, objs = overlay
     scaled = objs["ScaledObject"]["spec"]
     trigger = scaled["triggers"][0]
@@ -553,7 +578,9 @@ def test_prometheusrule_groups_are_the_rule_files(directory: str) -> None:
         "deploy/k8s/base/prometheusrule.yaml differs from deploy/prometheus/rules/*.yml: copy their groups")
 
 
-def test_pods_keep_the_baked_weights_visible_and_caches_writable(overlay: tuple[str, dict[str, dict]]) -> None:
+def test_pods_keep_the_baked_weights_visible_and_caches_writable(
+    overlay: tuple[str, dict[str, dict]],
+) -> None:
     _, objs = overlay
     container, pod = pod_container(objs), objs["Deployment"]["spec"]["template"]["spec"]
     env = image_env() | {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}

@@ -126,14 +126,17 @@ def traffic(server, prometheus: Prometheus) -> dict[str, int]:
             rates = prometheus.by_variant('model_variant:mame_requests:rate5m{model="tiny"}')
             if all(rates.get(variant, 0) > 0 for variant in VARIANTS):
                 break
-            assert time.monotonic() < deadline, f"no rates in Prometheus after 90 s: {rates}\n{prometheus.log()}"
+            assert time.monotonic() < deadline, (
+                f"no rates in Prometheus after 90 s: {rates}\n{prometheus.log()}"
+            )
             time.sleep(1)
     return sent
 
 
 @pytest.fixture(scope="module")
 def shadow_traffic(server, prometheus: Prometheus, traffic: dict[str, int]) -> None:
-    """Experiment requests (every one shadowed) until Prometheus has a shadow agreement ratio (bounded: 60 s)."""
+    """Experiment requests (every one shadowed) until Prometheus has a shadow agreement ratio (bounded: 60
+    s)."""
     images = list(sample_images(64).values())
     deadline = time.monotonic() + 60
     with httpx.Client(base_url=server.url, timeout=30) as client:
@@ -157,7 +160,9 @@ def wait_for_scrape_after(prometheus: Prometheus, moment: float) -> None:
         time.sleep(0.5)
 
 
-def test_prometheus_reads_per_variant_rate_and_p95_latency(prometheus: Prometheus, traffic: dict[str, int]) -> None:
+def test_prometheus_reads_per_variant_rate_and_p95_latency(
+    prometheus: Prometheus, traffic: dict[str, int]
+) -> None:
     rates = prometheus.by_variant('model_variant:mame_requests:rate5m{model="tiny"}')
     p95 = prometheus.by_variant('model_variant:mame_request_duration_seconds:p95_5m{model="tiny"}')
     throughput = prometheus.by_variant('model_variant:mame_images_ok:rate5m{model="tiny"}')

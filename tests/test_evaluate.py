@@ -139,7 +139,9 @@ def test_eval_default_hub_weights_offline_is_one_clear_line(tmp_path, monkeypatc
     folder = write_image_folder(tmp_path / "data", ["cat"], per_class=1)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr("mame_core.hub.cached_hub_file", lambda model: None)  # whatever this machine caches
-    rc = main([str(folder), "--arch", "vit_tiny_patch16_224", "--model-kwargs", json.dumps(TINY), "--no-progress"])
+    rc = main(
+        [str(folder), "--arch", "vit_tiny_patch16_224", "--model-kwargs", json.dumps(TINY), "--no-progress"]
+    )
     assert rc == 2
     line = _one_line_error(capsys.readouterr().err)
     assert "HF_HUB_OFFLINE is set" in line and "--weights random" in line

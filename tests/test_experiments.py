@@ -9,36 +9,31 @@ import threading
 import pytest
 from pydantic import ValidationError
 
-from server.experiments import (
+from server.experiments.buckets import (
     SCALE,
-    Assignment,
     BucketRange,
-    ExperimentConfig,
-    ExperimentError,
-    ExperimentExists,
-    ExperimentRegistry,
-    ModelVariants,
-    NewExperiment,
-    ShadowComparison,
-    SplitChange,
-    Top1,
-    UnknownExperiment,
-    UnknownModel,
-    UnknownVariant,
-    VariantStats,
-    admin_token_from_env,
     bucket_point,
-    check_admin,
     check_ranges,
-    compare_top1,
     initial_ranges,
     key_for_request,
-    percentile,
     range_shares,
     rebalance,
     should_shadow,
     variant_at,
 )
+from server.experiments.config import ExperimentConfig, NewExperiment, SplitChange
+from server.experiments.registry import (
+    Assignment,
+    ExperimentError,
+    ExperimentExists,
+    ExperimentRegistry,
+    ModelVariants,
+    UnknownExperiment,
+    UnknownModel,
+    UnknownVariant,
+)
+from server.experiments.stats import ShadowComparison, Top1, VariantStats, compare_top1, percentile
+from server.wire.admin import admin_token_from_env, check_admin
 
 KEYS = [f"user-{i}" for i in range(10_000)]
 VARIANTS = frozenset({"baseline", "mame-0.9", "mame-0.8", "tome-r13"})

@@ -16,11 +16,11 @@ import yaml
 from serverproc import tiny_config
 
 from mame_core import MergeSettings
-from server.batching import QueueFull, Scheduler, SchedulerClosed, WorkItem
 from server.config import BatchingConfig, ConfigError, load_config, parse_config
-from server.errors import ApiError
-from server.experiments import bucket_point, variant_at
-from server.routing import build_registry, choose_route
+from server.engine.batching import QueueFull, Scheduler, SchedulerClosed, WorkItem
+from server.experiments.buckets import bucket_point, variant_at
+from server.http.app import build_registry
+from server.wire.errors import ApiError
 
 # ------------------------------------------------------------------------------------------- config
 
@@ -46,14 +46,14 @@ def test_config_refuses_experiments_that_cannot_run(experiments, message):
 
 def test_the_shipped_experiment_takes_the_default_models_traffic():
     registry = build_registry(load_config())
-    route = choose_route(registry, model=None, variant=None, experiment=None,
+    route = registry.choose(model=None, variant=None, experiment=None,
                          headers={"X-User-Id": "alice"}, query={}, client_host="10.0.0.1")
     assert (route.model, route.experiment, route.assignment) == ("vit-b16", "tau-ab", "assigned")
     assert route.variant in {"baseline", "mame-0.8"}
     expected = variant_at(registry.ranges("tau-ab"), bucket_point("tau-ab", "alice"))
     assert route.variant == expected
     for _ in range(5):  # sticky
-        again = choose_route(registry, model="vit-b16", variant=None, experiment=None,
+        again = registry.choose(model="vit-b16", variant=None, experiment=None,
                              headers={"x-user-id": "alice"}, query={}, client_host=None)
         assert again.variant == expected
 
@@ -62,15 +62,23 @@ def test_the_shipped_experiment_takes_the_default_models_traffic():
 
 
 def two_model_registry():
-    config = tiny_config(experiments={"ab": {"model": "tiny", "split": {"mame-0.5": 1.0},
-                                             "sticky": "query:user", "shadow": {"variant": "baseline", "rate": 1.0}}})
+    config = tiny_config(
+        experiments={
+            "ab": {
+                "model": "tiny",
+                "split": {"mame-0.5": 1.0},
+                "sticky": "query:user",
+                "shadow": {"variant": "baseline", "rate": 1.0},
+            }
+        }
+    )
     config["models"]["plain"] = {**config["models"]["tiny"], "variants": {"baseline": {"method": "none"}},
                                  "default_variant": "baseline"}
     return build_registry(parse_config(config))
 
 
 def route(registry, **params):
-    return choose_route(registry, **{"model": None, "variant": None, "experiment": None, "headers": {},
+    return registry.choose(**{"model": None, "variant": None, "experiment": None, "headers": {},
                                      "query": {}, "client_host": None, **params})
 
 
@@ -250,10 +258,15 @@ def test_the_docs_promql_parses_with_promtool(tmp_path):
         {"record": f"ab_testing_doc_query_{i}", "expr": expr} for i, expr in enumerate(doc_promql())]}]}
     path = tmp_path / "doc_rules.yml"
     path.write_text(yaml.safe_dump(rules))
-    result = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        ["promtool", "check", "rules", str(path)], capture_output=True, text=True, check=False
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"SUCCESS: {len(doc_promql())} rules found" in result.stdout + result.stderr
     # and promtool does catch a broken expression in this set-up
     path.write_text(yaml.safe_dump({"groups": [{"name": "g", "rules": [
         {"record": "broken", "expr": "sum by (variant (rate(mame_images_total[5m]))"}]}]}))
-    assert subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True, check=False).returncode != 0
+    assert (
+        subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True, check=False).returncode
+        != 0
+    )

@@ -35,7 +35,9 @@ from loadtest.sweep import (
 )
 
 
-def ok(group: str, at: float, latency: float, queue: float = 1.0, infer: float = 10.0, tokens: int = 50) -> Outcome:
+def ok(
+    group: str, at: float, latency: float, queue: float = 1.0, infer: float = 10.0, tokens: int = 50
+) -> Outcome:
     return Outcome(group, "200", at, latency, queue_ms=queue, inference_ms=infer, final_tokens=tokens)
 
 
@@ -142,7 +144,12 @@ def test_request_specs_spread_variants_and_draw_user_keys_only_for_experiments()
     share_a = sum(s.variant == "a" for s in drawn) / len(drawn)
     assert 0.45 < share_a < 0.55
     assert all(s.user_key is None for s in drawn)
-    assert [s.images[0].name for s in drawn[:4]] == [images[0].name, images[1].name, images[2].name, images[0].name]
+    assert [s.images[0].name for s in drawn[:4]] == [
+        images[0].name,
+        images[1].name,
+        images[2].name,
+        images[0].name,
+    ]
     assert all(len(s.images) == 1 for s in drawn)
     several = request_specs(Target("http://x", images_per_request=2), images, random.Random(0))
     assert [[i.name for i in next(several).images] for _ in range(2)] == [
@@ -230,7 +237,9 @@ def test_saturation_reports_the_last_rate_within_limits(tmp_path: Path) -> None:
     assert rows["mame-0.9"].stopped_by == "rate ladder exhausted"
     table = format_saturation(saturation(points))
     assert table.count("\n") == 3 and "| baseline | 10.0 |" in table
-    assert json.loads(json.dumps(sweep_to_dict(points, SweepLimits())))["saturation"][0]["variant"] == "baseline"
+    assert (
+        json.loads(json.dumps(sweep_to_dict(points, SweepLimits())))["saturation"][0]["variant"] == "baseline"
+    )
 
     png = tmp_path / "img" / "sweep.png"
     plot_sweep(points, png, "test")
@@ -275,7 +284,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_cli_rejects_bad_arguments_with_a_clear_message(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_cli_rejects_bad_arguments_with_a_clear_message(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     cases = [
         (["--images", str(tmp_path / "nope")], "does not exist"),
         (["--sweep"], "name them with --variant"),
@@ -375,12 +386,28 @@ def test_timeout_bounds_the_wait_for_a_pooled_connection(slow_url: str, tmp_path
     waiting for the connection after 0.3 s give up as pool_timeout, and no request lasts much longer
     than the pool wait plus one answer (httpx alone let them wait for one answer after another)."""
     out = tmp_path / "report.json"
-    main(["--url", slow_url, "--rate", "1000", "--requests", "5", "--max-connections", "1", "--timeout", "0.3",
-          "--quiet", "--json", str(out)])
+    main(
+        [
+            "--url",
+            slow_url,
+            "--rate",
+            "1000",
+            "--requests",
+            "5",
+            "--max-connections",
+            "1",
+            "--timeout",
+            "0.3",
+            "--quiet",
+            "--json",
+            str(out),
+        ]
+    )
     report = json.loads(out.read_text())
     total = report["total"]
     assert 1 <= total["ok"] <= 2 and total["errors"] == {"pool_timeout": 5 - total["ok"]}
-    # Unbounded, the last would wait for the four answers before it (1,000 ms); the margin is for a loaded machine.
+    # Unbounded, the last would wait for the four answers before it (1,000 ms); the margin is for a loaded
+    # machine.
     assert total["latency_ms"]["max"] < (0.3 + SLOW_S) * 1000 + 350
     assert 300 <= report["max_send_lag_ms"] < 800  # the give-ups waited the whole --timeout
 
@@ -390,18 +417,33 @@ def test_max_connections_below_one_is_refused(capsys: pytest.CaptureFixture[str]
         with pytest.raises(ValueError, match="--max-connections must be at least 1"):
             LoadPlan("open", 10, 1.0, rate_rps=1.0, max_connections=value)
         with pytest.raises(SystemExit) as exit_info:
-            main(["--url", f"http://127.0.0.1:{free_port()}", "--max-connections", str(value), "--requests", "1",
-                  "--timeout", "1", "--quiet"])
+            main(
+                [
+                    "--url",
+                    f"http://127.0.0.1:{free_port()}",
+                    "--max-connections",
+                    str(value),
+                    "--requests",
+                    "1",
+                    "--timeout",
+                    "1",
+                    "--quiet",
+                ]
+            )
         assert exit_info.value.code == 2
         assert f"--max-connections must be at least 1, got {value}" in capsys.readouterr().err
 
 
-def test_unwritable_output_paths_are_refused_before_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_unwritable_output_paths_are_refused_before_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     url = f"http://127.0.0.1:{free_port()}"
-    for argv in (["--json", str(blocker / "x.json")],
-                 ["--sweep", "--variant", "a", "--plot", str(blocker / "x.png"), "--json", str(tmp_path / "s.json")]):
+    for argv in (
+        ["--json", str(blocker / "x.json")],
+        ["--sweep", "--variant", "a", "--plot", str(blocker / "x.png"), "--json", str(tmp_path / "s.json")],
+    ):
         with pytest.raises(SystemExit) as exit_info:
             main(["--url", url, "--requests", "2", "--duration", "1", "--quiet", *argv])
         assert exit_info.value.code == 2
@@ -459,8 +501,18 @@ def test_flags_that_would_be_ignored_are_refused(capsys: pytest.CaptureFixture[s
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit) as exit_info:
-            main(["--url", f"http://127.0.0.1:{free_port()}", "--requests", "1", "--duration", "0.2", "--quiet",
-                  *argv])
+            main(
+                [
+                    "--url",
+                    f"http://127.0.0.1:{free_port()}",
+                    "--requests",
+                    "1",
+                    "--duration",
+                    "0.2",
+                    "--quiet",
+                    *argv,
+                ]
+            )
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err
 
@@ -471,7 +523,10 @@ def test_locust_refuses_bad_options_at_start() -> None:
     """A bad option is one line and exit 2 before any user starts, even headless without -t (it used to
     print a traceback per user and then wait forever with nothing to send)."""
     root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
+    }
     cases = [(["--variants", "baseline:x"], "variant weight must be a number"),
              (["--images", str(root / "no-such-dir")], "does not exist"),
              (["--top-k", "-1"], "--top-k must be")]

@@ -122,12 +122,30 @@ def test_open_loop_report_agrees_with_the_server_counters(server: ServerProcess,
 def test_closed_loop_experiment_report_groups_by_the_assigned_variant(server: ServerProcess,
                                                                       tmp_path: Path) -> None:
     before = scrape(server)
-    report = run_mame_load(["--url", server.url, "--experiment", EXPERIMENT, "--users", "50", "--mode", "closed",
-                            "--concurrency", "4", "--requests", "60", "--duration", "20"],
-                           tmp_path / "closed.json")
+    report = run_mame_load(
+        [
+            "--url",
+            server.url,
+            "--experiment",
+            EXPERIMENT,
+            "--users",
+            "50",
+            "--mode",
+            "closed",
+            "--concurrency",
+            "4",
+            "--requests",
+            "60",
+            "--duration",
+            "20",
+        ],
+        tmp_path / "closed.json",
+    )
     after = scrape(server)
     assert report["total"]["sent"] == 60
-    assert reported_by_variant_and_status(report) == requests_by_variant_and_status(before, after, experiment=EXPERIMENT)
+    assert reported_by_variant_and_status(report) == requests_by_variant_and_status(
+        before, after, experiment=EXPERIMENT
+    )
     assert {v["variant"] for v in report["variants"]} == {"baseline", "mame-0.5"}
 
 
@@ -135,9 +153,25 @@ def test_multi_image_requests_count_their_images(server: ServerProcess, tmp_path
     """--images-per-request: one multipart request of several images; the report's images match the
     server's image counter."""
     before = scrape(server)
-    report = run_mame_load(["--url", server.url, "--variant", "mame-0.5", "--mode", "closed", "--concurrency", "2",
-                            "--requests", "20", "--duration", "20", "--images-per-request", "3"],
-                           tmp_path / "multi.json")
+    report = run_mame_load(
+        [
+            "--url",
+            server.url,
+            "--variant",
+            "mame-0.5",
+            "--mode",
+            "closed",
+            "--concurrency",
+            "2",
+            "--requests",
+            "20",
+            "--duration",
+            "20",
+            "--images-per-request",
+            "3",
+        ],
+        tmp_path / "multi.json",
+    )
     after = scrape(server)
     assert reported_by_variant_and_status(report) == requests_by_variant_and_status(before, after)
     images = delta(before, after, "mame_images_total", ("variant", "status"), model="tiny")
@@ -175,12 +209,40 @@ def test_locust_names_requests_by_variant(server: ServerProcess, tmp_path: Path)
 def test_sweep_writes_the_plot_and_the_saturation_table(server: ServerProcess, tmp_path: Path) -> None:
     plot, out = tmp_path / "sweep.png", tmp_path / "sweep.json"
     result = subprocess.run(
-        [sys.executable, "-m", "loadtest.load", "--url", server.url, "--sweep", "--variant", "baseline,mame-0.5",
-         "--rate", "4", "--sweep-factor", "2", "--sweep-steps", "2", "--duration", "1.5",
-         "--max-p99-ms", "5000", "--min-goodput", "0.5",
-         "--plot", str(plot), "--json", str(out), "--quiet"],
-        check=False, capture_output=True, text=True, timeout=120, env=CLIENT_ENV,
-        cwd=REPO_ROOT)
+        [
+            sys.executable,
+            "-m",
+            "loadtest.load",
+            "--url",
+            server.url,
+            "--sweep",
+            "--variant",
+            "baseline,mame-0.5",
+            "--rate",
+            "4",
+            "--sweep-factor",
+            "2",
+            "--sweep-steps",
+            "2",
+            "--duration",
+            "1.5",
+            "--max-p99-ms",
+            "5000",
+            "--min-goodput",
+            "0.5",
+            "--plot",
+            str(plot),
+            "--json",
+            str(out),
+            "--quiet",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=CLIENT_ENV,
+        cwd=REPO_ROOT,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "| baseline |" in result.stdout and "| mame-0.5 |" in result.stdout
     sweep = json.loads(out.read_text())
@@ -200,9 +262,31 @@ def test_footer_tells_client_pool_wait_from_server_time(tmp_path: Path) -> None:
     own time stays ~0.3 s, and the footer's send lag must account for the rest."""
     with running_server(tiny_config(batching={"max_batch_size": 64, "max_wait_ms": 300})) as slow:
         result = subprocess.run(
-            [sys.executable, "-m", "loadtest.load", "--url", slow.url, "--variant", "baseline", "--rate", "1000",
-             "--requests", "6", "--max-connections", "1", "--quiet", "--json", str(tmp_path / "slow.json")],
-            check=False, capture_output=True, text=True, timeout=60, env=CLIENT_ENV, cwd=REPO_ROOT)
+            [
+                sys.executable,
+                "-m",
+                "loadtest.load",
+                "--url",
+                slow.url,
+                "--variant",
+                "baseline",
+                "--rate",
+                "1000",
+                "--requests",
+                "6",
+                "--max-connections",
+                "1",
+                "--quiet",
+                "--json",
+                str(tmp_path / "slow.json"),
+            ],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=CLIENT_ENV,
+            cwd=REPO_ROOT,
+        )
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads((tmp_path / "slow.json").read_text())
     total = report["total"]

@@ -11,12 +11,13 @@ import torch
 from serverproc import tiny_config
 
 from mame_core import MergeSettings
-from server.batching import QueueFull, Scheduler, SchedulerClosed, WorkItem
 from server.config import BatchingConfig, parse_config
-from server.errors import ApiError
-from server.metrics import Metrics
-from server.models import load_model
-from server.worker import DeviceWorker, ImageResult, infer, place_model, stack_batch
+from server.engine.batching import QueueFull, Scheduler, SchedulerClosed, WorkItem
+from server.engine.devices import place_model
+from server.engine.metrics import Metrics
+from server.engine.models import load_model
+from server.engine.worker import DeviceWorker, ImageResult, infer, stack_batch
+from server.wire.errors import ApiError
 
 NONE = MergeSettings()
 MAME = MergeSettings(method="mame", tau=0.5, blocks=3)
@@ -138,8 +139,16 @@ def test_a_waiting_worker_wakes_when_a_queue_starts_or_fills_not_for_every_image
 @pytest.fixture(scope="module")
 def tiny_model():
     loaded = load_model("m", parse_config(tiny_config()).models["tiny"])
-    return place_model("m", loaded.model, torch.device("cpu"), torch.float32, loaded.input_size, copy_weights=False,
-                       mean=loaded.transform.mean, std=loaded.transform.std)
+    return place_model(
+        "m",
+        loaded.model,
+        torch.device("cpu"),
+        torch.float32,
+        loaded.input_size,
+        copy_weights=False,
+        mean=loaded.transform.mean,
+        std=loaded.transform.std,
+    )
 
 
 def run_worker(worker: DeviceWorker, loop, batches: list[list[WorkItem]]) -> list:
@@ -221,7 +230,9 @@ def test_normalising_on_the_device_equals_timms_own_eval_transform(tiny_model):
     assert x.dtype == torch.uint8 and x.shape == (3, *loaded.input_size)
     scores, indices, _, _, _ = infer(tiny_model, NONE, x, top_k=5)
     with torch.inference_mode():
-        reference = tiny_model.vit(torch.stack([timm_eval(p) for p in pictures]), NONE).logits.softmax(-1).topk(5)
+        reference = (
+            tiny_model.vit(torch.stack([timm_eval(p) for p in pictures]), NONE).logits.softmax(-1).topk(5)
+        )
     assert torch.equal(indices, reference.indices)
     assert torch.allclose(scores, reference.values, atol=1e-6)
 
@@ -234,7 +245,7 @@ def test_worker_input_must_be_uint8_and_one_shape(tiny_model):
 
 
 def test_split_on_oom_halves_until_batches_fit():
-    from server.worker import split_on_oom
+    from server.engine.worker import split_on_oom
 
     calls = []
 
@@ -260,12 +271,12 @@ def test_split_on_oom_halves_until_batches_fit():
 def test_a_device_process_answers_like_the_in_process_worker(loop, tiny_model):
     """The same batches through a real child process (CPU): equal answers; a bad batch fails alone; expired
     items are not sent; the child stops when the queue is drained."""
-    from server.device_process import ProcessWorker, WarmUp
+    from server.engine.device_process import ProcessWorker, WarmUp
 
     cfg = parse_config(tiny_config()).models["tiny"]
     s = scheduler(max_batch_size=4, max_wait_ms=0)
     worker = ProcessWorker(torch.device("cpu"), {"m": cfg}, s, Metrics(), torch_threads=1)
-    described = worker.launch(WarmUp({"m": [MAME]}, {"m": 4}))
+    described = worker.launch(WarmUp({"m": [MAME]}))
     assert described["m"].input_size == (3, 64, 64) and described["m"].weights == "random-init"
     xs = images(6)
     good = [item(loop, "a", x, settings=MAME) for x in xs[:4]]
@@ -289,7 +300,7 @@ def test_a_batch_being_copied_when_the_device_process_dies_fails_at_once(loop, m
     """The child dies while the feeder copies a batch (the receiver has already failed what was in flight):
     that batch was recorded afterwards and waited for its 504, and its slab was lost, so the drain at
     shutdown waited for ever. It fails at once, naming the exit status, and the feeder stops."""
-    from server import device_process
+    from server.engine import device_process
 
     cfg = parse_config(tiny_config()).models["tiny"]
     s = scheduler(max_batch_size=4, max_wait_ms=0)
@@ -317,7 +328,7 @@ def test_a_batch_being_copied_when_the_device_process_dies_fails_at_once(loop, m
 def test_channels_last_crops_are_stacked_as_such_and_infer_the_same(tiny_model):
     """Decoders hand over [H, W, 3] memory seen as [3, H, W]: the batch keeps that layout (a plain copy),
     and the forward gives exactly what a channels-first batch gives."""
-    from server.worker import channels_last_view
+    from server.engine.worker import channels_last_view
 
     crops = [x.permute(1, 2, 0).contiguous().permute(2, 0, 1) for x in images(5)]
     assert all(channels_last_view(c) for c in crops) and not channels_last_view(images(1)[0])

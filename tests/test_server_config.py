@@ -12,7 +12,8 @@ from serverproc import TINY_MODEL, tiny_config
 
 from mame_core.hub import hub_disabled_by_env, hub_reachable
 from server.config import ConfigError, ServingConfig, load_config, parse_config
-from server.models import class_labels, load_model, preprocessing
+from server.decode.transforms import preprocessing
+from server.engine.models import class_labels, load_model
 from server.settings import parse_settings
 
 
@@ -41,10 +42,18 @@ def test_tiny_config_is_valid():
         (lambda c: c.update(colour="blue"), "colour"),
         (lambda c: c["models"]["tiny"].update(archh="x"), "models.tiny.archh"),
         (lambda c: c["models"]["tiny"]["batching"].update(max_batch=4), "models.tiny.batching.max_batch"),
-        (lambda c: c["models"]["tiny"]["batching"].update(max_batch_size=0), "models.tiny.batching.max_batch_size"),
-        (lambda c: c["models"]["tiny"]["variants"].update(bad={"method": "mame", "tauu": 0.5}),
-         "models.tiny.variants.bad"),
-        (lambda c: c["models"]["tiny"]["variants"].update(bad={"method": "tome"}), "models.tiny.variants.bad"),
+        (
+            lambda c: c["models"]["tiny"]["batching"].update(max_batch_size=0),
+            "models.tiny.batching.max_batch_size",
+        ),
+        (
+            lambda c: c["models"]["tiny"]["variants"].update(bad={"method": "mame", "tauu": 0.5}),
+            "models.tiny.variants.bad",
+        ),
+        (
+            lambda c: c["models"]["tiny"]["variants"].update(bad={"method": "tome"}),
+            "models.tiny.variants.bad",
+        ),
         (lambda c: c["models"]["tiny"].update(default_variant="nope"), "default_variant 'nope'"),
         (lambda c: c.update(default_model="nope"), "default_model 'nope'"),
         (lambda c: c["models"]["tiny"].update(weights="/no/such/file.pth"), "/no/such/file.pth"),
@@ -95,8 +104,10 @@ def test_every_flag_is_also_its_mame_variable_and_misspelt_ones_are_said(monkeyp
     assert unknown_variables(environ) == ["MAME_PROT"]
     # Without the service's _SERVICE_HOST a name ending in _PORT is a guess at a setting, said as such;
     # case does not matter (pydantic-settings reads MAME_port as MAME_PORT).
-    assert unknown_variables({"MAME_HTTP_PORT": "1", "MAME_port": "1", "mame_prot": "1"}) == ["MAME_HTTP_PORT",
-                                                                                           "mame_prot"]
+    assert unknown_variables({"MAME_HTTP_PORT": "1", "MAME_port": "1", "mame_prot": "1"}) == [
+        "MAME_HTTP_PORT",
+        "mame_prot",
+    ]
 
 
 def test_bad_environment_setting_is_an_error(monkeypatch):
@@ -110,19 +121,22 @@ def test_a_bad_flag_value_is_one_clear_line(capsys):
 
     assert main(["--http-processes", "many"]) == 2
     error = capsys.readouterr().err
-    assert error.startswith("mame-serve: bad setting") and "http_processes" in error and "Traceback" not in error
+    assert (
+        error.startswith("mame-serve: bad setting") and "http_processes" in error and "Traceback" not in error
+    )
 
 
-def test_http_processes_auto_means_none_without_a_cuda_device():
-    from server.__main__ import resolve_http_processes
+def test_layout_auto_means_one_process_without_a_cuda_device():
+    from server.__main__ import resolve_http_processes, resolve_layout
 
     config = ServingConfig.model_validate(tiny_config())
-    assert resolve_http_processes("auto", config) == 0  # the tiny model runs on the CPU
-    assert resolve_http_processes(3, config) == 3
+    assert resolve_layout("auto", config) == "single"  # the tiny model runs on the CPU
+    assert resolve_layout("frontends", config) == "frontends"
+    assert resolve_http_processes(3) == 3 and 1 <= resolve_http_processes("auto") <= 8
     if not torch.cuda.is_available():  # a device that is not there: loading reports it, not this
         on_cuda = tiny_config()
         on_cuda["models"]["tiny"]["device"] = "cuda"
-        assert resolve_http_processes("auto", ServingConfig.model_validate(on_cuda)) == 0
+        assert resolve_layout("auto", ServingConfig.model_validate(on_cuda)) == "single"
 
 
 @pytest.mark.parametrize("name", ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"])
@@ -204,7 +218,9 @@ def test_preprocessing_follows_the_model_and_labels_come_offline():
     assert transform(Image.new("RGB", (300, 200))).shape == (3, 64, 64)
     labels = class_labels(model)
     assert len(labels) == 1000 and labels[281] == "tabby, tabby cat"
-    other = timm.create_model(TINY_MODEL["arch"], pretrained=False, num_classes=7, **TINY_MODEL["model_kwargs"])
+    other = timm.create_model(
+        TINY_MODEL["arch"], pretrained=False, num_classes=7, **TINY_MODEL["model_kwargs"]
+    )
     assert class_labels(other) == [f"class_{i}" for i in range(7)]
 
 
@@ -224,7 +240,9 @@ def test_fused_resize_crop_equals_timms_transform(arch, kwargs):
     transform, input_size = preprocessing(model)
     assert transform.resize_then_crop is not None
     pictures = [Image.open(path).convert("RGB") for path in sample_images()]
-    pictures += [pictures[0].resize(size) for size in [(224, 224), (225, 700), (999, 300), (64, 64), (31, 47)]]
+    pictures += [
+        pictures[0].resize(size) for size in [(224, 224), (225, 700), (999, 300), (64, 64), (31, 47)]
+    ]
     for picture in pictures:
         fused, reference = transform(picture), transform.pil_to_uint8(picture)
         assert fused.shape == reference.shape == input_size and fused.dtype == torch.uint8
@@ -236,7 +254,7 @@ def test_fused_resize_crop_equals_timms_transform(arch, kwargs):
 def test_unusual_transforms_are_not_fused():
     from torchvision import transforms
 
-    from server.models import fused_resize_crop
+    from server.decode.transforms import fused_resize_crop
 
     plain = transforms.Compose([transforms.Resize(248), transforms.CenterCrop(224), transforms.PILToTensor()])
     assert fused_resize_crop(plain) is None  # not timm's MaybePILToTensor: unknown, left alone
@@ -250,26 +268,43 @@ def test_variant_with_zero_blocks_is_a_config_error():
         parse_config(config, "serving.yaml")
 
 
-@pytest.mark.parametrize(("change", "said"), [
-    ({"variants": {"deep": {"method": "mame", "tau": 0.9, "blocks": 99}}},
-     "models.tiny.variants.deep: merging in the first 99 blocks, but the model has only 4 blocks"),
-    ({"arch": "nope_net"}, "models.tiny: timm cannot build 'nope_net': Unknown model"),
-    ({"model_kwargs": {"bogus": 1}}, "models.tiny: timm cannot build 'vit_tiny_patch16_224'"),
-    ({"arch": "resnet18", "model_kwargs": {}}, "models.tiny.arch: 'resnet18' cannot merge tokens"),
-    # timm says these with an assert or a ZeroDivisionError: they were tracebacks, exit 1
-    ({"model_kwargs": {**TINY_MODEL["model_kwargs"], "embed_dim": 65}}, "divisible by num_heads"),
-    ({"model_kwargs": {**TINY_MODEL["model_kwargs"], "num_heads": 0}}, "timm cannot build"),
-    ({"model_kwargs": {**TINY_MODEL["model_kwargs"], "class_token": False}}, "class token"),
-    # they build, but cannot serve: a traceback at warm-up, or features answered as classes
-    ({"model_kwargs": {**TINY_MODEL["model_kwargs"], "in_chans": 1}}, "models.tiny.model_kwargs: in_chans 1"),
-    ({"model_kwargs": {**TINY_MODEL["model_kwargs"], "depth": 0}, "variants": {"baseline": {"method": "none"}}},
-     "models.tiny.model_kwargs: depth 0"),
-    ({"model_kwargs": {**TINY_MODEL["model_kwargs"], "num_classes": 0}}, "models.tiny.model_kwargs: num_classes 0"),
-    ({"device": "gpu"}, "models.tiny.device: 'gpu' is not a device list"),
-    ({"device": ","}, "models.tiny.device: ',' names no device"),
-])
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        (
+            {"variants": {"deep": {"method": "mame", "tau": 0.9, "blocks": 99}}},
+            "models.tiny.variants.deep: merging in the first 99 blocks, but the model has only 4 blocks",
+        ),
+        ({"arch": "nope_net"}, "models.tiny: timm cannot build 'nope_net': Unknown model"),
+        ({"model_kwargs": {"bogus": 1}}, "models.tiny: timm cannot build 'vit_tiny_patch16_224'"),
+        ({"arch": "resnet18", "model_kwargs": {}}, "models.tiny.arch: 'resnet18' cannot merge tokens"),
+        # timm says these with an assert or a ZeroDivisionError: they were tracebacks, exit 1
+        ({"model_kwargs": {**TINY_MODEL["model_kwargs"], "embed_dim": 65}}, "divisible by num_heads"),
+        ({"model_kwargs": {**TINY_MODEL["model_kwargs"], "num_heads": 0}}, "timm cannot build"),
+        ({"model_kwargs": {**TINY_MODEL["model_kwargs"], "class_token": False}}, "class token"),
+        # they build, but cannot serve: a traceback at warm-up, or features answered as classes
+        (
+            {"model_kwargs": {**TINY_MODEL["model_kwargs"], "in_chans": 1}},
+            "models.tiny.model_kwargs: in_chans 1",
+        ),
+        (
+            {
+                "model_kwargs": {**TINY_MODEL["model_kwargs"], "depth": 0},
+                "variants": {"baseline": {"method": "none"}},
+            },
+            "models.tiny.model_kwargs: depth 0",
+        ),
+        (
+            {"model_kwargs": {**TINY_MODEL["model_kwargs"], "num_classes": 0}},
+            "models.tiny.model_kwargs: num_classes 0",
+        ),
+        ({"device": "gpu"}, "models.tiny.device: 'gpu' is not a device list"),
+        ({"device": ","}, "models.tiny.device: ',' names no device"),
+    ],
+)
 def test_models_that_cannot_serve_are_one_line_at_start(change, said, tmp_path, capsys):
-    """Checked before anything loads (a meta-device build, no weights): exit 2 and the key, not a traceback."""
+    """Checked before anything loads (a meta-device build, no weights): exit 2 and the key, not a
+    traceback."""
     from server.__main__ import main
 
     config = tiny_config()
@@ -294,7 +329,9 @@ def test_a_weights_file_that_is_not_a_checkpoint_names_the_key(tmp_path):
     notes.write_text("not a checkpoint")
     config = tiny_config()
     config["models"]["tiny"]["weights"] = str(notes)
-    with pytest.raises(ConfigError, match=r"models.tiny.weights: cannot load .*notes.txt into vit_tiny_patch16_224"):
+    with pytest.raises(
+        ConfigError, match=r"models.tiny.weights: cannot load .*notes.txt into vit_tiny_patch16_224"
+    ):
         load_model("tiny", parse_config(config).models["tiny"])
 
 
@@ -302,6 +339,9 @@ def test_variant_past_the_models_depth_is_refused_at_load():
     config = tiny_config()  # the tiny model has 4 blocks
     config["models"]["tiny"]["variants"]["deep"] = {"method": "mame", "tau": 0.9, "blocks": 99}
     cfg = parse_config(config).models["tiny"]  # the depth is known only once the model is built
-    with pytest.raises(ValueError, match="model 'tiny' .*variant 'deep': merging in the first 99 blocks, but the "
-                                         "model has only 4 blocks"):
+    with pytest.raises(
+        ValueError,
+        match="model 'tiny' .*variant 'deep': merging in the first 99 blocks, but the "
+        "model has only 4 blocks",
+    ):
         load_model("tiny", cfg)

@@ -27,9 +27,14 @@ VARIANTS = ["baseline", "mame-0.5", "tome-r8"]
 async def post_many(url: str, jobs: list[tuple[str, bytes, dict]]) -> list[httpx.Response]:
     limits = httpx.Limits(max_connections=len(jobs), max_keepalive_connections=len(jobs))
     async with httpx.AsyncClient(timeout=60, limits=limits) as client:
-        return await asyncio.gather(*(
-            client.post(f"{url}/v1/classify", params=params, content=data, headers={"content-type": "image/png"})
-            for _, data, params in jobs))
+        return await asyncio.gather(
+            *(
+                client.post(
+                    f"{url}/v1/classify", params=params, content=data, headers={"content-type": "image/png"}
+                )
+                for _, data, params in jobs
+            )
+        )
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +42,18 @@ def images() -> dict[str, bytes]:
     return sample_images()
 
 
-# The ways the server runs its work (server/device_process.py, server/decode_process.py, server/frontend.py).
+# The two process layouts (docs/architecture.md), and front-ends sending crops in their messages.
 PROCESS_LAYOUTS = {
-    "in-process": ["--device-process", "off", "--decode-processes", "off"],  # the default on CPU
-    "child-processes": ["--device-process", "on", "--decode-processes", "on"],  # the default with CUDA
-    "front-ends": ["--http-processes", "2", "--device-process", "on"],
-    "front-ends, crops in bodies": ["--http-processes", "2", "--crop-arena-slots", "0"],
+    "single": ["--layout", "single"],  # the default on CPU
+    "frontends": ["--layout", "frontends", "--http-processes", "2"],  # the default with CUDA
+    "frontends, crops in messages": [
+        "--layout",
+        "frontends",
+        "--http-processes",
+        "2",
+        "--crop-arena-slots",
+        "0",
+    ],
 }
 
 
@@ -61,7 +72,9 @@ def test_64_concurrent_requests_over_3_variants_are_batched(server, images):
     pictures = list(images.values())
     jobs = [(VARIANTS[i % 3], pictures[i % len(pictures)], {"variant": VARIANTS[i % 3]}) for i in range(64)]
     responses = asyncio.run(post_many(server.url, jobs))
-    assert [r.status_code for r in responses] == [200] * 64, [r.text for r in responses if r.status_code != 200]
+    assert [r.status_code for r in responses] == [200] * 64, [
+        r.text for r in responses if r.status_code != 200
+    ]
     for (variant, _, _), response in zip(jobs, responses):
         answer = response.json()
         assert answer["variant"] == variant and answer["model"] == "tiny"
@@ -69,7 +82,11 @@ def test_64_concurrent_requests_over_3_variants_are_batched(server, images):
         assert response.headers["x-request-id"] == answer["request_id"]
         assert len(answer["predictions"]) == 5
         tokens = answer["tokens"]
-        assert tokens["input"] == 65 and len(tokens["per_block"]) == 4 and tokens["final"] == tokens["per_block"][-1]
+        assert (
+            tokens["input"] == 65
+            and len(tokens["per_block"]) == 4
+            and tokens["final"] == tokens["per_block"][-1]
+        )
         assert set(answer["timings_ms"]) == {"queue", "inference", "total"}
     assert max(r.json()["batch_size"] for r in responses) > 1
     metrics = httpx.get(f"{server.url}/metrics").text
@@ -103,7 +120,9 @@ def test_answers_in_a_batch_equal_answers_alone(server, images):
         single = alone[name]
         assert single["batch_size"] == 1
         assert batched["tokens"] == single["tokens"], name
-        assert [p["index"] for p in batched["predictions"]] == [p["index"] for p in single["predictions"]], name
+        assert [p["index"] for p in batched["predictions"]] == [p["index"] for p in single["predictions"]], (
+            name
+        )
         for a, b in zip(batched["predictions"], single["predictions"]):
             assert a["score"] == pytest.approx(b["score"], abs=2e-6)
 
@@ -141,9 +160,12 @@ def test_bad_requests_and_vanishing_clients_do_not_disturb_good_ones_in_flight(s
             for round_ in range(4):
                 for name, data in images.items():
                     jobs.append((name, send(data)))
-                jobs += [("garbage", send(b"not an image at all")), ("truncated", send(images["noise"][:300])),
-                         ("too large", send(b"\x89PNG" + b"0" * 400_000)),
-                         ("vanish", asyncio.to_thread(vanish))]
+                jobs += [
+                    ("garbage", send(b"not an image at all")),
+                    ("truncated", send(images["noise"][:300])),
+                    ("too large", send(b"\x89PNG" + b"0" * 400_000)),
+                    ("vanish", asyncio.to_thread(vanish)),
+                ]
             answers = await asyncio.gather(*(job for _, job in jobs))
             return list(zip((name for name, _ in jobs), answers))
 
@@ -166,7 +188,9 @@ def test_a_clients_x_mame_headers_are_dropped_not_trusted(server, images):
     spoofed = {"x-mame-error": '{"status": 400, "code": "bad_image", "detail": "spoofed"}',
                "x-mame-crops-at": "/etc/passwd 1", "x-mame-started": "0", "x-mame-images": "7",
                "x-mame-model": "nope", "x-mame-multipart": "1", "content-type": "image/png"}
-    plain = httpx.post(f"{server.url}/v1/classify", content=images["shapes"], headers={"content-type": "image/png"})
+    plain = httpx.post(
+        f"{server.url}/v1/classify", content=images["shapes"], headers={"content-type": "image/png"}
+    )
     answer = httpx.post(f"{server.url}/v1/classify", content=images["shapes"], headers=spoofed)
     assert answer.status_code == 200, answer.text
     assert answer.json()["predictions"] == plain.json()["predictions"]
@@ -191,16 +215,29 @@ def test_each_bad_input_gets_its_status_and_code(server, images):
         "top_k zero": (post(server, good, top_k=0), 422, "invalid_parameter"),
         "top_k too big": (post(server, good, top_k=21), 422, "invalid_parameter"),
         "top_k not a number": (post(server, good, top_k="many"), 422, "invalid_parameter"),
-        "no file field": (httpx.post(f"{server.url}/v1/classify", files={"image": ("a.png", good, "image/png")}),
-                          422, "invalid_parameter"),
-        "too many files": (httpx.post(f"{server.url}/v1/classify",
-                                      files=[("file", (f"{i}.png", good, "image/png")) for i in range(33)]),
-                           413, "too_large"),
-        "malformed multipart": (post(server, b"--nope\r\ngarbage", "multipart/form-data; boundary=xyz"),
-                                400, "bad_image"),
-        "file part not an image": (httpx.post(f"{server.url}/v1/classify",
-                                              files={"file": ("a.txt", b"hello", "text/plain")}),
-                                   415, "unsupported_media_type"),
+        "no file field": (
+            httpx.post(f"{server.url}/v1/classify", files={"image": ("a.png", good, "image/png")}),
+            422,
+            "invalid_parameter",
+        ),
+        "too many files": (
+            httpx.post(
+                f"{server.url}/v1/classify",
+                files=[("file", (f"{i}.png", good, "image/png")) for i in range(33)],
+            ),
+            413,
+            "too_large",
+        ),
+        "malformed multipart": (
+            post(server, b"--nope\r\ngarbage", "multipart/form-data; boundary=xyz"),
+            400,
+            "bad_image",
+        ),
+        "file part not an image": (
+            httpx.post(f"{server.url}/v1/classify", files={"file": ("a.txt", b"hello", "text/plain")}),
+            415,
+            "unsupported_media_type",
+        ),
     }
     for name, (response, status, code) in cases.items():
         assert response.status_code == status, (name, response.text)
@@ -236,7 +273,10 @@ def test_http_level_refusals_are_the_contracts_json_with_an_id(server, images):
     # What the HTTP parser refuses (a DEL in a header value) was uvicorn's text/plain 400 without an id.
     status, headers, body = raw_exchange(server, b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-bad: a\x7fb\r\n\r\n")
     assert (status, headers["content-type"]) == (400, "application/json"), body
-    assert json.loads(body)["error"] == "http_error" and json.loads(body)["request_id"] == headers["x-request-id"]
+    assert (
+        json.loads(body)["error"] == "http_error"
+        and json.loads(body)["request_id"] == headers["x-request-id"]
+    )
     # A head of any size was kept in memory (300 MB grew the server by 166 MB): over 64 KiB it is a 431.
     status, headers, body = raw_exchange(server, b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-big: "
                                          + b"a" * 100_000 + b"\r\n\r\n")
@@ -254,7 +294,9 @@ def test_http_level_refusals_are_the_contracts_json_with_an_id(server, images):
     assert refused.headers["allow"] == "POST"
     # Files and other fields together are capped (parsing work); the answer says parts, not files.
     fields = {f"note{i}": "x" for i in range(48)}
-    too_many = httpx.post(f"{server.url}/v1/classify", data=fields, files={"file": ("a.png", small, "image/png")})
+    too_many = httpx.post(
+        f"{server.url}/v1/classify", data=fields, files={"file": ("a.png", small, "image/png")}
+    )
     assert (too_many.status_code, too_many.json()["error"]) == (413, "too_large")
     assert "too many multipart parts" in too_many.json()["detail"], too_many.text
 
@@ -305,8 +347,10 @@ def test_models_health_readiness_docs(server):
     assert "ValidationError" not in json.dumps(openapi)
     errors = [answer for path in openapi["paths"].values() for operation in path.values()
               for status, answer in operation["responses"].items() if status >= "4"]
-    assert errors and all(a["content"]["application/json"]["schema"]["required"] == ["error", "detail", "request_id"]
-                          for a in errors)
+    assert errors and all(
+        a["content"]["application/json"]["schema"]["required"] == ["error", "detail", "request_id"]
+        for a in errors
+    )
     assert set(openapi["paths"]["/v1/admin/experiments"]["post"]["responses"]) >= {"401", "403", "404", "409"}
     assert "text/plain" in openapi["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
     schemas = openapi["components"]["schemas"]
@@ -314,7 +358,9 @@ def test_models_health_readiness_docs(server):
     assert schemas["SplitChange"]["properties"]["split"]["minProperties"] == 1
     assert httpx.get(f"{server.url}/docs").status_code == 200
     given = uuid.uuid4().hex
-    assert httpx.get(f"{server.url}/healthz", headers={"x-request-id": given}).headers["x-request-id"] == given
+    assert (
+        httpx.get(f"{server.url}/healthz", headers={"x-request-id": given}).headers["x-request-id"] == given
+    )
     missing = httpx.get(f"{server.url}/no/such/path")
     assert missing.status_code == 404 and missing.json()["error"] == "not_found"
     metrics = httpx.get(f"{server.url}/metrics").text
@@ -368,7 +414,7 @@ def test_burst_on_a_tiny_queue_gives_fast_503s_and_no_other_5xx(images):
         assert "queues at most 3" in whole.json()["detail"]
 
 
-@pytest.mark.parametrize("layout", ["in-process", "front-ends"])
+@pytest.mark.parametrize("layout", ["single", "frontends"])
 def test_request_past_its_deadline_gets_504_and_a_stalled_body_or_head_408(images, layout):
     # Batches wait up to 3 s to fill, the deadline is 0.5 s: the request times out in the queue.
     config = tiny_config(batching={"max_batch_size": 64, "max_wait_ms": 3000},
@@ -396,7 +442,7 @@ def test_request_past_its_deadline_gets_504_and_a_stalled_body_or_head_408(image
         assert httpx.get(f"{server.url}/healthz").status_code == 200
 
 
-@pytest.mark.parametrize("layout", ["in-process", "child-processes", "front-ends"])
+@pytest.mark.parametrize("layout", ["single", "frontends"])
 def test_sigterm_under_load_answers_every_accepted_request(images, layout):
     config = tiny_config(batching={"max_batch_size": 4, "max_wait_ms": 30, "max_queue": 1000})
     with running_server(config, args=["--log-level", "debug", *PROCESS_LAYOUTS[layout]]) as server:
@@ -437,15 +483,15 @@ def test_sigterm_under_load_answers_every_accepted_request(images, layout):
     assert len(ok) > 5
 
 
-@pytest.mark.parametrize("frontends", ["0", "1"], ids=["one-process", "front-ends"])
-def test_a_dead_device_process_fails_its_requests_and_stops_the_server(images, frontends):
+def test_a_dead_device_process_fails_its_requests_and_stops_the_server(images):
     """Killed (out of host memory, a driver crash): requests answer 500 at once instead of hanging, /readyz
-    says failed, and the server exits non-zero so that its supervisor restarts it. With front-ends too: they
-    stop first, while the server process still answers what they hold."""
+    says failed, and the server exits non-zero so that its supervisor restarts it. The front-ends stop first,
+    while the server
+    process still answers what they hold."""
     import psutil
 
     config = tiny_config(batching={"max_batch_size": 4, "max_wait_ms": 500})
-    with running_server(config, args=["--device-process", "on", "--http-processes", frontends]) as server:
+    with running_server(config, args=["--layout", "frontends", "--http-processes", "1"]) as server:
         assert post(server, images["flat"]).status_code == 200
         children = psutil.Process(server.proc.pid).children()
         device_process = next(c for c in children if "multiprocessing" in " ".join(c.cmdline())
@@ -462,29 +508,13 @@ def test_a_dead_device_process_fails_its_requests_and_stops_the_server(images, f
         assert "device process for cpu died" in server.log()
 
 
-def test_a_dead_decode_process_fails_one_image_and_is_replaced(images):
-    import psutil
-
-    with running_server(tiny_config(), args=["--decode-processes", "on", "--preprocess-threads", "1"]) as server:
-        assert post(server, images["flat"]).status_code == 200
-        children = [c for c in psutil.Process(server.proc.pid).children()
-                    if "resource_tracker" not in " ".join(c.cmdline())]
-        assert len(children) == 1, children  # one preprocessing thread: one decode process
-        children[0].kill()  # a zombie until the server reaps it: wait for its end of the pipe to close instead
-        time.sleep(1.0)
-        failed = post(server, images["flat"])
-        assert failed.status_code == 500 and "decoding process died" in failed.json()["detail"]
-        assert post(server, images["shapes"]).status_code == 200  # a new process took over
-        assert httpx.get(f"{server.url}/readyz").status_code == 200
-
-
 def test_an_unexpected_error_is_the_contracts_500_and_keeps_the_connection():
     """A bug in a handler: Starlette answered text/plain without an id, and uvicorn then closed the connection
     under the client's next request. A real uvicorn on loopback, one keep-alive connection."""
     import uvicorn
     from fastapi import FastAPI
 
-    from server.app import RequestIdMiddleware
+    from server.http.middleware import RequestIdMiddleware
 
     app = FastAPI()
 

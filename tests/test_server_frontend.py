@@ -20,20 +20,18 @@ import pytest
 from PIL import Image
 from serverproc import metric_values, running_server, sample_images, tiny_config
 
-from server.channel import Channel
-from server.frontend import (
+from server.decode.imaging import ResizeCrop
+from server.frontend.app import FrontEnd, Plan
+from server.frontend.arena import CropArena, decode_crop
+from server.wire.channel import Channel
+from server.wire.protocol import (
     FRONTEND_CROPS_AT,
     FRONTEND_ERROR,
     FRONTEND_IMAGES,
     FRONTEND_MODEL,
     FRONTEND_MULTIPART,
     FRONTEND_STARTED,
-    CropArena,
-    FrontEnd,
-    Plan,
-    decode_crop,
 )
-from server.imaging import ResizeCrop
 
 
 def plan(**overrides) -> Plan:
@@ -106,8 +104,12 @@ def over_channel(server, calls: list[tuple[dict[str, str], bytes]], query: str =
     async def send() -> list[tuple[dict, bytes]]:
         channel = Channel(front_end_argument(server, "--channel-socket"))
         try:
-            return await asyncio.gather(*(channel.call({"query": query, "headers": list(headers.items())}, body)
-                                          for headers, body in calls))
+            return await asyncio.gather(
+                *(
+                    channel.call({"query": query, "headers": list(headers.items())}, body)
+                    for headers, body in calls
+                )
+            )
         finally:
             await channel.close()
 
@@ -120,7 +122,11 @@ TOKEN = "t0ken"
 
 @pytest.fixture(scope="module")
 def server():
-    with running_server(tiny_config(), env={"MAME_ADMIN_TOKEN": TOKEN}, args=["--http-processes", "1"]) as proc:
+    with running_server(
+        tiny_config(),
+        env={"MAME_ADMIN_TOKEN": TOKEN},
+        args=["--layout", "frontends", "--http-processes", "1"],
+    ) as proc:
         yield proc
 
 
@@ -156,15 +162,37 @@ def test_engine_counts_a_front_end_error_and_not_a_reroute(server):
 
     before = counted()
     internal = {FRONTEND_STARTED: repr(time.monotonic()), FRONTEND_IMAGES: "2", FRONTEND_MULTIPART: "1"}
-    error, reroute = over_channel(server, [
-        ({**internal, FRONTEND_MODEL: "", FRONTEND_ERROR: '{"status": 400, "code": "bad_image", "detail": "cut"}'},
-         b""),
-        ({**internal, FRONTEND_MODEL: "another"}, b"")])
+    error, reroute = over_channel(
+        server,
+        [
+            (
+                {
+                    **internal,
+                    FRONTEND_MODEL: "",
+                    FRONTEND_ERROR: '{"status": 400, "code": "bad_image", "detail": "cut"}',
+                },
+                b"",
+            ),
+            ({**internal, FRONTEND_MODEL: "another"}, b""),
+        ],
+    )
     assert (error.status_code, error.json()["error"], error.json()["detail"]) == (400, "bad_image", "cut")
     assert (reroute.status_code, reroute.json()["error"]) == (409, "reroute")
     # The parameters and the route come first, as for any request.
-    [unknown] = over_channel(server, [({**internal, FRONTEND_MODEL: "", FRONTEND_ERROR:
-                                        '{"status": 400, "code": "bad_image", "detail": "x"}'}, b"")], "model=nope")
+    [unknown] = over_channel(
+        server,
+        [
+            (
+                {
+                    **internal,
+                    FRONTEND_MODEL: "",
+                    FRONTEND_ERROR: '{"status": 400, "code": "bad_image", "detail": "x"}',
+                },
+                b"",
+            )
+        ],
+        "model=nope",
+    )
     assert (unknown.status_code, unknown.json()["error"]) == (404, "unknown_model")
     assert counted() == before + 2  # the 400 and the 404; the reroute is sent again, and counted then
     images = metric_values(httpx.get(f"{server.url}/metrics").text, "mame_images_total")
@@ -174,7 +202,12 @@ def test_engine_counts_a_front_end_error_and_not_a_reroute(server):
 def test_an_unexpected_error_on_the_channel_is_a_500_not_an_unanswered_call(server):
     # A start time that is not a number breaks classify_request outside its own error handling: the frame
     # went unanswered, so the front-end's call (and its client) waited for ever. Then the next call works.
-    internal = {FRONTEND_IMAGES: "1", FRONTEND_MODEL: "tiny", FRONTEND_MULTIPART: "0", "x-request-id": "odd-1"}
+    internal = {
+        FRONTEND_IMAGES: "1",
+        FRONTEND_MODEL: "tiny",
+        FRONTEND_MULTIPART: "0",
+        "x-request-id": "odd-1",
+    }
 
     async def calls() -> list:
         channel = Channel(front_end_argument(server, "--channel-socket"))
@@ -182,8 +215,22 @@ def test_an_unexpected_error_on_the_channel_is_a_500_not_an_unanswered_call(serv
             broken = await asyncio.wait_for(channel.call(
                 {"query": "", "headers": list({**internal, FRONTEND_STARTED: "soon"}.items())}, b""), 10)
             error = '{"status": 400, "code": "bad_image", "detail": "cut"}'
-            fine = await asyncio.wait_for(channel.call({"query": "", "headers": list(
-                {**internal, FRONTEND_STARTED: repr(time.monotonic()), FRONTEND_ERROR: error}.items())}, b""), 10)
+            fine = await asyncio.wait_for(
+                channel.call(
+                    {
+                        "query": "",
+                        "headers": list(
+                            {
+                                **internal,
+                                FRONTEND_STARTED: repr(time.monotonic()),
+                                FRONTEND_ERROR: error,
+                            }.items()
+                        ),
+                    },
+                    b"",
+                ),
+                10,
+            )
             return [broken, fine]
         finally:
             await channel.close()
@@ -191,12 +238,14 @@ def test_an_unexpected_error_on_the_channel_is_a_500_not_an_unanswered_call(serv
     (broken_head, broken_body), (fine_head, fine_body) = asyncio.run(calls())
     assert broken_head["status"] == 500 and json.loads(broken_body)["error"] == "internal"
     assert "odd-1" in json.loads(broken_body)["detail"]
-    assert (fine_head["status"], json.loads(fine_body)["error"]) == (400, "bad_image")  # the channel still serves
+    # the channel still serves
+    assert (fine_head["status"], json.loads(fine_body)["error"]) == (400, "bad_image")
 
 
 def test_the_internal_routes_exist_only_behind_front_ends(server):
     with engine_http(server) as engine:
-        assert engine.post("/internal/classify", content=b"").status_code == 404  # decoded requests: the channel
+        # decoded requests: the channel
+        assert engine.post("/internal/classify", content=b"").status_code == 404
     assert httpx.get(f"{server.url}/internal/plan").status_code == 404  # front-ends keep it from clients
     with running_server(tiny_config()) as alone:
         assert httpx.get(f"{alone.url}/internal/plan").status_code == 404
@@ -204,7 +253,7 @@ def test_the_internal_routes_exist_only_behind_front_ends(server):
 
 def test_a_dead_front_end_is_replaced_and_its_crop_arena_removed():
     images = sample_images()
-    with running_server(tiny_config(), args=["--http-processes", "2"]) as server:
+    with running_server(tiny_config(), args=["--layout", "frontends", "--http-processes", "2"]) as server:
         def classify() -> int:
             return httpx.post(f"{server.url}/v1/classify", content=images["flat"],
                               headers={"content-type": "image/png", "connection": "close"}).status_code
@@ -234,14 +283,23 @@ def test_an_experiment_moved_to_another_model_is_rerouted_not_misdecoded():
     config["models"]["small"] = other
     token, images = "t0ken", sample_images()
     auth = {"authorization": f"Bearer {token}"}
-    with running_server(config, env={"MAME_ADMIN_TOKEN": token}, args=["--http-processes", "1"]) as server:
+    with running_server(
+        config, env={"MAME_ADMIN_TOKEN": token}, args=["--layout", "frontends", "--http-processes", "1"]
+    ) as server:
+
         def classify() -> httpx.Response:
-            return httpx.post(f"{server.url}/v1/classify", params={"experiment": "moving"}, content=images["flat"],
-                              headers={"content-type": "image/png"})
+            return httpx.post(
+                f"{server.url}/v1/classify",
+                params={"experiment": "moving"},
+                content=images["flat"],
+                headers={"content-type": "image/png"},
+            )
 
         def create(model: str) -> None:
             body = {"name": "moving", "model": model, "split": {"baseline": 1.0}}
-            assert httpx.post(f"{server.url}/v1/admin/experiments", json=body, headers=auth).status_code == 201
+            assert (
+                httpx.post(f"{server.url}/v1/admin/experiments", json=body, headers=auth).status_code == 201
+            )
 
         create("tiny")
         time.sleep(5.5)  # past PLAN_MAX_AGE_S: the front-end learns that "moving" runs on "tiny"
@@ -252,12 +310,13 @@ def test_an_experiment_moved_to_another_model_is_rerouted_not_misdecoded():
         assert moved.status_code == 200 and moved.json()["model"] == "small", moved.text
         requests = metric_values(httpx.get(f"{server.url}/metrics").text, "mame_requests_total")
         assert "a request re-sent undecoded: the route's model is small" in server.log()
-    assert sum(v for k, v in requests.items() if 'experiment="moving"' in k) == 2  # the re-route is not counted
+    # the re-route is not counted
+    assert sum(v for k, v in requests.items() if 'experiment="moving"' in k) == 2
 
 
 def test_front_ends_stop_when_the_server_process_is_killed():
     """A killed server process cannot stop its front-ends: they notice and exit, freeing the port."""
-    with running_server(tiny_config(), args=["--http-processes", "2"]) as server:
+    with running_server(tiny_config(), args=["--layout", "frontends", "--http-processes", "2"]) as server:
         children = front_ends(server)
         crops_dir = Path(front_end_argument(server, "--crops-dir"))
         server.proc.kill()
@@ -270,13 +329,19 @@ def test_front_ends_stop_when_the_server_process_is_killed():
 
 
 def test_connections_are_spread_over_the_front_ends():
-    """Each front-end listens on the port itself (SO_REUSEPORT): 16 keep-alive clients do not all land on one."""
+    """Each front-end listens on the port itself (SO_REUSEPORT): 16 keep-alive clients do not all land on
+    one."""
     image = sample_images()["flat"]
-    with running_server(tiny_config(), args=["--http-processes", "2"]) as server:
+    with running_server(tiny_config(), args=["--layout", "frontends", "--http-processes", "2"]) as server:
         clients = [httpx.Client(base_url=server.url) for _ in range(16)]
         try:
             for client in clients:
-                assert client.post("/v1/classify", content=image, headers={"content-type": "image/png"}).status_code == 200
+                assert (
+                    client.post(
+                        "/v1/classify", content=image, headers={"content-type": "image/png"}
+                    ).status_code
+                    == 200
+                )
             held = [sum(1 for c in p.net_connections("tcp") if c.status == psutil.CONN_ESTABLISHED
                         and c.laddr.port == server.port) for p in front_ends(server)]
         finally:
@@ -300,7 +365,9 @@ def test_clients_cannot_reach_the_engines_routes_nor_send_it_unbounded_bodies(se
     passed-through requests are capped; the front-end's own answers carry a request id."""
     for target in (b"/internal/plan", b"/v1/../internal/plan", b"/./internal/plan", b"//x/internal/plan",
                    b"/%69nternal/plan"):
-        answer = raw_request(server.port, b"GET " + target + b" HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        answer = raw_request(
+            server.port, b"GET " + target + b" HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+        )
         assert answer.startswith(b"HTTP/1.1 404"), (target, answer[:200])
         assert b'"request_id":"' in answer and b"x-request-id: " in answer.lower(), answer
     big = httpx.request("GET", f"{server.url}/healthz", content=b"x" * (2 << 20))
@@ -333,8 +400,16 @@ def front_end_answer(engine: Callable[[httpx.Request], httpx.Response], method: 
     async def call() -> list[dict]:
         front, sent = FrontEnd("/nonexistent/engine.sock", "/nonexistent/channel.sock", threads=1), []
         front.engine = httpx.AsyncClient(transport=httpx.MockTransport(engine), base_url="http://engine")
-        scope = {"type": "http", "method": method, "path": path, "raw_path": path.encode(), "query_string": b"",
-                 "headers": [(b"host", b"x"), *headers], "scheme": "http", "server": ("127.0.0.1", 8000)}
+        scope = {
+            "type": "http",
+            "method": method,
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": b"",
+            "headers": [(b"host", b"x"), *headers],
+            "scheme": "http",
+            "server": ("127.0.0.1", 8000),
+        }
 
         async def receive() -> dict:
             return {"type": "http.request", "body": b"", "more_body": False}
@@ -378,10 +453,12 @@ def test_an_admin_body_over_the_cap_is_refused_for_its_token_first(server):
     missing = httpx.post(url, content=big, headers={"content-type": "application/json"})
     assert (missing.status_code, missing.json()["error"]) == (401, "unauthorized")
     assert missing.headers["www-authenticate"].startswith("Bearer")
-    wrong = httpx.post(url, content=iter([big]), headers={"authorization": "Bearer wrong"})  # chunked: no length
+    # chunked: no length
+    wrong = httpx.post(url, content=iter([big]), headers={"authorization": "Bearer wrong"})
     assert (wrong.status_code, wrong.json()["error"]) == (403, "forbidden")
     right = httpx.post(url, content=big, headers={"authorization": f"Bearer {TOKEN}"})
-    assert (right.status_code, right.json()["error"]) == (413, "too_large")  # authorised: the pass-through cap
+    # authorised: the pass-through cap
+    assert (right.status_code, right.json()["error"]) == (413, "too_large")
 
 
 def test_a_redirect_names_the_address_the_client_reached_not_the_engine(server):
@@ -398,7 +475,7 @@ def test_front_ends_that_keep_dying_stop_the_server():
     """Three deaths in a row within seconds of starting (a port it cannot bind, a broken install): the server
     exits 1 for its supervisor to see, rather than serve without front-ends. The front-end that did not die
     is stopped by the server (drained), not left to notice it was orphaned."""
-    with running_server(tiny_config(), args=["--http-processes", "2"]) as server:
+    with running_server(tiny_config(), args=["--layout", "frontends", "--http-processes", "2"]) as server:
         survivor, killed = None, set()
         deadline = time.monotonic() + 30
         while server.proc.poll() is None and time.monotonic() < deadline:

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from server.errors import ApiError
-from server.imaging import check_content_type, decode_image
+from server.decode.imaging import decode_image
+from server.wire.body import check_content_type
+from server.wire.errors import ApiError
 
 LIMIT = 10_000_000
 
@@ -55,7 +56,8 @@ def test_16_bit_grey_is_scaled_not_clipped():
 
 
 def test_dark_16_bit_grey_is_scaled_whatever_its_brightest_pixel():
-    # Scaled only when a pixel passed 255, a dark picture came out bright: max 255 -> mid-grey, max 256 -> black.
+    # Scaled only when a pixel passed 255, a dark picture came out bright: max 255 -> mid-grey, max 256 ->
+    # black.
     for brightest in (255, 256):
         arr = np.tile(np.linspace(0, 255, 40).astype(np.uint16), (30, 1))
         arr[0, 0] = brightest
@@ -118,9 +120,18 @@ def test_pixel_limit_is_checked_before_decoding():
 
 def test_an_image_pil_cannot_decode_is_400_whatever_pil_raises():
     # A 4x4 DDS whose pixel format flags PIL does not know: PIL raises NotImplementedError, which was a 500.
-    header = (b"DDS " + (124).to_bytes(4, "little") + (0x1007).to_bytes(4, "little") + (4).to_bytes(4, "little")
-              + (4).to_bytes(4, "little") + bytes(4 * 14) + (32).to_bytes(4, "little")
-              + (0x80000000).to_bytes(4, "little") + b"ZZZZ" + bytes(4 * 10))
+    header = (
+        b"DDS "
+        + (124).to_bytes(4, "little")
+        + (0x1007).to_bytes(4, "little")
+        + (4).to_bytes(4, "little")
+        + (4).to_bytes(4, "little")
+        + bytes(4 * 14)
+        + (32).to_bytes(4, "little")
+        + (0x80000000).to_bytes(4, "little")
+        + b"ZZZZ"
+        + bytes(4 * 10)
+    )
     expect_error(header + bytes(64), 400, "bad_image")
 
 

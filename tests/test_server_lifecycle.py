@@ -20,14 +20,13 @@ import pytest
 import yaml
 from serverproc import free_port, running_server, sample_images, tiny_config
 
-from server.launch import REPO_ROOT
+from loadtest.launch import REPO_ROOT
 
 pytestmark = pytest.mark.e2e
 
 LAYOUTS = {
-    "in-process": ["--device-process", "off", "--decode-processes", "off"],
-    "child-processes": ["--device-process", "on", "--decode-processes", "on"],
-    "front-ends": ["--http-processes", "2"],
+    "single": ["--layout", "single"],
+    "frontends": ["--layout", "frontends", "--http-processes", "2"],
 }
 
 
@@ -81,13 +80,14 @@ def leftovers(tmp: Path) -> list[Path]:
     return [p for p in tmp.rglob("*") if p.name.startswith("pymp-")]
 
 
-@pytest.mark.parametrize("layout", ["in-process", "front-ends"])
+@pytest.mark.parametrize("layout", ["single", "frontends"])
 def test_ctrl_c_drains_and_exits_by_sigint_without_a_traceback(layout):
     with running_server(tiny_config(), args=LAYOUTS[layout]) as server:
         image = sample_images()["flat"]
         assert httpx.post(f"{server.url}/v1/classify", content=image, timeout=30).status_code == 200
         server.proc.send_signal(signal.SIGINT)
-        assert server.proc.wait(timeout=30) == -signal.SIGINT  # as SIGTERM: the signal's status, after the drain
+        # as SIGTERM: the signal's status, after the drain
+        assert server.proc.wait(timeout=30) == -signal.SIGINT
         log = server.log()
     assert "Traceback" not in log and "KeyboardInterrupt" not in log, log
     assert "Finished server process" in log
@@ -100,7 +100,12 @@ def test_a_signal_while_loading_ends_the_device_process_too(tmp_path, sig):
     holding its device, nor a BrokenPipe traceback from it when it is done."""
     tmp = tmp_path / "tmp"
     tmp.mkdir()
-    with started(tmp_path, tiny_config(), args=["--device-process", "on"], env={"TMPDIR": str(tmp)}) as proc:
+    with started(
+        tmp_path,
+        tiny_config(),
+        args=["--layout", "frontends", "--http-processes", "1"],
+        env={"TMPDIR": str(tmp)},
+    ) as proc:
         child = device_process(proc.pid)
         proc.seen.append(child)
         proc.send_signal(sig)
@@ -117,9 +122,11 @@ def test_a_signal_while_loading_ends_the_device_process_too(tmp_path, sig):
 def test_ctrl_c_while_loading_in_process_exits_by_sigint_not_an_abort(tmp_path):
     """SIGINT while the model loader thread is inside torch: the exit must not finalise the interpreter
     under it (C++ `terminate`, SIGABRT)."""
-    with started(tmp_path, tiny_config(), args=LAYOUTS["in-process"]) as proc:
+    with started(tmp_path, tiny_config(), args=LAYOUTS["single"]) as proc:
         deadline = time.monotonic() + 60
-        while "Waiting for application startup" not in proc.log_path.read_text() and time.monotonic() < deadline:
+        while (
+            "Waiting for application startup" not in proc.log_path.read_text() and time.monotonic() < deadline
+        ):
             time.sleep(0.02)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == -signal.SIGINT
@@ -134,14 +141,18 @@ def test_a_port_in_use_is_one_line_and_exit_2_before_loading(tmp_path, layout):
         taken.listen()
         port = taken.getsockname()[1]
         cmd, env = server_command(tmp_path, tiny_config(), port, LAYOUTS[layout])
-        result = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=60)
+        result = subprocess.run(
+            cmd, check=False, capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=60
+        )
     assert result.returncode == 2, result
-    assert result.stderr.strip() == f"mame-serve: cannot listen on 127.0.0.1:{port}: [Errno 98] Address already " \
-                                    "in use", result.stderr
+    assert (
+        result.stderr.strip() == f"mame-serve: cannot listen on 127.0.0.1:{port}: [Errno 98] Address already "
+        "in use"
+    ), result.stderr
     assert result.stdout == ""  # nothing loaded, nothing started
 
 
-@pytest.mark.parametrize("layout", ["in-process", "child-processes"])
+@pytest.mark.parametrize("layout", ["single", "frontends"])
 def test_a_weights_file_that_does_not_load_is_one_line_and_exit_2(tmp_path, layout):
     """The config's fault, found only when loading (the file exists but is no checkpoint): a one-line error
     naming the key, exit 2, as for the config errors found before loading. (Needs server/models.py to raise
@@ -151,7 +162,9 @@ def test_a_weights_file_that_does_not_load_is_one_line_and_exit_2(tmp_path, layo
     config = tiny_config()
     config["models"]["tiny"]["weights"] = str(weights)
     cmd, env = server_command(tmp_path, config, free_port(), LAYOUTS[layout])
-    result = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=120)
+    result = subprocess.run(
+        cmd, check=False, capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=120
+    )
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
     said = [line for line in result.stderr.splitlines() if line.startswith("mame-serve:")]
@@ -168,7 +181,9 @@ def test_the_device_process_logs_as_the_server_does(tmp_path, level):
 
     cached = tiny_config()["models"]["tiny"]
     model = timm.create_model(cached["arch"], pretrained=False, **cached["model_kwargs"])
-    repo = tmp_path / "hf" / "hub" / f"models--timm--{model.pretrained_cfg['hf_hub_id'].removeprefix('timm/')}"
+    repo = (
+        tmp_path / "hf" / "hub" / f"models--timm--{model.pretrained_cfg['hf_hub_id'].removeprefix('timm/')}"
+    )
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text("abc")
     (repo / "snapshots" / "abc").mkdir(parents=True)
@@ -176,21 +191,30 @@ def test_the_device_process_logs_as_the_server_does(tmp_path, level):
     config = tiny_config()
     config["models"]["tiny"]["weights"] = "auto"  # in the cache
     config["models"]["other"] = {**config["models"]["tiny"], "arch": "vit_small_patch16_224"}  # not: random
-    with running_server(config, args=["--device-process", "on", "--log-level", level],
+    with running_server(config, args=["--layout", "frontends", "--http-processes", "1", "--log-level", level],
                         env={"HF_HOME": str(tmp_path / "hf")}) as server:
         log = server.log()
     stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}"
-    cache_line = rf"(?m)^{stamp} INFO mame\.server\[device \d+\]: model tiny: HF_HUB_OFFLINE is set; using the hub " \
-                 r"weights from the local cache .*model\.safetensors$"
+    cache_line = (
+        rf"(?m)^{stamp} INFO mame\.server\[device \d+\]: model tiny: HF_HUB_OFFLINE is set; using the hub "
+        r"weights from the local cache .*model\.safetensors$"
+    )
     assert bool(re.search(cache_line, log)) == (level == "info"), log
-    assert re.search(rf"(?m)^{stamp} WARNING mame\.server\[device \d+\]: \n!{{78}}\nWARNING: model 'other'", log), log
+    assert re.search(
+        rf"(?m)^{stamp} WARNING mame\.server\[device \d+\]: \n!{{78}}\nWARNING: model 'other'", log
+    ), log
 
 
 def test_a_killed_device_process_leaves_nothing_in_the_temp_dir(tmp_path):
     tmp = tmp_path / "tmp"
     tmp.mkdir()
-    with running_server(tiny_config(), args=["--device-process", "on"], env={"TMPDIR": str(tmp)}) as server:
-        assert httpx.post(f"{server.url}/v1/classify", content=sample_images()["flat"], timeout=30).status_code == 200
+    with running_server(
+        tiny_config(), args=["--layout", "frontends", "--http-processes", "1"], env={"TMPDIR": str(tmp)}
+    ) as server:
+        assert (
+            httpx.post(f"{server.url}/v1/classify", content=sample_images()["flat"], timeout=30).status_code
+            == 200
+        )
         device_process(server.proc.pid).kill()
         assert server.proc.wait(timeout=30) == 1
     assert not leftovers(tmp), leftovers(tmp)
@@ -202,7 +226,7 @@ def test_requests_while_the_models_load_get_not_ready_and_a_retry_after(tmp_path
     config = tiny_config()
     config["models"]["tiny"].update(arch="vit_base_patch16_224", model_kwargs={})  # seconds to build and warm
     image = sample_images()["shapes"]
-    with started(tmp_path, config, args=LAYOUTS["in-process"]) as proc:
+    with started(tmp_path, config, args=LAYOUTS["single"]) as proc:
         base = f"http://127.0.0.1:{proc.args[proc.args.index('--port') + 1]}"
         deadline, loading = time.monotonic() + 120, None
         while loading is None and time.monotonic() < deadline:
@@ -214,7 +238,9 @@ def test_requests_while_the_models_load_get_not_ready_and_a_retry_after(tmp_path
             assert readyz.status_code == 503, "ready before one request could see it loading"
             loading = readyz.json()
         assert loading == {"status": "loading"}
-        refused = httpx.post(f"{base}/v1/classify", content=image, headers={"content-type": "image/png"}, timeout=30)
+        refused = httpx.post(
+            f"{base}/v1/classify", content=image, headers={"content-type": "image/png"}, timeout=30
+        )
         assert (refused.status_code, refused.json()["error"]) == (503, "not_ready"), refused.text
         assert int(refused.headers["retry-after"]) >= 1
         models = httpx.get(f"{base}/v1/models", timeout=5).json()

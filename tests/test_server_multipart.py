@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from server.multipart import MultipartError, Part, TooManyParts, parse_multipart
+from server.wire.multipart import MultipartError, Part, TooManyParts, parse_multipart
 
 
 def encoded(**kwargs) -> tuple[bytes, str]:
@@ -27,20 +27,35 @@ def test_files_and_fields_as_httpx_sends_them():
 def test_preamble_epilogue_quoted_boundary_and_untyped_parts():
     body = (b"a preamble\r\n--b:1 2\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x\"\r\n\r\n"
             b"DATA\r\n--b:1 2--\r\nan epilogue")
-    assert parse_multipart(body, 'multipart/form-data; boundary="b:1 2"', 5) == [Part("file", "x", None, b"DATA")]
+    assert parse_multipart(body, 'multipart/form-data; boundary="b:1 2"', 5) == [
+        Part("file", "x", None, b"DATA")
+    ]
 
 
-@pytest.mark.parametrize("body, content_type, problem", [
-    (b"--xyz\r\n\r\n", "multipart/form-data", "no valid boundary"),
-    (b"garbage", "multipart/form-data; boundary=xyz", "does not start with the boundary"),
-    (b"--xyz\r\nContent-Disposition: form-data; name=\"f\"\r\n\r\ndata", "multipart/form-data; boundary=xyz",
-     "without the closing boundary"),
-    (b"--xyz\r\nContent-Disposition: form-data; name=\"f\"", "multipart/form-data; boundary=xyz", "do not end"),
-    (b"--xyz\r\nno colon here\r\n\r\nx\r\n--xyz--", "multipart/form-data; boundary=xyz", "'Name: value'"),
-    (b"--xyz\r\nContent-Type: text/plain\r\n\r\nx\r\n--xyz--", "multipart/form-data; boundary=xyz",
-     "no Content-Disposition"),
-    (b"--xyzjunk\r\n\r\n", "multipart/form-data; boundary=xyz", "does not end with CRLF"),
-])
+@pytest.mark.parametrize(
+    "body, content_type, problem",
+    [
+        (b"--xyz\r\n\r\n", "multipart/form-data", "no valid boundary"),
+        (b"garbage", "multipart/form-data; boundary=xyz", "does not start with the boundary"),
+        (
+            b'--xyz\r\nContent-Disposition: form-data; name="f"\r\n\r\ndata',
+            "multipart/form-data; boundary=xyz",
+            "without the closing boundary",
+        ),
+        (
+            b'--xyz\r\nContent-Disposition: form-data; name="f"',
+            "multipart/form-data; boundary=xyz",
+            "do not end",
+        ),
+        (b"--xyz\r\nno colon here\r\n\r\nx\r\n--xyz--", "multipart/form-data; boundary=xyz", "'Name: value'"),
+        (
+            b"--xyz\r\nContent-Type: text/plain\r\n\r\nx\r\n--xyz--",
+            "multipart/form-data; boundary=xyz",
+            "no Content-Disposition",
+        ),
+        (b"--xyzjunk\r\n\r\n", "multipart/form-data; boundary=xyz", "does not end with CRLF"),
+    ],
+)
 def test_malformed_bodies_are_errors(body, content_type, problem):
     with pytest.raises(MultipartError, match=problem):
         parse_multipart(body, content_type, max_parts=5)
@@ -56,16 +71,24 @@ def test_part_limit():
 def test_quoted_parameters_may_hold_semicolons_and_escaped_quotes():
     body = (b'--x\r\nContent-Disposition: form-data; name="file"; filename="a \\"b\\" c;d.jpg"\r\n'
             b"Content-Type: image/jpeg\r\n\r\nJ\r\n--x--\r\n")
-    assert parse_multipart(body, "multipart/form-data; boundary=x", 2) == [Part("file", 'a "b" c;d.jpg', "image/jpeg",
-                                                                                 b"J")]
+    assert parse_multipart(body, "multipart/form-data; boundary=x", 2) == [
+        Part("file", 'a "b" c;d.jpg', "image/jpeg", b"J")
+    ]
 
 
 def test_names_are_utf8_and_a_long_header_costs_linear_time():
-    body = ('--x\r\nContent-Disposition: form-data; name="fïle"; filename="çat.jpg"\r\n\r\nJ\r\n--x--\r\n').encode()
-    assert parse_multipart(body, "multipart/form-data; boundary=x", 2) == [Part("fïle", "çat.jpg", None, b"J")]
+    body = (
+        '--x\r\nContent-Disposition: form-data; name="fïle"; filename="çat.jpg"\r\n\r\nJ\r\n--x--\r\n'
+    ).encode()
+    assert parse_multipart(body, "multipart/form-data; boundary=x", 2) == [
+        Part("fïle", "çat.jpg", None, b"J")
+    ]
     # A 40 KB unquoted parameter word held the event loop for 10 s in a regex (quadratic: 200 KB would take
-    # minutes). Parsed linearly it takes about a millisecond; 30 s is a bound on complexity, not a speed target.
-    long_header = b'--x\r\nContent-Disposition: form-data; name="file"; ' + b"a" * 200_000 + b"\r\n\r\nJ\r\n--x--\r\n"
+    # minutes). Parsed linearly it takes about a millisecond; 30 s is a bound on complexity, not a speed
+    # target.
+    long_header = (
+        b'--x\r\nContent-Disposition: form-data; name="file"; ' + b"a" * 200_000 + b"\r\n\r\nJ\r\n--x--\r\n"
+    )
     pool = ThreadPoolExecutor(1)
     try:
         parsed = pool.submit(parse_multipart, long_header, "multipart/form-data; boundary=x", 2)
@@ -75,8 +98,8 @@ def test_names_are_utf8_and_a_long_header_costs_linear_time():
 
 
 def test_file_fields_with_or_without_a_filename_are_the_images():
-    from server.errors import ApiError
-    from server.hostpath import image_payloads
+    from server.wire.body import image_payloads
+    from server.wire.errors import ApiError
 
     body = (b'--b\r\nContent-Disposition: form-data; name="file"\r\nContent-Type: image/jpeg\r\n\r\nJPEG1\r\n'
             b'--b\r\nContent-Disposition: form-data; name="note"\r\n\r\nhi\r\n'
@@ -84,5 +107,8 @@ def test_file_fields_with_or_without_a_filename_are_the_images():
     payloads, multipart = image_payloads("multipart/form-data; boundary=b", body, max_files=4)
     assert payloads == [("file", b"JPEG1"), ("b.jpg", b"JPEG2")] and multipart
     with pytest.raises(ApiError, match="no `file` field.*fields: 'image'"):
-        image_payloads("multipart/form-data; boundary=b",
-                       b'--b\r\nContent-Disposition: form-data; name="image"\r\n\r\nJPEG\r\n--b--\r\n', max_files=4)
+        image_payloads(
+            "multipart/form-data; boundary=b",
+            b'--b\r\nContent-Disposition: form-data; name="image"\r\n\r\nJPEG\r\n--b--\r\n',
+            max_files=4,
+        )

@@ -114,7 +114,14 @@ def test_command_writes_png(tmp_path):
 def test_command_rejects_bad_input(tmp_path, capsys):
     not_image = tmp_path / "x.jpg"
     not_image.write_text("not an image")
-    args = ["--out", str(tmp_path / "o.png"), "--arch", "vit_tiny_patch16_224", "--model-kwargs", json.dumps(TINY)]
+    args = [
+        "--out",
+        str(tmp_path / "o.png"),
+        "--arch",
+        "vit_tiny_patch16_224",
+        "--model-kwargs",
+        json.dumps(TINY),
+    ]
     assert main([str(not_image), "--blocks-shown", "1", *args]) == 2
     assert "not a readable image" in capsys.readouterr().err
     assert main([str(SAMPLES_DIR / "coffee.jpg"), "--blocks-shown", "9", *args]) == 2
@@ -130,8 +137,21 @@ def test_command_rejects_bad_input(tmp_path, capsys):
 
 
 def test_command_refuses_merge_blocks_past_the_depth(tmp_path, capsys):
-    rc = main([str(SAMPLES_DIR / "coffee.jpg"), "--out", str(tmp_path / "o.png"), "--arch", "vit_tiny_patch16_224",
-               "--model-kwargs", json.dumps(TINY), "--blocks-shown", "1", "--merge-blocks", "9"])
+    rc = main(
+        [
+            str(SAMPLES_DIR / "coffee.jpg"),
+            "--out",
+            str(tmp_path / "o.png"),
+            "--arch",
+            "vit_tiny_patch16_224",
+            "--model-kwargs",
+            json.dumps(TINY),
+            "--blocks-shown",
+            "1",
+            "--merge-blocks",
+            "9",
+        ]
+    )
     assert rc == 2
     assert "--merge-blocks 9 outside 1..4" in capsys.readouterr().err
     assert not (tmp_path / "o.png").exists()

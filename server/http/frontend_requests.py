@@ -1,17 +1,16 @@
-"""The server process's side of its HTTP front-end processes (server/frontend.py): the crops they made,
-in their shared-memory arenas or in the message, the errors they met, and re-routes."""
+"""The engine's side of requests that front-end processes decoded: the crops they made (in their
+shared-memory arenas, or in the message), the errors they met, and re-routes."""
 
 from __future__ import annotations
 
 import mmap
 import os
+from collections.abc import Mapping
 
-import numpy as np
 import torch
-from starlette.requests import Request
 
-from server.errors import ApiError, internal
-from server.frontend import FRONTEND_CROPS_AT, FRONTEND_ERROR, FRONTEND_IMAGES
+from server.wire.errors import ApiError, internal
+from server.wire.protocol import FRONTEND_CROPS_AT, FRONTEND_ERROR, FRONTEND_IMAGES
 
 
 class Reroute(Exception):
@@ -19,15 +18,15 @@ class Reroute(Exception):
     did not know yet): it sends the request again undecoded. Not an answer, not counted."""
 
 
-def raise_frontend_error(request: Request) -> None:
+def raise_frontend_error(headers: Mapping[str, str]) -> None:
     """The error a front-end process met reading or decoding the request's images, if any."""
-    error = request.headers.get(FRONTEND_ERROR)
+    error = headers.get(FRONTEND_ERROR)
     if error is not None:
         raise ApiError.from_json(error)
 
 
 class CropArenas:
-    """The front-end processes' crop arenas (server/frontend.py `CropArena`), each mapped here once."""
+    """The front-end processes' crop arenas (server/frontend/arena.py), each mapped here once."""
 
     def __init__(self) -> None:
         self._mapped: dict[str, torch.Tensor] = {}
@@ -56,22 +55,20 @@ class CropArenas:
         return [self._views[path, start, input_size] for start in offsets]
 
 
-async def frontend_crops(request: Request, input_size: tuple[int, int, int], arenas: CropArenas) -> list[torch.Tensor]:
+def frontend_crops(headers: Mapping[str, str], body: bytes, input_size: tuple[int, int, int],
+                   arenas: CropArenas) -> list[torch.Tensor]:
     """The uint8 crops a front-end process made: in its shared-memory arena, or else in the body ([H, W, 3]
-    each, back to back); as channels-last [3, H, W] views (the decode processes' layout)."""
-    at = request.headers.get(FRONTEND_CROPS_AT)
+    each, back to back); as channels-last [3, H, W] views."""
+    at = headers.get(FRONTEND_CROPS_AT)
     if at is not None:
         return arenas.crops(at, input_size)
     channels, height, width = input_size
     crop = channels * height * width
-    memory = torch.empty(int(request.headers[FRONTEND_IMAGES]) * crop, dtype=torch.uint8)
-    view, filled = memory.numpy(), 0
-    async for chunk in request.stream():  # copied straight into the tensor: no join of the chunks
-        if filled + len(chunk) > len(view):
-            raise internal("a front-end sent more bytes than its images' crops")
-        view[filled:filled + len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
-        filled += len(chunk)
-    if filled != len(view):
-        raise internal(f"a front-end sent {filled} bytes for crops of {len(view)}")
+    expected = int(headers[FRONTEND_IMAGES]) * crop
+    if len(body) != expected:
+        raise internal(f"a front-end sent {len(body)} bytes for crops of {expected}")
+    memory = (
+        torch.frombuffer(bytearray(body), dtype=torch.uint8) if body else torch.empty(0, dtype=torch.uint8)
+    )
     return [memory[i * crop:(i + 1) * crop].view(height, width, channels).permute(2, 0, 1)
-            for i in range(len(view) // crop)]
+            for i in range(expected // crop)]

@@ -68,7 +68,9 @@ async def _keep_busy(url: str, bodies: list[tuple[bytes, str]], concurrency: int
             await asyncio.gather(*(sender(first + i, http) for i in range(count)))
 
     step = CONNECTIONS_PER_CLIENT
-    await asyncio.gather(*(client(first, min(step, concurrency - first)) for first in range(0, concurrency, step)))
+    await asyncio.gather(
+        *(client(first, min(step, concurrency - first)) for first in range(0, concurrency, step))
+    )
     return outcome
 
 
@@ -82,7 +84,8 @@ def client_window(url: str, bodies: list[tuple[bytes, str]], concurrency: int, b
 
 
 def main() -> None:
-    """`python -m server.bench_client SPEC.pickle`: one client process of the benchmark; JSON on stdout."""
+    """`python -m loadtest.serving_client SPEC.pickle`: one client process of the benchmark; JSON on
+    stdout."""
     with open(sys.argv[1], "rb") as spec_file:
         spec = pickle.load(spec_file)
     json.dump(asdict(client_window(**spec)), sys.stdout)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 import threading
 import time
@@ -12,14 +11,16 @@ from typing import TypeVar
 
 import torch
 
-from mame_core import MergeSettings, MergingViT, patch_vit
-from server.batching import Scheduler, WorkItem, resolve_all
-from server.errors import internal, timeout
-from server.metrics import Metrics
+from mame_core import MergeSettings
+from server.engine.batching import Scheduler, WorkItem, resolve_all
+from server.engine.devices import DeviceModel
+from server.engine.metrics import Metrics
+from server.wire.errors import internal, timeout
 
 log = logging.getLogger("mame.server")
 T = TypeVar("T")
-# top-k scores [B, k], top-k indices [B, k], tokens per block [B, blocks], GFLOPs [B] (all on the CPU), and the
+# top-k scores [B, k], top-k indices [B, k], tokens per block [B, blocks], GFLOPs [B] (all on the CPU), and
+# the
 # number of input tokens
 BatchOutputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]
 
@@ -37,58 +38,6 @@ class ImageResult:
     inference_s: float
     batch_size: int
     device: str
-
-
-@dataclass
-class DeviceModel:
-    """One model's weights on one device, serving all its variants."""
-
-    name: str
-    vit: MergingViT
-    device: torch.device
-    dtype: torch.dtype
-    input_size: tuple[int, int, int]
-    mean: torch.Tensor  # [1, 3, 1, 1] float32 on the device: the normalisation of the model's data config
-    std: torch.Tensor
-
-
-def resolve_devices(spec: str) -> list[torch.device]:
-    """auto: every CUDA device, else the CPU. Otherwise a comma-separated list (cpu, cuda, cuda:1)."""
-    if spec == "auto":
-        count = torch.cuda.device_count()
-        return [torch.device("cuda", i) for i in range(count)] if count else [torch.device("cpu")]
-    try:
-        devices = [torch.device(part.strip()) for part in spec.split(",") if part.strip()]
-    except RuntimeError as exc:  # torch's word for a device string it does not know
-        raise ValueError(f"{spec!r} is not a device list (auto, cpu, cuda, cuda:1, ...): {exc}") from None
-    if not devices:
-        raise ValueError(f"{spec!r} names no device (auto, cpu, cuda, cuda:1, ...)")
-    for device in devices:
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {device} asked for, but CUDA is not available")
-        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-            raise ValueError(f"device {device} asked for, but there are {torch.cuda.device_count()} CUDA devices")
-        if device.type not in ("cpu", "cuda"):
-            raise ValueError(f"device {device} is not supported (cpu or cuda)")
-    return [torch.device("cuda", 0) if d.type == "cuda" and d.index is None else d for d in devices]
-
-
-def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
-    if spec == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return getattr(torch, spec)
-
-
-def place_model(name: str, model: torch.nn.Module, device: torch.device, dtype: torch.dtype,
-                input_size: tuple[int, int, int], copy_weights: bool, *,
-                mean: Sequence[float], std: Sequence[float]) -> DeviceModel:
-    source = copy.deepcopy(model) if copy_weights else model
-
-    def per_channel(values: Sequence[float]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-
-    return DeviceModel(name, patch_vit(source.to(device=device, dtype=dtype).eval()), device, dtype, input_size,
-                       per_channel(mean), per_channel(std))
 
 
 def stack_batch(images: Sequence[torch.Tensor], pin: bool) -> torch.Tensor:
@@ -143,7 +92,9 @@ def infer(dm: DeviceModel, settings: MergeSettings, x: torch.Tensor, top_k: int)
     return scores.cpu(), indices.cpu(), res.tokens.cpu(), res.gflops.cpu(), res.input_tokens
 
 
-def split_on_oom(run: Callable[[int, int], T], start: int, stop: int, device: object = "") -> list[tuple[int, int, T]]:
+def split_on_oom(
+    run: Callable[[int, int], T], start: int, stop: int, device: object = ""
+) -> list[tuple[int, int, T]]:
     """`run(start, stop)` over images [start, stop) as one batch; on out-of-memory, the two halves separately
     (recursively, down to one image). Returns (start, stop, result) of each batch that ran."""
     try:

@@ -1,13 +1,15 @@
-"""The channel between HTTP front-end processes and the engine (server/frontend.py): framed messages over
+"""The channel between HTTP front-end processes and the engine (server/frontend/): framed messages over
 one Unix socket per front-end, many requests in flight on it at once.
 
-Why not HTTP: a second HTTP hop cost the engine's event loop as much per request as the client's own
-request (0.29 ms of CPU per single-image request here), and that loop is the part that does not spread
-over processes. A frame is a fixed header, a small JSON head and the body:
+Why not HTTP: a second HTTP hop costs the engine's event loop about as much per request as the client's
+own request, and that loop is the part that does not spread over processes. A frame is a fixed header, a
+small JSON head and the body:
 
   FRAME (head bytes, body bytes) + JSON head + body
-  request head  {"id": n, "query": "top_k=3", "headers": [[name, value], ...]}  body: crops, if not in shared memory
-  answer head   {"id": n, "status": 200, "headers": [[name, value], ...]}          body: the HTTP answer's body
+  request head  {"id": n, "query": "top_k=3", "headers": [[name, value], ...]}
+                body: the crops, if not in shared memory
+  answer head   {"id": n, "status": 200, "headers": [[name, value], ...]}
+                body: the HTTP answer's body
 """
 
 from __future__ import annotations
@@ -78,7 +80,8 @@ async def serve(path: str, handler: Handler) -> asyncio.Server:
         async def answer(head: Head, body: bytes) -> None:
             answer_head, answer_body = await handler(head, body)
             if not writer.is_closing():
-                writer.write(frame({**answer_head, "id": head["id"]}, answer_body))  # whole frames: never interleaved
+                # whole frames: never interleaved
+                writer.write(frame({**answer_head, "id": head["id"]}, answer_body))
 
         try:
             while True:

@@ -50,13 +50,20 @@ def running_server(config: dict | Path, *, env: dict | None = None, args: Sequen
         config_path = Path(config)
     port = free_port()
     log_path = workdir / "server.log"
-    process_env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-                   "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
-                   **(env or {})}
+    process_env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+        **(env or {}),
+    }
     cmd = [sys.executable, "-m", "server", "--config", str(config_path), "--host", "127.0.0.1",
            "--port", str(port), *args]
     with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=process_env, cwd=REPO_ROOT)
+        proc = subprocess.Popen(
+            cmd, stdout=log_file, stderr=subprocess.STDOUT, env=process_env, cwd=REPO_ROOT
+        )
     server = ServerProcess(f"http://127.0.0.1:{port}", port, proc, log_path)
     try:
         _wait_ready(server, ready_timeout)
@@ -74,7 +81,8 @@ def running_server(config: dict | Path, *, env: dict | None = None, args: Sequen
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        shutil.rmtree(workdir, ignore_errors=True)  # its config and log: 1,825 such folders had piled up in /tmp
+        # its config and log: 1,825 such folders had piled up in /tmp
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _wait_ready(server: ServerProcess, timeout_s: float) -> None:

@@ -1,6 +1,6 @@
 """Decoding untrusted image bytes into RGB pictures, with clear errors for every way they can be bad.
 
-No torch here: decode processes (server/decode_child.py) import this module alone and start small.
+No torch here: front-end processes import it and stay small.
 """
 
 from __future__ import annotations
@@ -12,31 +12,20 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from server.errors import ApiError, bad_image, too_large, unsupported_media_type
+from server.wire.errors import ApiError, bad_image, too_large
 
 # A truncated file is an error, never a half-grey picture.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 # A JPEG is decoded at 1/2, 1/4 or 1/8 scale (in the DCT, far cheaper than decoding it whole) while it
 # stays at least this many times the size the model's resize step needs. Pillow's thumbnail() uses the same
-# gap: the crop then differs from a full decode by ~0.3 grey levels on average (4096 px photo: 23 ms, not 171).
+# gap: the crop then differs from a full decode by ~0.3 grey levels on average (4096 px photo: 23 ms, not
+# 171).
 DRAFT_GAP = 2
-
-# Content types we try to decode. octet-stream is what many clients send for an unnamed file part.
-GENERIC_TYPES = {"application/octet-stream", ""}
-
 
 # Our limit (limits.max_pixels, checked from the header before decoding) is the only one: PIL's own bomb check
 # (about 179 M pixels) refused images a config allowing more had accepted, with a 413 that contradicted it.
 Image.MAX_IMAGE_PIXELS = None
-
-
-def check_content_type(content_type: str | None) -> None:
-    """415 unless the declared type is an image (or untyped bytes, which decoding then judges)."""
-    main = (content_type or "").split(";")[0].strip().lower()
-    if main.startswith("image/") or main in GENERIC_TYPES:
-        return
-    raise unsupported_media_type(f"content type {main!r} is not an image type (send image/jpeg, image/png, ...)")
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:
@@ -76,7 +65,9 @@ def decode_image(data: bytes, max_pixels: int, needed_edge: int | None = None) -
             img = Image.open(io.BytesIO(data))
             width, height = img.size
             if width * height > max_pixels:
-                raise too_large(f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
+                raise too_large(
+                    f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
+                )
             if width == 0 or height == 0:
                 raise bad_image(f"image has no pixels ({width}x{height})")
             img.seek(0)  # first frame of an animated image

@@ -32,18 +32,18 @@ import torch
 import torch.multiprocessing as mp
 
 from mame_core import MergeSettings
-from server.batching import Scheduler, WorkItem
 from server.config import ConfigError, ModelConfig
-from server.metrics import Metrics
-from server.models import HostTransform, load_model
-from server.worker import (
+from server.decode.transforms import HostTransform
+from server.engine.batching import Scheduler, WorkItem
+from server.engine.devices import place_model, resolve_dtype
+from server.engine.metrics import Metrics
+from server.engine.models import load_model
+from server.engine.worker import (
     batch_view,
     drop_expired,
     fail_batch,
     infer,
-    place_model,
     resolve_batch,
-    resolve_dtype,
     split_on_oom,
     stack_into,
     warm_up_sizes,
@@ -71,8 +71,9 @@ class DeviceProcessError(RuntimeError):
 
 @dataclass(frozen=True)
 class WarmUp:
+    """The variants each model runs once per warm-up batch size (up to its batching.max_batch_size)."""
+
     variants: dict[str, list[MergeSettings]]
-    max_batch: dict[str, int]
 
 
 def _exit_orphaned(tempdir: str) -> NoReturn:
@@ -89,6 +90,48 @@ def _exit_when_orphaned(parent: int, tempdir: str) -> None:
     _exit_orphaned(tempdir)
 
 
+def _load(device: torch.device, models: dict[str, ModelConfig], warm_up: WarmUp | None):
+    """The models placed on the device, their descriptions for the parent, and the shared-memory slabs."""
+    placed, described = {}, {}
+    for name, cfg in models.items():
+        loaded = load_model(name, cfg)
+        placed[name] = place_model(name, loaded.model, device, resolve_dtype(cfg.dtype, device),
+                                   loaded.input_size, copy_weights=False, mean=loaded.transform.mean,
+                                   std=loaded.transform.std)
+        described[name] = ModelDescription(loaded.weights, loaded.labels, loaded.transform, loaded.input_size)
+    slab_bytes = max(cfg.batching.max_batch_size * math.prod(described[name].input_size)
+                     for name, cfg in models.items())
+    slabs = [torch.empty(slab_bytes, dtype=torch.uint8).share_memory_() for _ in range(SLABS)]
+    if device.type == "cuda":
+        for slab in slabs:  # page-locked: the copy to the device is asynchronous and runs at full speed
+            torch.cuda.check_error(torch.cuda.cudart().cudaHostRegister(slab.data_ptr(), slab_bytes, 0))
+    if warm_up is not None:
+        for name, dm in placed.items():
+            for settings in warm_up.variants[name]:
+                for size in warm_up_sizes(device, models[name].batching.max_batch_size):
+                    infer(dm, settings, torch.randint(0, 256, (size, *dm.input_size), dtype=torch.uint8), 1)
+    return placed, described, slabs
+
+
+def _run_batch(device: torch.device, dm, slabs: list[torch.Tensor], message: tuple) -> tuple:
+    """One batch from the parent: its answer for the pipe."""
+    _, slab, _, settings, size, top_k, channels_last = message
+    x = batch_view(slabs[slab], size, dm.input_size, channels_last)  # as the parent stacked it
+
+    def run(start: int, stop: int) -> tuple[Any, float]:
+        started = time.monotonic()
+        scores, indices, tokens, gflops, input_tokens = infer(dm, settings, x[start:stop], top_k)
+        # numpy arrays cross the pipe by value (torch tensors would each get a shared memory file)
+        outputs = (scores.numpy(), indices.numpy(), tokens.numpy(), gflops.numpy(), input_tokens)
+        return outputs, time.monotonic() - started
+
+    try:
+        return "done", slab, split_on_oom(run, 0, size, device)
+    except Exception as exc:
+        log.exception("device process %s: a batch of %d failed", device, size)  # the traceback, here
+        return "error", slab, f"{type(exc).__name__}: {exc}"
+
+
 def _child_main(device_name: str, models: dict[str, ModelConfig], torch_threads: int, warm_up: WarmUp | None,
                 commands: Connection, answers: Connection, parent: int, log_level: int, tempdir: str) -> None:
     # The parent drains on Ctrl-C or SIGTERM and then stops this process; were it to die with the parent's
@@ -97,12 +140,15 @@ def _child_main(device_name: str, models: dict[str, ModelConfig], torch_threads:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # As the server logs (a spawned child has no handler: only bare WARNING lines would show).
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s[device %(process)d]: %(message)s")
+    logging.basicConfig(level=log_level,
+                        format="%(asctime)s %(levelname)s %(name)s[device %(process)d]: %(message)s")
     # multiprocessing's temp dir here (the listener that hands the slabs over) is one the server made, and
     # removes when this process is killed and cannot. Set where multiprocessing.util.get_temp_dir looks for
     # it: a dir inside it would lengthen the listener's path, which must fit in 107 bytes.
     mp.current_process()._config["tempdir"] = tempdir
-    threading.Thread(target=_exit_when_orphaned, args=(parent, tempdir), name="orphan-watch", daemon=True).start()
+    threading.Thread(
+        target=_exit_when_orphaned, args=(parent, tempdir), name="orphan-watch", daemon=True
+    ).start()
 
     def send(message: tuple) -> None:
         try:
@@ -111,26 +157,9 @@ def _child_main(device_name: str, models: dict[str, ModelConfig], torch_threads:
             _exit_orphaned(tempdir)
 
     torch.set_num_threads(torch_threads)
+    device = torch.device(device_name)
     try:
-        device = torch.device(device_name)
-        placed, described = {}, {}
-        for name, cfg in models.items():
-            loaded = load_model(name, cfg)
-            placed[name] = place_model(name, loaded.model, device, resolve_dtype(cfg.dtype, device),
-                                       loaded.input_size, copy_weights=False, mean=loaded.transform.mean,
-                                       std=loaded.transform.std)
-            described[name] = ModelDescription(loaded.weights, loaded.labels, loaded.transform, loaded.input_size)
-        slab_bytes = max(cfg.batching.max_batch_size * math.prod(described[name].input_size)
-                         for name, cfg in models.items())
-        slabs = [torch.empty(slab_bytes, dtype=torch.uint8).share_memory_() for _ in range(SLABS)]
-        if device.type == "cuda":
-            for slab in slabs:  # page-locked: the copy to the device is asynchronous and runs at full speed
-                torch.cuda.check_error(torch.cuda.cudart().cudaHostRegister(slab.data_ptr(), slab_bytes, 0))
-        if warm_up is not None:
-            for name, dm in placed.items():
-                for settings in warm_up.variants[name]:
-                    for size in warm_up_sizes(device, warm_up.max_batch[name]):
-                        infer(dm, settings, torch.randint(0, 256, (size, *dm.input_size), dtype=torch.uint8), 1)
+        placed, described, slabs = _load(device, models, warm_up)
         send(("ready", described, slabs))
     except ConfigError as exc:  # e.g. a weights file that does not load: the parent says so in one line
         send(("config", str(exc)))
@@ -138,7 +167,6 @@ def _child_main(device_name: str, models: dict[str, ModelConfig], torch_threads:
     except Exception as exc:  # noqa: BLE001 - any load failure is reported to the parent, which refuses to start
         send(("failed", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
         return
-
     while True:
         try:
             message = commands.recv()
@@ -147,23 +175,7 @@ def _child_main(device_name: str, models: dict[str, ModelConfig], torch_threads:
         if message[0] == "stop":
             send(("stopped",))
             return
-        _, slab, name, settings, size, top_k, channels_last = message
-        dm = placed[name]
-        x = batch_view(slabs[slab], size, dm.input_size, channels_last)  # as the parent stacked it
-
-        def run(start: int, stop: int) -> tuple[Any, float]:
-            started = time.monotonic()
-            scores, indices, tokens, gflops, input_tokens = infer(dm, settings, x[start:stop], top_k)  # noqa: B023
-            # numpy arrays cross the pipe by value (torch tensors would each get a shared memory file)
-            outputs = (scores.numpy(), indices.numpy(), tokens.numpy(), gflops.numpy(), input_tokens)
-            return outputs, time.monotonic() - started
-
-        try:
-            answer = ("done", slab, split_on_oom(run, 0, size, device))
-        except Exception as exc:
-            log.exception("device process %s: a batch of %d failed", device, size)  # the traceback, here
-            answer = ("error", slab, f"{type(exc).__name__}: {exc}")
-        send(answer)
+        send(_run_batch(device, placed[message[2]], slabs, message))
 
 
 class ProcessWorker:
@@ -201,9 +213,21 @@ class ProcessWorker:
         answer_in, answer_out = ctx.Pipe(duplex=False)
         self._tempdir = tempfile.mkdtemp(prefix="pymp-")  # the child's multiprocessing temp dir
         self._process = ctx.Process(
-            target=_child_main, name=f"mame-device-{self.device}", daemon=True,
-            args=(str(self.device), self.models, self.torch_threads, warm_up, command_in, answer_out, os.getpid(),
-                  log.getEffectiveLevel(), self._tempdir))  # the server's --log-level
+            target=_child_main,
+            name=f"mame-device-{self.device}",
+            daemon=True,
+            args=(
+                str(self.device),
+                self.models,
+                self.torch_threads,
+                warm_up,
+                command_in,
+                answer_out,
+                os.getpid(),
+                log.getEffectiveLevel(),
+                self._tempdir,
+            ),
+        )  # the server's --log-level
         self._process.start()
         command_in.close()
         answer_out.close()
@@ -218,7 +242,9 @@ class ProcessWorker:
                     raise DeviceProcessError(f"the device process for {self.device} exited with "
                                              f"{self._process.exitcode} while loading")
                 if time.monotonic() > deadline:
-                    raise DeviceProcessError(f"the device process for {self.device} did not load in {timeout_s} s")
+                    raise DeviceProcessError(
+                        f"the device process for {self.device} did not load in {timeout_s} s"
+                    )
             message = self._answers.recv()
         except EOFError:
             self.end(10)

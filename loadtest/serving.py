@@ -1,9 +1,9 @@
 """Serving benchmarks: printed ratios, never timed assertions.
 
-  python -m server.bench_serving throughput  # served img/s at saturation / offline img/s, same batch size
-  python -m server.bench_serving latency     # median latency the server adds over a direct model call
-  python -m server.bench_serving memory      # resident memory of the server after warm-up (default config)
-  python -m server.bench_serving soak        # resident memory growth over a 10,000-request soak (tiny ViT)
+  python -m loadtest.serving throughput  # served img/s at saturation / offline img/s, same batch size
+  python -m loadtest.serving latency     # median latency the server adds over a direct model call
+  python -m loadtest.serving memory      # resident memory of the server after warm-up (default config)
+  python -m loadtest.serving soak        # resident memory growth over a 10,000-request soak (tiny ViT)
 
 Each starts a real `python -m server` process on loopback next to the measurement, on the same machine.
 """
@@ -30,12 +30,13 @@ import psutil
 import timm
 import torch
 
+from loadtest.launch import running_server
+from loadtest.serving_client import ClientOutcome, client_window
 from mame_core import MergeSettings
-from server.bench_client import ClientOutcome, client_window
-from server.imaging import decode_image
-from server.launch import running_server
-from server.models import HostTransform, preprocessing
-from server.worker import DeviceModel, infer, place_model, resolve_devices, resolve_dtype, stack_batch
+from server.decode.imaging import decode_image
+from server.decode.transforms import HostTransform, preprocessing
+from server.engine.devices import DeviceModel, place_model, resolve_devices, resolve_dtype
+from server.engine.worker import infer, stack_batch
 
 TINY_KWARGS = {"img_size": 64, "patch_size": 8, "embed_dim": 64, "depth": 4, "num_heads": 2}
 # A nearly free model with the full 224 px input: the served figure is then the host path's capacity
@@ -45,7 +46,8 @@ NEAR_FREE_KWARGS = {"img_size": 224, "patch_size": 32, "embed_dim": 16, "depth":
 
 def sample_bytes(edge: int = 0) -> list[bytes]:
     """The photographs bundled with mame_core (300-512 px) as the files a client would send; with `edge`,
-    re-encoded (JPEG quality 90) with the shorter side at `edge` px, as clients that resize before sending do."""
+    re-encoded (JPEG quality 90) with the shorter side at `edge` px, as clients that resize before sending
+    do."""
     import io
 
     from PIL import Image
@@ -68,15 +70,18 @@ def sample_bytes(edge: int = 0) -> list[bytes]:
 
 def request_bodies(data: list[bytes], images_per_request: int) -> list[tuple[bytes, str]]:
     """(body, content type) of each request the load cycles through: the raw JPEG for one image per request,
-    a multipart body of `images_per_request` files otherwise. Encoded once: the client costs little per request."""
+    a multipart body of `images_per_request` files otherwise. Encoded once: the client costs little per
+    request."""
     if images_per_request == 1:
         return [(d, "image/jpeg") for d in data]
     boundary = "mame-bench-boundary"
     bodies = []
     for first in range(len(data)):
-        parts = [b"--%s\r\nContent-Disposition: form-data; name=\"file\"; filename=\"%d.jpg\"\r\n"
-                 b"Content-Type: image/jpeg\r\n\r\n%s\r\n" % (boundary.encode(), i, data[(first + i) % len(data)])
-                 for i in range(images_per_request)]
+        parts = [
+            b'--%s\r\nContent-Disposition: form-data; name="file"; filename="%d.jpg"\r\n'
+            b"Content-Type: image/jpeg\r\n\r\n%s\r\n" % (boundary.encode(), i, data[(first + i) % len(data)])
+            for i in range(images_per_request)
+        ]
         bodies.append((b"".join(parts) + b"--%s--\r\n" % boundary.encode(),
                        f"multipart/form-data; boundary={boundary}"))
     return bodies
@@ -100,8 +105,8 @@ def server_env(args: argparse.Namespace) -> dict[str, str]:
 
 
 def server_args(args: argparse.Namespace) -> list[str]:
-    return ["--preprocess-threads", str(args.preprocess_threads), "--device-process", args.device_process,
-            "--decode-processes", args.decode_processes, "--http-processes", str(args.http_processes)]
+    return ["--preprocess-threads", str(args.preprocess_threads), "--layout", args.layout,
+            "--http-processes", str(args.http_processes)]
 
 
 def build_offline(args: argparse.Namespace) -> tuple[DeviceModel, HostTransform]:
@@ -109,8 +114,16 @@ def build_offline(args: argparse.Namespace) -> tuple[DeviceModel, HostTransform]
     model = timm.create_model(args.arch, pretrained=False, **args.model_kwargs).eval()
     transform, input_size = preprocessing(model)
     device = resolve_devices(args.device)[0]
-    dm = place_model("bench", model, device, resolve_dtype(args.dtype, device), input_size, copy_weights=False,
-                     mean=transform.mean, std=transform.std)
+    dm = place_model(
+        "bench",
+        model,
+        device,
+        resolve_dtype(args.dtype, device),
+        input_size,
+        copy_weights=False,
+        mean=transform.mean,
+        std=transform.std,
+    )
     return dm, transform
 
 
@@ -152,8 +165,9 @@ class Load:
     images_per_s: float
     server_cpu_ms_per_image: float  # CPU time of the server process per answered image (host-path cost)
     client_cpu_ms_per_request: float
-    event_loop_ms_per_request: float = 0.0  # CPU time of the server's main thread (the event loop) per request
-    # CPU time of the server process alone (not its device, decode or front-end processes) per image: with
+    # CPU time of the server's main thread (the event loop) per request
+    event_loop_ms_per_request: float = 0.0
+    # CPU time of the server process alone (not its device or front-end processes) per image: with
     # one interpreter, its ceiling is about 1000 / this img/s whatever the cores and the device
     own_cpu_ms_per_image: float = 0.0
     # CPU ms per image of each kind of child process, and the server's cores busy (CPU s per s, all of it):
@@ -166,8 +180,7 @@ class Load:
     first_failure: str = ""
 
 
-CHILD_KINDS = (("server.frontend", "front-ends"), ("server.decode_child", "decode processes"),
-               ("multiprocessing.spawn", "device processes"))
+CHILD_KINDS = (("server.frontend", "front-ends"), ("multiprocessing.spawn", "device processes"))
 
 
 def _cpu_seconds(process: psutil.Process) -> dict[str, float]:
@@ -190,7 +203,7 @@ def _cpu_seconds(process: psutil.Process) -> dict[str, float]:
 
 def run_clients(url: str, bodies: list[tuple[bytes, str]], concurrency: int, begin: float, seconds: float,
                 processes: int) -> list[ClientOutcome]:
-    """`client_window` in `processes` processes (`python -m server.bench_client`, which starts without
+    """`client_window` in `processes` processes (`python -m loadtest.serving_client`, which starts without
     torch: quick to start), sharing `concurrency` between them."""
     if processes == 1:
         return [client_window(url, bodies, concurrency, begin, seconds)]
@@ -201,8 +214,13 @@ def run_clients(url: str, bodies: list[tuple[bytes, str]], concurrency: int, beg
             spec = Path(workdir) / f"client-{i}.pickle"
             spec.write_bytes(pickle.dumps({"url": url, "bodies": bodies, "concurrency": share, "begin": begin,
                                            "seconds": seconds}))
-            clients.append(subprocess.Popen([sys.executable, "-m", "server.bench_client", str(spec)],
-                                            stdout=subprocess.PIPE, cwd=Path(__file__).resolve().parent.parent))
+            clients.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "loadtest.serving_client", str(spec)],
+                    stdout=subprocess.PIPE,
+                    cwd=Path(__file__).resolve().parent.parent,
+                )
+            )
         outcomes = []
         for client in clients:
             out, _ = client.communicate(timeout=begin - time.monotonic() + seconds + 300)
@@ -221,9 +239,27 @@ def py_spy() -> str | None:
 def gil_profile(server_pid: int, seconds: float, out: Path) -> subprocess.Popen:
     """py-spy sampling which of the server's threads holds the GIL (`--gil`: samples without a holder are
     dropped, so samples / (rate x seconds) is the share of time the GIL was held)."""
-    return subprocess.Popen([py_spy() or "py-spy", "record", "--pid", str(server_pid), "--gil", "--nonblocking", "--rate",
-                             str(GIL_PROFILE_RATE), "--duration", str(max(1, int(seconds))), "--format", "raw",
-                             "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [
+            py_spy() or "py-spy",
+            "record",
+            "--pid",
+            str(server_pid),
+            "--gil",
+            "--nonblocking",
+            "--rate",
+            str(GIL_PROFILE_RATE),
+            "--duration",
+            str(max(1, int(seconds))),
+            "--format",
+            "raw",
+            "-o",
+            str(out),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 GIL_PROFILE_RATE = 200
@@ -240,7 +276,10 @@ def summarise_gil_profile(path: Path, seconds: float, top: int = 12) -> str:
         by_frame[frames[-1]] = by_frame.get(frames[-1], 0) + int(count)
     share = total / (GIL_PROFILE_RATE * max(1, int(seconds)))
     lines = [f"  GIL held {100 * share:.0f} % of the profiled window ({total} samples); most held in:"]
-    lines += [f"    {100 * n / total:5.1f} %  {frame}" for frame, n in sorted(by_frame.items(), key=lambda kv: -kv[1])[:top]]
+    lines += [
+        f"    {100 * n / total:5.1f} %  {frame}"
+        for frame, n in sorted(by_frame.items(), key=lambda kv: -kv[1])[:top]
+    ]
     return "\n".join(lines)
 
 
@@ -269,24 +308,33 @@ def saturate(url: str, server_pid: int, bodies: list[tuple[bytes, str]], concurr
     for process in profiler:
         _, errors = process.communicate(timeout=seconds + 30)
         if process.returncode != 0 or not gil_profile_to.exists():
-            print(f"  py-spy could not profile the server (exit {process.returncode}): {errors.strip()[-300:]}")
+            print(
+                f"  py-spy could not profile the server (exit {process.returncode}): {errors.strip()[-300:]}"
+            )
     answered = sum(outcome.answered for outcome in outcomes)
     failures = [failure for outcome in outcomes for failure in outcome.failures]
     timings = [sample for outcome in outcomes for sample in outcome.timings_ms]
     if answered == 0:
         raise RuntimeError(f"no request was answered inside the measurement window; failures: {failures[:3]}")
     images = answered * images_per_request
-    return Load(images_per_s=images / seconds,
-                server_cpu_ms_per_image=1000 * (server_cpu[1]["total"] - server_cpu[0]["total"]) / images,
-                client_cpu_ms_per_request=1000 * sum(outcome.cpu_s for outcome in outcomes) / answered,
-                timings_ms=tuple(statistics.median(column) for column in zip(*timings)) if timings else (),
-                event_loop_ms_per_request=1000 * (server_cpu[1]["event loop"] - server_cpu[0]["event loop"]) / answered,
-                own_cpu_ms_per_image=1000 * (server_cpu[1]["own"] - server_cpu[0]["own"]) / images,
-                children_ms_per_image=tuple(
-                    (kind, 1000 * (server_cpu[1][kind] - server_cpu[0].get(kind, 0.0)) / images)
-                    for kind in [*(name for _, name in CHILD_KINDS), "other"] if kind in server_cpu[1]),
-                busy_cores=(server_cpu[1]["total"] - server_cpu[0]["total"]) / seconds,
-                failed=len(failures), first_failure=failures[0] if failures else "")
+    return Load(
+        images_per_s=images / seconds,
+        server_cpu_ms_per_image=1000 * (server_cpu[1]["total"] - server_cpu[0]["total"]) / images,
+        client_cpu_ms_per_request=1000 * sum(outcome.cpu_s for outcome in outcomes) / answered,
+        timings_ms=tuple(statistics.median(column) for column in zip(*timings)) if timings else (),
+        event_loop_ms_per_request=1000
+        * (server_cpu[1]["event loop"] - server_cpu[0]["event loop"])
+        / answered,
+        own_cpu_ms_per_image=1000 * (server_cpu[1]["own"] - server_cpu[0]["own"]) / images,
+        children_ms_per_image=tuple(
+            (kind, 1000 * (server_cpu[1][kind] - server_cpu[0].get(kind, 0.0)) / images)
+            for kind in [*(name for _, name in CHILD_KINDS), "other"]
+            if kind in server_cpu[1]
+        ),
+        busy_cores=(server_cpu[1]["total"] - server_cpu[0]["total"]) / seconds,
+        failed=len(failures),
+        first_failure=failures[0] if failures else "",
+    )
 
 
 def cmd_throughput(args) -> None:
@@ -309,12 +357,16 @@ def cmd_throughput(args) -> None:
                                    images_per_request=args.images_per_request, gil_profile_to=profile))
             if profile is not None and profile.exists():
                 print(summarise_gil_profile(profile, args.seconds))
-            print(f"  round {round_ + 1}: offline {offline[-1]:8.1f} img/s, served {served[-1].images_per_s:8.1f} "
-                  f"img/s, ratio {served[-1].images_per_s / offline[-1]:.3f}; server CPU "
-                  f"{served[-1].server_cpu_ms_per_image:.2f} ms/img ({served[-1].own_cpu_ms_per_image:.3f} in its "
-                  f"own process), event loop "
-                  f"{served[-1].event_loop_ms_per_request:.2f} ms/req, client CPU "
-                  f"{served[-1].client_cpu_ms_per_request:.2f} ms/req", flush=True)
+            print(
+                f"  round {round_ + 1}: offline {offline[-1]:8.1f} img/s, "
+                f"served {served[-1].images_per_s:8.1f} "
+                f"img/s, ratio {served[-1].images_per_s / offline[-1]:.3f}; server CPU "
+                f"{served[-1].server_cpu_ms_per_image:.2f} ms/img "
+                f"({served[-1].own_cpu_ms_per_image:.3f} in its own process), event loop "
+                f"{served[-1].event_loop_ms_per_request:.2f} ms/req, client CPU "
+                f"{served[-1].client_cpu_ms_per_request:.2f} ms/req",
+                flush=True,
+            )
             if served[-1].failed:
                 print(f"    {served[-1].failed} requests failed, the first with {served[-1].first_failure}")
     off = statistics.median(offline)
@@ -326,9 +378,11 @@ def cmd_throughput(args) -> None:
           f"{torch.get_num_threads()} torch threads, {args.rounds} rounds of {args.seconds:g} s, "
           f"{concurrency} requests of {args.images_per_request} image(s) ({images}) in flight from "
           f"{args.client_processes} client process(es)")
-    print(f"  offline model   {off:9.1f} img/s  (preprocessed uint8 tensors, normalise + forward + top-k; median)")
+    print(f"  offline model   {off:9.1f} img/s  "
+          "(preprocessed uint8 tensors, normalise + forward + top-k; median)")
     print(f"  served (HTTP)   {srv:9.1f} img/s  (JPEG over HTTP, decode, preprocess, batch, answer; median)")
-    print(f"  server CPU time {host_ms:9.2f} ms per image (all its threads; {1000 / host_ms:.0f} img/s per busy core)")
+    print(f"  server CPU time {host_ms:9.2f} ms per image "
+          f"(all its threads; {1000 / host_ms:.0f} img/s per busy core)")
     print(f"  event loop      {loop_ms:9.2f} ms CPU per request ({1000 / loop_ms:.0f} requests/s at most)")
     own_ms = statistics.median(load.own_cpu_ms_per_image for load in served)
     # The one interpreter every image passes through (with --http-processes: the engine, not the front-ends).
@@ -338,7 +392,9 @@ def cmd_throughput(args) -> None:
     by_kind = [(kind, statistics.median(dict(load.children_ms_per_image).get(kind, 0.0) for load in served))
                for kind in sorted(kinds)]
     by_kind = [(kind, ms) for kind, ms in by_kind if ms >= 0.0005]  # e.g. multiprocessing's resource tracker
-    children = ", ".join(f"{kind} {ms:.3f}" for kind, ms in by_kind) + " ms CPU per image" if by_kind else "none"
+    children = (
+        ", ".join(f"{kind} {ms:.3f}" for kind, ms in by_kind) + " ms CPU per image" if by_kind else "none"
+    )
     print(f"  child processes {children}; the server used "
           f"{statistics.median(load.busy_cores for load in served):.1f} cores (of {psutil.cpu_count()} here)")
     if timings := [load.timings_ms for load in served if load.timings_ms]:
@@ -370,14 +426,18 @@ def cmd_latency(args) -> None:
             httpx.Client(timeout=60) as http:
         for i in range(args.requests + 5):
             started = time.perf_counter()
-            response = http.post(f"{server.url}/v1/classify", params={"top_k": 1}, content=data[i % len(data)],
-                                 headers={"content-type": "image/jpeg"})
+            response = http.post(
+                f"{server.url}/v1/classify",
+                params={"top_k": 1},
+                content=data[i % len(data)],
+                headers={"content-type": "image/jpeg"},
+            )
             response.raise_for_status()
             if i >= 5:
                 served_s.append(time.perf_counter() - started)
     med = lambda values: statistics.median(values) * 1000
-    print(f"{args.arch} {args.variant} on {args.device}/{args.dtype}, concurrency 1, max_wait_ms {args.max_wait_ms}, "
-          f"{args.requests} requests")
+    print(f"{args.arch} {args.variant} on {args.device}/{args.dtype}, concurrency 1, "
+          f"max_wait_ms {args.max_wait_ms}, {args.requests} requests")
     print(f"  direct forward (batch 1)      median {med(forward_s):8.2f} ms")
     print(f"  direct decode + preprocess    median {med(preprocess_s):8.2f} ms")
     print(f"  served round trip (HTTP)      median {med(served_s):8.2f} ms")
@@ -387,7 +447,7 @@ def cmd_latency(args) -> None:
 
 
 def process_tree(pid: int) -> list[psutil.Process]:
-    """The server and its children (device and decode processes, where it runs them)."""
+    """The server and its children (device and front-end processes, where it runs them)."""
     server = psutil.Process(pid)
     return [server, *server.children(recursive=True)]
 
@@ -402,8 +462,12 @@ def gpu_memory_mib(pid: int) -> float | None:
     if shutil.which("nvidia-smi") is None:
         return None
     pids = {p.pid for p in process_tree(pid)}
-    out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-                         capture_output=True, text=True, check=False).stdout
+    out = subprocess.run(
+        ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
     used = [float(mem) for p, mem in (line.split(",") for line in out.strip().splitlines() if "," in line)
             if int(p) in pids]
     return sum(used) if used else None
@@ -417,7 +481,7 @@ def cmd_memory(args) -> None:
         weights = httpx.get(f"{server.url}/v1/models").json()["models"][0]["weights"]
         gpu = gpu_memory_mib(server.proc.pid)
     print(f"config {config} (weights {weights}): resident memory after warm-up {rss / 2**20:.0f} MiB "
-          f"({processes} process(es): the server and its device, decode or front-end processes)"
+          f"({processes} process(es): the server and its device or front-end processes)"
           + (f", GPU memory {gpu:.0f} MiB" if gpu is not None else ""))
 
 
@@ -437,12 +501,23 @@ async def soak_requests(url: str, data: list[bytes], total: int, concurrency: in
 
 def cmd_soak(args) -> None:
     data = sample_bytes()
-    config = {"models": {"tiny": {
-        "arch": "vit_tiny_patch16_224", "model_kwargs": TINY_KWARGS, "weights": "random", "device": args.device,
-        "dtype": args.dtype, "batching": {"max_batch_size": 16, "max_wait_ms": 5, "max_queue": 1024},
-        "variants": {"baseline": {"method": "none"}, "mame": {"method": "mame", "tau": 0.8, "blocks": 3},
-                     "tome": {"method": "tome", "r": 8}},
-    }}}
+    config = {
+        "models": {
+            "tiny": {
+                "arch": "vit_tiny_patch16_224",
+                "model_kwargs": TINY_KWARGS,
+                "weights": "random",
+                "device": args.device,
+                "dtype": args.dtype,
+                "batching": {"max_batch_size": 16, "max_wait_ms": 5, "max_queue": 1024},
+                "variants": {
+                    "baseline": {"method": "none"},
+                    "mame": {"method": "mame", "tau": 0.8, "blocks": 3},
+                    "tome": {"method": "tome", "r": 8},
+                },
+            }
+        }
+    }
     with running_server(config, env=server_env(args), args=server_args(args)) as server:
         pid = server.proc.pid
         ready_rss = tree_rss(pid)
@@ -452,8 +527,8 @@ def cmd_soak(args) -> None:
         asyncio.run(soak_requests(server.url, data, args.requests, args.concurrency or 8))
         elapsed = time.perf_counter() - started
         end_rss, end_gpu = tree_rss(pid), gpu_memory_mib(pid)
-    print(f"soak: {args.requests} requests (3 variants, concurrency {args.concurrency or 8}) in {elapsed:.0f} s, "
-          f"tiny ViT on {args.device}")
+    print(f"soak: {args.requests} requests (3 variants, concurrency {args.concurrency or 8}) "
+          f"in {elapsed:.0f} s, tiny ViT on {args.device}")
     print(f"  RSS after warm-up {ready_rss / 2**20:.1f} MiB, after {args.settle} settling requests "
           f"{start_rss / 2**20:.1f} MiB, after the soak {end_rss / 2**20:.1f} MiB")
     print(f"  growth over the soak: {100 * (end_rss - start_rss) / start_rss:+.2f} %")
@@ -462,13 +537,16 @@ def cmd_soak(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m server.bench_serving", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m loadtest.serving", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["throughput", "latency", "memory", "soak"])
     parser.add_argument("--arch", default="vit_small_patch16_224")
     parser.add_argument("--tiny", action="store_true", help="use the tiny test ViT (64 px, 4 blocks)")
-    parser.add_argument("--near-free", action="store_true",
-                        help="a nearly free ViT at 224 px (1 block, width 16): measures the host path's capacity")
+    parser.add_argument(
+        "--near-free",
+        action="store_true",
+        help="a nearly free ViT at 224 px (1 block, width 16): measures the host path's capacity",
+    )
     parser.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     parser.add_argument("--variant", default="baseline", help="baseline | mame-<tau> | tome-<r>")
@@ -484,20 +562,24 @@ def main(argv: list[str] | None = None) -> None:
                         help="torch threads, here and in the server (use 1 on a small shared CPU: "
                              "OpenMP threads that wait for each other collapse under contention)")
     parser.add_argument("--preprocess-threads", type=int, default=4, help="the server's decoding threads")
-    parser.add_argument("--device-process", default="auto", choices=["auto", "on", "off"],
-                        help="the server's --device-process (auto: on for CUDA)")
-    parser.add_argument("--decode-processes", default="auto", choices=["auto", "on", "off"],
-                        help="the server's --decode-processes (auto: on for CUDA)")
-    parser.add_argument("--http-processes", default="auto",
-                        help="the server's --http-processes (front-end processes for HTTP and decoding; auto: "
-                        "none on CPU, a quarter of the cores with CUDA)")
+    parser.add_argument("--layout", default="auto", choices=["auto", "single", "frontends"],
+                        help="the server's --layout (auto: frontends with CUDA, else single)")
+    parser.add_argument(
+        "--http-processes",
+        default="auto",
+        help="the server's --http-processes (front-end processes in the frontends layout; auto: a "
+        "quarter of the cores)",
+    )
     parser.add_argument("--images-per-request", type=int, default=1,
                         help="throughput: images in each request (several: one multipart body)")
     parser.add_argument("--image-edge", type=int, default=0,
                         help="throughput: re-encode the sample images with this shorter side (0: as bundled)")
-    parser.add_argument("--gil-profile", metavar="FILE",
-                        help="throughput: record which server threads hold the GIL during the last served "
-                        "window with py-spy (pip install py-spy; needs ptrace rights) into FILE, and summarise")
+    parser.add_argument(
+        "--gil-profile",
+        metavar="FILE",
+        help="throughput: record which server threads hold the GIL during the last served "
+        "window with py-spy (pip install py-spy; needs ptrace rights) into FILE, and summarise",
+    )
     parser.add_argument("--client-processes", type=int, default=1,
                         help="throughput: processes that send the load (one Python process sends ~1000 "
                              "requests/s at most; use more on a many-core machine)")
@@ -511,13 +593,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.variant == "baseline":
         args.variant_dict = {"method": "none"}
     elif args.variant.startswith("mame-"):
-        args.variant_dict = {"method": "mame", "tau": float(args.variant[5:])}  # default: 8 blocks, cut to --tiny's
+        # default: 8 blocks, cut to --tiny's
+        args.variant_dict = {"method": "mame", "tau": float(args.variant[5:])}
     elif args.variant.startswith("tome-"):
         args.variant_dict = {"method": "tome", "r": int(args.variant[5:])}
     else:
         parser.error(f"--variant {args.variant!r}: use baseline, mame-<tau> or tome-<r>")
     args.requests = args.requests or {"latency": 50, "soak": 10_000}.get(args.what, 0)
-    {"throughput": cmd_throughput, "latency": cmd_latency, "memory": cmd_memory, "soak": cmd_soak}[args.what](args)
+    {"throughput": cmd_throughput, "latency": cmd_latency, "memory": cmd_memory, "soak": cmd_soak}[args.what](
+        args
+    )
 
 
 if __name__ == "__main__":

@@ -12,14 +12,15 @@ from typing import Any
 import torch
 
 from mame_core import MergeSettings
-from server.batching import Scheduler, WorkItem
 from server.config import ConfigError, ServingConfig
-from server.decode_process import DecodeProcesses
-from server.device_process import ModelDescription, ProcessWorker, WarmUp
-from server.imaging import decode_image
-from server.metrics import Metrics
-from server.models import HostTransform, LoadedModel, load_model
-from server.worker import DeviceModel, DeviceWorker, place_model, resolve_devices, resolve_dtype
+from server.decode.imaging import decode_image
+from server.decode.transforms import HostTransform
+from server.engine.batching import Scheduler, WorkItem
+from server.engine.device_process import ModelDescription, ProcessWorker, WarmUp
+from server.engine.devices import DeviceModel, place_model, resolve_devices, resolve_dtype
+from server.engine.metrics import Metrics
+from server.engine.models import LoadedModel, load_model
+from server.engine.worker import DeviceWorker
 
 log = logging.getLogger("mame.server")
 
@@ -66,13 +67,9 @@ class InferenceService:
     """Owns the scheduler and the workers. `start` loads in a background thread; `ready` says when done."""
 
     def __init__(self, config: ServingConfig, metrics: Metrics, warmup: bool = True, torch_threads: int = 1,
-                 device_process: str = "auto", decode_processes: str = "auto", preprocess_threads: int = 4):
+                 device_processes: bool = False):
         self.config = config
-        # auto: decode in processes of their own when a model runs on a CUDA device (server/decode_process.py)
-        self.decode_processes = decode_processes
-        self.preprocess_threads = preprocess_threads
-        self._decoders: DecodeProcesses | None = None
-        self.device_process = device_process  # auto: CUDA devices run in a process of their own; on; off
+        self.device_processes = device_processes  # each device runs its batches in a process of its own
         self.torch_threads = torch_threads
         self.metrics = metrics
         self.warmup = warmup
@@ -109,7 +106,8 @@ class InferenceService:
                 if self._stopping:  # stop() ended the loading (the server stops): nothing failed
                     log.info("loading stopped: the server is stopping")
                     return
-                if isinstance(exc, ConfigError):  # the config's fault: one line, as for the checks before loading
+                # the config's fault: one line, as for the checks before loading
+                if isinstance(exc, ConfigError):
                     log.error("loading the models failed: %s", exc)
                 else:
                     log.exception("loading the models failed")
@@ -120,9 +118,6 @@ class InferenceService:
         self._loader = threading.Thread(target=load, name="model-loader", daemon=True)
         self._loader.start()
 
-    def _own_process(self, device: torch.device) -> bool:
-        return self.device_process == "on" or (self.device_process == "auto" and device.type == "cuda")
-
     def _load_and_start(self) -> None:
         started = time.monotonic()
         devices_of = {name: resolve_devices(cfg.device) for name, cfg in self.config.models.items()}
@@ -130,7 +125,7 @@ class InferenceService:
         variants = {name: dict(cfg.variants) for name, cfg in self.config.models.items()}
         max_batch = {name: cfg.batching.max_batch_size for name, cfg in self.config.models.items()}
         described: dict[str, ModelDescription] = {}
-        remote = self._start_device_processes(devices_of, all_devices, variants, max_batch, described)
+        remote = self._start_device_processes(devices_of, all_devices, variants, described)
         local = self._load_in_process(devices_of, all_devices, variants, max_batch, described)
         workers = [*remote, *local]
         for name, cfg in self.config.models.items():
@@ -146,30 +141,26 @@ class InferenceService:
         with self._lock:
             if self._stopping:  # stop() came while loading and has ended the device processes: start nothing
                 return
-            if self.decode_processes == "on" or (self.decode_processes == "auto" and any(
-                    d.type == "cuda" for d in all_devices)):
-                self._decoders = DecodeProcesses(self.transforms, self.preprocess_threads)
             self.workers = workers
             for worker in self.workers:
                 worker.start()
             self.ready.set()
-        log.info("ready: %d model(s) on %d worker(s) (%d in a device process), decoding in %s, after %.1f s",
-                 len(self.models), len(self.workers), len(remote),
-                 f"{self.preprocess_threads} processes" if self._decoders else "threads", time.monotonic() - started)
+        log.info("ready: %d model(s) on %d worker(s) (%d in a device process) after %.1f s",
+                 len(self.models), len(self.workers), len(remote), time.monotonic() - started)
 
-    def _start_device_processes(self, devices_of, all_devices, variants, max_batch,
+    def _start_device_processes(self, devices_of, all_devices, variants,
                                 described: dict[str, ModelDescription]) -> list[ProcessWorker]:
         """Devices with a process of their own: each child loads the weights (all at the same time) and
         warms up; the parent gets the models' descriptions."""
         spawned = []
-        for device in filter(self._own_process, all_devices):
+        for device in all_devices if self.device_processes else []:
             names = [name for name, devices in devices_of.items() if device in devices]
             worker = ProcessWorker(device, {name: self.config.models[name] for name in names}, self.scheduler,
                                    self.metrics, self.torch_threads, on_death=self._on_death)
             with self._lock:  # so that stop() ends every one it spawned
                 if self._stopping:
                     raise RuntimeError("the server is stopping")
-                worker.spawn(WarmUp({n: list(variants[n].values()) for n in names}, max_batch) if self.warmup
+                worker.spawn(WarmUp({n: list(variants[n].values()) for n in names}) if self.warmup
                              else None)
                 self._spawned.append(worker)
             spawned.append(worker)
@@ -181,7 +172,7 @@ class InferenceService:
     def _load_in_process(self, devices_of, all_devices, variants, max_batch,
                          described: dict[str, ModelDescription]) -> list[DeviceWorker]:
         """The other devices: one worker thread each in this process, sharing one CPU copy of the weights."""
-        in_process = [d for d in all_devices if not self._own_process(d)]
+        in_process = [] if self.device_processes else all_devices
         per_device: dict[torch.device, dict[str, DeviceModel]] = {}
         for name, cfg in self.config.models.items():
             here = [d for d in devices_of[name] if d in in_process]
@@ -191,9 +182,16 @@ class InferenceService:
             described.setdefault(name, ModelDescription(loaded.weights, loaded.labels, loaded.transform,
                                                         loaded.input_size))
             for i, device in enumerate(here):
-                dm = place_model(name, loaded.model, device, resolve_dtype(cfg.dtype, device), loaded.input_size,
-                                 copy_weights=i < len(here) - 1, mean=loaded.transform.mean,
-                                 std=loaded.transform.std)
+                dm = place_model(
+                    name,
+                    loaded.model,
+                    device,
+                    resolve_dtype(cfg.dtype, device),
+                    loaded.input_size,
+                    copy_weights=i < len(here) - 1,
+                    mean=loaded.transform.mean,
+                    std=loaded.transform.std,
+                )
                 per_device.setdefault(device, {})[name] = dm
         torch.set_num_threads(self.torch_threads)  # this thread warms up; each worker sets its own
         local = [DeviceWorker(device, models, self.scheduler, self.metrics, self.torch_threads)
@@ -204,17 +202,16 @@ class InferenceService:
         return local
 
     def _on_death(self, exc: BaseException) -> None:
-        """A device process died: the server is no longer ready, and it stops (its orchestrator restarts it)."""
+        """A device process died: the server is no longer ready, and it stops (its orchestrator restarts
+        it)."""
         self.failed = exc
         if self._on_failure is not None:
             self._on_failure(exc)
 
     def preprocess(self, model: str, data: bytes, max_pixels: int) -> torch.Tensor:
-        """Image bytes -> the uint8 [3, H, W] tensor the model's batches are made of (runs in a thread pool)."""
+        """Image bytes -> the uint8 [3, H, W] tensor the model's batches are made of (runs in a thread
+        pool)."""
         transform = self.transforms[model]
-        if self._decoders is not None and transform.resize_then_crop is not None:
-            return self._decoders(model, data, max_pixels)
-        # In this thread: on CPU, and for a model whose timm transform is not the usual resize + centre crop.
         return transform(decode_image(data, max_pixels, needed_edge=transform.resize_edge))
 
     def submit(self, model: str, variant: str, images: list[torch.Tensor], top_k: int,
@@ -237,5 +234,3 @@ class InferenceService:
         self.scheduler.close()
         for worker in self.workers:
             worker.join(timeout_s)
-        if self._decoders is not None:
-            self._decoders.stop()

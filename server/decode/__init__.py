@@ -1,0 +1,1 @@
+"""Decoding untrusted image bytes and preprocessing them into the crops a model takes."""

@@ -1,0 +1,148 @@
+"""Per-variant figures of an experiment, and the comparison of a served answer with its shadow run."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Top1:
+    """A variant's top prediction for one image: class index and its softmax probability."""
+
+    index: int
+    prob: float
+
+
+@dataclass(frozen=True)
+class ShadowComparison:
+    agree: bool
+    prob_abs_diff: float  # |p_variant(its top-1) - p_reference(its top-1)|
+
+
+def compare_top1(primary: Top1, reference: Top1) -> ShadowComparison:
+    """Agreement of the served variant with the reference on one image (no labels needed)."""
+    for name, top in (("primary", primary), ("reference", reference)):
+        if not 0.0 <= top.prob <= 1.0 or top.index < 0:
+            raise ValueError(f"{name} top-1 must have index >= 0 and prob in [0, 1], got {top}")
+    return ShadowComparison(primary.index == reference.index, abs(primary.prob - reference.prob))
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float | None:
+    """Nearest-rank percentile (an observed value) of ascending values; None when there are none."""
+    if not 0.0 < q <= 1.0:
+        raise ValueError(f"percentile q must be in (0, 1], got {q}")
+    if not sorted_values:
+        return None
+    rank = math.ceil(q * len(sorted_values))
+    return sorted_values[max(rank, 1) - 1]
+
+
+@dataclass
+class VariantStats:
+    """Running figures of one variant in one experiment.
+
+    Latency percentiles come from a sliding window of the last `latency_window` successful requests,
+    not an all-time reservoir: an A/B report should show how a variant behaves now (after a split or
+    load change), and Prometheus histograms already give any longer range. Images/s counts images in
+    one-second bins over the last `rate_window_s` seconds, so memory stays bounded at any rate.
+    """
+
+    latency_window: int = 2048
+    rate_window_s: float = 60.0
+    requests: int = 0
+    overrides: int = 0
+    statuses: Counter[int] = field(default_factory=Counter)
+    images: int = 0
+    final_tokens_sum: float = 0.0
+    gflops_sum: float = 0.0
+    shadow_comparisons: int = 0
+    shadow_agreements: int = 0
+    shadow_prob_abs_diff_sum: float = 0.0
+    latencies_s: deque[float] = field(init=False)
+    image_bins: deque[list[float]] = field(init=False)  # [second, images] pairs, oldest first
+
+    def __post_init__(self) -> None:
+        self.latencies_s = deque(maxlen=self.latency_window)
+        self.image_bins = deque()
+
+    def record(
+        self,
+        *,
+        status: int,
+        latency_s: float,
+        now: float,
+        override: bool = False,
+        final_tokens: Sequence[float] = (),
+        gflops: Sequence[float] = (),
+    ) -> None:
+        if latency_s < 0 or not math.isfinite(latency_s):
+            raise ValueError(f"latency must be a finite number >= 0, got {latency_s}")
+        if len(final_tokens) != len(gflops):
+            raise ValueError(f"{len(final_tokens)} token counts but {len(gflops)} GFLOPs figures")
+        self.requests += 1
+        self.overrides += override
+        self.statuses[status] += 1
+        if not 200 <= status < 300:
+            return
+        self.latencies_s.append(latency_s)
+        n = len(final_tokens)
+        self.final_tokens_sum += math.fsum(final_tokens)
+        self.gflops_sum += math.fsum(gflops)
+        self.images += n
+        second = math.floor(now)
+        if self.image_bins and self.image_bins[-1][0] == second:
+            self.image_bins[-1][1] += n
+        else:
+            self.image_bins.append([second, n])
+        self._expire(now)
+
+    def record_shadow(self, comparison: ShadowComparison) -> None:
+        self.shadow_comparisons += 1
+        self.shadow_agreements += comparison.agree
+        self.shadow_prob_abs_diff_sum += comparison.prob_abs_diff
+
+    def _expire(self, now: float) -> None:
+        while self.image_bins and self.image_bins[0][0] <= now - self.rate_window_s - 1:
+            self.image_bins.popleft()
+
+    def images_per_s(self, now: float, started: float) -> float:
+        """Images per second over the window (or since `started`, when that is shorter)."""
+        self._expire(now)
+        window_start = now - self.rate_window_s
+        count = sum(n for second, n in self.image_bins if second + 1 > window_start)
+        span = min(self.rate_window_s, now - started)
+        return count / span if span > 0 else 0.0
+
+    def report(self, now: float, started: float) -> dict[str, Any]:
+        ordered = sorted(self.latencies_s)
+        p50, p95 = percentile(ordered, 0.50), percentile(ordered, 0.95)
+        errors = sum(n for status, n in self.statuses.items() if status >= 500)
+        comparisons = self.shadow_comparisons
+        return {
+            "requests": self.requests,
+            "errors": errors,
+            "overrides": self.overrides,
+            "status_counts": {str(s): n for s, n in sorted(self.statuses.items())},
+            "latency_ms": {
+                "p50": None if p50 is None else p50 * 1e3,
+                "p95": None if p95 is None else p95 * 1e3,
+                "samples": len(ordered),
+                "window": self.latency_window,
+            },
+            "images": self.images,
+            "images_per_s": self.images_per_s(now, started),
+            "mean_final_tokens": self.final_tokens_sum / self.images if self.images else None,
+            "mean_gflops": self.gflops_sum / self.images if self.images else None,
+            "shadow": {
+                "comparisons": comparisons,
+                "agreements": self.shadow_agreements,
+                "agreement": self.shadow_agreements / comparisons if comparisons else None,
+                "mean_top1_prob_abs_diff": self.shadow_prob_abs_diff_sum / comparisons
+                if comparisons
+                else None,
+            },
+        }

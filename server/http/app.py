@@ -1,0 +1,126 @@
+"""The FastAPI application of the engine: wiring only (the service, the experiments, the metrics, the routes,
+the middleware, and the channel on which front-end processes send the requests they decoded)."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+
+import torch
+from fastapi import FastAPI
+from starlette.datastructures import Headers, QueryParams
+
+from server.config import ServingConfig
+from server.engine.metrics import Metrics
+from server.engine.service import InferenceService
+from server.experiments.registry import ExperimentRegistry, ModelVariants
+from server.http import middleware
+from server.http.answers import error_response, unexpected_error
+from server.http.classify import ClassifyRequest, Engine, classify
+from server.http.routes import frontend_router, router, sync_weights
+from server.http.shadow import Shadows
+from server.wire import channel
+from server.wire.admin import admin_token_from_env
+from server.wire.errors import ApiError
+from server.wire.protocol import FRONTEND_CLIENT, FRONTEND_STARTED, request_id_of
+
+
+def build_registry(config: ServingConfig) -> ExperimentRegistry:
+    """The experiment registry of a server, holding the config's experiments (logged as source "config")."""
+    models = {
+        name: ModelVariants(frozenset(m.variants), m.default_variant_name)
+        for name, m in config.models.items()
+    }
+    return ExperimentRegistry(models, config.default_model_name, config.experiments)
+
+
+def build_engine(
+    config: ServingConfig, service: InferenceService, metrics: Metrics, preprocess_threads: int
+) -> Engine:
+    registry = build_registry(config)
+    # One torch thread per preprocessing thread: their tensors are small, and nested OpenMP pools in many
+    # threads oversubscribe the cores.
+    pool = ThreadPoolExecutor(preprocess_threads, thread_name_prefix="preprocess",
+                              initializer=torch.set_num_threads, initargs=(1,))
+    engine = Engine(config, service, registry, metrics, pool, shadows=Shadows(service, registry, metrics))
+    sync_weights(engine)
+    return engine
+
+
+async def channel_request(engine: Engine, head: channel.Head, body: bytes) -> tuple[channel.Head, bytes]:
+    """A request a front-end decoded, from the channel (server/wire/channel.py), answered by classify()."""
+    raw = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in head["headers"]]
+    headers = Headers(raw=raw)
+    request_id = request_id_of(raw)
+    try:
+        given_start = headers.get(FRONTEND_STARTED)
+        request = ClassifyRequest(request_id, QueryParams(head["query"]), headers, headers.get(FRONTEND_CLIENT),
+                                  float(given_start) if given_start else time.monotonic(), receive=None, crops=body)
+        response = await classify(engine, request)
+    except ApiError as exc:
+        response = error_response(exc, request_id)
+    except Exception:  # noqa: BLE001 - logged; without an answer the front-end's request would wait for ever
+        response = unexpected_error("POST", "/v1/classify (decoded by a front-end)", request_id)
+    response.headers["X-Request-Id"] = request_id
+    answer_headers = [
+        [name.decode("latin-1"), value.decode("latin-1")] for name, value in response.headers.raw
+    ]
+    return {"status": response.status_code, "headers": answer_headers}, bytes(response.body)
+
+
+def create_app(config: ServingConfig, *, preprocess_threads: int = 4, warmup: bool = True,
+               torch_threads: int | None = None, device_processes: bool = False,
+               on_fatal: Callable[[BaseException], None] | None = None,
+               frontend_channel: str | None = None) -> FastAPI:
+    """The engine's application. `device_processes`: each device runs its batches in a process of its own
+    (the front-ends layout). `frontend_channel`: the path of a Unix socket on which it takes the requests
+    that HTTP front-end processes (server/frontend/) have decoded; the app then serves the front-ends on a
+    private Unix socket and trusts their `x-mame-*` headers (client address, start time)."""
+    metrics = Metrics()
+    service = InferenceService(
+        config,
+        metrics,
+        warmup=warmup,
+        torch_threads=torch_threads or torch.get_num_threads(),
+        device_processes=device_processes,
+    )
+    engine = build_engine(config, service, metrics, preprocess_threads)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        # What is alive now (imported modules: torch, timm, FastAPI, pydantic; ~400k objects) lives as long
+        # as the process. Frozen, the cyclic collector stops walking it: a full collection holds the GIL
+        # (every thread, the event loop included, stalls) for a time that grows with the objects it walks.
+        gc.collect()
+        gc.freeze()
+        service.start(on_failure=on_fatal)
+        channel_server = None
+        if frontend_channel is not None:
+            channel_server = await channel.serve(
+                frontend_channel, lambda head, body: channel_request(engine, head, body)
+            )
+        yield
+        # uvicorn has stopped accepting and answered every open request before we get here (and the
+        # front-ends have stopped: each answered what it accepted).
+        if channel_server is not None:
+            channel_server.close()
+        await asyncio.get_running_loop().run_in_executor(None, service.stop)
+        engine.pool.shutdown(wait=True)
+        gc.unfreeze()
+
+    app = FastAPI(title="MaMe inference server", version="0.1.0", lifespan=lifespan,
+                  summary="Image classification with timm ViTs accelerated by MaMe token merging")
+    app.state.engine = engine
+    app.state.behind_frontends = frontend_channel is not None
+    app.state.service = service
+    app.state.metrics = metrics
+    app.state.experiments = engine.registry
+    middleware.install(app, admin_token=admin_token_from_env(), drop_reserved=frontend_channel is None)
+    app.include_router(router)
+    if frontend_channel is not None:
+        app.include_router(frontend_router)
+    return app

@@ -1,0 +1,234 @@
+"""`POST /v1/classify`: one module-level function, `classify()`, answers a request whether it came over HTTP
+or from a front-end process over the channel (its images then decoded already). Plain Python on the
+request's path: it runs on the event loop, the one thread every request passes through (docs/CONTRACT.md
+has the contract)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from starlette.responses import JSONResponse, Response
+
+from server.config import ServingConfig
+from server.engine.batching import QueueFull, SchedulerClosed
+from server.engine.metrics import Metrics
+from server.engine.service import InferenceService
+from server.engine.worker import ImageResult
+from server.experiments.registry import Assignment, ExperimentRegistry
+from server.http.answers import image_answer, json_response, query_int
+from server.http.frontend_requests import CropArenas, Reroute, frontend_crops, raise_frontend_error
+from server.http.openapi import DEFAULT_TOP_K
+from server.http.shadow import Shadows
+from server.wire.body import image_payloads, read_limited
+from server.wire.errors import (
+    ApiError,
+    internal,
+    invalid_parameter,
+    not_ready,
+    overloaded,
+    timeout,
+    too_large,
+)
+from server.wire.pool import run_all_in_pool
+from server.wire.protocol import FRONTEND_IMAGES, FRONTEND_MODEL, FRONTEND_MULTIPART
+
+log = logging.getLogger("mame.server")
+
+
+@dataclass(frozen=True)
+class Engine:
+    """What answering a request needs: the config, the inference service, the experiments, the metrics, the
+    decoding threads, the front-ends' crop arenas and the shadow runs."""
+
+    config: ServingConfig
+    service: InferenceService
+    registry: ExperimentRegistry
+    metrics: Metrics
+    pool: ThreadPoolExecutor
+    arenas: CropArenas = field(default_factory=CropArenas)
+    shadows: Shadows | None = None
+
+
+@dataclass(frozen=True)
+class ClassifyRequest:
+    """One classify request, as either road brings it. `receive`: the HTTP body (ASGI), read here with its
+    limits; None for a request a front-end decoded, whose crops are in its arena or in `crops`."""
+
+    request_id: str
+    query: Mapping[str, str]
+    headers: Mapping[str, str]
+    client_host: str | None
+    started: float  # time.monotonic(); the request's deadline runs from here
+    receive: Callable[[], Awaitable[dict]] | None = None
+    crops: bytes = b""
+
+
+@dataclass
+class _Outcome:
+    """What the request's metrics and A/B figures record once it is answered."""
+
+    labels: tuple[str, str, str]  # model, variant, experiment
+    status: int = 500
+    route: Assignment | None = None
+    n_images: int = 0
+    counted: bool = True
+    final_tokens: list[int] = field(default_factory=list)
+    gflops: list[float] = field(default_factory=list)
+    in_flight: Any = None
+
+
+async def classify(engine: Engine, request: ClassifyRequest) -> Response:
+    """The answer, or an ApiError (answered by the caller as the contract says)."""
+    outcome = _Outcome(_asked_labels(engine, request.query))
+    log.debug("request %s accepted", request.request_id)
+    try:
+        return await _answer(engine, request, outcome)
+    except ApiError as exc:
+        outcome.status = exc.status
+        raise
+    except Reroute as exc:
+        outcome.counted = False  # the front-end sends the request again, and it is counted then
+        return JSONResponse({"error": "reroute", "detail": f"the route's model is {exc}"}, status_code=409)
+    except Exception as exc:
+        log.exception("request %s failed", request.request_id)
+        raise internal(f"{type(exc).__name__}: {exc}") from None
+    finally:
+        log.debug("request %s answered %d", request.request_id, outcome.status)
+        if outcome.in_flight is not None:
+            outcome.in_flight.dec()
+        if outcome.counted:
+            _count(engine, outcome, time.monotonic() - request.started)
+
+
+def _asked_labels(engine: Engine, query: Mapping[str, str]) -> tuple[str, str, str]:
+    """The label values of a request refused before routing: what it asked for, as if named (its experiment's
+    model, or the default). Client-chosen names become label values only when they exist (bounded series)."""
+    model, experiment = query.get("model"), query.get("experiment")
+    experiment_model = engine.registry.model_of(experiment) if experiment is not None else None
+    if model is None:
+        model_label = (experiment_model or "") if experiment is not None else engine.config.default_model_name
+    else:
+        model_label = model if model in engine.config.models else ""
+    return model_label, "", experiment if experiment_model is not None else ""
+
+
+async def _answer(engine: Engine, request: ClassifyRequest, outcome: _Outcome) -> Response:
+    params, limits, service = request.query, engine.config.limits, engine.service
+    deadline = request.started + limits.request_timeout_s
+    # First, as FastAPI's parameter validation would: a bad value is a 422 (counted like any answer).
+    top_k = query_int(params.get("top_k"), "top_k", DEFAULT_TOP_K)
+    if not service.ready.is_set():
+        raise not_ready("models are still loading and warming up")
+    if not 1 <= top_k <= limits.max_top_k:
+        raise invalid_parameter(f"top_k must be between 1 and {limits.max_top_k}, got {top_k}")
+    route = outcome.route = engine.registry.choose(
+        model=params.get("model"), experiment=params.get("experiment"), variant=params.get("variant"),
+        headers=request.headers, query=params, client_host=request.client_host)
+    outcome.labels = (route.model, route.variant, route.experiment or "")
+    outcome.in_flight = engine.metrics.in_flight_of(route.model, route.variant)
+    outcome.in_flight.inc()
+    images, multipart = await _images(engine, request, route, outcome, deadline)
+    results = await _results(engine, route, images, top_k, deadline)
+    info = service.models[route.model]
+    total_s = time.monotonic() - request.started
+    answers = [
+        image_answer(route, info.weights, info.labels, request.request_id, r, total_s) for r in results
+    ]
+    _observe(engine, outcome, results, answers)
+    if route.shadow_variant is not None and engine.shadows is not None:
+        # Crops in a front-end's arena are its to reuse once this request is answered: copied.
+        engine.shadows.start(route, [image.clone() for image in images] if request.receive is None
+                             else list(images), list(results))
+    outcome.status = 200
+    if multipart and len(answers) > 1:
+        return json_response({"request_id": request.request_id, "results": answers})
+    return json_response(answers[0])
+
+
+async def _images(engine: Engine, request: ClassifyRequest, route: Assignment, outcome: _Outcome,
+                  deadline: float) -> tuple[list[torch.Tensor], bool]:
+    """The request's uint8 crops, and whether it was multipart (several images answer as a list)."""
+    limits, headers = engine.config.limits, request.headers
+    if request.receive is None:  # decoded by a front-end
+        outcome.n_images = int(headers[FRONTEND_IMAGES])
+        raise_frontend_error(headers)  # errors first: they do not depend on the model
+        if headers.get(FRONTEND_MODEL) != route.model:
+            raise Reroute(route.model)
+        _check_queue_room(engine, route.model, outcome.n_images)
+        input_size = engine.service.models[route.model].input_size
+        return frontend_crops(headers, request.crops, input_size, engine.arenas), headers[
+            FRONTEND_MULTIPART
+        ] == "1"
+    body = await read_limited(request.receive, headers.get("content-length", ""), limits.max_body_bytes,
+                              max(0.0, deadline - time.monotonic()))
+    payloads, multipart = image_payloads(headers.get("content-type", ""), body, limits.max_images_per_request)
+    outcome.n_images = len(payloads)
+    _check_queue_room(engine, route.model, outcome.n_images)
+    calls = [(route.model, data, limits.max_pixels) for _, data in payloads]
+    return await run_all_in_pool(engine.pool, engine.service.preprocess, calls), multipart
+
+
+def _check_queue_room(engine: Engine, model: str, n_images: int) -> None:
+    """More images than the model's queue holds would be a 503 `overloaded` on every try, idle or not."""
+    limit = engine.config.models[model].batching.max_queue
+    if n_images > limit:
+        raise too_large(f"{n_images} images in one request; model {model!r} queues at most {limit} "
+                        "(its batching.max_queue)")
+
+
+async def _results(engine: Engine, route: Assignment, images: list[torch.Tensor], top_k: int,
+                   deadline: float) -> list[ImageResult]:
+    service = engine.service
+    try:
+        items = service.submit(route.model, route.variant, list(images), top_k, deadline)
+    except QueueFull as exc:
+        raise overloaded(str(exc)) from None
+    except SchedulerClosed as exc:
+        raise overloaded(str(exc), retry_after_s=5) from None
+    try:
+        async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+            if len(items) == 1:
+                return [await items[0].future]
+            return list(await asyncio.gather(*(item.future for item in items)))
+    except TimeoutError:
+        service.scheduler.discard(items)
+        limit = engine.config.limits.request_timeout_s
+        raise timeout(f"no answer within the request timeout of {limit} s") from None
+
+
+def _observe(engine: Engine, outcome: _Outcome, results: list[ImageResult], answers: list[dict]) -> None:
+    metrics = engine.metrics
+    queue_wait = metrics.queue_wait_of(*outcome.labels)
+    final_tokens = metrics.final_tokens_of(*outcome.labels)
+    gflops = metrics.gflops_of(*outcome.labels)
+    for result, answer in zip(results, answers):
+        final = answer["tokens"]["final"]
+        queue_wait.observe(result.queue_s)
+        final_tokens.observe(final)
+        gflops.observe(result.gflops)
+        outcome.final_tokens.append(final)
+        outcome.gflops.append(result.gflops)
+
+
+def _count(engine: Engine, outcome: _Outcome, elapsed: float) -> None:
+    metrics, labels, status = engine.metrics, outcome.labels, str(outcome.status)
+    if outcome.route is None:  # refused before routing (rare): no cached children for these label values
+        metrics.request_duration.labels(*labels).observe(elapsed)
+        metrics.requests.labels(*labels, status).inc()
+        return
+    ok = outcome.status == 200
+    engine.registry.record_request(outcome.route, status=outcome.status, latency_s=elapsed,
+                                   final_tokens=outcome.final_tokens if ok else [],
+                                   gflops=outcome.gflops if ok else [])
+    # Cached children: the label values are configured names, a bounded set.
+    metrics.request_duration_of(*labels).observe(elapsed)
+    metrics.requests_of(*labels, status).inc()
+    if outcome.n_images:
+        metrics.images_of(*labels, status).inc(outcome.n_images)

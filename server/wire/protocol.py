@@ -1,0 +1,35 @@
+"""The headers the server's processes use among themselves: request ids, and the `x-mame-*` headers a
+front-end process sends the engine with a request it decoded (a client's own `x-mame-*` headers are dropped
+on the way in)."""
+
+from __future__ import annotations
+
+import random
+import re
+
+FRONTEND_CLIENT = "x-mame-client"  # the client's address (sticky assignment by client)
+FRONTEND_STARTED = "x-mame-started"  # time.monotonic() when the front-end took the request
+FRONTEND_MODEL = "x-mame-model"  # the model the crops were made for
+FRONTEND_IMAGES = "x-mame-images"  # images in the request (counted even when it fails)
+FRONTEND_MULTIPART = "x-mame-multipart"  # "1": a multipart request (several images answer as a list)
+FRONTEND_ERROR = "x-mame-error"  # JSON {status, code, detail}: what reading or decoding the images raised
+FRONTEND_CROPS_AT = "x-mame-crops-at"  # "<arena file> <byte offset> ...": the crops are in shared memory
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def request_id_of(raw_headers: list[tuple[bytes, bytes]]) -> str:
+    """The client's valid X-Request-Id (the first one, as `Headers.get`), else a new id."""
+    given = ""
+    for key, value in raw_headers:  # ASGI servers give lower-case names
+        if key == b"x-request-id":
+            given = value.decode("latin-1")
+            break
+    # 32 hex digits like uuid4().hex, without an os.urandom system call per request.
+    return given if _REQUEST_ID.fullmatch(given) else f"{random.getrandbits(128):032x}"
+
+
+def without_reserved(raw_headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The headers less `x-mame-*` (reserved: the server's processes use them among themselves)."""
+    return [(key, value) for key, value in raw_headers if not key.startswith(b"x-mame-")]
+

@@ -1,0 +1,132 @@
+"""The engine's HTTP layer in process: the FastAPI app over httpx's ASGI transport (no socket, no uvicorn),
+and `classify()` called directly as the front-end channel calls it. The end-to-end tests run the same
+contract against real server processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import numpy as np
+import pytest
+from serverproc import metric_values, sample_images, tiny_config
+from starlette.datastructures import Headers, QueryParams
+
+from server.config import parse_config
+from server.decode.imaging import decode_image
+from server.http.app import create_app
+from server.http.classify import ClassifyRequest, classify
+from server.wire.errors import ApiError
+from server.wire.protocol import FRONTEND_IMAGES, FRONTEND_MODEL, FRONTEND_MULTIPART
+
+
+@pytest.fixture(scope="module")
+def images() -> dict[str, bytes]:
+    return sample_images()
+
+
+@pytest.fixture
+def app():
+    """A fresh app per test: its lifespan's end stops its service for good."""
+    return create_app(parse_config(tiny_config()), preprocess_threads=2, warmup=False, torch_threads=1)
+
+
+async def running(app, check) -> None:
+    """`check(client)` against the app with its lifespan started (models loaded) and then stopped."""
+    async with app.router.lifespan_context(app):
+        deadline = time.monotonic() + 60
+        while not app.state.service.ready.is_set():
+            assert time.monotonic() < deadline, "the models did not load"
+            await asyncio.sleep(0.05)
+        transport = httpx.ASGITransport(app=app, client=("10.1.2.3", 5555))
+        async with httpx.AsyncClient(transport=transport, base_url="http://engine") as client:
+            await check(client)
+
+
+def test_classify_over_the_asgi_transport(app, images):
+    async def check(client: httpx.AsyncClient) -> None:
+        answer = await client.post("/v1/classify", params={"top_k": 3, "variant": "mame-0.9"},
+                                   content=images["gradient"], headers={"content-type": "image/png",
+                                                                         "x-request-id": "in-process-1"})
+        assert answer.status_code == 200 and answer.headers["x-request-id"] == "in-process-1"
+        body = answer.json()
+        assert (
+            body["variant"] == "mame-0.9"
+            and body["assignment"] == "override"
+            and len(body["predictions"]) == 3
+        )
+        several = await client.post("/v1/classify", files=[("file", ("a.png", images["flat"], "image/png")),
+                                                           ("file", ("b.png", images["noise"], "image/png"))])
+        assert [r["variant"] for r in several.json()["results"]] == ["baseline", "baseline"]
+        # Refusals are the contract's JSON, counted under their status like any answer.
+        bad_top_k = await client.post("/v1/classify", params={"top_k": "many"}, content=images["flat"])
+        assert bad_top_k.status_code == 422 and bad_top_k.json()["error"] == "invalid_parameter"
+        assert "query.top_k" in bad_top_k.json()["detail"]
+        unknown = await client.post("/v1/classify", params={"model": "nope"}, content=images["flat"])
+        assert unknown.status_code == 404 and unknown.json()["error"] == "unknown_model"
+        metrics = (await client.get("/metrics")).text
+        counted = {
+            labels: value for labels, value in metric_values(metrics, "mame_requests_total").items() if value
+        }
+        assert any('"422"' in labels and 'model="tiny"' in labels for labels in counted), counted
+        assert any('"200"' in labels and 'variant="mame-0.9"' in labels for labels in counted), counted
+        # The query parameters classify() reads itself are documented all the same.
+        spec = (await client.get("/openapi.json")).json()["paths"]["/v1/classify"]["post"]
+        assert {p["name"] for p in spec["parameters"]} == {"model", "variant", "experiment", "top_k"}
+        assert (await client.get("/internal/plan")).status_code == 404  # only behind front-ends
+
+    asyncio.run(running(app, check))
+
+
+def crop_of(app, data: bytes) -> bytes:
+    """The uint8 [H, W, 3] crop a front-end would send for the image."""
+    transform = app.state.service.transforms["tiny"]
+    return np.ascontiguousarray(transform(decode_image(data, 10**7)).permute(1, 2, 0).numpy()).tobytes()
+
+
+def decoded_request(crops: list[bytes], model: str = "tiny", query: str = "top_k=2") -> ClassifyRequest:
+    headers = Headers({FRONTEND_IMAGES: str(len(crops)), FRONTEND_MODEL: model, FRONTEND_MULTIPART: "0"})
+    return ClassifyRequest(
+        "decoded-1",
+        QueryParams(query),
+        headers,
+        "10.0.0.9",
+        time.monotonic(),
+        receive=None,
+        crops=b"".join(crops),
+    )
+
+
+def test_classify_answers_a_decoded_request_as_the_http_route_answers_the_image(app, images):
+    """The channel's road: classify() with a small request object, no ASGI scope."""
+    async def check(client: httpx.AsyncClient) -> None:
+        engine = app.state.engine
+        over_http = (await client.post("/v1/classify", params={"top_k": 2}, content=images["shapes"])).json()
+        answer = await classify(engine, decoded_request([crop_of(app, images["shapes"])]))
+        decoded = json.loads(answer.body)
+        assert decoded["predictions"] == over_http["predictions"] and decoded["request_id"] == "decoded-1"
+        # Crops made for another model than the route's: a re-route (409), not an answer, not counted.
+        before = metric_values((await client.get("/metrics")).text, "mame_requests_total")
+        reroute = await classify(engine, decoded_request([crop_of(app, images["flat"])], model="other"))
+        assert reroute.status_code == 409
+        assert metric_values((await client.get("/metrics")).text, "mame_requests_total") == before
+        with pytest.raises(ApiError) as refused:  # the caller answers it, as the contract says
+            await classify(engine, decoded_request([crop_of(app, images["flat"])], query="top_k=0"))
+        assert refused.value.status == 422
+
+    asyncio.run(running(app, check))
+
+
+def test_requests_before_the_models_load_are_not_ready():
+    app = create_app(parse_config(tiny_config()), warmup=False, torch_threads=1)
+
+    async def check() -> None:  # no lifespan: nothing loads
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://engine") as client:
+            answer = await client.post("/v1/classify", content=b"x")
+            assert answer.status_code == 503 and answer.json()["error"] == "not_ready"
+            assert (await client.get("/readyz")).json() == {"status": "loading"}
+
+    asyncio.run(check())
