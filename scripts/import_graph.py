@@ -1,8 +1,8 @@
-"""The import graph between the project's modules: floors (modules on the longest import chain), edges, and
-the
-largest module. Every `import` statement counts, at any depth (a function's lazy import too).
+"""The import graph between the project's modules: floors (modules on the longest import chain), edges,
+and the largest module. Every `import` statement that runs counts, at any depth (a function's lazy import
+too); those under `if TYPE_CHECKING:` do not (they are for the type checker and never run).
 
-    python scripts/import_graph.py [ROOT] [--packages mame_core server loadtest]
+    python scripts/import_graph.py [ROOT] [--packages mame_core server loadtest] [--chain]
 """
 
 from __future__ import annotations
@@ -35,10 +35,25 @@ def imported(name: str, modules: dict[str, Path]) -> str | None:
     return name or None
 
 
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
 def edges_of(module: str, path: Path, modules: dict[str, Path]) -> set[str]:
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     targets = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    tree = ast.parse(path.read_text(), str(path))
+    type_only = {
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and _is_type_checking(node.test)
+        for stmt in node.body
+        for inner in ast.walk(stmt)
+    }
+    for node in ast.walk(tree):
+        if id(node) in type_only:
+            continue
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):

@@ -14,13 +14,16 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 import uvicorn
 from fastapi import FastAPI
 from pydantic import ValidationError
 
 from server.config import ConfigError, ServingConfig, load_config
 from server.engine.devices import resolve_devices
+from server.engine.metrics import Metrics
 from server.engine.models import check_models
+from server.engine.service import InferenceService
 from server.frontend.sockets import port_socket
 from server.frontend.supervisor import FrontEndProcesses
 from server.http.app import create_app
@@ -152,12 +155,21 @@ def uvicorn_options(settings: ServerSettings, config: ServingConfig) -> dict:
             "access_log": settings.log_level == "debug"}
 
 
+def build_service(
+    settings: ServerSettings, config: ServingConfig, device_processes: bool
+) -> InferenceService:
+    """The models' service: loading starts with the app's lifespan."""
+    return InferenceService(config, Metrics(), warmup=not settings.no_warmup,
+                            torch_threads=settings.torch_threads or torch.get_num_threads(),
+                            device_processes=device_processes)
+
+
 def serve_single(
     settings: ServerSettings, config: ServingConfig, public: socket.socket, fatal: Fatal
 ) -> FastAPI:
     """One process: HTTP, decoding, batching and the device workers (threads)."""
-    app = create_app(config, preprocess_threads=settings.preprocess_threads, warmup=not settings.no_warmup,
-                     torch_threads=settings.torch_threads, on_fatal=fatal)
+    app = create_app(config, build_service(settings, config, device_processes=False),
+                     preprocess_threads=settings.preprocess_threads, on_fatal=fatal)
     fatal.server = uvicorn.Server(uvicorn.Config(
         app, host=settings.host, port=settings.port, **uvicorn_options(settings, config),
         http=head_timeout_protocol(config.limits.request_timeout_s)))
@@ -179,9 +191,13 @@ def serve_frontends(
         os.path.join(workdir, "engine.sock"),
     )
     # Here only the requests the front-ends cannot decode for are decoded (in threads).
-    app = create_app(config, preprocess_threads=settings.preprocess_threads, warmup=not settings.no_warmup,
-                     torch_threads=settings.torch_threads, device_processes=True, on_fatal=fatal,
-                     frontend_channel=channel_socket)
+    app = create_app(
+        config,
+        build_service(settings, config, device_processes=True),
+        preprocess_threads=settings.preprocess_threads,
+        on_fatal=fatal,
+        frontend_channel=channel_socket,
+    )
     options = uvicorn_options(settings, config)
     processes = FrontEndProcesses(resolve_http_processes(settings.http_processes), public, engine_socket,
                                   channel_socket, settings.preprocess_threads, settings.log_level,

@@ -16,10 +16,16 @@ from starlette.datastructures import Headers, QueryParams
 
 from server.config import parse_config
 from server.decode.imaging import decode_image
+from server.engine.metrics import Metrics
+from server.engine.service import InferenceService
 from server.http.app import create_app
 from server.http.classify import ClassifyRequest, classify
 from server.wire.errors import ApiError
 from server.wire.protocol import FRONTEND_IMAGES, FRONTEND_MODEL, FRONTEND_MULTIPART
+
+
+def app_of(config, **options):
+    return create_app(config, InferenceService(config, Metrics(), warmup=False, torch_threads=1), **options)
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +36,7 @@ def images() -> dict[str, bytes]:
 @pytest.fixture
 def app():
     """A fresh app per test: its lifespan's end stops its service for good."""
-    return create_app(parse_config(tiny_config()), preprocess_threads=2, warmup=False, torch_threads=1)
+    return app_of(parse_config(tiny_config()), preprocess_threads=2)
 
 
 async def running(app, check) -> None:
@@ -120,7 +126,7 @@ def test_classify_answers_a_decoded_request_as_the_http_route_answers_the_image(
 
 
 def test_requests_before_the_models_load_are_not_ready():
-    app = create_app(parse_config(tiny_config()), warmup=False, torch_threads=1)
+    app = app_of(parse_config(tiny_config()))
 
     async def check() -> None:  # no lifespan: nothing loads
         transport = httpx.ASGITransport(app=app)

@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 from serverproc import metric_values, running_server, sample_images, tiny_config
 
-from server.decode.imaging import ResizeCrop
+from server.decode.resize import ResizeCrop
 from server.frontend.app import FrontEnd, Plan
 from server.frontend.arena import CropArena, decode_crop
 from server.wire.channel import Channel

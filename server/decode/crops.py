@@ -8,7 +8,8 @@ from typing import Any
 
 from PIL import Image
 
-from server.decode.imaging import ResizeCrop, decode_image
+from server.decode.imaging import decode_image
+from server.decode.resize import ResizeCrop
 
 # the edge the resize aims for (decoding may draft down to it), resize + crop
 Decoder = tuple[int, ResizeCrop]

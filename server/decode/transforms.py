@@ -16,7 +16,7 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
 from mame_core.models import data_config
-from server.decode.imaging import ResizeCrop
+from server.decode.resize import ResizeCrop
 
 
 @dataclass(frozen=True)

@@ -18,12 +18,14 @@ import time
 from collections import deque
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mame_core import MergeSettings
-from server.config import BatchingConfig
+if TYPE_CHECKING:
+    from mame_core import MergeSettings
+    from server.config import BatchingConfig
+
 
 
 class QueueFull(Exception):

@@ -4,15 +4,17 @@ parameter read as a number."""
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import TypeAdapter, ValidationError
 from pydantic_core import to_json
 from starlette.responses import Response
 
-from server.engine.worker import ImageResult
-from server.experiments.registry import Assignment
 from server.wire.errors import ApiError, internal, invalid_parameter
+
+if TYPE_CHECKING:
+    from server.engine.worker import ImageResult
+    from server.experiments.registry import Assignment
 
 log = logging.getLogger("mame.server")
 _INT = TypeAdapter(int)

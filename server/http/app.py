@@ -9,14 +9,12 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 import torch
 from fastapi import FastAPI
 from starlette.datastructures import Headers, QueryParams
 
-from server.config import ServingConfig
-from server.engine.metrics import Metrics
-from server.engine.service import InferenceService
 from server.experiments.registry import ExperimentRegistry, ModelVariants
 from server.http import middleware
 from server.http.answers import error_response, unexpected_error
@@ -28,6 +26,10 @@ from server.wire.admin import admin_token_from_env
 from server.wire.errors import ApiError
 from server.wire.protocol import FRONTEND_CLIENT, FRONTEND_STARTED, request_id_of
 
+if TYPE_CHECKING:
+    from server.config import ServingConfig
+    from server.engine.service import InferenceService
+
 
 def build_registry(config: ServingConfig) -> ExperimentRegistry:
     """The experiment registry of a server, holding the config's experiments (logged as source "config")."""
@@ -38,10 +40,8 @@ def build_registry(config: ServingConfig) -> ExperimentRegistry:
     return ExperimentRegistry(models, config.default_model_name, config.experiments)
 
 
-def build_engine(
-    config: ServingConfig, service: InferenceService, metrics: Metrics, preprocess_threads: int
-) -> Engine:
-    registry = build_registry(config)
+def build_engine(config: ServingConfig, service: InferenceService, preprocess_threads: int) -> Engine:
+    registry, metrics = build_registry(config), service.metrics
     # One torch thread per preprocessing thread: their tensors are small, and nested OpenMP pools in many
     # threads oversubscribe the cores.
     pool = ThreadPoolExecutor(preprocess_threads, thread_name_prefix="preprocess",
@@ -58,8 +58,15 @@ async def channel_request(engine: Engine, head: channel.Head, body: bytes) -> tu
     request_id = request_id_of(raw)
     try:
         given_start = headers.get(FRONTEND_STARTED)
-        request = ClassifyRequest(request_id, QueryParams(head["query"]), headers, headers.get(FRONTEND_CLIENT),
-                                  float(given_start) if given_start else time.monotonic(), receive=None, crops=body)
+        request = ClassifyRequest(
+            request_id,
+            QueryParams(head["query"]),
+            headers,
+            headers.get(FRONTEND_CLIENT),
+            float(given_start) if given_start else time.monotonic(),
+            receive=None,
+            crops=body,
+        )
         response = await classify(engine, request)
     except ApiError as exc:
         response = error_response(exc, request_id)
@@ -72,23 +79,15 @@ async def channel_request(engine: Engine, head: channel.Head, body: bytes) -> tu
     return {"status": response.status_code, "headers": answer_headers}, bytes(response.body)
 
 
-def create_app(config: ServingConfig, *, preprocess_threads: int = 4, warmup: bool = True,
-               torch_threads: int | None = None, device_processes: bool = False,
+def create_app(config: ServingConfig, service: InferenceService, *, preprocess_threads: int = 4,
                on_fatal: Callable[[BaseException], None] | None = None,
                frontend_channel: str | None = None) -> FastAPI:
-    """The engine's application. `device_processes`: each device runs its batches in a process of its own
-    (the front-ends layout). `frontend_channel`: the path of a Unix socket on which it takes the requests
-    that HTTP front-end processes (server/frontend/) have decoded; the app then serves the front-ends on a
-    private Unix socket and trusts their `x-mame-*` headers (client address, start time)."""
-    metrics = Metrics()
-    service = InferenceService(
-        config,
-        metrics,
-        warmup=warmup,
-        torch_threads=torch_threads or torch.get_num_threads(),
-        device_processes=device_processes,
-    )
-    engine = build_engine(config, service, metrics, preprocess_threads)
+    """The engine's application around `service` (which it starts and stops with its lifespan).
+    `frontend_channel`: the path of a Unix socket on which it takes the requests that HTTP front-end
+    processes (server/frontend/) have decoded; the app then serves the front-ends on a private Unix socket
+    and trusts their `x-mame-*` headers (client address, start time)."""
+    engine = build_engine(config, service, preprocess_threads)
+    metrics = service.metrics
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -11,21 +11,15 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from starlette.responses import JSONResponse, Response
 
-from server.config import ServingConfig
 from server.engine.batching import QueueFull, SchedulerClosed
-from server.engine.metrics import Metrics
-from server.engine.service import InferenceService
-from server.engine.worker import ImageResult
-from server.experiments.registry import Assignment, ExperimentRegistry
 from server.http.answers import image_answer, json_response, query_int
 from server.http.frontend_requests import CropArenas, Reroute, frontend_crops, raise_frontend_error
 from server.http.openapi import DEFAULT_TOP_K
-from server.http.shadow import Shadows
 from server.wire.body import image_payloads, read_limited
 from server.wire.errors import (
     ApiError,
@@ -38,6 +32,14 @@ from server.wire.errors import (
 )
 from server.wire.pool import run_all_in_pool
 from server.wire.protocol import FRONTEND_IMAGES, FRONTEND_MODEL, FRONTEND_MULTIPART
+
+if TYPE_CHECKING:
+    from server.config import ServingConfig
+    from server.engine.metrics import Metrics
+    from server.engine.service import InferenceService
+    from server.engine.worker import ImageResult
+    from server.experiments.registry import Assignment, ExperimentRegistry
+    from server.http.shadow import Shadows
 
 log = logging.getLogger("mame.server")
 

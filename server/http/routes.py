@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -14,9 +14,12 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from server.decode.crops import decode_plan
 from server.experiments.config import NewExperiment, SplitChange
-from server.http.classify import ClassifyRequest, Engine, classify
+from server.http.classify import ClassifyRequest, classify
 from server.http.openapi import ADMIN_ERRORS, CLASSIFY_ERRORS, CLASSIFY_OPENAPI, error_responses
 from server.wire.protocol import FRONTEND_CLIENT, FRONTEND_STARTED
+
+if TYPE_CHECKING:
+    from server.http.classify import Engine
 
 router = APIRouter()
 frontend_router = APIRouter(include_in_schema=False)  # what front-end processes ask the engine

@@ -6,15 +6,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
 from server.engine.batching import QueueFull, SchedulerClosed, WorkItem
-from server.engine.metrics import Metrics
-from server.engine.service import InferenceService
-from server.engine.worker import ImageResult
-from server.experiments.registry import Assignment, ExperimentRegistry
 from server.experiments.stats import Top1, compare_top1
+
+if TYPE_CHECKING:
+    from server.engine.metrics import Metrics
+    from server.engine.service import InferenceService
+    from server.engine.worker import ImageResult
+    from server.experiments.registry import Assignment, ExperimentRegistry
 
 log = logging.getLogger("mame.server")
 
