@@ -10,7 +10,7 @@
 #     bench      mame-bench ViT-B/16 batch 256, fp16 and bf16 (MaMe vs ToMe vs unmerged)
 # Each serve part takes ~1-2 minutes (model load and warm-up included), bench ~3.
 # SMOKE=1 runs every part on the CPU with tiny models and 1 s windows (`memory` with the sweep's ViT-Ti
-# config; tests/test_bench_serving.py does, so that a broken flag is found on the CPU, not on the GPU
+# config; tests/test_loadtest_serving.py does, so that a broken flag is found on the CPU, not on the GPU
 # machine). PYTHON: the interpreter (python3).
 set -u -o pipefail  # a benchmark that fails fails its part, tee or not
 out=${OUT:-gpu-figures}

@@ -51,7 +51,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> ServerSettings:
     return ServerSettings(_cli_parse_args=list(sys.argv[1:] if argv is None else argv))
 
 
-# MAME_* variables read elsewhere (server/experiments.py), not settings of this process's start.
+# MAME_* variables read elsewhere (server/wire/admin.py), not settings of this process's start.
 OTHER_VARIABLES = {"MAME_ADMIN_TOKEN"}
 # Kubernetes gives every pod variables for each Service of its namespace: for a Service mame-serve,
 # MAME_SERVE_SERVICE_HOST always, with MAME_SERVE_SERVICE_PORT[_<name>] and

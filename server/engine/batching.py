@@ -128,7 +128,7 @@ class Scheduler:
                 self._on_depth(*key, depth)
                 wake = wake or depth >= self._batching[model].max_batch_size  # a full batch is due now
             # Otherwise a waiting worker already sleeps until this queue's head is due: waking it for every
-            # request (one image each, 64 to a batch) cost the server process 8 % of its GIL time.
+            # request would spend the server process's GIL on wake-ups that find no batch to take.
             if wake:
                 self._cond.notify_all()
 

@@ -2,9 +2,8 @@
 
 Why: in one process the device worker shares the GIL with the event loop and the preprocessing threads. A
 forward launches hundreds of kernels, each a GIL release and re-acquire, and with the event loop busy each
-re-acquire can wait up to the interpreter's switch interval (5 ms). On an H200 (ViT-B/16 fp16, batch 64)
-the model ran 9,110 img/s offline but 848 img/s inside the server, with the host at 4 of its 16 cores.
-In a child process the forward has an interpreter to itself.
+re-acquire can wait up to the interpreter's switch interval (5 ms), so a fast GPU is left idle. In a child
+process the forward has an interpreter to itself.
 
 The parent keeps everything else (HTTP, decoding, scheduling, metrics); its worker threads only move
 batches. Images cross as uint8 in shared memory slabs (page-locked on a GPU, so the copy to the device is

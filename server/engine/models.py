@@ -32,7 +32,7 @@ class LoadedModel:
 
 
 def check_models(config: ServingConfig) -> None:
-    """Each model's arch and kwargs build a ViT (on the meta device: no memory, 0.08 s for ViT-B) deep enough
+    """Each model's arch and kwargs build a ViT (on the meta device: no memory, no weights) deep enough
     for its variants: a ConfigError naming the key at start, not a traceback once loading has begun."""
     for name, cfg in config.models.items():
         try:

@@ -1,13 +1,13 @@
-"""HTTP front-end processes (`mame-serve --http-processes N`): HTTP and decoding spread over N processes.
+"""The front-end ASGI app (`mame-serve --layout frontends`): HTTP and decoding spread over N processes.
 
 Why: one server process tops out at a few thousand images per second however many cores it has, because
-its event loop, its decoding and its batch plumbing share one interpreter (measured on an H200 host:
-2,189 img/s served against 8,951 offline). With front-ends, the server process (the "engine") keeps what
-must be one: the scheduler and the device workers (one copy of the weights per device), the A/B registry,
-the metrics. It listens on private Unix sockets. N front-end processes listen on the public port
-(SO_REUSEPORT) and, for `POST /v1/classify`, read the body, split multipart, decode and crop each image
-(PIL, in threads of their own), then send the uint8 crops (in shared memory) with the request's query and
-headers over a framed channel (server/channel.py) to the engine, which answers it as `/internal/classify`.
+its event loop, its decoding and its batch plumbing share one interpreter. With front-ends, the server
+process (the "engine") keeps what must be one: the scheduler and the device workers (one copy of the
+weights per device), the A/B registry, the metrics. It listens on private Unix sockets. N front-end
+processes listen on the public port (SO_REUSEPORT) and, for `POST /v1/classify`, read the body, split
+multipart, decode and crop each image (PIL, in threads of their own), then send the uint8 crops (in shared
+memory) with the request's query and headers over a framed channel (server/wire/channel.py) to the engine,
+whose classify() answers it.
 The engine routes, batches, answers and counts exactly as for a request it decoded itself, so answers,
 errors, A/B assignment and metrics are the same; its cost per image is a memory copy. Every other request is
 passed to the engine as it came.
@@ -93,7 +93,7 @@ class Plan:
         )
 
     def model_for(self, params: dict[str, str]) -> str | None:
-        """The model the engine will route a request to (its rule, server/routing.py), if decodable here."""
+        """The model the engine will route a request to (ExperimentRegistry.choose), if decodable here."""
         experiment = params.get("experiment")
         if experiment is not None:
             model = self.experiment_models.get(experiment)

@@ -14,8 +14,8 @@ ARENA_MIN_SLOTS = 256  # crops in shared memory per front-end (37 MiB at 224 px)
 
 class CropArena:
     """Slots for crops in a file in shared memory (/dev/shm) that the engine maps too, so crops reach it
-    without passing through its event loop: sent in the request body, 16 crops of 224 px (2.4 MB) cost the
-    engine's event loop 2.6 ms per request here, most of its work per image.
+    without passing through its event loop (sent in a message, copying them in is most of the engine's
+    work per image).
 
     Allocated at once (posix_fallocate): a full /dev/shm fails here, at start, and not as a SIGBUS later.
     Slots are taken and given back on the event loop only; a request that finds too few free slots sends
@@ -52,7 +52,7 @@ class CropArena:
 
 def decode_crop(decoder: Decoder, data: bytes, max_pixels: int, arena: CropArena | None = None,
                 slot: int = 0) -> bytes:
-    """Image bytes -> the model's uint8 crop as [H, W, 3] bytes (the decode processes' `crop_bytes`), or
+    """Image bytes -> the model's uint8 crop as [H, W, 3] bytes (server/decode/crops.py), or
     written into the arena's `slot` (then b"")."""
     crop = crop_bytes(decoder, data, max_pixels)
     if arena is None:

@@ -43,7 +43,7 @@ async def read_frame(reader: asyncio.StreamReader) -> tuple[Head, bytes]:
 
 class FrameWriter:
     """Frames written in one turn of the event loop leave in one system call: the answers to a batch are
-    written together (py-spy, one-image requests: a write per answer was 15 % of the engine's GIL time)."""
+    written together (a write per answer is a large share of the engine's GIL time, py-spy shows)."""
 
     def __init__(self, writer: asyncio.StreamWriter):
         self.writer = writer

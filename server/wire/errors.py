@@ -16,7 +16,7 @@ class ApiError(Exception):
         self.headers = headers or {}
 
     def to_json(self) -> bytes:
-        """The error as it crosses between the server's processes (decode processes, front-ends)."""
+        """The error as it crosses from a front-end process to the engine."""
         return json.dumps({"status": self.status, "code": self.code, "detail": self.detail}).encode()
 
     def to_answer(self, request_id: str) -> bytes:

@@ -71,8 +71,8 @@ def _part(header_block: bytes, data: bytes) -> Part:
             raise MultipartError("a part has no headers" if not line else
                                  f"a part header is not 'Name: value': {line[:60]!r}")
         headers[name.strip().lower()] = value.strip()
-    # python-multipart's header parser: linear in the header's length (a regex of ours was quadratic, 10 s of
-    # the event loop for a 40 KB header) and it unquotes as RFC 7578 says.
+    # python-multipart's header parser: linear in the header's length (a hand-written regex can be
+    # quadratic, an event loop held for seconds by one header) and it unquotes as RFC 7578 says.
     disposition, params = parse_options_header(headers.get(b"content-disposition", b""))
     if disposition.lower() != b"form-data" or b"name" not in params:
         raise MultipartError("a part has no Content-Disposition: form-data with a name")

@@ -17,8 +17,7 @@ async def run_all_in_pool(
     """`function(*args)` for each of `calls`, in parallel in `pool`; raises the first call's error, if any.
 
     The event loop is woken once, when the last call is done: asyncio's run_in_executor wakes it once per
-    call, and those wake-ups held the GIL longer than anything else on the host path (py-spy, 8-image
-    requests: 43 % of the samples with the GIL held)."""
+    call, and those wake-ups held the GIL longer than anything else on the host path (py-spy)."""
     if not calls:
         return []
     loop = asyncio.get_running_loop()

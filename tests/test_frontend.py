@@ -1,7 +1,7 @@
-"""HTTP front-end processes (server/frontend.py): their pieces, and the engine's side over its real socket.
+"""HTTP front-end processes (server/frontend/): their pieces, and the engine's side over its real socket.
 
-The whole end-to-end suite also runs with front-ends (tests/test_server_e2e.py, tests/test_ab_e2e.py); these
-tests cover what it cannot reach from outside: the internal protocol and a front-end's death."""
+The whole end-to-end suite also runs with front-ends (tests/test_api_e2e.py, tests/test_experiments_e2e.py);
+these tests cover what it cannot reach from outside: the internal protocol and a front-end's death."""
 
 from __future__ import annotations
 
@@ -100,7 +100,7 @@ def engine_http(server) -> httpx.Client:
 
 
 def over_channel(server, calls: list[tuple[dict[str, str], bytes]], query: str = "") -> list[httpx.Response]:
-    """Requests to the engine as a front-end sends them (server/channel.py), as HTTP responses."""
+    """Requests to the engine as a front-end sends them (server/wire/channel.py), as HTTP responses."""
     async def send() -> list[tuple[dict, bytes]]:
         channel = Channel(front_end_argument(server, "--channel-socket"))
         try:

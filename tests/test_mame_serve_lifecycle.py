@@ -155,8 +155,8 @@ def test_a_port_in_use_is_one_line_and_exit_2_before_loading(tmp_path, layout):
 @pytest.mark.parametrize("layout", ["single", "frontends"])
 def test_a_weights_file_that_does_not_load_is_one_line_and_exit_2(tmp_path, layout):
     """The config's fault, found only when loading (the file exists but is no checkpoint): a one-line error
-    naming the key, exit 2, as for the config errors found before loading. (Needs server/models.py to raise
-    ConfigError("models.<name>.weights: ...") for it.)"""
+    naming the key, exit 2, as for the config errors found before loading. (Needs server/engine/models.py to
+    raise ConfigError("models.<name>.weights: ...") for it.)"""
     weights = tmp_path / "weights.safetensors"
     weights.write_text("not a checkpoint\n")
     config = tiny_config()

@@ -1,4 +1,4 @@
-"""The dynamic batcher and the device worker, in-process with a real tiny ViT."""
+"""server/engine: the dynamic batcher, the device worker and the device process, with a real tiny ViT."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 from serverproc import metric_values, running_server, sample_images, tiny_config
-from test_experiments_serving import doc_promql
+from test_experiments_routing import doc_promql
 
 from server.experiments.buckets import SCALE, bucket_point
 
@@ -49,7 +49,7 @@ def images() -> list[bytes]:
 # --------------------------------------------------------- a server without admin: routing and shadows
 
 
-# Each server runs as one process, and with HTTP front-end processes (server/frontend.py): routing, sticky
+# Each server runs as one process, and with HTTP front-end processes (server/frontend/): routing, sticky
 # keys, shadows, reports and admin changes must not differ.
 LAYOUTS = {"single": ["--layout", "single"], "frontends": ["--layout", "frontends", "--http-processes", "2"]}
 

@@ -1,4 +1,5 @@
-"""Serving config, settings and the weights decision (no network needed, none attempted)."""
+"""server/engine/models.py and the weights decision (no network needed, none attempted): checks
+before loading, weights from the hub, its cache, a file or random, preprocessing and labels."""
 
 from __future__ import annotations
 
@@ -11,132 +12,9 @@ import yaml
 from serverproc import TINY_MODEL, tiny_config
 
 from mame_core.hub import hub_disabled_by_env, hub_reachable
-from server.config import ConfigError, ServingConfig, load_config, parse_config
+from server.config import ConfigError, parse_config
 from server.decode.transforms import preprocessing
 from server.engine.models import class_labels, load_model
-from server.settings import parse_settings
-
-
-def test_default_config_is_valid_and_has_the_shipped_variants():
-    config = load_config()
-    model = config.models["vit-b16"]
-    assert config.default_model_name == "vit-b16"
-    assert model.arch == "vit_base_patch16_224.augreg_in21k_ft_in1k"
-    assert model.weights == "auto"
-    assert set(model.variants) == {"baseline", "mame-0.9", "mame-0.85", "mame-0.8", "tome-r13"}
-    assert model.variants["mame-0.8"].tau == 0.8 and model.variants["mame-0.8"].blocks == 8
-    assert model.variants["tome-r13"].method == "tome" and model.variants["tome-r13"].r == 13
-    assert model.variants["baseline"].method == "none"
-    assert "tau-ab" in config.experiments
-
-
-def test_tiny_config_is_valid():
-    config = parse_config(tiny_config())
-    assert config.default_model_name == "tiny"
-    assert config.models["tiny"].default_variant_name == "baseline"
-
-
-@pytest.mark.parametrize(
-    ("mutate", "expected"),
-    [
-        (lambda c: c.update(colour="blue"), "colour"),
-        (lambda c: c["models"]["tiny"].update(archh="x"), "models.tiny.archh"),
-        (lambda c: c["models"]["tiny"]["batching"].update(max_batch=4), "models.tiny.batching.max_batch"),
-        (
-            lambda c: c["models"]["tiny"]["batching"].update(max_batch_size=0),
-            "models.tiny.batching.max_batch_size",
-        ),
-        (
-            lambda c: c["models"]["tiny"]["variants"].update(bad={"method": "mame", "tauu": 0.5}),
-            "models.tiny.variants.bad",
-        ),
-        (
-            lambda c: c["models"]["tiny"]["variants"].update(bad={"method": "tome"}),
-            "models.tiny.variants.bad",
-        ),
-        (lambda c: c["models"]["tiny"].update(default_variant="nope"), "default_variant 'nope'"),
-        (lambda c: c.update(default_model="nope"), "default_model 'nope'"),
-        (lambda c: c["models"]["tiny"].update(weights="/no/such/file.pth"), "/no/such/file.pth"),
-        (lambda c: c["models"]["tiny"].update(dtype="float64"), "models.tiny.dtype"),
-        (lambda c: c.update(limits={"max_pixelz": 5}), "limits.max_pixelz"),
-    ],
-)
-def test_bad_config_gives_an_error_naming_the_key(mutate, expected):
-    config = tiny_config()
-    mutate(config)
-    with pytest.raises(ConfigError) as err:
-        parse_config(config, "serving.yaml")
-    assert expected in str(err.value)
-    assert "serving.yaml" in str(err.value)
-
-
-def test_config_file_errors_are_clear(tmp_path):
-    with pytest.raises(ConfigError, match="cannot read serving config"):
-        load_config(tmp_path / "missing.yaml")
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("models: [unclosed\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
-        load_config(bad)
-    bad.write_text("- a list\n")
-    with pytest.raises(ConfigError, match="must be a YAML mapping"):
-        load_config(bad)
-
-
-def test_settings_flags_override_environment(monkeypatch, tmp_path):
-    monkeypatch.setenv("MAME_PORT", "9100")
-    monkeypatch.setenv("MAME_HOST", "127.0.0.2")
-    settings = parse_settings(["--port", "9200"])
-    assert settings.port == 9200 and settings.host == "127.0.0.2"
-    settings = parse_settings(["--config", str(tmp_path / "x.yaml"), "--no-warmup"])
-    assert settings.config == tmp_path / "x.yaml" and settings.no_warmup is True and settings.port == 9100
-
-
-def test_every_flag_is_also_its_mame_variable_and_misspelt_ones_are_said(monkeypatch):
-    from server.settings import unknown_variables
-
-    monkeypatch.setenv("MAME_NO_WARMUP", "1")  # --no-warmup
-    assert parse_settings([]).no_warmup is True
-    environ = {"MAME_PROT": "9000", "MAME_PORT": "1", "MAME_ADMIN_TOKEN": "x", "HOME": "/root",
-               # Kubernetes service links of a Service named mame-serve: not ours, and not warned about
-               "MAME_SERVE_SERVICE_HOST": "10.0.0.1", "MAME_SERVE_SERVICE_PORT": "8000",
-               "MAME_SERVE_SERVICE_PORT_HTTP": "8000", "MAME_SERVE_PORT": "tcp://10.0.0.1:8000",
-               "MAME_SERVE_PORT_8000_TCP": "tcp://10.0.0.1:8000", "MAME_SERVE_PORT_8000_TCP_ADDR": "10.0.0.1"}
-    assert unknown_variables(environ) == ["MAME_PROT"]
-    # Without the service's _SERVICE_HOST a name ending in _PORT is a guess at a setting, said as such;
-    # case does not matter (pydantic-settings reads MAME_port as MAME_PORT).
-    assert unknown_variables({"MAME_HTTP_PORT": "1", "MAME_port": "1", "mame_prot": "1"}) == [
-        "MAME_HTTP_PORT",
-        "mame_prot",
-    ]
-
-
-def test_bad_environment_setting_is_an_error(monkeypatch):
-    monkeypatch.setenv("MAME_PORT", "not-a-port")
-    with pytest.raises(ValueError, match="port"):
-        parse_settings([])
-
-
-def test_a_bad_flag_value_is_one_clear_line(capsys):
-    from server.__main__ import main
-
-    assert main(["--http-processes", "many"]) == 2
-    error = capsys.readouterr().err
-    assert (
-        error.startswith("mame-serve: bad setting") and "http_processes" in error and "Traceback" not in error
-    )
-
-
-def test_layout_auto_means_one_process_without_a_cuda_device():
-    from server.__main__ import resolve_http_processes, resolve_layout
-
-    config = ServingConfig.model_validate(tiny_config())
-    assert resolve_layout("auto", config) == "single"  # the tiny model runs on the CPU
-    assert resolve_layout("frontends", config) == "frontends"
-    assert resolve_http_processes(3) == 3 and 1 <= resolve_http_processes("auto") <= 8
-    if not torch.cuda.is_available():  # a device that is not there: loading reports it, not this
-        on_cuda = tiny_config()
-        on_cuda["models"]["tiny"]["device"] = "cuda"
-        assert resolve_layout("auto", ServingConfig.model_validate(on_cuda)) == "single"
 
 
 @pytest.mark.parametrize("name", ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"])
@@ -314,14 +192,6 @@ def test_models_that_cannot_serve_are_one_line_at_start(change, said, tmp_path, 
     assert main(["--config", str(tmp_path / "serving.yaml"), "--port", "0"]) == 2
     error = capsys.readouterr().err
     assert said in error and "Traceback" not in error and len(error.strip().splitlines()) == 1, error
-
-
-@pytest.mark.parametrize("limits", [{"request_timeout_s": float("inf")}, {"request_timeout_s": float("nan")},
-                                    {"request_timeout_s": 7200}])
-def test_timeouts_must_be_finite_and_bounded(limits):
-    # .inf passed gt=0 and crashed the start (int(inf) for uvicorn's graceful shutdown)
-    with pytest.raises(ConfigError, match="limits.request_timeout_s"):
-        parse_config(tiny_config(limits=limits), "serving.yaml")
 
 
 def test_a_weights_file_that_is_not_a_checkpoint_names_the_key(tmp_path):
