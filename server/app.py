@@ -375,7 +375,7 @@ def create_app(config: ServingConfig, *, preprocess_threads: int = 4, warmup: bo
 
     async def classify_request(request: Request, from_frontend: bool = False) -> Response:
         """`POST /v1/classify`: the answer, or an ApiError. Plain Python on the request's path: it runs on the
-        event loop, the one thread every request passes through (docs/api.md has the contract).
+        event loop, the one thread every request passes through (docs/CONTRACT.md has the contract).
 
         `from_frontend`: `/internal/classify`, the same request decoded by a front-end process."""
         params = request.query_params

@@ -465,7 +465,7 @@ class VariantStats:
 
 
 class ExperimentError(Exception):
-    """A refused experiment operation; `code` and `status` are the HTTP error of docs/api.md."""
+    """A refused experiment operation; `code` and `status` are the HTTP error of docs/CONTRACT.md."""
 
     code = "invalid_parameter"
     status = 422

@@ -26,7 +26,7 @@ def build_registry(config: ServingConfig) -> ExperimentRegistry:
 
 
 def as_api_error(exc: ExperimentError) -> ApiError:
-    """The HTTP error (docs/api.md codes) of a refused experiment operation."""
+    """The HTTP error (docs/CONTRACT.md codes) of a refused experiment operation."""
     return ApiError(exc.status, exc.code, str(exc))
 
 

@@ -59,7 +59,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> ServerSettings:
                         "and this process (one copy of the weights per device, the batching, the A/B registry and "
                         "the metrics) takes their crops over a private Unix socket; 0: this process does it all; "
                         "auto (the default): 0 without a CUDA device, else a quarter of the CPU cores (1 to 8). "
-                        "See docs/architecture.md, Processes")
+                        "See docs/server.md, Processes")
     parser.add_argument("--crop-arena-slots", type=int,
                         help="with --http-processes: crops each front-end holds in shared memory (/dev/shm) for "
                         "this process (default 4 x max_images_per_request, at least 256; 0: in request bodies)")
