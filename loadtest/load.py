@@ -117,7 +117,7 @@ def request_specs(
 
 
 def read_answer(status_code: int, body: Any, requested_variant: str | None) -> dict[str, Any]:
-    """Outcome fields from an HTTP answer (CONTRACT.md): the group is the variant the server names. An
+    """Outcome fields from an HTTP answer (docs/api.md): the group is the variant the server names. An
     answer to several images ({"results": [...]}) gives their mean queue, inference and final tokens."""
     fallback = requested_variant or UNKNOWN_VARIANT
     if status_code != 200:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures the README asks for, on a machine with a CUDA GPU and the project installed (make install,
+# The GPU figures of docs/benchmarks.md, on a machine with a CUDA GPU and the project installed (make install,
 # or PYTHONPATH=. with torch, timm and the server's dependencies). Writes to ${OUT:-gpu-figures}/.
 #   scripts/gpu-figures.sh [PART ...]     parts, in the order given (default: all, most wanted first):
 #     serve16    served/offline, ViT-B/16 fp16 batch 64, 16-image requests: default layout, then the single layout

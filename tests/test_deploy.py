@@ -152,11 +152,11 @@ def test_promql_metric_names_reads_selectors_not_functions_labels_or_variables()
 # --- contract metric names -----------------------------------------------------------------------------
 
 def contract_series_names() -> set[str]:
-    """Series names the server exposes per docs/CONTRACT.md, as prometheus_client writes them."""
+    """Series names the server exposes per docs/api.md, as prometheus_client writes them."""
     names = set()
-    contract = (REPO / "docs/CONTRACT.md").read_text()
+    contract = (REPO / "docs/api.md").read_text()
     table = re.findall(r"^\| `(mame_\w+)` \| (histogram|counter|gauge)", contract, re.MULTILINE)
-    assert len(table) >= 15, "the metric table of docs/CONTRACT.md changed shape"
+    assert len(table) >= 15, "the metric table of docs/api.md changed shape"
     for name, kind in table:
         if kind == "histogram":
             names |= {f"{name}_bucket", f"{name}_sum", f"{name}_count"}
@@ -171,7 +171,7 @@ def test_every_query_names_only_contract_metrics() -> None:
     unknown = {name: where for name, where in raw_metric_names(every_query()).items()
                if name not in contract_series_names()}
     unknown |= {name: "template variable" for name in dashboard_variable_metrics() - contract_series_names()}
-    assert not unknown, f"queries name metrics that docs/CONTRACT.md does not define: {unknown}"
+    assert not unknown, f"queries name metrics that docs/api.md does not define: {unknown}"
 
 
 # --- container -----------------------------------------------------------------------------------------

@@ -225,13 +225,13 @@ def test_close_drops_queued_shadow_runs_and_drains_real_ones(loop):
         s.submit([item(loop, "ref")], shadow=True)
 
 
-# --------------------------------------------------------------------------- the README's PromQL
+# --------------------------------------------------------------------------- the PromQL of docs/ab_testing.md
 
-DOC = Path(__file__).resolve().parent.parent / "README.md"
+DOC = Path(__file__).resolve().parent.parent / "docs" / "ab_testing.md"
 
 
 def doc_promql() -> list[str]:
-    """Each expression of the ```promql blocks of the README: a run of lines between comments."""
+    """Each expression of the ```promql blocks of docs/ab_testing.md: a run of lines between comments."""
     expressions = []
     for block in re.findall(r"```promql\n(.*?)```", DOC.read_text(), re.DOTALL):
         current: list[str] = []
