@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from importlib import metadata as package_metadata
 from typing import Any
 
-from server.errors import ApiError, internal, not_ready
+from server.errors import ApiError, internal, not_ready, unsupported_media_type
 from server.oip.errors import error_body, oip_status, unknown_model, unknown_version
 from server.oip.interface import Engine, ModelSpec
 from server.oip.metadata import model_metadata, model_ready, server_metadata
@@ -118,9 +118,13 @@ async def infer(engine: Engine, params: Mapping[str, str], body: bytes, headers:
     assignment); without one the server chooses as /v1 does. Refusals before the engine runs are
     reported to it (record_refusal) so that its request metrics count every answer."""
     model, version = params["model"], params.get("version")
+    headers = {name.lower(): value for name, value in headers.items()}  # a dict or Starlette's Headers
     try:
+        encoding = headers.get("content-encoding", "identity").strip().lower()
+        if encoding != "identity":  # tritonclient's request_compression_algorithm: refused, not misread
+            raise unsupported_media_type(f"Content-Encoding {encoding!r}: send infer requests uncompressed")
         spec = model_spec(engine, model, version)
-        plan = plan_infer(parse_infer_request(body, headers.get(HEADER_LENGTH)), spec, version,
+        plan = plan_infer(parse_infer_request(body, headers.get(HEADER_LENGTH.lower())), spec, version,
                           engine.max_images())
     except ApiError as exc:
         engine.record_refusal(model, oip_status(exc), context)
