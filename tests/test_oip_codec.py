@@ -457,3 +457,19 @@ def test_tritonclient_talks_to_the_routes(loopback):
     with pytest.raises(InferenceServerException) as unknown:
         client.get_model_metadata("other")
     assert unknown.value.status() == "404" and "unknown model 'other'" in unknown.value.message()
+
+
+def test_while_loading_the_server_and_model_say_not_ready():
+    from server.oip.handlers import model_metadata_handler, model_ready_handler, server_live, server_ready
+    engine = StandInEngine(loading=True)
+
+    def call(handler, **params) -> Reply:
+        return asyncio.run(handler(engine, params, b"", {}, None))
+
+    assert (call(server_live).status, json.loads(call(server_live).body)) == (200, {"live": True})
+    assert (call(server_ready).status, json.loads(call(server_ready).body)) == (503, {"ready": False})
+    reply = call(model_ready_handler, model="tiny")
+    assert (reply.status, json.loads(reply.body)) == (503, {"name": "tiny", "ready": False})
+    reply = call(model_metadata_handler, model="tiny")
+    assert reply.status == 503 and error_of(reply).startswith("not_ready: model 'tiny' is still loading")
+    assert call(model_ready_handler, model="other").status == 404

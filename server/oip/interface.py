@@ -139,4 +139,5 @@ class Engine(Protocol):
 
     def record_refusal(self, model: str, status: int, context: Any) -> None:
         """Count an infer request the protocol refused before `classify` (malformed body, unknown input):
-        /v1 counts every answer in mame_requests_total, and so must the protocol's route."""
+        /v1 counts every answer in mame_requests_total, and so must the protocol's route. `model` is the
+        path's name, which may be unknown: label it as /v1 labels names that are not configured ("")."""
