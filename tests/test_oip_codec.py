@@ -172,6 +172,7 @@ def test_tensors_reach_the_engine_exactly(binary, name, dtype, shape):
     images = engine.calls[0][0].images
     assert images.kind == {"pixels": "uint8_hwc", "pixel_values": "float32_chw"}[name]
     assert images.array.dtype == dtype and images.array.shape == shape
+    assert images.array.flags.writeable  # torch.from_numpy needs it; binary data is a view of the body
     np.testing.assert_array_equal(images.array, array)
 
 
@@ -313,6 +314,7 @@ def binary_pixels(size: int) -> dict[str, Any]:
     (binary_pixels(191), b"\0" * 191, None, "191 bytes of binary data; shape [1, 8, 8, 3] of UINT8 needs 192"),
     (binary_pixels(192), b"\0" * 200, None, "8 bytes of binary data after"),
     (binary_pixels(192), b"\0" * 192, "abc", "must be a byte count"),
+    (binary_pixels(192), b"\0" * 192, "\u00b2", "must be a byte count"),
     (binary_pixels(192), b"\0" * 192, "99999", "outside the body"),
     ({"inputs": [{"name": "images", "datatype": "BYTES", "shape": [2], "parameters": {"binary_data_size": 9}}]},
      b"\5\0\0\0abcde", None, "1 BYTES elements for a shape of 2 elements"),

@@ -66,11 +66,14 @@ def read_images(tensor: Tensor, spec: ModelSpec, max_images: int) -> Images:
                         "(limits.max_images_per_request)")
     if tensor.name == IMAGES:
         return Images("encoded", encoded=tuple(tensor.data))
+    # Binary data is a read-only view of the body: the engine gets an array of its own (torch.from_numpy
+    # wants a writable one), a copy that costs far less than the forward pass.
+    array = tensor.data if tensor.data.flags.writeable else tensor.data.copy()
     if tensor.name == PIXELS:
-        return Images("uint8_hwc", array=tensor.data)
-    if not np.isfinite(tensor.data).all():
+        return Images("uint8_hwc", array=array)
+    if not np.isfinite(array).all():
         raise invalid_request(f"{what} holds NaN or infinite values")
-    return Images("float32_chw", array=tensor.data)
+    return Images("float32_chw", array=array)
 
 
 def _outputs(request: InferRequest, spec: ModelSpec) -> tuple[OutputPlan, ...]:

@@ -30,7 +30,7 @@ def header_length_of(value: str | None, body_size: int) -> int | None:
     """The Inference-Header-Content-Length header: the JSON's size when binary data follows it."""
     if value is None:
         return None
-    if not value.strip().isdigit():
+    if not (value.strip().isascii() and value.strip().isdigit()):
         raise invalid_request(f"Inference-Header-Content-Length must be a byte count, got {value!r}")
     length = int(value)
     if not 0 < length <= body_size:
