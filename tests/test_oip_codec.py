@@ -43,6 +43,7 @@ from server.oip.metadata import model_metadata
 from server.oip.plan import plan_infer
 from server.oip.request import parse_infer_request
 from server.oip.response import infer_response
+from server.oip.tensors import read_input
 
 CLASSES = 10
 LABELS = tuple(f"class {i}" for i in range(CLASSES - 1)) + ("odd: label",)  # a ':' inside a label
@@ -294,6 +295,20 @@ def pixels(shape=(1, 8, 8, 3), datatype="UINT8", data=None) -> dict[str, Any]:
 def test_malformed_requests_get_400_with_a_specific_error(document, expected):
     status, error = bad(document)
     assert status == 400 and error.startswith("invalid_request: ") and expected in error, error
+
+
+def test_deeply_nested_data_is_a_400_not_a_crash():
+    nested = "[" * 100_000 + "0" + "]" * 100_000
+    body = ('{"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 8, 8, 3], "data": '
+            + nested + "}]}").encode()
+    reply = serve(StandInEngine(), body, {})
+    assert reply.status == 400 and "JSON is nested too deeply" in error_of(reply)
+    data: list = [0]
+    for _ in range(5_000):  # deeper than Python's recursion limit, as a parser with a higher one could give
+        data = [data]
+    spec = {"name": "pixels", "datatype": "UINT8", "shape": [1], "data": data}
+    with pytest.raises(ApiError, match="'data' is nested too deeply"):
+        read_input(spec, 0, memoryview(b""), 0)
 
 
 def test_nan_in_pixel_values_is_refused():

@@ -71,6 +71,8 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
                               "Inference-Header-Content-Length header)") from None
     except json.JSONDecodeError as exc:
         raise invalid_request(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise invalid_request("the request's JSON is nested too deeply") from None
     if not isinstance(document, dict):
         raise invalid_request("the request body must be a JSON object")
     request_id = document.get("id")

@@ -151,7 +151,10 @@ def read_input(spec: Any, index: int, binary: memoryview, offset: int) -> tuple[
         return Tensor(name, datatype, shape, data, parameters), offset + size
     if "data" not in spec:
         raise invalid_request(f"{what}: neither 'data' nor a binary_data_size parameter")
-    values = flatten(spec["data"])
+    try:
+        values = flatten(spec["data"])
+    except RecursionError:
+        raise invalid_request(f"{what}: 'data' is nested too deeply") from None
     if len(values) != count:
         raise invalid_request(f"{what}: {len(values)} data elements for shape {list(shape)} ({count} elements)")
     if datatype == "BYTES":
