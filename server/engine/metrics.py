@@ -1,4 +1,4 @@
-"""Prometheus metrics, names and labels as in docs/CONTRACT.md, in a registry owned by one app."""
+"""Prometheus metrics, names and labels as in docs/api.md, in a registry owned by one app."""
 
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ class LoadedModel:
     """A timm model on the CPU with everything needed to serve it."""
 
     model: torch.nn.Module
-    weights: str  # hub | file:<path> | random-init (docs/CONTRACT.md)
+    weights: str  # hub | file:<path> | random-init (docs/api.md)
     labels: list[str]
     transform: HostTransform
     input_size: tuple[int, int, int]

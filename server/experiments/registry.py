@@ -34,7 +34,7 @@ AssignmentKind = Literal["assigned", "override", "default"]
 
 
 class ExperimentError(ApiError):
-    """A refused experiment operation, answered as the HTTP error (docs/CONTRACT.md) its class names."""
+    """A refused experiment operation, answered as the HTTP error (docs/api.md) its class names."""
 
     code = "invalid_parameter"
     status = 422

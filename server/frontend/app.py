@@ -329,7 +329,7 @@ def header(headers: list[tuple[bytes, bytes]], name: bytes) -> str:
 
 
 async def respond_error(send: Callable, error: ApiError, request_id: str) -> None:
-    """An error the front-end answers itself, as the engine's errors look (docs/CONTRACT.md)."""
+    """An error the front-end answers itself, as the engine's errors look (docs/api.md)."""
     body = error.to_answer(request_id)
     headers = [(b"content-type", b"application/json"), (b"x-request-id", request_id.encode()),
                *((name.lower().encode(), value.encode()) for name, value in error.headers.items())]

@@ -1,6 +1,6 @@
 """`POST /v1/classify`: one module-level function, `classify()`, answers a request whether it came over HTTP
 or from a front-end process over the channel (its images then decoded already). Plain Python on the
-request's path: it runs on the event loop, the one thread every request passes through (docs/CONTRACT.md
+request's path: it runs on the event loop, the one thread every request passes through (docs/api.md
 has the contract)."""
 
 from __future__ import annotations

@@ -96,7 +96,7 @@ class ClassifiedImage:
 
     @classmethod
     def from_answer(cls, answer: Mapping[str, Any]) -> ClassifiedImage:
-        """From one /v1 classify answer (docs/CONTRACT.md), scores as it rounded them (6 decimals)."""
+        """From one /v1 classify answer (docs/api.md), scores as it rounded them (6 decimals)."""
         predictions = answer["predictions"]
         return cls(tuple(p["index"] for p in predictions), tuple(p["score"] for p in predictions),
                    answer["tokens"]["input"], tuple(answer["tokens"]["per_block"]), answer["gflops"])

@@ -1,4 +1,4 @@
-"""Errors that become JSON answers with a stable code (docs/CONTRACT.md)."""
+"""Errors that become JSON answers with a stable code (docs/api.md)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ class ApiError(Exception):
         return json.dumps({"status": self.status, "code": self.code, "detail": self.detail}).encode()
 
     def to_answer(self, request_id: str) -> bytes:
-        """The JSON body a client gets (docs/CONTRACT.md), compact as the server's other answers."""
+        """The JSON body a client gets (docs/api.md), compact as the server's other answers."""
         return json.dumps({"error": self.code, "detail": self.detail, "request_id": request_id},
                           separators=(",", ":"), ensure_ascii=False).encode()
 
