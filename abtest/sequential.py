@@ -62,8 +62,14 @@ class Decision:
     samples: float
 
     def as_dict(self) -> dict[str, object]:
-        return {"state": self.state, "estimate": self.estimate, "low": self.low, "high": self.high,
-                "level": self.level, "samples": self.samples}
+        return {
+            "state": self.state,
+            "estimate": self.estimate,
+            "low": self.low,
+            "high": self.high,
+            "level": self.level,
+            "samples": self.samples,
+        }
 
 
 def check_level(level: float) -> float:
@@ -84,7 +90,7 @@ def prior_around(center: float, strength: float = DEFAULT_PRIOR_STRENGTH) -> tup
 JEFFREYS = (0.5, 0.5)
 
 
-def log_evidence(successes, trials, p, prior: tuple[float, float]):  # noqa: ANN001, ANN201 (arrays or floats)
+def log_evidence(successes, trials, p, prior: tuple[float, float]):
     """log M_n(p): the evidence against rate p (vectorised over numpy arrays)."""
     a, b = prior
     s = np.asarray(successes, dtype=float)
@@ -92,8 +98,14 @@ def log_evidence(successes, trials, p, prior: tuple[float, float]):  # noqa: ANN
     return betaln(a + s, b + n - s) - betaln(a, b) - xlogy(s, p) - xlog1py(n - s, -np.asarray(p, dtype=float))
 
 
-def rate_states(successes, trials, threshold: float, kind: Literal["min", "max"], level: float,  # noqa: ANN001, ANN201
-                prior_strength: float = DEFAULT_PRIOR_STRENGTH):
+def rate_states(
+    successes,
+    trials,
+    threshold: float,
+    kind: Literal["min", "max"],
+    level: float,
+    prior_strength: float = DEFAULT_PRIOR_STRENGTH,
+):
     """PASSING / FAILING / INCONCLUSIVE codes of "rate >= threshold" (kind min) or "rate <= threshold"
     (kind max), vectorised: the confidence sequence excludes the threshold on the good or the bad side."""
     check_level(level)
@@ -105,8 +117,14 @@ def rate_states(successes, trials, threshold: float, kind: Literal["min", "max"]
     return np.where(crossed, np.where(good, PASSING, FAILING), INCONCLUSIVE)
 
 
-def _bisect_rate(successes: float, trials: float, prior: tuple[float, float], threshold: float,
-                 inside: float, outside: float) -> float:
+def _bisect_rate(
+    successes: float,
+    trials: float,
+    prior: tuple[float, float],
+    threshold: float,
+    inside: float,
+    outside: float,
+) -> float:
     """The rate between `inside` (evidence below threshold) and `outside` where the evidence reaches it."""
     if log_evidence(successes, trials, outside, prior) < threshold:
         return outside
@@ -119,8 +137,9 @@ def _bisect_rate(successes: float, trials: float, prior: tuple[float, float], th
     return (inside + outside) / 2
 
 
-def rate_sequence_interval(successes: float, trials: float, level: float,
-                           prior: tuple[float, float] = JEFFREYS) -> tuple[float, float]:
+def rate_sequence_interval(
+    successes: float, trials: float, level: float, prior: tuple[float, float] = JEFFREYS
+) -> tuple[float, float]:
     """The confidence sequence {p : M_n(p) < 1/level} at this n: an interval, as log M_n(p) is convex in p
     with its minimum (<= 0) at the observed rate."""
     check_level(level)
@@ -130,12 +149,20 @@ def rate_sequence_interval(successes: float, trials: float, level: float,
         return 0.0, 1.0
     threshold = math.log(1 / level)
     p_hat = successes / trials
-    return (_bisect_rate(successes, trials, prior, threshold, p_hat, 0.0),
-            _bisect_rate(successes, trials, prior, threshold, p_hat, 1.0))
+    return (
+        _bisect_rate(successes, trials, prior, threshold, p_hat, 0.0),
+        _bisect_rate(successes, trials, prior, threshold, p_hat, 1.0),
+    )
 
 
-def rate_decision(successes: float, trials: float, threshold: float, kind: Literal["min", "max"],
-                  level: float, prior_strength: float = DEFAULT_PRIOR_STRENGTH) -> Decision:
+def rate_decision(
+    successes: float,
+    trials: float,
+    threshold: float,
+    kind: Literal["min", "max"],
+    level: float,
+    prior_strength: float = DEFAULT_PRIOR_STRENGTH,
+) -> Decision:
     """Guardrail "rate >= threshold" (min) or "rate <= threshold" (max), e.g. shadow agreement >= 0.98."""
     if kind not in ("min", "max"):
         raise ValueError(f"kind must be 'min' or 'max', got {kind!r}")
@@ -145,8 +172,14 @@ def rate_decision(successes: float, trials: float, threshold: float, kind: Liter
     return Decision(state, estimate, low, high, level, trials)
 
 
-def rate_difference_decision(successes: float, trials: float, control_successes: float,
-                             control_trials: float, margin: float, level: float) -> Decision:
+def rate_difference_decision(
+    successes: float,
+    trials: float,
+    control_successes: float,
+    control_trials: float,
+    margin: float,
+    level: float,
+) -> Decision:
     """Guardrail "rate - control rate <= margin" (e.g. error rate <= control + 0.005): failing when the
     difference is surely above the margin, passing when surely at or below it."""
     check_level(level)
@@ -154,13 +187,15 @@ def rate_difference_decision(successes: float, trials: float, control_successes:
     c_low, c_high = rate_sequence_interval(control_successes, control_trials, level / 2)
     low, high = v_low - c_high, v_high - c_low
     state: State = "failing" if low > margin else "passing" if high <= margin else "inconclusive"
-    estimate = (successes / trials - control_successes / control_trials
-                if trials > 0 and control_trials > 0 else None)
+    estimate = (
+        successes / trials - control_successes / control_trials if trials > 0 and control_trials > 0 else None
+    )
     return Decision(state, estimate, low, high, level, min(trials, control_trials))
 
 
-def _bisect_count(trials: float, q: float, prior: tuple[float, float], threshold: float,
-                  inside: float, outside: float) -> float:
+def _bisect_count(
+    trials: float, q: float, prior: tuple[float, float], threshold: float, inside: float, outside: float
+) -> float:
     if log_evidence(outside, trials, q, prior) < threshold:
         return outside
     for _ in range(BISECTION_STEPS):
@@ -172,8 +207,9 @@ def _bisect_count(trials: float, q: float, prior: tuple[float, float], threshold
     return (inside + outside) / 2
 
 
-def quantile_sequence_interval(q: float, hist: BucketCounts, level: float,
-                               prior_strength: float = DEFAULT_PRIOR_STRENGTH) -> Interval:
+def quantile_sequence_interval(
+    q: float, hist: BucketCounts, level: float, prior_strength: float = DEFAULT_PRIOR_STRENGTH
+) -> Interval:
     """Always-valid interval of the q-quantile of a histogram's distribution.
 
     The number of observations at or below the true quantile is a Bernoulli(q) sum; the counts S that the
@@ -196,8 +232,9 @@ def quantile_sequence_interval(q: float, hist: BucketCounts, level: float,
     return Interval(estimate, min(low, estimate), max(high, estimate), 1 - level)
 
 
-def quantile_ratio_decision(q: float, variant: BucketCounts, control: BucketCounts, bound: float,
-                            level: float) -> Decision:
+def quantile_ratio_decision(
+    q: float, variant: BucketCounts, control: BucketCounts, bound: float, level: float
+) -> Decision:
     """Guardrail "q-quantile(variant) / q-quantile(control) <= bound" (e.g. p95 latency ratio <= 1.1)."""
     check_level(level)
     v = quantile_sequence_interval(q, variant, level / 2)

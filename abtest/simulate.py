@@ -41,8 +41,13 @@ class Outcome:
         return float(np.median(at))
 
 
-def first_failure(true_rate: float, runs: int, comparisons: int, judge: Callable[[np.ndarray, np.ndarray], np.ndarray],
-                  rng: np.random.Generator) -> Outcome:
+def first_failure(
+    true_rate: float,
+    runs: int,
+    comparisons: int,
+    judge: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    rng: np.random.Generator,
+) -> Outcome:
     """Draw `runs` streams of Bernoulli(true_rate) comparisons; `judge(successes, trials)` -> True where it
     fails. Returns where each run first failed."""
     stopped = np.zeros(runs, dtype=np.int64)
@@ -59,13 +64,14 @@ def first_failure(true_rate: float, runs: int, comparisons: int, judge: Callable
     return Outcome(true_rate, stopped)
 
 
-def sequential_judge(threshold: float, level: float, prior_strength: float = DEFAULT_PRIOR_STRENGTH):  # noqa: ANN201
+def sequential_judge(threshold: float, level: float, prior_strength: float = DEFAULT_PRIOR_STRENGTH):
     def judge(s: np.ndarray, n: np.ndarray) -> np.ndarray:
         return rate_states(s, n, threshold, "min", level, prior_strength) == FAILING
+
     return judge
 
 
-def peeking_wilson_judge(threshold: float, level: float):  # noqa: ANN201
+def peeking_wilson_judge(threshold: float, level: float):
     """Fails when a fixed-sample two-sided Wilson interval at 1 - level lies below the threshold."""
     z = float(sps.norm.ppf(1 - level / 2))
 
@@ -74,6 +80,7 @@ def peeking_wilson_judge(threshold: float, level: float):  # noqa: ANN201
         center = (p + z * z / (2 * n)) / (1 + z * z / n)
         half = z / (1 + z * z / n) * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
         return center + half < threshold
+
     return judge
 
 
@@ -83,32 +90,43 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--comparisons", type=int, default=20_000)
     ap.add_argument("--level", type=float, default=0.05)
     ap.add_argument("--threshold", type=float, default=0.98, help="guardrail: agreement >= threshold")
-    ap.add_argument("--shortfall", type=float, default=0.03, help="the bad variant's agreement is this far below")
+    ap.add_argument(
+        "--shortfall", type=float, default=0.03, help="the bad variant's agreement is this far below"
+    )
     ap.add_argument("--prior-strength", type=float, default=DEFAULT_PRIOR_STRENGTH)
     ap.add_argument("--seed", type=int, default=17)
     args = ap.parse_args(argv)
     rng = np.random.default_rng(args.seed)
     t0 = time.perf_counter()
     judge = sequential_judge(args.threshold, args.level, args.prior_strength)
-    print(f"guardrail agreement >= {args.threshold}, level {args.level}, {args.runs} runs x up to "
-          f"{args.comparisons} comparisons, judged after every comparison (seed {args.seed})")
+    print(
+        f"guardrail agreement >= {args.threshold}, level {args.level}, {args.runs} runs x up to "
+        f"{args.comparisons} comparisons, judged after every comparison (seed {args.seed})"
+    )
     at = first_failure(args.threshold, args.runs, args.comparisons, judge, rng)
     above = first_failure(min(1.0, args.threshold + 0.01), args.runs, args.comparisons, judge, rng)
     bad_rate = args.threshold - args.shortfall
     bad = first_failure(bad_rate, args.runs, args.comparisons, judge, rng)
-    peek = first_failure(args.threshold, args.runs, args.comparisons,
-                         peeking_wilson_judge(args.threshold, args.level), rng)
-    print(f"false rollbacks, true agreement {at.true_rate:.4g} (at the guardrail): {at.rollback_rate:.3f}"
-          f"   (must be <= {args.level})")
+    peek = first_failure(
+        args.threshold, args.runs, args.comparisons, peeking_wilson_judge(args.threshold, args.level), rng
+    )
+    print(
+        f"false rollbacks, true agreement {at.true_rate:.4g} (at the guardrail): {at.rollback_rate:.3f}"
+        f"   (must be <= {args.level})"
+    )
     print(f"false rollbacks, true agreement {above.true_rate:.4g} (above it): {above.rollback_rate:.3f}")
     median = bad.median_to_rollback()
     stopped = bad.stopped_at[bad.stopped_at > 0]
-    print(f"bad variant, true agreement {bad_rate:.4g}: rolled back in {bad.rollback_rate:.3f} of runs; "
-          f"comparisons to roll back: median {median:.0f}, 90th percentile "
-          f"{np.percentile(np.where(bad.stopped_at > 0, bad.stopped_at, np.inf), 90):.0f}"
-          f" (min {stopped.min() if stopped.size else math.nan}, target median <= 5000)")
-    print(f"for contrast, a fixed {1 - args.level:.0%} Wilson interval watched after every comparison: "
-          f"false rollbacks at the guardrail {peek.rollback_rate:.3f}")
+    print(
+        f"bad variant, true agreement {bad_rate:.4g}: rolled back in {bad.rollback_rate:.3f} of runs; "
+        f"comparisons to roll back: median {median:.0f}, 90th percentile "
+        f"{np.percentile(np.where(bad.stopped_at > 0, bad.stopped_at, np.inf), 90):.0f}"
+        f" (min {stopped.min() if stopped.size else math.nan}, target median <= 5000)"
+    )
+    print(
+        f"for contrast, a fixed {1 - args.level:.0%} Wilson interval watched after every comparison: "
+        f"false rollbacks at the guardrail {peek.rollback_rate:.3f}"
+    )
     print(f"{time.perf_counter() - t0:.1f} s")
 
 

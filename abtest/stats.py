@@ -9,7 +9,7 @@ whose intervals stay valid under continuous monitoring.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,7 +67,9 @@ def clopper_pearson_interval(successes: int, trials: int, confidence: float = 0.
     if trials == 0:
         return Interval(None, 0.0, 1.0, confidence)
     low = 0.0 if successes == 0 else float(sps.beta.ppf(alpha / 2, successes, trials - successes + 1))
-    high = 1.0 if successes == trials else float(sps.beta.ppf(1 - alpha / 2, successes + 1, trials - successes))
+    high = (
+        1.0 if successes == trials else float(sps.beta.ppf(1 - alpha / 2, successes + 1, trials - successes))
+    )
     return Interval(successes / trials, low, high, confidence)
 
 
@@ -172,12 +174,16 @@ def quantile_interval(q: float, hist: BucketCounts, confidence: float = 0.95) ->
     n = hist.total
     if n <= 0:
         return Interval(None, 0.0, math.inf, confidence)
-    trials = max(int(round(n)), 1)
+    trials = max(round(n), 1)
     low_rank = float(sps.binom.ppf(alpha / 2, trials, q))
     high_rank = float(sps.binom.ppf(1 - alpha / 2, trials, q)) + 1
     scale = n / trials  # counts from increase() are not integers
     low = value_at_rank(hist, low_rank * scale) if low_rank >= 1 else min(0.0, hist.bounds[0])
-    high = value_at_rank(hist, high_rank * scale, beyond_last_bound=math.inf) if high_rank <= trials else math.inf
+    high = (
+        value_at_rank(hist, high_rank * scale, beyond_last_bound=math.inf)
+        if high_rank <= trials
+        else math.inf
+    )
     estimate = histogram_quantile(q, hist)
     return Interval(estimate, min(low, estimate), max(high, estimate), confidence)
 
@@ -207,8 +213,10 @@ def quantile_ratio_interval(
     )
 
 
-def relative_saving(variant_sum: float, variant_count: float, control_sum: float, control_count: float) -> float | None:
-    """1 - mean(variant) / mean(control), e.g. the share of GFLOPs or tokens a variant saves; None without data."""
+def relative_saving(
+    variant_sum: float, variant_count: float, control_sum: float, control_count: float
+) -> float | None:
+    """1 - mean(variant) / mean(control): the share of GFLOPs or tokens a variant saves (None: no data)."""
     if variant_count <= 0 or control_count <= 0 or control_sum <= 0:
         return None
     return 1 - (variant_sum / variant_count) / (control_sum / control_count)
@@ -220,7 +228,7 @@ def quantile_name(q: float) -> str:
 
 
 def parse_quantile_name(name: str) -> float:
-    """"p95" -> 0.95; raises ValueError for anything else."""
+    """ "p95" -> 0.95; raises ValueError for anything else."""
     if not name.startswith("p"):
         raise ValueError(f"a quantile is written p<percent>, e.g. p95; got {name!r}")
     try:
@@ -230,4 +238,3 @@ def parse_quantile_name(name: str) -> float:
     if not 0.0 < q < 1.0:
         raise ValueError(f"quantile {name!r} is not between p0 and p100")
     return q
-
