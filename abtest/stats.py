@@ -139,13 +139,13 @@ def value_at_rank(hist: BucketCounts, rank: float, *, beyond_last_bound: float |
     if math.isinf(hist.bounds[i]):
         if beyond_last_bound is not None:
             return beyond_last_bound
-        return hist.bounds[-2] if len(hist.bounds) > 1 else math.inf
+        return float(hist.bounds[-2]) if len(hist.bounds) > 1 else math.inf
     upper, below = hist.bounds[i], (hist.counts[i - 1] if i > 0 else 0.0)
     lower = hist.bounds[i - 1] if i > 0 else min(0.0, upper)
     in_bucket = hist.counts[i] - below
     if in_bucket <= 0:
-        return upper
-    return lower + (upper - lower) * (rank - below) / in_bucket
+        return float(upper)
+    return float(lower + (upper - lower) * (rank - below) / in_bucket)
 
 
 def histogram_quantile(q: float, hist: BucketCounts) -> float | None:
