@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from abtest import sequential, stats
@@ -260,8 +260,10 @@ class Verdict:
 def _failure_text(exp: JudgedExperiment, variant: str, metric: str, d: sequential.Decision) -> str:
     guardrail = next(g for g in exp.guardrails if g.metric == metric)
     estimate = "n/a" if d.estimate is None else f"{d.estimate:.4g}"
-    return (f"{variant}: {metric} {estimate} (always-valid interval {d.low:.4g}..{d.high:.4g}, level "
-            f"{exp.level:g}, {d.samples:.0f} samples) fails {guardrail.describe()}")
+    return (
+        f"{variant}: {metric} {estimate} (always-valid interval {d.low:.4g}..{d.high:.4g}, level "
+        f"{exp.level:g}, {d.samples:.0f} samples) fails {guardrail.describe()}"
+    )
 
 
 def plan(
@@ -319,11 +321,11 @@ class JudgeMetrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
         keys = ("experiment", "variant", "guardrail")
-        self.state = Enum(
+        # one series per state, 1 for the current one (the OpenMetrics StateSet shape, with a plain label)
+        self.state = Gauge(
             "mame_judge_guardrail_state",
-            "Guardrail state by its sequential test",
-            keys,
-            states=list(sequential.STATES),
+            "Guardrail state by its sequential test (1: current)",
+            (*keys, "state"),
             registry=r,
         )
         self.value = Gauge(
@@ -524,7 +526,8 @@ class Judge:
         verdict: Verdict,
     ) -> None:
         for (variant, metric), d in decisions.items():
-            self.metrics.state.labels(name, variant, metric).state(d.state)
+            for state in sequential.STATES:
+                self.metrics.state.labels(name, variant, metric, state).set(state == d.state)
             self.metrics.samples.labels(name, variant, metric).set(d.samples)
             for bound, value in (("estimate", d.estimate), ("low", d.low), ("high", d.high)):
                 self.metrics.value.labels(name, variant, metric, bound).set(

@@ -57,12 +57,15 @@ def test_error_rate_difference_no_false_failures_with_equal_rates_and_catches_a_
         v = np.cumsum(rng.random(20_000) < 0.01)
         c = np.cumsum(rng.random(20_000) < 0.01)
         false_fails += any(
-            sq.rate_difference_decision(v[n - 1], n, c[n - 1], n, 0.0, LEVEL).state == "failing" for n in checks
+            sq.rate_difference_decision(v[n - 1], n, c[n - 1], n, 0.0, LEVEL).state == "failing"
+            for n in checks
         )
     assert false_fails / 80 <= LEVEL
     bad_v = np.cumsum(rng.random(20_000) < 0.03)
     ctrl = np.cumsum(rng.random(20_000) < 0.01)
-    states = [sq.rate_difference_decision(bad_v[n - 1], n, ctrl[n - 1], n, 0.005, LEVEL).state for n in checks]
+    states = [
+        sq.rate_difference_decision(bad_v[n - 1], n, ctrl[n - 1], n, 0.005, LEVEL).state for n in checks
+    ]
     assert states[-1] == "failing" and states[0] == "inconclusive"
     good = sq.rate_difference_decision(ctrl[-1], 20_000, ctrl[-1], 20_000, 0.01, LEVEL)
     assert good.state == "passing" and good.low <= 0 <= good.high

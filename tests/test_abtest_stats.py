@@ -12,7 +12,9 @@ def test_wilson_matches_a_textbook_value_and_stays_in_unit_interval():
     # Newcombe (1998), table I: 81/263 -> 0.2553..0.3662 (Wilson score, 95 %)
     iv = stats.wilson_interval(81, 263, 0.95)
     assert iv.low == pytest.approx(0.2553, abs=1e-4) and iv.high == pytest.approx(0.3662, abs=1e-4)
-    assert stats.wilson_interval(0, 10).low == 0.0 and stats.wilson_interval(10, 10).high == pytest.approx(1.0)
+    assert stats.wilson_interval(0, 10).low == 0.0 and stats.wilson_interval(10, 10).high == pytest.approx(
+        1.0
+    )
     assert stats.wilson_interval(0, 0).estimate is None
 
 
@@ -20,7 +22,7 @@ def test_clopper_pearson_is_exact_and_wider_than_wilson():
     cp, w = stats.clopper_pearson_interval(970, 1000), stats.wilson_interval(970, 1000)
     assert cp.low <= w.low and cp.high >= w.high
     # Clopper-Pearson of 0/10 at 95 %: upper = 1 - 0.025^(1/10)
-    assert stats.clopper_pearson_interval(0, 10).high == pytest.approx(1 - 0.025 ** 0.1)
+    assert stats.clopper_pearson_interval(0, 10).high == pytest.approx(1 - 0.025**0.1)
 
 
 def test_rate_difference_newcombe_known_value():
