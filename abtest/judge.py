@@ -429,7 +429,10 @@ class Judge:
     def evaluate(self, name: str, exp: JudgedExperiment, entry: ExperimentSplit) -> Verdict:
         now = self.clock()
         data = fetch(self.prometheus, name, exp, math.ceil(now - entry.started), now)
-        step_data = fetch(self.prometheus, name, exp, math.ceil(now - entry.step_started), now)
+        # only a ramp needs the current step's own sample
+        step_data = (
+            fetch(self.prometheus, name, exp, math.ceil(now - entry.step_started), now) if exp.ramp else data
+        )
         control = exp.control_variant
         assert control is not None
         judged = [v for v in exp.treatments if entry.split.get(v, 0.0) > 0]
@@ -440,9 +443,11 @@ class Judge:
                 step_samples[(variant, g.metric)] = samples(g, step_data, variant)
         verdict = plan(exp, entry, decisions, step_samples)
         self._publish(name, exp, entry, decisions, verdict)
-        if verdict.action in ("rollback", "ramp"):
-            self._apply(name, exp, entry, verdict)
-        elif verdict.action == "alert":
+        current = self._apply(name, exp, entry, verdict) if verdict.action in ("rollback", "ramp") else entry
+        for key, d in decisions.items():  # a guardrail that stops failing may alert again later
+            if d.state != "failing":
+                self._states.pop((name, *key), None)
+        if verdict.action == "alert":
             for variant, metric in verdict.failing:
                 if self._states.get((name, variant, metric)) != "alerted":
                     self._states[(name, variant, metric)] = "alerted"
@@ -455,8 +460,9 @@ class Judge:
                 "control": control,
                 "level": exp.level,
                 "confidence": self.confidence,
-                "split": entry.split,
-                "ramp_step": entry.ramp_step,
+                "split": current.split,
+                "ramp_step": current.ramp_step,
+                "version": current.version,
                 "window_s": now - entry.started,
                 "verdict": verdict.action,
                 "reason": verdict.reason,
@@ -468,10 +474,15 @@ class Judge:
         self.metrics.last.labels(name).set(now)
         return verdict
 
-    def _apply(self, name: str, exp: JudgedExperiment, entry: ExperimentSplit, verdict: Verdict) -> None:
+    def _apply(
+        self, name: str, exp: JudgedExperiment, entry: ExperimentSplit, verdict: Verdict
+    ) -> ExperimentSplit:
+        """Write the verdict's split unless the entry changed since it was read; the entry now in force."""
         action = "rollback" if verdict.action == "rollback" else "ramp"
+        applied = False
 
         def change(state: SplitState) -> SplitState:
+            nonlocal applied
             current = state.experiments.get(name)
             if current is not None and current.version != entry.version:
                 log.warning(
@@ -481,6 +492,7 @@ class Judge:
                     current.version,
                 )
                 return state
+            applied = True
             return with_change(
                 state,
                 name,
@@ -493,8 +505,8 @@ class Judge:
             )
 
         new = self.store.update(change)
-        if new.experiments[name].version == entry.version:
-            return
+        if not applied:
+            return new.experiments[name]
         if action == "rollback":
             for variant, metric in verdict.failing:
                 self.metrics.rollbacks.labels(name, variant, metric).inc()
@@ -516,6 +528,7 @@ class Judge:
                 verdict.reason,
             )
         self._publish_split(name, new.experiments[name], exp.control_variant)
+        return new.experiments[name]
 
     def _publish(
         self,

@@ -2,6 +2,7 @@
 scrapes an exporter with the server's own metric definitions."""
 
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -258,8 +259,8 @@ def test_judge_rolls_back_a_bad_variant_from_real_prometheus(prometheus_scraping
         base = f"http://127.0.0.1:{server.server_address[1]}"
         text = httpx.get(f"{base}/metrics").text
         assert (
-            'mame_judge_rollbacks_total{experiment="tau-ab",guardrail="shadow_agreement",variant="mame-0.2"} 1.0'
-            in text
+            'mame_judge_rollbacks_total{experiment="tau-ab",guardrail="shadow_agreement",'
+            'variant="mame-0.2"} 1.0' in text
         )
         assert (
             'mame_judge_guardrail_state{experiment="tau-ab",guardrail="shadow_agreement",state="failing",'
@@ -272,3 +273,50 @@ def test_judge_rolls_back_a_bad_variant_from_real_prometheus(prometheus_scraping
     # judged again: the rolled-back variant has no share left, so nothing more happens to it
     judge.evaluate_all()
     assert store.read().experiments[exp].version == entry.version
+
+
+class Replay:
+    """Answers recorded from a real Prometheus, returned for the judge's own queries (any window)."""
+
+    def __init__(self):
+        answers = json.loads((DATA / "abtest_prometheus_answers.json").read_text())
+        exp = JudgedExperiment.model_validate(EXPERIMENT)
+        self.by_query = {_without_window(q): answers[s] for s, q in jd.queries("tau-ab", exp, 1).items()}
+
+    def query(self, expr, at=None):
+        return self.by_query[_without_window(expr)]
+
+
+def _without_window(expr):
+    return re.sub(r"\[\d+s\]", "[]", expr)
+
+
+def test_judge_alert_mode_alerts_once_and_leaves_the_split(tmp_path):
+    store = FileSplitStore(tmp_path / "splits.yaml")
+    judge = jd.Judge(
+        write_config(tmp_path / "serving.yaml", on_fail="alert"), store, Replay(), clock=lambda: 1e9
+    )
+    judge.evaluate_all()
+    judge.evaluate_all()
+    entry = store.read().experiments["tau-ab"]
+    assert entry.split == EXPERIMENT["split"] and [c.action for c in entry.changes] == ["set"]
+    assert judge.metrics.alerts.labels("tau-ab", "mame-0.2", "shadow_agreement")._value.get() == 1
+    assert judge.report("tau-ab")["verdict"] == "alert"
+
+
+def test_judge_does_not_overwrite_a_change_made_meanwhile(tmp_path):
+    store = FileSplitStore(tmp_path / "splits.yaml")
+    judge = jd.Judge(write_config(tmp_path / "serving.yaml"), store, Replay(), clock=lambda: 1e9)
+    experiments = jd.load_judged_experiments(judge.config_path)
+    entry = judge.ensure_entries(experiments).experiments["tau-ab"]
+    # an operator changes the split after the judge read it, before it acts
+    store.update(
+        lambda s: with_change(
+            s, "tau-ab", {"baseline": 1.0, "mame-0.9": 0.0, "mame-0.2": 0.0}, action="set", source="operator"
+        )
+    )
+    verdict = judge.evaluate("tau-ab", experiments["tau-ab"], entry)
+    assert verdict.action == "rollback"
+    after = store.read().experiments["tau-ab"]
+    assert after.changes[-1].source == "operator" and after.version == 2
+    assert judge.metrics.rollbacks.labels("tau-ab", "mame-0.2", "shadow_agreement")._value.get() == 0
