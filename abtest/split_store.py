@@ -406,3 +406,62 @@ def open_store(spec: str) -> SplitStore:
             raise ValueError(f"a ConfigMap store is configmap:NAMESPACE/NAME[:KEY], got {spec!r}")
         return ConfigMapSplitStore(name, namespace, key or "splits.yaml")
     return FileSplitStore(spec.removeprefix("file:"))
+
+
+def parse_split_args(items: list[str]) -> dict[str, float]:
+    """["baseline=0.9", "mame-0.8=0.1"] -> {"baseline": 0.9, "mame-0.8": 0.1} (checked)."""
+    split = {}
+    for item in items:
+        variant, sep, weight = item.partition("=")
+        if not sep or not variant:
+            raise ValueError(f"expected VARIANT=WEIGHT, got {item!r}")
+        try:
+            split[variant] = float(weight)
+        except ValueError:
+            raise ValueError(f"weight of {variant!r} is not a number: {weight!r}") from None
+    return check_split(split)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m abtest.split_store --store STORE show | set EXPERIMENT VARIANT=WEIGHT ... [--reason R]`:
+    an operator's view and change of the fleet's split (a change resets the ramp step)."""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m abtest.split_store", description=main.__doc__)
+    ap.add_argument("--store", required=True, help="file:PATH or configmap:NAMESPACE/NAME[:KEY]")
+    sub = ap.add_subparsers(dest="command", required=True)
+    sub.add_parser("show", help="print the document")
+    setter = sub.add_parser("set", help="set an experiment's split (logged as source operator)")
+    setter.add_argument("experiment")
+    setter.add_argument("weights", nargs="+", metavar="VARIANT=WEIGHT")
+    setter.add_argument("--reason", default="")
+    setter.add_argument(
+        "--ramp-step", type=int, default=None, help="ramp step index to record (default: none)"
+    )
+    args = ap.parse_args(argv)
+    try:
+        store = open_store(args.store)
+        if args.command == "show":
+            sys.stdout.write(dump_state(store.read()))
+            return
+        split = parse_split_args(args.weights)
+        new = store.update(
+            lambda s: with_change(
+                s,
+                args.experiment,
+                split,
+                action="set",
+                source="operator",
+                reason=args.reason,
+                ramp_step=args.ramp_step,
+            )
+        )
+    except (ValueError, SplitStoreError) as exc:
+        raise SystemExit(f"split store: {exc}") from None
+    entry = new.experiments[args.experiment]
+    print(f"{args.experiment}: split {entry.split} (version {entry.version})")
+
+
+if __name__ == "__main__":
+    main()

@@ -158,3 +158,19 @@ def test_configmap_update_retries_on_a_conflict():
     store = ConfigMapSplitStore("s", "n", api=api)
     store.update(lambda s: with_change(s, "e", {"a": 1.0}, action="set", source="op"))
     assert len(api.replaced) == 2 and store.read().experiments["e"].split == {"a": 1.0}
+
+
+def test_operator_command_sets_and_shows_the_split(tmp_path, capsys):
+    from abtest.split_store import main
+
+    path = tmp_path / "splits.yaml"
+    main(["--store", f"file:{path}", "set", "tau-ab", "baseline=0.9", "mame-0.8=0.1", "--reason", "start"])
+    main(["--store", str(path), "show"])
+    shown = parse_state(capsys.readouterr().out.split("\n", 1)[1])
+    assert shown.experiments["tau-ab"].split == {"baseline": 0.9, "mame-0.8": 0.1}
+    assert shown.experiments["tau-ab"].changes[-1].source == "operator"
+    with pytest.raises(SystemExit, match="sum to 0.5"):
+        main(["--store", str(path), "set", "tau-ab", "baseline=0.5"])
+    with pytest.raises(SystemExit, match="VARIANT=WEIGHT"):
+        main(["--store", str(path), "set", "tau-ab", "baseline"])
+    assert FileSplitStore(path).read().experiments["tau-ab"].version == 1  # refused changes wrote nothing
