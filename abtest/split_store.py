@@ -19,7 +19,7 @@ Backends:
   read-modify-write under an exclusive lock on a sidecar lock file, so a judge and an operator's command
   never lose each other's change. For one host, or a shared volume.
 - `ConfigMapSplitStore`: a Kubernetes ConfigMap, changed through the API server with optimistic
-  concurrency (the replace carries the resourceVersion read; a conflict is re-read and retried).
+  concurrency (the patch carries the resourceVersion read; a conflict is re-read and retried).
 
 Replicas read a file either way: the ConfigMap is mounted into every pod, and `SplitWatcher.poll()`, called
 every second or two, returns the new state only when the file changed (a cheap stat first, then a content
@@ -313,12 +313,17 @@ class SplitWatcher:
 # -------------------------------------------------------------------------------------------- ConfigMap
 
 
+# A JSON merge patch (RFC 7396); the client's default content type for a patch is a JSON patch (a list of
+# operations), which a mapping body is not.
+MERGE_PATCH = "application/merge-patch+json"
+
+
 class ConfigMapSplitStore:
     """The split document under `key` of a ConfigMap, changed through the Kubernetes API.
 
     Needs the optional `kubernetes` package (`pip install mame-serve[judge]`) and, in the cluster, a Role
-    allowing get and update on that one ConfigMap (deploy/k8s/judge/). Updates use optimistic concurrency:
-    the replace carries the resourceVersion that was read, the API server refuses it (409) if someone
+    allowing get and patch on that one ConfigMap (deploy/k8s/judge/). Updates use optimistic concurrency:
+    the patch carries the resourceVersion that was read, the API server refuses it (409) if someone
     changed the ConfigMap in between, and the change is then re-applied to a fresh read.
     """
 
@@ -359,18 +364,11 @@ class ConfigMapSplitStore:
     def read(self) -> SplitState:
         return self._read()[0]
 
-    def body(self, state: SplitState, resource_version: str | None) -> Any:
-        """The ConfigMap object a replace sends: the document under `key`, guarded by `resource_version`."""
-        from kubernetes import client
-
-        return client.V1ConfigMap(
-            api_version="v1",
-            kind="ConfigMap",
-            metadata=client.V1ObjectMeta(
-                name=self.name, namespace=self.namespace, resource_version=resource_version
-            ),
-            data={self.key: dump_state(state)},
-        )
+    def patch(self, state: SplitState, resource_version: str | None) -> dict[str, Any]:
+        """The merge patch an update sends: only the document's key, guarded by `resource_version` (the API
+        server refuses a patch carrying a stale resourceVersion with 409). Labels, annotations and other
+        keys of the ConfigMap are left as they are."""
+        return {"metadata": {"resourceVersion": resource_version}, "data": {self.key: dump_state(state)}}
 
     def update(self, change: Callable[[SplitState], SplitState]) -> SplitState:
         from kubernetes.client.exceptions import ApiException
@@ -379,7 +377,9 @@ class ConfigMapSplitStore:
             state, version = self._read()
             new = change(state)
             try:
-                self.api.replace_namespaced_config_map(self.name, self.namespace, self.body(new, version))
+                self.api.patch_namespaced_config_map(
+                    self.name, self.namespace, self.patch(new, version), _content_type=MERGE_PATCH
+                )
                 return new
             except ApiException as exc:
                 if exc.status != 409:

@@ -1,5 +1,6 @@
 """The shared split: atomic file writes, serialised updates, change detection, the ConfigMap object."""
 
+import json
 import os
 import threading
 
@@ -117,20 +118,16 @@ def test_watcher_follows_a_configmap_style_symlink_swap(tmp_path):
     assert watcher.poll().experiments["e"].split["a"] == 0.5
 
 
-def test_configmap_body_carries_the_document_and_the_resource_version():
-    """No API server runs here: this checks the object the store sends, serialised by the real client."""
-    kubernetes = pytest.importorskip("kubernetes")
+def test_configmap_patch_carries_the_document_and_the_resource_version():
+    """No API server runs here: this checks the patch the store sends (JSON, as the client sends it)."""
     state = with_change(
         SplitState(), "tau-ab", {"baseline": 1.0, "mame-0.8": 0.0}, action="rollback", source="judge", now=5.0
     )
-    store = ConfigMapSplitStore("mame-splits", "mame", api=object())
-    body = kubernetes.client.ApiClient().sanitize_for_serialization(store.body(state, "4711"))
-    assert body["kind"] == "ConfigMap" and body["metadata"] == {
-        "name": "mame-splits",
-        "namespace": "mame",
-        "resourceVersion": "4711",
-    }
-    assert parse_state(body["data"]["splits.yaml"]) == state
+    patch = json.loads(
+        json.dumps(ConfigMapSplitStore("mame-splits", "mame", api=object()).patch(state, "4711"))
+    )
+    assert patch["metadata"] == {"resourceVersion": "4711"} and list(patch["data"]) == ["splits.yaml"]
+    assert parse_state(patch["data"]["splits.yaml"]) == state
 
 
 def test_configmap_update_retries_on_a_conflict():
@@ -143,21 +140,22 @@ def test_configmap_update_retries_on_a_conflict():
                 metadata=kubernetes.client.V1ObjectMeta(name="s", namespace="n", resource_version="1"),
                 data={},
             )
-            self.replaced = []
+            self.patches = []
 
         def read_namespaced_config_map(self, name, namespace):
             return self.cm
 
-        def replace_namespaced_config_map(self, name, namespace, body):
-            self.replaced.append(body)
-            if len(self.replaced) == 1:
+        def patch_namespaced_config_map(self, name, namespace, body, _content_type=None):
+            assert _content_type == "application/merge-patch+json"
+            self.patches.append(body)
+            if len(self.patches) == 1:
                 raise ApiException(status=409, reason="Conflict")
-            self.cm = body
+            self.cm.data = {**self.cm.data, **body["data"]}
 
     api = Api()
     store = ConfigMapSplitStore("s", "n", api=api)
     store.update(lambda s: with_change(s, "e", {"a": 1.0}, action="set", source="op"))
-    assert len(api.replaced) == 2 and store.read().experiments["e"].split == {"a": 1.0}
+    assert len(api.patches) == 2 and store.read().experiments["e"].split == {"a": 1.0}
 
 
 def test_operator_command_sets_and_shows_the_split(tmp_path, capsys):
