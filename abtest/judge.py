@@ -349,6 +349,9 @@ class JudgeMetrics:
         self.ramp_step = Gauge(
             "mame_judge_ramp_step", "Ramp step index (-1: no ramp or ended)", ("experiment",), registry=r
         )
+        self.ramp_final_step = Gauge(
+            "mame_judge_ramp_final_step", "Index of the ramp's last step", ("experiment",), registry=r
+        )
         self.ramp_share = Gauge(
             "mame_judge_ramp_share",
             "Traffic share of each treatment at the ramp step",
@@ -547,6 +550,8 @@ class Judge:
                     math.nan if value is None else value
                 )
         self._publish_split(name, entry, exp.control_variant)
+        if exp.ramp is not None:
+            self.metrics.ramp_final_step.labels(name).set(len(exp.ramp.steps) - 1)
 
     def _publish_split(self, name: str, entry: ExperimentSplit, control: str | None) -> None:
         for variant, weight in entry.split.items():
