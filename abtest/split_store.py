@@ -6,6 +6,9 @@ that step began, a version that grows with every change, and a bounded log of th
     experiments:
       tau-ab:
         split: {baseline: 0.95, mame-0.8: 0.05}
+        ranges:                      # bucket ranges [start, end, variant] of the hash space [0, 2^64): the
+          - [0, 17524406870024073984, baseline]      # replicas use them as they are (abtest/buckets.py)
+          - [17524406870024073984, 18446744073709551616, mame-0.8]
         ramp_step: 1                 # index into the experiment's ramp.steps; null without a ramp
         started: 1796440000.0        # wall clock (s) of the first change: the experiment's data starts here
         step_started: 1796450000.0   # wall clock (s) of the last change: a ramp step's sample starts here
@@ -43,6 +46,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from abtest.buckets import Range, check_ranges, initial_ranges, rebalance, shares_of
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +93,7 @@ class Change:
 @dataclass(frozen=True)
 class ExperimentSplit:
     split: dict[str, float]
+    ranges: tuple[Range, ...] = ()
     ramp_step: int | None = None
     started: float = 0.0
     step_started: float = 0.0
@@ -121,7 +127,15 @@ def parse_state(text: str, source: str = "<split store>") -> SplitState:
         try:
             if not isinstance(entry, Mapping):
                 raise ValueError("must be a mapping")  # noqa: TRY004
-            unknown = set(entry) - {"split", "ramp_step", "started", "step_started", "version", "changes"}
+            unknown = set(entry) - {
+                "split",
+                "ranges",
+                "ramp_step",
+                "started",
+                "step_started",
+                "version",
+                "changes",
+            }
             if unknown:
                 raise ValueError(f"unknown key(s) {sorted(unknown)}")
             ramp_step = entry.get("ramp_step")
@@ -130,8 +144,11 @@ def parse_state(text: str, source: str = "<split store>") -> SplitState:
             ):
                 raise ValueError(f"ramp_step must be an index >= 0 or null, got {ramp_step!r}")
             changes = tuple(_parse_change(c) for c in entry.get("changes") or ())
+            split = check_split(entry.get("split"))
+            ranges = _parse_ranges(entry.get("ranges"), split)
             out[str(name)] = ExperimentSplit(
-                check_split(entry.get("split")),
+                split,
+                ranges,
                 ramp_step,
                 float(entry.get("started") or 0.0),
                 float(entry.get("step_started") or 0.0),
@@ -141,6 +158,23 @@ def parse_state(text: str, source: str = "<split store>") -> SplitState:
         except (ValueError, TypeError) as exc:
             raise SplitStoreError(f"{where}: {exc}") from None
     return SplitState(out)
+
+
+def _parse_ranges(data: Any, split: Mapping[str, float]) -> tuple[Range, ...]:
+    """The stored ranges, checked to tile the hash space with the split's shares; absent -> initial."""
+    if data is None:
+        return initial_ranges(split)
+    if not isinstance(data, list) or not all(isinstance(r, list) and len(r) == 3 for r in data):
+        raise ValueError("ranges must be a list of [start, end, variant]")
+    ranges = tuple((int(a), int(b), str(v)) for a, b, v in data)
+    check_ranges(ranges)
+    shares = shares_of(ranges)
+    for variant, weight in split.items():
+        if abs(shares.get(variant, 0.0) - weight) > WEIGHT_SUM_TOLERANCE:
+            raise ValueError(
+                f"ranges give {variant!r} {shares.get(variant, 0.0):.9g}, the split {weight:.9g}"
+            )
+    return ranges
 
 
 def _parse_change(data: Any) -> Change:
@@ -164,6 +198,7 @@ def dump_state(state: SplitState) -> str:
         "experiments": {
             name: {
                 "split": e.split,
+                "ranges": [list(r) for r in e.ranges],
                 "ramp_step": e.ramp_step,
                 "started": e.started,
                 "step_started": e.step_started,
@@ -188,8 +223,8 @@ def with_change(
     keep_ramp_step: bool = False,
     now: float | None = None,
 ) -> SplitState:
-    """A new state in which `experiment` has `split` (and `ramp_step`, unless keep_ramp_step), its version
-    one higher and the change logged. Pure."""
+    """A new state in which `experiment` has `split`, its bucket ranges rebalanced from the old ones (the
+    fewest keys move), `ramp_step` (unless keep_ramp_step), its version one higher and the change logged."""
     if action not in ACTIONS:
         raise ValueError(f"action must be one of {ACTIONS}, got {action!r}")
     new_split = check_split(split)
@@ -198,6 +233,7 @@ def with_change(
     change = Change(now, action, source, reason, dict(old.split) if old else None, new_split)
     entry = ExperimentSplit(
         new_split,
+        rebalance(old.ranges, new_split) if old else initial_ranges(new_split),
         old.ramp_step if keep_ramp_step and old else ramp_step,
         old.started if old else now,
         now,
