@@ -205,7 +205,7 @@ def series_scraped(url, expr, minimum):
 
 
 @pytest.mark.e2e
-def test_judge_rolls_back_a_bad_variant_from_real_prometheus(prometheus_scraping, tmp_path):
+def test_judge_rolls_back_a_bad_variant_from_real_prometheus(prometheus_scraping, tmp_path, capsys):
     metrics, url = prometheus_scraping
     model, exp = "vit-b16", "tau-ab"
     started = time.time() - 1
@@ -273,6 +273,15 @@ def test_judge_rolls_back_a_bad_variant_from_real_prometheus(prometheus_scraping
     # judged again: the rolled-back variant has no share left, so nothing more happens to it
     judge.evaluate_all()
     assert store.read().experiments[exp].version == entry.version
+    jd.main(["--config", str(config), "--prometheus", url, "--store", f"file:{store.path}", "--once"])
+    once = json.loads(capsys.readouterr().out)
+    assert once["tau-ab"]["verdict"] == "none" and once["tau-ab"]["split"]["mame-0.2"] == 0.0
+
+
+def test_judge_command_refuses_a_bad_config(tmp_path):
+    config = write_config(tmp_path / "serving.yaml", guardrails=[{"metric": "shadow_agreement", "min": 2}])
+    with pytest.raises(SystemExit, match="rate limit"):
+        jd.main(["--config", str(config), "--store", f"file:{tmp_path / 's.yaml'}", "--once"])
 
 
 class Replay:
