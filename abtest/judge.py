@@ -79,10 +79,15 @@ class PrometheusError(Exception):
     """Prometheus could not answer a query; the message has its error."""
 
 
+def label_value(value: str) -> str:
+    """A PromQL string literal (its escapes are Go's, which JSON's cover for these characters)."""
+    return json.dumps(value)
+
+
 def promql(series: str, experiment: str, window_s: int, by: str = "variant", extra: str = "") -> str:
     """`sum by (<by>) (increase(<metric>{experiment="<name>", ...}[<window>s]))` for a METRICS entry."""
     metric, matchers = METRICS[series]
-    labels = ", ".join(m for m in (f'experiment="{experiment}"', matchers, extra) if m)
+    labels = ", ".join(m for m in (f"experiment={label_value(experiment)}", matchers, extra) if m)
     return f"sum by ({by}) (increase({metric}{{{labels}}}[{max(int(window_s), 1)}s]))"
 
 
@@ -151,7 +156,7 @@ def queries(name: str, exp: JudgedExperiment, window_s: int) -> dict[str, str]:
         if series == "latency_bucket":
             out[series] = promql(series, name, window_s, by="variant, le")
         elif series.startswith("shadow_") and exp.shadow is not None:
-            out[series] = promql(series, name, window_s, extra=f'reference="{exp.shadow.variant}"')
+            out[series] = promql(series, name, window_s, extra=f"reference={label_value(exp.shadow.variant)}")
         else:
             out[series] = promql(series, name, window_s)
     return out
@@ -392,7 +397,7 @@ class Judge:
         self.clock = clock
         self.metrics = JudgeMetrics()
         self.reports: dict[str, dict[str, Any]] = {}
-        self._states: dict[tuple[str, str, str], str] = {}
+        self._alerted: set[tuple[str, str, str]] = set()  # (experiment, variant, guardrail) failing now
         self._lock = threading.Lock()
 
     def ensure_entries(self, experiments: Mapping[str, JudgedExperiment]) -> SplitState:
@@ -449,11 +454,11 @@ class Judge:
         current = self._apply(name, exp, entry, verdict) if verdict.action in ("rollback", "ramp") else entry
         for key, d in decisions.items():  # a guardrail that stops failing may alert again later
             if d.state != "failing":
-                self._states.pop((name, *key), None)
+                self._alerted.discard((name, *key))
         if verdict.action == "alert":
             for variant, metric in verdict.failing:
-                if self._states.get((name, variant, metric)) != "alerted":
-                    self._states[(name, variant, metric)] = "alerted"
+                if (name, variant, metric) not in self._alerted:
+                    self._alerted.add((name, variant, metric))
                     self.metrics.alerts.labels(name, variant, metric).inc()
                     log.warning("experiment %s: guardrail failing (on_fail: alert): %s", name, verdict.reason)
         with self._lock:

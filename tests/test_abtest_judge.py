@@ -99,6 +99,7 @@ def test_promql_is_built_from_the_one_metric_table():
         'sum by (variant) (increase(mame_requests_total{experiment="tau-ab", status=~"5..", '
         'status!="503"}[3600s]))'
     )
+    assert 'experiment="a\\"b"' in jd.promql("requests", 'a"b', 60)  # a name cannot break out of its string
 
 
 def _decision(state, n=5000.0):
@@ -329,3 +330,24 @@ def test_judge_does_not_overwrite_a_change_made_meanwhile(tmp_path):
     after = store.read().experiments["tau-ab"]
     assert after.changes[-1].source == "operator" and after.version == 2
     assert judge.metrics.rollbacks.labels("tau-ab", "mame-0.2", "shadow_agreement")._value.get() == 0
+
+
+def test_judge_ramps_step_by_step_while_guardrails_pass(tmp_path):
+    store = FileSplitStore(tmp_path / "splits.yaml")
+    config = write_config(
+        tmp_path / "serving.yaml",
+        split={"baseline": 0.5, "mame-0.9": 0.5},
+        guardrails=[{"metric": "shadow_agreement", "min": 0.98}, {"metric": "p95_latency_ratio", "max": 1.5}],
+        ramp={"steps": [0.05, 0.25, 0.5], "min_samples": 100},
+    )
+    judge = jd.Judge(config, store, Replay())
+    shares = []
+    for _ in range(4):
+        judge.evaluate_all()
+        entry = store.read().experiments["tau-ab"]
+        shares.append((entry.ramp_step, entry.split["mame-0.9"]))
+    assert shares == [(1, 0.25), (2, 0.5), (2, 0.5), (2, 0.5)]  # starts at step 0 (0.05), stops at the last
+    assert [c.action for c in entry.changes] == ["set", "ramp", "ramp"]
+    assert judge.metrics.ramp_step.labels("tau-ab")._value.get() == 2
+    assert judge.metrics.ramp_share.labels("tau-ab")._value.get() == 0.5
+    assert judge.report("tau-ab")["guardrails"]["mame-0.9"]["shadow_agreement"]["state"] == "passing"
