@@ -6,6 +6,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -277,6 +278,47 @@ def test_judge_rolls_back_a_bad_variant_from_real_prometheus(prometheus_scraping
     jd.main(["--config", str(config), "--prometheus", url, "--store", f"file:{store.path}", "--once"])
     once = json.loads(capsys.readouterr().out)
     assert once["tau-ab"]["verdict"] == "none" and once["tau-ab"]["split"]["mame-0.2"] == 0.0
+
+    # the service as it is deployed: its own process, polling, serving /metrics, stopped by SIGTERM
+    port = free_port()
+    judge_proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "abtest.judge",
+            "--config",
+            str(config),
+            "--prometheus",
+            url,
+            "--store",
+            f"file:{store.path}",
+            "--interval",
+            "0.5",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        cwd=Path(__file__).parent.parent,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        weight = 'mame_judge_split_weight{experiment="tau-ab",variant="mame-0.2"} 0.0'
+        wait_for(lambda: _metrics_text(port) and weight in _metrics_text(port), what="the judge's /metrics")
+    finally:
+        judge_proc.terminate()
+        _, stderr = judge_proc.communicate(timeout=10)
+    assert judge_proc.returncode == 0, stderr
+    assert store.read().experiments[exp].version == entry.version  # it judged, found nothing more to do
+
+
+def _metrics_text(port):
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+    except httpx.HTTPError:
+        return ""
 
 
 def test_judge_command_refuses_a_bad_config(tmp_path):
