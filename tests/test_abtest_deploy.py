@@ -120,3 +120,4 @@ def test_component_wires_the_judge_the_store_and_the_servers(built):
     mount = next(m for m in server["containers"][0]["volumeMounts"] if m["name"] == "experiment-splits")
     assert "subPath" not in mount, "a subPath mount is never refreshed by the kubelet"
     assert any(m["name"] == "serving-config" for m in server["containers"][0]["volumeMounts"])  # base kept
+    assert judge["containers"][0]["image"] == server["containers"][0]["image"]  # the tagged server image
