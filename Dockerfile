@@ -30,7 +30,11 @@ COPY pyproject.toml README.md ./
 COPY mame_core ./mame_core
 COPY server ./server
 COPY loadtest ./loadtest
-RUN pip install --no-cache-dir .
+COPY abtest ./abtest
+# With the judge extra (mame-judge's ConfigMap split store: the kubernetes client). Its versions come from
+# pyproject.toml like every other dependency's, hence no pin here.
+# hadolint ignore=DL3013
+RUN pip install --no-cache-dir ".[judge]"
 
 # Optional: bake pretrained weights into the image (timm model names, space separated). They land in
 # the Hugging Face cache /opt/hf-cache that the server reads with HF_HUB_OFFLINE=1; empty = random weights

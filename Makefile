@@ -40,4 +40,4 @@ bench: install
 	$(VENV)/bin/mame-bench
 
 lint: install
-	$(VENV)/bin/ruff check mame_core server loadtest tests
+	$(VENV)/bin/ruff check mame_core server loadtest abtest tests
