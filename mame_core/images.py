@@ -42,7 +42,8 @@ def sample_images() -> list[Path]:
 
 @contextmanager
 def _opened(path: str | Path) -> Iterator[Image.Image]:
-    """PIL's image at `path`; what PIL cannot read there (header or pixels) is a ValueError naming the file."""
+    """PIL's image at `path`; what PIL cannot read there (header or pixels) is a ValueError naming the
+    file."""
     try:
         with Image.open(path) as img:
             yield img

@@ -20,7 +20,9 @@ from mame_core.patch import check_supported
 RANDOM_INIT_SEED = 0
 
 
-def create_model(arch: str, model_kwargs: dict | None = None, pretrained: bool = False, **extra) -> torch.nn.Module:
+def create_model(
+    arch: str, model_kwargs: dict | None = None, pretrained: bool = False, **extra
+) -> torch.nn.Module:
     """timm's model in eval mode; its random initialisation is seeded, the caller's RNG untouched."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)
@@ -47,10 +49,16 @@ def load_weights(arch: str, weights: str, model_kwargs: dict | None = None) -> W
         model, reason, cached = pretrained_or_cached(
             lambda pretrained, **extra: create_model(arch, model_kwargs, pretrained, **extra))
         if model is not None:
-            return Weights(model, "hub", None if cached is None else f"{reason}; using the hub weights from the local cache {cached}")
+            return Weights(
+                model,
+                "hub",
+                None if cached is None else f"{reason}; using the hub weights from the local cache {cached}",
+            )
         if weights == "hub":
-            raise ValueError(f"cannot load the pretrained weights of {arch}: {reason} and they are not in the "
-                             "local hub cache")
+            raise ValueError(
+                f"cannot load the pretrained weights of {arch}: {reason} and they are not in the "
+                "local hub cache"
+            )
         return Weights(create_model(arch, model_kwargs), "random-init", f"{reason} and no cached copy exists")
     path = Path(weights).expanduser()
     model = create_model(arch, model_kwargs)
