@@ -20,19 +20,10 @@ no register tokens (it would merge them like patches), and here they are protect
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
 from .merge import TokenBatch
-
-
-@functools.lru_cache(maxsize=256)
-def _alternate_positions(length: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Positions of set a (even) and set b (odd). Cached: the same few lengths recur."""
-    pos = torch.arange(length, device=device)
-    return pos[0::2], pos[1::2]
 
 
 def tome_scores(metric: Tensor, num_special: int) -> Tensor:
@@ -40,8 +31,7 @@ def tome_scores(metric: Tensor, num_special: int) -> Tensor:
     near-ties by rounding), with -inf on the rows and columns of special tokens. A zero key gives 0."""
     work = metric.to(torch.promote_types(metric.dtype, torch.float32))
     unit = work / work.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(work.dtype).eps)
-    a_pos, b_pos = _alternate_positions(metric.shape[1], metric.device)
-    scores = unit[:, a_pos] @ unit[:, b_pos].transpose(-1, -2)
+    scores = unit[:, 0::2] @ unit[:, 1::2].transpose(-1, -2)
     if num_special:
         scores[:, : (num_special + 1) // 2] = float("-inf")  # specials at even positions: never sources
         scores[:, :, : num_special // 2] = float("-inf")  # specials at odd positions: never destinations
@@ -60,7 +50,6 @@ def tome_merge(batch: TokenBatch, metric: Tensor, r: int, num_special: int) -> T
     r = min(r, (length - num_special) // 2)
     if r <= 0:
         return batch
-    a_pos, b_pos = _alternate_positions(length, x.device)
     best_score, best_b = tome_scores(metric, num_special).max(dim=-1)  # [B, Na]
     # Stable: equal scores (identical keys) merge in position order, whatever the batch.
     edge_order = best_score.argsort(dim=-1, descending=True, stable=True)
@@ -71,25 +60,22 @@ def tome_merge(batch: TokenBatch, metric: Tensor, r: int, num_special: int) -> T
         unmerged_a = unmerged_a.sort(dim=-1).values
     target_b = best_b.gather(1, merged_a)  # [B, r]
 
-    def take(values: Tensor, index: Tensor) -> Tensor:
-        return values.gather(1, index.view(*index.shape, *([1] * (values.dim() - 2))).expand(
-            -1, -1, *values.shape[2:]))
+    def along(index: Tensor, values: Tensor) -> Tensor:
+        """index [B, n] spread over the trailing dimension of values [B, T, C]."""
+        return index.unsqueeze(-1).expand(-1, -1, values.shape[-1])
 
-    def add_into_b(b_values: Tensor, moved: Tensor) -> Tensor:
-        index = target_b.view(*target_b.shape, *([1] * (moved.dim() - 2))).expand_as(moved)
-        return b_values.scatter_add(1, index, moved)
-
-    size_a, size_b = size[:, a_pos], size[:, b_pos]
-    size_moved = take(size_a, merged_a)
-    new_size_b = add_into_b(size_b, size_moved)
+    size_a, size_b = size[:, 0::2], size[:, 1::2]
+    size_moved = size_a.gather(1, merged_a)
+    new_size_b = size_b.scatter_add(1, target_b, size_moved)
 
     # Size-weighted mean with weights normalised first (size / the fused token's size): in any precision no
     # partial sum exceeds the mean itself. b tokens nothing merges into get weight exactly 1.
     work = torch.promote_types(x.dtype, torch.float32)
     share_b = (size_b / new_size_b).to(work).unsqueeze(-1)
-    share_moved = (size_moved / take(new_size_b, target_b)).to(work).unsqueeze(-1)
-    x_a, x_b = x[:, a_pos], x[:, b_pos]
-    fused_b = add_into_b(x_b.to(work) * share_b, take(x_a, merged_a).to(work) * share_moved).to(x.dtype)
+    share_moved = (size_moved / new_size_b.gather(1, target_b)).to(work).unsqueeze(-1)
+    x_a, x_b = x[:, 0::2], x[:, 1::2]
+    moved = x_a.gather(1, along(merged_a, x)).to(work) * share_moved
+    fused_b = (x_b.to(work) * share_b).scatter_add_(1, along(target_b, moved), moved).to(x.dtype)
 
     a_special, b_special = (num_special + 1) // 2, num_special // 2
 
@@ -99,12 +85,13 @@ def tome_merge(batch: TokenBatch, metric: Tensor, r: int, num_special: int) -> T
             return torch.cat([kept_a, new_b], dim=1)
         return torch.cat([values[:, :num_special], kept_a[:, a_special:], new_b[:, b_special:]], dim=1)
 
-    new_x = assemble(x, take(x_a, unmerged_a), fused_b)
-    new_size = assemble(size, take(size_a, unmerged_a), new_size_b)
+    new_x = assemble(x, x_a.gather(1, along(unmerged_a, x)), fused_b)
+    new_size = assemble(size, size_a.gather(1, unmerged_a), new_size_b)
     new_source = None
     if source is not None:
         # A source row sums to its token's size: merging adds the rows.
-        source_a = source[:, a_pos]
-        new_source_b = add_into_b(source[:, b_pos], take(source_a, merged_a))
-        new_source = assemble(source, take(source_a, unmerged_a), new_source_b)
+        source_a = source[:, 0::2]
+        moved_source = source_a.gather(1, along(merged_a, source))
+        new_source_b = source[:, 1::2].scatter_add(1, along(target_b, source), moved_source)
+        new_source = assemble(source, source_a.gather(1, along(unmerged_a, source)), new_source_b)
     return TokenBatch(new_x, new_size, new_source)
