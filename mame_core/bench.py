@@ -97,7 +97,9 @@ def make_variants(
     return variants
 
 
-def mixed_variants(model: torch.nn.Module, x: torch.Tensor, tau: float, mame_blocks: int | None) -> list[Variant]:
+def mixed_variants(
+    model: torch.nn.Module, x: torch.Tensor, tau: float, mame_blocks: int | None
+) -> list[Variant]:
     """The mixed case at `tau` (see the module docstring): the batch with one image held unmerged, the
     other images alone, and the held image alone. Holds the image that keeps the fewest tokens at `tau`
     (the first of those on a tie). Needs at least two images."""
@@ -192,10 +194,10 @@ def run_bench(
     rows = []
     for i, v in enumerate(variants):
         ratio = medians[i] / medians[0]
+        efficiency = ratio / (gflops[0] / gflops[i])
         rows.append(BenchRow(
             v.method, v.setting, counts[i], tokens[i], longest[i], gflops[i], medians[i], ratio,
-            bests[i], bests[i] / bests[0], cpu[i], cpu[i] / cpu[0], ratio / (gflops[0] / gflops[i]), speeds[i],
-            profiles[i],
+            bests[i], bests[i] / bests[0], cpu[i], cpu[i] / cpu[0], efficiency, speeds[i], profiles[i],
         ))
     return rows
 
@@ -216,15 +218,17 @@ class MixedSummary:
     mixed_over_unmerged: float  # 1: merging the others saved nothing
 
 
-def summarise_mixed(rows: list[BenchRow], tau: float, held: int, held_picture: str | None = None) -> MixedSummary:
+def summarise_mixed(
+    rows: list[BenchRow], tau: float, held: int, held_picture: str | None = None
+) -> MixedSummary:
     """Read the three mixed rows (mixed, others, held; in run order) against the "none" row of `rows`."""
     mixed, others, alone = (r for r in rows if r.method == "mixed")
     unmerged = next(r for r in rows if r.method == "none")
     ms = {name: 1e3 * r.images / r.img_per_s for name, r in
           [("mixed", mixed), ("others", others), ("alone", alone), ("unmerged", unmerged)]}
     parts = ms["others"] + ms["alone"]
-    return MixedSummary(tau, held, held_picture, ms["mixed"], ms["others"], ms["alone"], parts, ms["mixed"] / parts,
-                        ms["unmerged"], ms["mixed"] / ms["unmerged"])
+    return MixedSummary(tau, held, held_picture, ms["mixed"], ms["others"], ms["alone"], parts,
+                        ms["mixed"] / parts, ms["unmerged"], ms["mixed"] / ms["unmerged"])
 
 
 def format_table(rows: list[BenchRow], cpu_columns: bool = False) -> str:
@@ -235,7 +239,8 @@ def format_table(rows: list[BenchRow], cpu_columns: bool = False) -> str:
     lines = [head]
     for r in rows:
         line = f"{r.method:<7}{r.setting:>10}{r.mean_final_tokens:>14.1f}{r.max_final_tokens:>5}{r.gflops:>9.2f}"
-        line += f"{r.img_per_s:>10.2f}{r.ratio:>7.3f}x{r.efficiency:>11.2f}{r.best_img_per_s:>12.2f}{r.best_ratio:>7.3f}x"
+        line += f"{r.img_per_s:>10.2f}{r.ratio:>7.3f}x{r.efficiency:>11.2f}"
+        line += f"{r.best_img_per_s:>12.2f}{r.best_ratio:>7.3f}x"
         line += f"{r.img_per_cpu_s:>11.2f}{r.cpu_ratio:>7.3f}x" if cpu_columns else ""
         lines.append(line)
     return "\n".join(lines)
@@ -248,17 +253,20 @@ def format_mixed(rows: list[BenchRow], summary: MixedSummary) -> str:
     lines = [
         (f"mixed batch: image {summary.held_image}{name} held unmerged (per-image tau 1), "
          f"the other {others.images} merge at tau={summary.tau:g}"),
-        f"{'case':<28}{'images':>7}{'final tokens':>14}{'max':>5}{'GFLOPs':>9}{'ms/forward':>12}{'img/s':>10}",
+        (f"{'case':<28}{'images':>7}{'final tokens':>14}{'max':>5}{'GFLOPs':>9}{'ms/forward':>12}"
+        f"{'img/s':>10}"),
     ]
-    for label, r, ms in [("mixed batch", mixed, summary.mixed_ms), ("others alone", others, summary.others_ms),
-                         ("held image alone, unmerged", alone, summary.held_ms)]:
-        lines.append(f"{label:<28}{r.images:>7}{r.mean_final_tokens:>14.1f}{r.max_final_tokens:>5}{r.gflops:>9.2f}"
-                     f"{ms:>12.1f}{r.img_per_s:>10.2f}")
+    cases = [("mixed batch", mixed, summary.mixed_ms), ("others alone", others, summary.others_ms),
+             ("held image alone, unmerged", alone, summary.held_ms)]
+    for label, r, ms in cases:
+        lines.append(f"{label:<28}{r.images:>7}{r.mean_final_tokens:>14.1f}{r.max_final_tokens:>5}"
+                     f"{r.gflops:>9.2f}{ms:>12.1f}{r.img_per_s:>10.2f}")
     lines.append(f"{'sum of the two parts':<63}{summary.parts_ms:>12.1f}")
     lines.append(f"{'whole batch unmerged (none)':<63}{summary.unmerged_ms:>12.1f}")
-    lines.append(f"mixed / sum of parts {summary.mixed_over_parts:.3f}x (1: the batch costs the sum of its images; "
-                 "above: the held image pads the others to its length)")
-    lines.append(f"mixed / unmerged batch {summary.mixed_over_unmerged:.3f}x (1: merging the others saved nothing)")
+    lines.append(f"mixed / sum of parts {summary.mixed_over_parts:.3f}x (1: the batch costs the sum of its "
+                 "images; above: the held image pads the others to its length)")
+    lines.append(f"mixed / unmerged batch {summary.mixed_over_unmerged:.3f}x "
+                 "(1: merging the others saved nothing)")
     return "\n".join(lines)
 
 
@@ -267,14 +275,17 @@ def format_profile(rows: list[BenchRow], top: int = 4) -> str:
     ref = rows[0].profile
     sorted_by = ref.sorted_by if ref else "self time"
     lines = [f"aten ops in one forward (torch.profiler); top ops by {sorted_by}",
-             f"{'method':<7}{'setting':>22}{'top-level':>11}{'x ref':>8}{'all aten':>10}{'x ref':>8}   top ops (ms, calls)"]
+             (f"{'method':<7}{'setting':>22}{'top-level':>11}{'x ref':>8}{'all aten':>10}{'x ref':>8}"
+             "   top ops (ms, calls)")]
     for r in rows:
         p = r.profile
+        on_device = p.sorted_by == "self device time"
         ops = ", ".join(
-            f"{op.name.removeprefix('aten::')} {op.self_device_ms if p.sorted_by == 'self device time' else op.self_cpu_ms:.1f}"
-            f" x{op.calls}" for op in p.top_ops[:top])
-        lines.append(f"{r.method:<7}{r.setting:>22}{p.top_level_ops:>11}{p.top_level_ops / ref.top_level_ops:>7.2f}x"
-                     f"{p.aten_ops:>10}{p.aten_ops / ref.aten_ops:>7.2f}x   {ops}")
+            f"{op.name.removeprefix('aten::')} {(op.self_device_ms if on_device else op.self_cpu_ms):.1f} "
+            f"x{op.calls}" for op in p.top_ops[:top])
+        lines.append(f"{r.method:<7}{r.setting:>22}{p.top_level_ops:>11}"
+                     f"{p.top_level_ops / ref.top_level_ops:>7.2f}x{p.aten_ops:>10}"
+                     f"{p.aten_ops / ref.aten_ops:>7.2f}x   {ops}")
     return "\n".join(lines)
 
 
@@ -336,10 +347,11 @@ def add_report_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mame-bench",
-        description="Throughput of a timm ViT: unmerged vs MaMe (several tau) vs ToMe (several r), with each "
-        "row's efficiency (speedup over timm / GFLOPs reduction), and the mixed case: the batch with one image "
-        "held unmerged while the others merge, timed against those two parts alone (mixed / sum of parts near "
-        "1: the batch costs the sum of its images; above: the held image pads the others to its length).",
+        description="Throughput of a timm ViT: unmerged vs MaMe (several tau) vs ToMe (several r), "
+        "with each row's efficiency (speedup over timm / GFLOPs reduction), and the mixed case: the batch "
+        "with one image held unmerged while the others merge, timed against those two parts alone (mixed / "
+        "sum of parts near 1: the batch costs the sum of its images; above: the held image pads the others "
+        "to its length).",
     )
     p.add_argument("--arch", default="vit_base_patch16_224", help="timm architecture")
     p.add_argument("--batch-size", default="8",
@@ -354,12 +366,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tome-r", default="8,13,16", help="ToMe tokens removed per block, comma-separated")
     p.add_argument(
         "--mixed-tau", default="auto",
-        help="MaMe threshold of the mixed case's merging images: a number below 1, auto (the lowest of --taus "
-        "below 1; none there: no mixed case) or off. The held image is the one that merges most at it",
+        help="MaMe threshold of the mixed case's merging images: a number below 1, auto (the lowest of "
+        "--taus below 1; none there: no mixed case) or off. The held image is the one that merges most at it",
     )
     p.add_argument("--profile", action="store_true",
-                   help="after the timed rounds, count the aten ops of one forward per row and list the top ops "
-                   "by self time (torch.profiler)")
+                   help="after the timed rounds, count the aten ops of one forward per row and list the top "
+                   "ops by self time (torch.profiler)")
     p.add_argument("--images", type=Path, default=None, help="folder of pictures (default: bundled samples)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the median is reported")
     p.add_argument("--iters", type=int, default=3, help="forward passes per setting per round")
@@ -411,7 +423,8 @@ def main(argv: list[str] | None = None) -> int:
             MergeSettings(method="mame", tau=mixed_tau, blocks=args.mame_blocks)
         model = load_model(args.arch, args.weights, parse_model_kwargs(args.model_kwargs))
         check_merge_blocks("--mame-blocks", args.mame_blocks, model)
-        batches = [make_batch(paths, model, b) for b in batch_sizes]  # decodes every picture: a bad file is bad input
+        # Decodes every picture: a bad file is bad input.
+        batches = [make_batch(paths, model, b) for b in batch_sizes]
     except ValueError as err:
         print(f"mame-bench: error: {err}", file=sys.stderr)
         return 2
@@ -455,8 +468,9 @@ def main(argv: list[str] | None = None) -> int:
         report["runs"].append(run)
         if text:
             print(
-                f"{args.arch} ({report['weights']}), {report['device_name']}, {report['dtype']}, batch {batch_size} "
-                f"({batch_pictures(batch_size, len(paths))}), median of {args.rounds} rounds x {args.iters} iters"
+                f"{args.arch} ({report['weights']}), {report['device_name']}, {report['dtype']}, "
+                f"batch {batch_size} ({batch_pictures(batch_size, len(paths))}), "
+                f"median of {args.rounds} rounds x {args.iters} iters"
             )
             print(format_table(table_rows, cpu_columns=device.type == "cpu"))
             if summary is not None:

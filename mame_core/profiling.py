@@ -62,5 +62,6 @@ def profile_forward(forward: Callable[[], object], device: torch.device, top: in
     else:
         key, sorted_by = (lambda a: float(a.self_cpu_time_total)), "self CPU time"
     ranked = sorted((a for a in averages if key(a) > 0), key=key, reverse=True)[:top]
-    top_ops = [TopOp(a.key, int(a.count), a.self_cpu_time_total / 1e3, _self_device_us(a) / 1e3) for a in ranked]
+    top_ops = [TopOp(a.key, int(a.count), a.self_cpu_time_total / 1e3, _self_device_us(a) / 1e3)
+               for a in ranked]
     return OpProfile(top_level, len(aten), sorted_by, top_ops)

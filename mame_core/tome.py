@@ -80,7 +80,7 @@ def tome_merge(batch: TokenBatch, metric: Tensor, r: int, num_special: int) -> T
     a_special, b_special = (num_special + 1) // 2, num_special // 2
 
     def assemble(values: Tensor, kept_a: Tensor, new_b: Tensor) -> Tensor:
-        """[specials, unmerged a, b]: the special a tokens lead kept_a (sorted), the special b tokens new_b."""
+        """[specials, unmerged a, b]; the special a tokens lead kept_a (sorted), the special b ones new_b."""
         if not num_special:
             return torch.cat([kept_a, new_b], dim=1)
         return torch.cat([values[:, :num_special], kept_a[:, a_special:], new_b[:, b_special:]], dim=1)

@@ -68,7 +68,8 @@ def official_tome_vit(model, images, r):
     for blk in model.blocks:
         attn = blk.attn
         bsz, n, c = x.shape
-        qkv = attn.qkv(blk.norm1(x)).reshape(bsz, n, 3, attn.num_heads, c // attn.num_heads).permute(2, 0, 3, 1, 4)
+        qkv = attn.qkv(blk.norm1(x)).reshape(bsz, n, 3, attn.num_heads, c // attn.num_heads)
+        qkv = qkv.permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
         logits = (q @ k.transpose(-2, -1)) * attn.scale
         if size is not None:
@@ -104,7 +105,8 @@ SHAPES = {
 @pytest.mark.parametrize("r", [1, 5, 13, 20, 100])
 def test_patch_equals_the_official_algorithm(shape, r):
     model = tiny_vit(seed=1, **SHAPES[shape])
-    images = torch.cat([content_images(), torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(r))])
+    noise = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(r))
+    images = torch.cat([content_images(), noise])
     with torch.inference_mode():
         expected, counts = official_tome_vit(model, images, r)
         result = patch_vit(model)(images, MergeSettings(method="tome", r=r))
@@ -118,7 +120,8 @@ def test_token_counts_follow_the_official_limit():
                             ("deit-distilled", [46, 26, 14, 8])]:
         vit = patch_vit(tiny_vit(**SHAPES[shape]))
         with torch.inference_mode():
-            assert vit(content_images(), MergeSettings(method="tome", r=20)).tokens[0].tolist() == expected, shape
+            tokens = vit(content_images(), MergeSettings(method="tome", r=20)).tokens
+        assert tokens[0].tolist() == expected, shape
 
 
 def test_the_class_token_takes_part_in_the_split():
@@ -133,7 +136,8 @@ def test_the_class_token_takes_part_in_the_split():
 
 
 def test_without_special_tokens_unmerged_a_keep_score_order():
-    # a = t0, t2, t4 with best scores 0.2, 0.9, 0.5 to b = t1, t3; r = 1 merges t2; t4 (0.5) precedes t0 (0.2).
+    # a = t0, t2, t4 with best scores 0.2, 0.9, 0.5 to b = t1, t3; r = 1 merges t2; t4 (0.5) precedes
+    # t0 (0.2).
     b1, b3 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
 
     def at(cos):
