@@ -19,6 +19,7 @@ the mixed batch against the whole batch unmerged (1: merging the others saved no
 --profile adds, per row, the aten operator counts of one forward (top-level and all, torch.profiler)
 and the top operators by self time (device time on a GPU), measured after the timed rounds.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -159,8 +160,8 @@ def run_bench(
     with torch.inference_mode():
         for i, v in enumerate(variants):  # one untimed pass each: token counts, and the first-call costs
             # The unpatched model reports nothing: its figures are those of the patched one merging nothing.
-            stats = v if v.settings is not None else replace(v, settings=MergeSettings(method="none"))
-            res = forwards[i]() if v.settings is not None else _variant_forward(model, vit, x, stats)()
+            unmerged = replace(v, settings=MergeSettings(method="none"))
+            res = (forwards[i] if v.settings is not None else _variant_forward(model, vit, x, unmerged))()
             tokens.append(res.tokens[:, -1].double().mean().item())
             longest.append(int(res.tokens[:, -1].max()))
             gflops.append(res.gflops.double().mean().item())

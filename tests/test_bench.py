@@ -246,9 +246,9 @@ def test_profile_counts_ops_per_forward(tiny_model):
     timm, merged_mame, tome = rows[0].profile, rows[3].profile, rows[4].profile
     # timm's forward of a 4-block ViT: at least the 4 x 4 linear layers and 4 attentions at the top level.
     assert 20 <= timm.top_level_ops < timm.aten_ops
-    # Merging adds operators: a merge step is dozens of them, in each of the 4 blocks.
-    assert merged_mame.top_level_ops > timm.top_level_ops + 4 * 10
-    assert tome.top_level_ops > timm.top_level_ops + 4 * 10
+    # A merge step adds operators in each block.
+    assert merged_mame.top_level_ops > rows[1].profile.top_level_ops >= timm.top_level_ops
+    assert tome.top_level_ops > rows[1].profile.top_level_ops
     for r in rows:
         p = r.profile
         assert p.sorted_by == "self CPU time" and 1 <= len(p.top_ops) <= 8
