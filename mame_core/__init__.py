@@ -1,7 +1,8 @@
 """MaMe (Matrix-Based Token Merging) for timm Vision Transformers, with ToMe as the baseline."""
 
-from .merge import TokenBatch, mame_merge, tome_merge
+from .merge import TokenBatch, mame_merge
 from .patch import UNMERGED, MergeResult, MergeSettings, MergingViT, patch_vit
+from .tome import tome_merge
 
 __all__ = [
     "UNMERGED",

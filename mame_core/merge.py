@@ -1,4 +1,4 @@
-"""MaMe and ToMe merge steps as pure tensor functions (see MAME_SPEC.md).
+"""MaMe merge steps as pure tensor functions (see MAME_SPEC.md); ToMe's is in tome.py.
 
 A batch of token sequences is a `TokenBatch`: tokens [B, T, C], sizes [B, T] (how many original patches
 each token stands for; 0 marks padding) and, optionally, a source map [B, T, P] (which original patches
@@ -132,52 +132,3 @@ def mame_order(batch: TokenBatch, num_special: int, stride: int = 2) -> TokenBat
     source = batch.source[:, order] if batch.source is not None else None
     return TokenBatch(batch.x[:, order], batch.size[:, order], source)
 
-
-def tome_merge(batch: TokenBatch, metric: Tensor, r: int, num_special: int) -> TokenBatch:
-    """ToMe bipartite soft matching (Bolya et al. 2023): merge the r most similar (a, b) pairs per image.
-
-    Alternate non-special tokens go to sets A and B; each A token proposes its most similar B token; the r
-    strongest edges merge (size-weighted mean). Output order: special, unmerged A, B. All images in a batch
-    have the same length under ToMe, so there is no padding.
-    """
-    x, size, source = batch.x, batch.size, batch.source
-    rest = x.shape[1] - num_special
-    r = min(r, rest // 2)
-    if r <= 0:
-        return batch
-    a_pos, b_pos, _ = _split_positions(x.shape[1], num_special, 2, x.device)  # alternate tokens: A, B
-    scores = cosine_similarity(metric[:, a_pos], metric[:, b_pos])  # [B, Na, Nb]
-    best_score, best_b = scores.max(dim=-1)
-    edge_order = best_score.argsort(dim=-1, descending=True)
-    merged_a, kept_a = edge_order[:, :r], edge_order[:, r:].sort(dim=-1).values  # keep A's original order
-    target_b = best_b.gather(1, merged_a)
-
-    def combine(values: Tensor, weight: Tensor | None) -> Tensor:
-        """Sum of (weight * values) of the merged A tokens into their B targets; unmerged A kept."""
-        a, b = values[:, a_pos], values[:, b_pos]
-        squeeze = a.dim() == 2
-        if squeeze:
-            a, b = a.unsqueeze(-1), b.unsqueeze(-1)
-        w_a = weight[:, a_pos].unsqueeze(-1) if weight is not None else 1
-        w_b = weight[:, b_pos].unsqueeze(-1) if weight is not None else 1
-        a_w, b_w = a * w_a, b * w_b
-        width = a.shape[-1]
-        moved = a_w.gather(1, merged_a.unsqueeze(-1).expand(-1, -1, width))
-        b_w = b_w.scatter_add(1, target_b.unsqueeze(-1).expand(-1, -1, width), moved)
-        kept = a_w.gather(1, kept_a.unsqueeze(-1).expand(-1, -1, width))
-        out = torch.cat([kept, b_w], dim=1)
-        return out.squeeze(-1) if squeeze else out
-
-    new_size_body = combine(size, None)
-    # Each token's weight is its size over the size of the token it ends up in (its B target's new size, or
-    # its own when it stays): weights of a merged token sum to 1, so no fp16 partial sum overflows.
-    new_size_b = new_size_body[:, -b_pos.numel():]
-    end_size_a = size[:, a_pos].scatter(1, merged_a, new_size_b.gather(1, target_b))
-    end_size = size.index_copy(1, a_pos, end_size_a).index_copy(1, b_pos, new_size_b)
-    x_body = combine(x, (size / end_size).to(x.dtype))
-    new_x = torch.cat([x[:, :num_special], x_body], dim=1)
-    new_size = torch.cat([size[:, :num_special], new_size_body], dim=1)
-    new_source = None
-    if source is not None:
-        new_source = torch.cat([source[:, :num_special], combine(source, None)], dim=1)
-    return TokenBatch(new_x, new_size, new_source)

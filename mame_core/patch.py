@@ -18,7 +18,8 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
-from .merge import TokenBatch, mame_merge, mame_order, tome_merge
+from .merge import TokenBatch, mame_merge, mame_order
+from .tome import tome_merge
 
 Method = Literal["none", "mame", "tome"]
 DEFAULT_MAME_BLOCKS = 8  # the paper's setting for ViT-B
@@ -307,8 +308,8 @@ class MergingViT(nn.Module):
                         batch, lengths = mame_merge(batch, keys, block_tau, special, settings.stride)
                         merged_yet = merged_yet or bool((lengths < h.shape[1]).any())
                 else:
-                    n_a = (lengths - special + 1) // 2
-                    pairs = (n_a * (lengths - special - n_a)).to(pairs.dtype)
+                    n_a = (lengths + 1) // 2  # ToMe splits all tokens, special ones included
+                    pairs = (n_a * (lengths - n_a)).to(pairs.dtype)
                     batch = tome_merge(batch, keys, settings.r, special)
                     lengths = torch.full_like(lengths, batch.x.shape[1])
                     merged_yet = merged_yet or batch.x.shape[1] < h.shape[1]

@@ -9,7 +9,18 @@ import torch
 from PIL import Image
 
 from mame_core import MergeSettings, patch_vit
-from mame_core.bench import main, make_variants, parse_list, resolve_device_dtype, run_bench
+from mame_core.bench import (
+    format_mixed,
+    format_profile,
+    main,
+    make_variants,
+    mixed_variants,
+    parse_list,
+    parse_mixed_tau,
+    resolve_device_dtype,
+    run_bench,
+    summarise_mixed,
+)
 from mame_core.images import fill_batch, list_images, load_model, load_rgb, make_batch, sample_images
 
 TINY = {"img_size": 64, "patch_size": 8, "embed_dim": 64, "depth": 4, "num_heads": 2}
@@ -123,9 +134,12 @@ def test_run_bench_rows(tiny_model):
     assert by_setting["r=4"].mean_final_tokens == full - 4 * 4
     assert by_setting["r=4"].gflops < by_setting["r=2"].gflops < by_setting["-"].gflops
     for r in rows:
+        assert r.images == 4 and r.profile is None
         assert len(r.img_per_s_rounds) == 3 and all(s > 0 for s in r.img_per_s_rounds)
         assert r.img_per_s == sorted(r.img_per_s_rounds)[1]  # the median of 3
         assert r.ratio == pytest.approx(r.img_per_s / rows[0].img_per_s)
+        # Speedup over timm divided by the GFLOPs reduction (timm's GFLOPs / the row's).
+        assert r.efficiency == pytest.approx(r.ratio / (rows[0].gflops / r.gflops))
         assert r.best_img_per_s == max(r.img_per_s_rounds)
         assert r.best_ratio == pytest.approx(r.best_img_per_s / rows[0].best_img_per_s)
         assert r.img_per_cpu_s > 0 and r.cpu_ratio == pytest.approx(r.img_per_cpu_s / rows[0].img_per_cpu_s)
@@ -140,7 +154,7 @@ def test_command_json(tmp_path, capsys):
     threads = torch.get_num_threads()
     try:
         rc = main(
-            ["--arch", "vit_tiny_patch16_224", "--model-kwargs", json.dumps(TINY), "--batch-size", "3",
+            ["--arch", "vit_tiny_patch16_224", "--model-kwargs", json.dumps(TINY), "--batch-size", "1,3",
              "--taus", "1.0,0.8", "--tome-r", "3", "--images", str(images), "--rounds", "2", "--iters", "1",
              "--warmup", "0", "--json", str(out), "--no-progress", "--threads", "1"]
         )
@@ -149,26 +163,131 @@ def test_command_json(tmp_path, capsys):
     assert rc == 0
     table = capsys.readouterr().out
     assert "tau=0.8" in table and "r=3" in table and "random-init" in table and "img/CPU-s" in table
+    assert "efficiency" in table and "batch 1 (1 of the 2 pictures)" in table
+    assert "batch 3 (2 pictures and augmented copies)" in table
+    assert "no mixed case: it needs a batch of at least 2 images" in table  # batch 1
+    assert "mixed / sum of parts" in table and "merge at tau=0.8" in table  # batch 3, the lowest tau below 1
     report = json.loads(out.read_text())
-    assert report["batch_size"] == 3 and report["num_images"] == 2 and report["weights"] == "random-init"
-    assert report["images_in_folder"] == 2 and "batch 3 (2 pictures and augmented copies)" in table
+    assert report["batch_sizes"] == [1, 3] and report["weights"] == "random-init"
+    assert report["images_in_folder"] == 2
     assert report["device"] == "cpu" and report["dtype"] == "float32" and report["torch_threads"] == 1
-    rows = report["rows"]
-    assert [(r["method"], r["setting"]) for r in rows] == [
-        ("timm", "unpatched"), ("none", "-"), ("mame", "tau=1"), ("mame", "tau=0.8"), ("tome", "r=3")
-    ]
-    assert set(rows[0]) == {
-        "method", "setting", "mean_final_tokens", "max_final_tokens", "gflops", "img_per_s", "ratio",
-        "best_img_per_s", "best_ratio", "img_per_cpu_s", "cpu_ratio", "img_per_s_rounds",
-    }
-    assert rows[0]["ratio"] == 1.0 and rows[4]["mean_final_tokens"] == 65 - 4 * 3
+    assert [run["batch_size"] for run in report["runs"]] == [1, 3]
+    assert [run["num_images"] for run in report["runs"]] == [1, 2]
+    assert report["runs"][0]["mixed"] is None
+    for run in report["runs"]:
+        rows = run["rows"]
+        assert [(r["method"], r["setting"]) for r in rows] == [
+            ("timm", "unpatched"), ("none", "-"), ("mame", "tau=1"), ("mame", "tau=0.8"), ("tome", "r=3")
+        ]
+        assert set(rows[0]) == {
+            "method", "setting", "images", "mean_final_tokens", "max_final_tokens", "gflops", "img_per_s",
+            "ratio", "best_img_per_s", "best_ratio", "img_per_cpu_s", "cpu_ratio", "efficiency",
+            "img_per_s_rounds", "profile",
+        }
+        assert rows[0]["ratio"] == 1.0 and rows[4]["mean_final_tokens"] == 65 - 4 * 3
+        assert all(r["images"] == run["batch_size"] and r["profile"] is None for r in rows)
+        for r in rows:
+            assert r["efficiency"] == pytest.approx(r["ratio"] * r["gflops"] / rows[0]["gflops"])
+    mixed = report["runs"][1]["mixed"]
+    assert mixed["tau"] == 0.8 and [r["images"] for r in mixed["rows"]] == [3, 2, 1]
+    assert mixed["held_picture"] in (None, "chelsea.jpg", "coffee.jpg")
+    parts = mixed["others_ms"] + mixed["held_ms"]
+    assert mixed["mixed_over_parts"] == pytest.approx(mixed["mixed_ms"] / parts)
+
+
+def test_mixed_case_holds_the_most_merging_image_and_reads_against_its_parts(tiny_model):
+    x = make_batch(sample_images(), tiny_model, 5)
+    vit = patch_vit(tiny_model)
+    with torch.inference_mode():
+        finals = vit(x, MergeSettings(method="mame", tau=0.5)).tokens[:, -1]
+    extra = mixed_variants(tiny_model, x, 0.5, mame_blocks=None)
+    held = int(finals.argmin())
+    assert [v.images for v in extra] == [None, tuple(i for i in range(5) if i != held), (held,)]
+    assert extra[0].tau == tuple(1.0 if i == held else 0.5 for i in range(5)) and extra[2].tau == (1.0,)
+    variants = make_variants([0.5], [], mame_blocks=None, unpatched=True) + extra
+    rows = run_bench(tiny_model, x, variants, rounds=2, iters=1, warmup=0, progress=False)
+    mixed, others, alone = rows[-3:]
+    full = vit.input_tokens
+    # Every image keeps its own count in the batch (batch invariance), so the mixed batch's tokens and GFLOPs
+    # are those of its parts; the held image keeps all its tokens.
+    assert (mixed.images, others.images, alone.images) == (5, 4, 1)
+    assert alone.mean_final_tokens == full == mixed.max_final_tokens
+    assert 5 * mixed.mean_final_tokens == pytest.approx(
+        4 * others.mean_final_tokens + alone.mean_final_tokens)
+    assert 5 * mixed.gflops == pytest.approx(4 * others.gflops + alone.gflops)
+    assert others.mean_final_tokens < full
+    summary = summarise_mixed(rows, 0.5, held, "name.jpg")
+    assert summary.mixed_ms == pytest.approx(1e3 * 5 / mixed.img_per_s)
+    assert summary.held_ms == pytest.approx(1e3 / alone.img_per_s)
+    assert summary.parts_ms == pytest.approx(summary.others_ms + summary.held_ms)
+    assert summary.mixed_over_parts == pytest.approx(summary.mixed_ms / summary.parts_ms)
+    assert summary.unmerged_ms == pytest.approx(1e3 * 5 / rows[1].img_per_s)
+    assert summary.mixed_over_unmerged == pytest.approx(summary.mixed_ms / summary.unmerged_ms)
+    text = format_mixed(rows, summary)
+    assert f"image {held} (name.jpg) held unmerged" in text and "the other 4 merge at tau=0.5" in text
+    assert f"mixed / sum of parts {summary.mixed_over_parts:.3f}x" in text
+    with pytest.raises(ValueError, match="at least 2 images"):
+        mixed_variants(tiny_model, x[:1], 0.5, mame_blocks=None)
+
+
+def test_mixed_tau_option():
+    assert parse_mixed_tau("auto", [1.0, 0.9, 0.7, 0.8]) == 0.7
+    assert parse_mixed_tau("auto", [1.0]) is None and parse_mixed_tau("off", [0.7]) is None
+    assert parse_mixed_tau("0.85", []) == 0.85
+    for bad in ("1.0", "-2", "x"):
+        with pytest.raises(ValueError, match="--mixed-tau"):
+            parse_mixed_tau(bad, [])
+
+
+def test_profile_counts_ops_per_forward(tiny_model):
+    x = make_batch(sample_images(), tiny_model, 2)
+    variants = make_variants([1.0, 0.5], [4], mame_blocks=None, unpatched=True)
+    rows = run_bench(tiny_model, x, variants, rounds=1, iters=1, warmup=0, progress=False, profile=True)
+    timm, merged_mame, tome = rows[0].profile, rows[3].profile, rows[4].profile
+    # timm's forward of a 4-block ViT: at least the 4 x 4 linear layers and 4 attentions at the top level.
+    assert 20 <= timm.top_level_ops < timm.aten_ops
+    # A merge step adds operators in each block.
+    assert merged_mame.top_level_ops > rows[1].profile.top_level_ops >= timm.top_level_ops
+    assert tome.top_level_ops > rows[1].profile.top_level_ops
+    for r in rows:
+        p = r.profile
+        assert p.sorted_by == "self CPU time" and 1 <= len(p.top_ops) <= 8
+        times = [op.self_cpu_ms for op in p.top_ops]
+        assert times == sorted(times, reverse=True) and times[0] > 0
+        assert any(op.name == "aten::addmm" and op.calls >= 16 for op in p.top_ops)  # the linear layers
+    text = format_profile(rows)
+    assert f"{timm.top_level_ops:>11}   1.00x" in text
+    assert f"{tome.top_level_ops / timm.top_level_ops:>7.2f}x" in text
+
+
+def test_command_profile_json(capsys):
+    threads = torch.get_num_threads()
+    try:
+        rc = main(["--arch", "vit_tiny_patch16_224", "--model-kwargs", json.dumps(TINY), "--batch-size", "2",
+                   "--taus", "0.5", "--tome-r", "", "--mixed-tau", "off", "--rounds", "1", "--iters", "1",
+                   "--warmup", "0", "--profile", "--json", "--no-progress", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    out = capsys.readouterr().out
+    report = json.loads(out[out.index("{"):])
+    (run,) = report["runs"]
+    assert run["mixed"] is None
+    assert [r["setting"] for r in run["rows"]] == ["unpatched", "-", "tau=0.5"]
+    for r in run["rows"]:
+        profile = r["profile"]
+        assert 0 < profile["top_level_ops"] < profile["aten_ops"]
+        assert {"name", "calls", "self_cpu_ms", "self_device_ms"} == set(profile["top_ops"][0])
 
 
 def test_command_rejects_bad_options(capsys):
     assert main(["--taus", "0.9,abc"]) == 2
     assert "--taus" in capsys.readouterr().err
-    assert main(["--batch-size", "0"]) == 2
-    assert "--batch-size" in capsys.readouterr().err
+    for sizes in ("0", "8,0", "8,x", ""):
+        assert main(["--batch-size", sizes]) == 2
+        assert "--batch-size" in _one_line_error(capsys.readouterr().err, "mame-bench")
+    assert main(["--mixed-tau", "1"]) == 2
+    assert "--mixed-tau must be in [-1, 1)" in _one_line_error(capsys.readouterr().err, "mame-bench")
     assert main(["--threads", "0"]) == 2
     assert "--threads" in capsys.readouterr().err
     for flag, value in [("--rounds", "0"), ("--iters", "0"), ("--warmup", "-1")]:

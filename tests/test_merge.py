@@ -1,4 +1,4 @@
-"""The vectorised MaMe/ToMe merge steps against a literal loop reading of Algorithm 1 (MAME_SPEC.md)."""
+"""The vectorised MaMe merge step against a literal loop reading of Algorithm 1 (MAME_SPEC.md)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from mame_core.merge import TokenBatch, mame_merge, mame_order, tome_merge
+from mame_core.merge import TokenBatch, mame_merge, mame_order
 
 
 def reference_mame(x, metric, size, tau, num_special, stride=2):
@@ -200,26 +200,6 @@ def test_source_map_tracks_every_patch_once():
     torch.testing.assert_close(batch.source.sum(dim=2), batch.size)
 
 
-@pytest.mark.parametrize("r,expected", [(1, 15), (4, 12), (8, 8), (20, 8)])
-def test_tome_removes_exactly_r_until_half(r, expected):
-    gen = torch.Generator().manual_seed(r)
-    x, metric = torch.randn(2, 17, 4, generator=gen), torch.randn(2, 17, 3, generator=gen)
-    out = tome_merge(TokenBatch(x, torch.ones(2, 17)), metric, r, num_special=1)
-    assert out.x.shape[1] == 1 + expected
-    assert torch.equal(out.x[:, 0], x[:, 0])
-    torch.testing.assert_close(out.size.sum(dim=1), torch.full((2,), 17.0))
-
-
-def test_tome_weighted_average():
-    metric = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.5, 1.0]]])
-    x = torch.tensor([[[2.0], [4.0], [8.0], [100.0]]])
-    size = torch.tensor([[1.0, 3.0, 1.0, 1.0]])
-    out = tome_merge(TokenBatch(x, size), metric, r=1, num_special=0)
-    # A = tokens 0, 2; B = tokens 1, 3. Token 0 has the strongest edge (to 1): (2*1 + 4*3) / 4 = 3.5.
-    assert out.size.tolist() == [[1.0, 4.0, 1.0]]
-    assert out.x[0, :, 0].tolist() == [8.0, 3.5, 100.0]
-
-
 def test_reorder_path_equals_merge_at_tau_one():
     gen = torch.Generator().manual_seed(4)
     x, metric = torch.randn(3, 14, 5, generator=gen), torch.randn(3, 14, 4, generator=gen)
@@ -232,17 +212,13 @@ def test_reorder_path_equals_merge_at_tau_one():
         assert torch.equal(merged.source, ordered.source)
 
 
-@pytest.mark.parametrize("method", ["mame", "tome"])
-def test_fp16_fusion_of_big_tokens_does_not_overflow(method):
+def test_fp16_fusion_of_big_tokens_does_not_overflow():
     # Tokens of 1000 that each stand for 40 patches: size x value (40,000, then 80,000 once fused) passes
     # fp16's 65,504, the size-weighted mean (1000) does not. The weights must be normalised before the product.
     x = torch.full((1, 9, 4), 1000.0, dtype=torch.float16)
     size = torch.full((1, 9), 40.0)
     size[0, 0] = 1
     metric = torch.ones(1, 9, 8, dtype=torch.float16)
-    if method == "mame":
-        out, _ = mame_merge(TokenBatch(x, size), metric, 0.5, num_special=1)
-    else:
-        out = tome_merge(TokenBatch(x, size), metric, 3, num_special=1)
+    out, _ = mame_merge(TokenBatch(x, size), metric, 0.5, num_special=1)
     assert out.size.sum().item() == size.sum().item()
     assert torch.equal(out.x, torch.full_like(out.x, 1000.0))
