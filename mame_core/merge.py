@@ -66,6 +66,64 @@ def _split_positions(length: int, num_special: int, stride: int, device: torch.d
     return dst_pos, pos[~is_dst], torch.arange(num_special, num_special + dst_pos.numel(), device=device)
 
 
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the merge's decisions: fp32 for half-precision models (spec 5a), float64 stays float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _mame_step(
+    batch: TokenBatch, metric: Tensor, tau: Tensor | float, num_special: int, stride: int
+) -> tuple[Tensor, Tensor, list[tuple[Tensor, Tensor, Tensor]]]:
+    """Steps 2-9 of the spec on a padded batch, up to where each token goes.
+
+    Returns the real token count per image [B, 1] (on the device), each token's slot in its image's output
+    row [B, T'] (-1: dropped, for merged sources and padding), and for x, size and source the parts
+    (special, fused dst, src) whose concatenation along dim 1 the slots index.
+    """
+    x, size, source = batch.x, batch.size, batch.source
+    dst_pos, src_pos, dst_slots = _split_positions(x.shape[1], num_special, stride, x.device)
+    size_dst, size_src = size[:, dst_pos], size[:, src_pos]
+    valid_dst, valid_src = size_dst > 0, size_src > 0
+    work = _work_dtype(metric.dtype)
+    sim = cosine_similarity(metric[:, dst_pos].to(work), metric[:, src_pos].to(work))
+    weights = mame_fusion_weights(sim, tau, valid_dst, valid_src)
+    preserved = valid_src & (weights.sum(dim=1) == 0)
+
+    # Size-weighted fusion in the work dtype; only the fused tokens return to the model's dtype. Padding rows
+    # may hold anything (NaN * 0 is NaN), so they are zeroed with where. Each term's weight is divided by the
+    # dst's new size before it meets a token: the weights of a fused token sum to 1.
+    mass = weights * size_src.to(work).unsqueeze(1)  # [B, M, N]
+    x_src = x[:, src_pos]
+    new_size_dst = size_dst + mass.sum(dim=2).to(size.dtype)
+    src_share = _divide_where_positive(mass, new_size_dst.to(work).unsqueeze(-1))
+    dst_share = _divide_where_positive(size_dst, new_size_dst).to(work).unsqueeze(-1)
+    x_src_real = torch.where(valid_src.unsqueeze(-1), x_src, 0.0).to(work)
+    fused = torch.where(valid_dst.unsqueeze(-1), dst_share * x[:, dst_pos].to(work), 0.0) + src_share @ x_src_real
+
+    # Each image's output row is [special, its real dsts, its preserved srcs].
+    n_valid_dst = valid_dst.sum(dim=1, keepdim=True)  # [B, 1]
+    lengths = num_special + n_valid_dst + preserved.sum(dim=1, keepdim=True)
+    dst_slot = torch.where(valid_dst, dst_slots, -1)
+    src_slot = torch.where(preserved, num_special + n_valid_dst + preserved.cumsum(dim=1) - 1, -1)
+    spec_slot = torch.arange(num_special, device=x.device).expand(x.shape[0], -1)
+    slots = torch.cat([spec_slot, dst_slot, src_slot], dim=1)
+    parts = [(x[:, :num_special], fused.to(x.dtype), x_src), (size[:, :num_special], new_size_dst, size_src)]
+    if source is not None:
+        # A source row already sums to its token's size, so it is spread by the weights alone.
+        source_src = torch.where(valid_src.unsqueeze(-1), source[:, src_pos], 0.0)
+        fused_source = source[:, dst_pos] + weights.to(source.dtype) @ source_src
+        parts.append((source[:, :num_special], fused_source, source[:, src_pos]))
+    return lengths, slots, parts
+
+
+def _place(parts: tuple[Tensor, Tensor, Tensor], index: Tensor, total: int) -> Tensor:
+    """Scatter the tokens of (special, dst, src) parts [B, T', ...] to flat rows `index` [B, T'] of a zeroed
+    [total, ...] tensor; index == total drops a token (into one extra row that is cut off)."""
+    values = torch.cat(parts, dim=1).flatten(0, 1)
+    out = values.new_zeros(total + 1, *values.shape[1:])
+    return out.index_copy_(0, index.flatten(), values)[:total]
+
+
 def mame_merge(
     batch: TokenBatch, metric: Tensor, tau: Tensor | float, num_special: int, stride: int = 2
 ) -> tuple[TokenBatch, Tensor]:
@@ -75,53 +133,76 @@ def mame_merge(
     Returns the merged batch (spec, fused dst, preserved src; compacted and cut to the longest image) and
     the real token count per image [B] (int64, on the CPU).
     """
-    x, size, source = batch.x, batch.size, batch.source
-    dst_pos, src_pos, dst_slots = _split_positions(x.shape[1], num_special, stride, x.device)
-    if src_pos.numel() == 0:  # at most one non-special token: nothing can merge, and the order is already final
-        return batch, (size > 0).sum(dim=1).cpu()
+    if batch.x.shape[1] - num_special < 2:  # at most one non-special token: nothing can merge, order is final
+        return batch, (batch.size > 0).sum(dim=1).cpu()
+    lengths, slots, parts = _mame_step(batch, metric, tau, num_special, stride)
+    lengths_host = lengths.squeeze(1).cpu()  # the one host sync of a merge: the output's length depends on it
+    bsz, new_len = batch.x.shape[0], int(lengths_host.max())
+    row_start = torch.arange(0, bsz * new_len, new_len, device=slots.device).unsqueeze(1)
+    index = torch.where(slots >= 0, row_start + slots, bsz * new_len)
+    placed = [_place(p, index, bsz * new_len).unflatten(0, (bsz, new_len)) for p in parts]
+    return TokenBatch(*placed), lengths_host
 
-    size_dst, size_src = size[:, dst_pos], size[:, src_pos]
-    valid_dst, valid_src = size_dst > 0, size_src > 0
-    sim = cosine_similarity(metric[:, dst_pos], metric[:, src_pos])
-    weights = mame_fusion_weights(sim, tau, valid_dst, valid_src)
-    preserved = valid_src & (weights.sum(dim=1) == 0)
 
-    # Size-weighted fusion. Padding rows may hold anything (NaN * 0 is NaN), so they are zeroed with where.
-    # Each term's weight is divided by the dst's new size before it meets a token: the weights of a fused token
-    # sum to 1, so in fp16 no partial sum can overflow where the mean itself fits (size 80 x 1000 would).
-    mass = weights * size_src.to(weights.dtype).unsqueeze(1)  # [B, M, N]
-    x_src = torch.where(valid_src.unsqueeze(-1), x[:, src_pos], 0.0)
-    new_size_dst = size_dst + mass.sum(dim=2).to(size.dtype)
-    src_share = _divide_where_positive(mass, new_size_dst.to(mass.dtype).unsqueeze(-1))
-    dst_share = _divide_where_positive(size_dst, new_size_dst).to(x.dtype).unsqueeze(-1)
-    fused = torch.where(valid_dst.unsqueeze(-1), dst_share * x[:, dst_pos], 0.0) + src_share.to(x.dtype) @ x_src
+@dataclass(frozen=True)
+class PackedBatch:
+    """Each image's real tokens back to back, without padding: x [N, C], size [N], source [N, P] or None,
+    with the tokens per image on the host (`lengths` [B], int64) and where each image starts on the device
+    (`offsets` [B + 1], int64: cu_seqlens)."""
 
-    # Compaction: each image's row becomes [special, its real dsts, its preserved srcs, padding]. Every
-    # token is scattered to its slot; merged sources and padding go to one extra slot that is cut off.
-    n_valid_dst = valid_dst.sum(dim=1, keepdim=True)  # [B, 1]
-    lengths = num_special + n_valid_dst.squeeze(1) + preserved.sum(dim=1)
-    lengths_host = lengths.cpu()  # the one host sync of a merge: the output's length depends on it
-    new_len = int(lengths_host.max())
-    dst_slot = torch.where(valid_dst, dst_slots, new_len)
-    src_slot = torch.where(preserved, num_special + n_valid_dst + preserved.cumsum(dim=1) - 1, new_len)
-    spec_slot = torch.arange(num_special, device=x.device).expand(x.shape[0], -1)
-    slots = torch.cat([spec_slot, dst_slot, src_slot], dim=1)
+    x: Tensor
+    size: Tensor
+    source: Tensor | None
+    lengths: Tensor
+    offsets: Tensor
 
-    def compact(spec_part: Tensor, dst_part: Tensor, src_part: Tensor) -> Tensor:
-        values = torch.cat([spec_part, dst_part, src_part], dim=1)
-        index = slots if values.dim() == 2 else slots.unsqueeze(-1).expand(-1, -1, values.shape[-1])
-        out = values.new_zeros(values.shape[0], new_len + 1, *values.shape[2:])
-        return out.scatter_(1, index, values)[:, :new_len]
+    @property
+    def uniform(self) -> bool:
+        """Do all images have the same length (then the packed rows are a [B, L] batch as they are)?"""
+        return bool(self.lengths.min() == self.lengths.max())
 
-    new_x = compact(x[:, :num_special], fused, x[:, src_pos])
-    new_size = compact(size[:, :num_special], new_size_dst, size_src)
-    new_source = None
-    if source is not None:
-        # A source row already sums to its token's size, so it is spread by the weights alone.
-        source_src = torch.where(valid_src.unsqueeze(-1), source[:, src_pos], 0.0)
-        fused_source = source[:, dst_pos] + weights.to(source.dtype) @ source_src
-        new_source = compact(source[:, :num_special], fused_source, source[:, src_pos])
-    return TokenBatch(new_x, new_size, new_source), lengths_host
+    @staticmethod
+    def from_padded(batch: TokenBatch) -> PackedBatch:
+        """A padded batch without padding (every image as long as the tensor) as a packed one."""
+        bsz, length = batch.x.shape[:2]
+        source = batch.source.flatten(0, 1) if batch.source is not None else None
+        offsets = torch.arange(0, (bsz + 1) * length, length, device=batch.x.device)
+        return PackedBatch(batch.x.flatten(0, 1), batch.size.flatten(), source,
+                           torch.full((bsz,), length, dtype=torch.int64), offsets)
+
+    def padded(self, *extra: Tensor) -> tuple[TokenBatch, ...] | TokenBatch:
+        """[B, longest, ...] views or copies: padding rows hold any real token and have size 0. Extra packed
+        tensors [N, ...] (a metric) are padded alike and returned after the batch."""
+        bsz, longest = self.lengths.numel(), int(self.lengths.max())
+        tensors = [self.x, self.size, self.source, *extra]
+        if self.uniform:
+            out = [t.unflatten(0, (bsz, longest)) if t is not None else None for t in tensors]
+        else:
+            position = torch.arange(longest, device=self.x.device)
+            real = position < (self.offsets[1:] - self.offsets[:-1]).unsqueeze(1)
+            index = torch.where(real, self.offsets[:-1].unsqueeze(1) + position, 0)
+            out = [t[index] if t is not None else None for t in tensors]
+            out[1] = torch.where(real, out[1], 0.0)
+        batch = TokenBatch(*out[:3])
+        return (batch, *out[3:]) if extra else batch
+
+
+def mame_merge_packed(
+    batch: PackedBatch, metric: Tensor, tau: Tensor | float, num_special: int, stride: int = 2
+) -> PackedBatch:
+    """mame_merge on a packed batch (metric [N, d]), returning a packed batch: the same tokens and sizes as
+    mame_merge gives, without its padding. One host sync (the new token count)."""
+    padded, padded_metric = batch.padded(metric)
+    if padded.x.shape[1] - num_special < 2:
+        return batch
+    lengths, slots, parts = _mame_step(padded, padded_metric, tau, num_special, stride)
+    offsets = torch.nn.functional.pad(lengths.squeeze(1).cumsum(0), (1, 0))
+    lengths_host = lengths.squeeze(1).cpu()  # the one host sync of a merge: the output's size depends on it
+    total = int(lengths_host.sum())
+    index = torch.where(slots >= 0, offsets[:-1].unsqueeze(1) + slots, total)
+    placed = [_place(p, index, total) for p in parts]
+    source = placed[2] if len(placed) > 2 else None
+    return PackedBatch(placed[0], placed[1], source, lengths_host, offsets)
 
 
 def mame_order(batch: TokenBatch, num_special: int, stride: int = 2) -> TokenBatch:

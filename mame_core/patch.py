@@ -7,9 +7,10 @@ copy of the weights serves unmerged, MaMe at any tau and ToMe at any r, with no 
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
 import torch
@@ -18,7 +19,7 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
-from .merge import TokenBatch, mame_merge, mame_order, tome_merge
+from .merge import PackedBatch, TokenBatch, mame_merge_packed, mame_order, tome_merge
 
 Method = Literal["none", "mame", "tome"]
 DEFAULT_MAME_BLOCKS = 8  # the paper's setting for ViT-B
@@ -141,95 +142,105 @@ def check_supported(model: nn.Module) -> None:
             )
 
 
-RowFn = Callable[[Tensor], Tensor]
-
-
-def _per_token(fn: RowFn, h: Tensor, real_rows: Tensor | None) -> Tensor:
-    """Apply a per-token function to the real tokens only.
-
-    With padding, the real rows are packed first, so the linear layers (most of a ViT's work) cost the sum of
-    the images' token counts, not batch size x the longest image. Padding rows of the result are 0.
-    """
-    if real_rows is None:
-        return fn(h)
-    bsz, length, dim = h.shape
-    out = fn(h.reshape(bsz * length, dim).index_select(0, real_rows))
-    full = out.new_zeros(bsz * length, out.shape[-1]).index_copy_(0, real_rows, out)
-    return full.view(bsz, length, -1)
-
-
-def _block_attention(
-    blk: Block, h: Tensor, key_bias: Tensor | None, real_rows: Tensor | None
-) -> tuple[Tensor, Tensor]:
-    """timm Block's attention branch (norm1, Attention, ls1), plus the keys averaged over heads (the metric)."""
-    attn = blk.attn
-    bsz, n, _ = h.shape
-    gated = getattr(attn, "gate", None) is not None
-    width = attn.attn_dim * (4 if gated else 3)
-
-    def project(t: Tensor) -> Tensor:
-        t = blk.norm1(t)
-        return torch.cat([attn.qkv(t), attn.gate(t)], dim=-1) if gated else attn.qkv(t)
-
-    projected = _per_token(project, h, real_rows)
-    qkv = projected[..., : 3 * attn.attn_dim].reshape(bsz, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    if key_bias is None:
-        out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
-    else:
-        out = _key_biased_attention(q, k, v, key_bias, attn.scale)
-    out = out.transpose(1, 2).reshape(bsz, n, attn.attn_dim)
-    if gated:
-        out = torch.cat([out, projected[..., 3 * attn.attn_dim: width]], dim=-1)
-
-    def finish(t: Tensor) -> Tensor:
-        t, gate = (t[..., : attn.attn_dim], t[..., attn.attn_dim:]) if gated else (t, None)
-        t = attn.norm(t)
-        if gate is not None:
-            t = t * gate.sigmoid()
-        return blk.ls1(attn.proj_drop(attn.proj(t)))
-
-    return _per_token(finish, out, real_rows), k.mean(dim=1)
-
-
-def _key_bias(size: Tensor, prop_attn: bool, dtype: torch.dtype) -> Tensor:
-    """Per key logit bias [B, 1, T, 1]: log(size) (proportional attention) or 0; -inf on padding either way."""
-    weight = size if prop_attn else (size > 0).to(size.dtype)
-    return weight.log().to(dtype)[:, None, :, None]
-
-
-def _key_biased_attention(q: Tensor, k: Tensor, v: Tensor, key_bias: Tensor, scale: float) -> Tensor:
-    """softmax(q k^T * scale + bias) v with a per key bias [B, 1, T, 1], as one mask-free fused attention.
-
-    The bias rides in `pad` extra head channels: q gets ones, k gets bias / (pad * scale), v gets zeros, so
-    q_ext k_ext^T * scale is the biased logit and the first channels of the output are the result. A mask
-    keeps SDPA off its fastest kernel (measured on the GPU: 2.6x slower attention); this costs one copy of
-    q, k and v and a head dim rounded up to the next multiple of 8 (what the fused kernels take). Padding
-    keys get -inf and drop out exactly, whatever finite values they hold.
-    """
-    dim = q.shape[-1]
-    pad = 8 - dim % 8
-
-    def extend(t: Tensor, extra: Tensor) -> Tensor:
-        return torch.cat([t, extra.expand(*t.shape[:-1], pad)], dim=-1)
-
-    out = F.scaled_dot_product_attention(
-        extend(q, q.new_ones(())), extend(k, key_bias / (pad * scale)), extend(v, v.new_zeros(())), scale=scale
-    )
-    return out[..., :dim]
-
-
-def _real_rows(size: Tensor, num_real: int) -> Tensor | None:
-    """Flat indices of the real tokens of a padded batch, or None when no row is padding.
-    num_real comes from the host, so that finding the indices needs no device sync."""
-    if num_real == size.numel():
-        return None
-    real = size.reshape(-1) > 0
+def _load_varlen_attn() -> Callable[..., Tensor] | None:
+    """torch's variable-length flash attention (torch.nn.attention.varlen), where this torch has it."""
     try:
-        return torch.nonzero_static(real, size=num_real).squeeze(1)
-    except (NotImplementedError, RuntimeError):  # older torch builds lack it on some devices
-        return real.nonzero().squeeze(1)
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+_VARLEN_ATTN = _load_varlen_attn()
+# torch 2.10 has no scale argument (the softmax scale is then 1/sqrt(head dim)): q is scaled instead.
+_VARLEN_TAKES_SCALE = _VARLEN_ATTN is not None and "scale" in inspect.signature(_VARLEN_ATTN).parameters
+
+
+def _varlen_usable(qkv: Tensor) -> bool:
+    """Can torch's varlen flash attention run on these packed [N, 3, H, D] rows?"""
+    return (_VARLEN_ATTN is not None and qkv.is_cuda and qkv.dtype in (torch.float16, torch.bfloat16)
+            and qkv.shape[-1] <= 256 and torch.backends.cuda.is_flash_attention_available())
+
+
+@dataclass
+class _Layout:
+    """How a forward's packed tokens [N, C] split into images, and the key bias attention needs.
+
+    lengths: tokens per image (host ints). cu_seqlens: [B + 1] int32 on the device (for varlen attention).
+    bias_size: the token sizes whose log biases every key (proportional attention), or None while every token
+    has size 1 (attention is then plain SDPA). `channels` caches the bias channels per (head dim, scale).
+    """
+
+    lengths: list[int]
+    cu_seqlens: Tensor | None = None
+    bias_size: Tensor | None = None
+    prop_attn: bool = True
+    channels: dict[tuple[int, float], Tensor] = field(default_factory=dict)
+
+    @property
+    def uniform(self) -> bool:
+        return min(self.lengths) == max(self.lengths)
+
+    def bias_channels(self, head_dim: int, scale: float, dtype: torch.dtype) -> Tensor | None:
+        """Extra q/k/v head channels [N, 3, 1, pad] that carry the key bias log(size) through a mask-free
+        attention: q gets ones, k gets bias / (pad * scale), v gets zeros, so q_ext k_ext^T * scale is the
+        biased logit and the first head_dim channels of the output are the result. A mask keeps SDPA off its
+        fastest kernel (measured on the GPU: 2.6x slower attention) and varlen attention takes none; this
+        costs a head dim rounded up to the next multiple of 8 (what the fused kernels take)."""
+        if self.bias_size is None:
+            return None
+        key = (head_dim, scale)
+        if key not in self.channels:
+            pad = 8 - head_dim % 8
+            size = self.bias_size if self.prop_attn else torch.ones_like(self.bias_size)
+            bias = size.log() / (pad * scale)
+            extra = torch.stack([torch.ones_like(bias), bias, torch.zeros_like(bias)], dim=1)
+            self.channels[key] = extra.to(dtype)[:, :, None, None].expand(-1, -1, 1, pad)
+        return self.channels[key]
+
+
+def _attend(qkv: Tensor, layout: _Layout, scale: float) -> Tensor:
+    """softmax(q k^T * scale) v within each image, for packed rows qkv [N, 3, H, D] -> [N, H, D].
+
+    All images as long: one SDPA over [B, H, L, D]. Otherwise each image attends over its own tokens only
+    (no padding): torch's varlen flash attention where it can run, else one SDPA per image."""
+    n, _, heads, dim = qkv.shape
+    if layout.uniform:
+        bsz = len(layout.lengths)
+        q, k, v = qkv.view(bsz, n // bsz, 3, heads, dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2).flatten(0, 1)
+    if _varlen_usable(qkv) and layout.cu_seqlens is not None:
+        q, k, v = qkv.unbind(1)
+        longest = max(layout.lengths)
+        if _VARLEN_TAKES_SCALE:
+            return _VARLEN_ATTN(q, k, v, layout.cu_seqlens, layout.cu_seqlens, longest, longest, scale=scale)
+        q = q * (scale * dim ** 0.5)
+        return _VARLEN_ATTN(q, k, v, layout.cu_seqlens, layout.cu_seqlens, longest, longest)
+    images = qkv.permute(1, 2, 0, 3).split(layout.lengths, dim=2)  # per image [3, H, n_i, D]
+    outs = [F.scaled_dot_product_attention(*image.unbind(0), scale=scale) for image in images]
+    return torch.cat(outs, dim=1).transpose(0, 1)
+
+
+def _block_attention(blk: Block, h: Tensor, layout: _Layout, want_metric: bool) -> tuple[Tensor, Tensor | None]:
+    """timm Block's attention branch (norm1, Attention, ls1) on packed tokens h [N, C], and, if wanted, the
+    keys averaged over heads in fp32 or wider (the merge's metric, [N, head_dim])."""
+    attn = blk.attn
+    t = blk.norm1(h)
+    qkv = attn.qkv(t).unflatten(-1, (3, attn.num_heads, attn.head_dim))  # [N, 3, H, D]
+    if not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)):
+        qkv = torch.stack([attn.q_norm(qkv[:, 0]), attn.k_norm(qkv[:, 1]), qkv[:, 2]], dim=1)
+    metric = qkv[:, 1].mean(dim=1, dtype=torch.promote_types(qkv.dtype, torch.float32)) if want_metric else None
+    channels = layout.bias_channels(attn.head_dim, attn.scale, qkv.dtype)
+    if channels is not None:
+        qkv = torch.cat([qkv, channels.expand(-1, -1, attn.num_heads, -1)], dim=-1)
+    out = _attend(qkv, layout, attn.scale)
+    if channels is not None:
+        out = out[..., : attn.head_dim]
+    out = attn.norm(out.reshape(h.shape[0], attn.attn_dim))
+    gate = getattr(attn, "gate", None)
+    if gate is not None:
+        out = out * gate(t).sigmoid()
+    return blk.ls1(attn.proj_drop(attn.proj(out))), metric
 
 
 def _linear_macs(module: nn.Module) -> int:
@@ -278,55 +289,61 @@ class MergingViT(nn.Module):
         image_tau = self._tau_tensor(tau, bsz, x.device) if tau is not None else None
 
         h = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
-        special = self.num_prefix_tokens
+        special, first_len = self.num_prefix_tokens, h.shape[1]
         size = torch.ones(h.shape[:2], device=h.device, dtype=torch.float32)
         source = None
         if return_source:
-            source = torch.zeros(bsz, h.shape[1], self.num_patches, device=h.device, dtype=torch.float32)
+            source = torch.zeros(bsz, first_len, self.num_patches, device=h.device, dtype=torch.float32)
             source[:, special:] = torch.eye(self.num_patches, device=h.device)
-        lengths = torch.full((bsz,), h.shape[1], dtype=torch.int64)  # real tokens per image, kept on the CPU
-        key_bias: Tensor | None = None  # None while every token has size 1 and there is no padding (fast path)
-        real_rows: Tensor | None = None  # flat indices of real tokens, None while there is no padding
+        # The tokens stay packed ([N, C], each image's real tokens back to back): per-token layers cost the sum
+        # of the images' token counts, and attention runs within each image.
+        tokens = PackedBatch.from_padded(TokenBatch(h, size, source))
+        layout = _Layout(tokens.lengths.tolist(), prop_attn=settings.prop_attn)
         merged_yet = False  # has any image of the batch merged a token so far?
 
         counts_in, counts_out, merge_pairs, sources = [], [], [], []
         for i, blk in enumerate(m.blocks):
+            lengths = tokens.lengths
             counts_in.append(lengths)
-            attn_out, keys = _block_attention(blk, h, key_bias, real_rows)
-            h = h + blk.drop_path1(attn_out)
+            merging = i < merge_blocks
+            attn_out, metric = _block_attention(blk, tokens.x, layout, want_metric=merging)
+            tokens = replace(tokens, x=tokens.x + blk.drop_path1(attn_out))
             pairs = torch.zeros(bsz)
-            if i < merge_blocks:
-                batch = TokenBatch(h, size, source)
+            if merging:
                 if settings.method == "mame":
-                    if tau is None and settings.tau_at(i) >= 1 and not merged_yet:
-                        batch = mame_order(batch, special, settings.stride)  # merges nothing: just reorder
+                    if tau is None and settings.tau_at(i) >= 1 and not merged_yet:  # merges nothing: reorder
+                        tokens = PackedBatch.from_padded(mame_order(tokens.padded(), special, settings.stride))
                     else:
                         real_dst = ((lengths - special + settings.stride - 1) // settings.stride).clamp(min=0)
                         pairs = (real_dst * (lengths - special - real_dst)).to(pairs.dtype)
                         block_tau = image_tau if image_tau is not None else settings.tau_at(i)
-                        batch, lengths = mame_merge(batch, keys, block_tau, special, settings.stride)
-                        merged_yet = merged_yet or bool((lengths < h.shape[1]).any())
+                        tokens = mame_merge_packed(tokens, metric, block_tau, special, settings.stride)
+                        merged_yet = merged_yet or bool((tokens.lengths < lengths).any())
                 else:
                     n_a = (lengths - special + 1) // 2
                     pairs = (n_a * (lengths - special - n_a)).to(pairs.dtype)
-                    batch = tome_merge(batch, keys, settings.r, special)
-                    lengths = torch.full_like(lengths, batch.x.shape[1])
-                    merged_yet = merged_yet or batch.x.shape[1] < h.shape[1]
-                h, size, source = batch.x, batch.size, batch.source
+                    padded, padded_metric = tokens.padded(metric)
+                    tokens = PackedBatch.from_padded(tome_merge(padded, padded_metric, settings.r, special))
+                    merged_yet = merged_yet or bool((tokens.lengths < lengths).any())
+                layout = _Layout(tokens.lengths.tolist(), prop_attn=settings.prop_attn)
                 if merged_yet:  # while nothing merged, every size is 1 and attention needs no bias
-                    key_bias = _key_bias(size, settings.prop_attn, h.dtype)
-                    real_rows = _real_rows(size, int(lengths.sum()))
+                    layout.bias_size = tokens.size
+                    if not layout.uniform:
+                        layout.cu_seqlens = tokens.offsets.to(torch.int32)
             merge_pairs.append(pairs)
-            h = h + blk.drop_path2(_per_token(lambda t, b=blk: b.ls2(b.mlp(b.norm2(t))), h, real_rows))
-            counts_out.append(lengths)
+            mlp_out = blk.ls2(blk.mlp(blk.norm2(tokens.x)))
+            tokens = replace(tokens, x=tokens.x + blk.drop_path2(mlp_out))
+            counts_out.append(tokens.lengths)
             if return_source:
-                sources.append(source)
+                padded = tokens.padded()
+                sources.append(torch.where(padded.size.unsqueeze(-1) > 0, padded.source, 0.0))
 
-        logits = self._head(m.norm(h), size)
-        tokens_in = torch.stack(counts_in, dim=1).cpu()
-        tokens = torch.stack(counts_out, dim=1).cpu()
-        gflops = self._estimate_gmacs(tokens_in, tokens, torch.stack(merge_pairs, dim=1).cpu())
-        return MergeResult(logits, tokens, self.input_tokens, gflops, sources if return_source else None)
+        final = replace(tokens, x=m.norm(tokens.x)).padded()
+        logits = self._head(final.x, final.size)
+        tokens_in = torch.stack(counts_in, dim=1)
+        tokens_out = torch.stack(counts_out, dim=1)
+        gflops = self._estimate_gmacs(tokens_in, tokens_out, torch.stack(merge_pairs, dim=1))
+        return MergeResult(logits, tokens_out, self.input_tokens, gflops, sources if return_source else None)
 
     @staticmethod
     def _tau_tensor(tau: Tensor | Sequence[float], bsz: int, device: torch.device) -> Tensor:

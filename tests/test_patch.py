@@ -183,18 +183,24 @@ def test_vit_base_unmerged_equivalence_invariance_and_flops():
 
 @pytest.mark.parametrize("prop_attn", [True, False])
 @pytest.mark.parametrize("head_dim", [16, 13])
-def test_key_biased_attention_equals_additive_bias(prop_attn, head_dim):
-    from mame_core.patch import _key_bias, _key_biased_attention
+@pytest.mark.parametrize("lengths", [[7, 3, 5, 1], [5, 5, 5]])
+def test_packed_attention_equals_per_image_additive_bias(prop_attn, head_dim, lengths):
+    from mame_core.patch import _attend, _Layout
 
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(3, 2, 7, head_dim, generator=gen) for _ in range(3))
-    size = torch.tensor([[1.0, 3, 2, 1, 5, 0, 0], [1.0, 1, 1, 1, 1, 1, 1], [4.0, 1, 0, 0, 0, 0, 0]])
-    k[:, :, 5:] = 1e4  # padding keys may hold anything: they must not matter
-    bias = torch.where(size > 0, size.log() if prop_attn else 0.0, float("-inf"))[:, None, None, :]
-    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-    got = _key_biased_attention(q, k, v, _key_bias(size, prop_attn, q.dtype), head_dim ** -0.5)
-    assert got.shape == expected.shape
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    qkv = torch.randn(sum(lengths), 3, 2, head_dim, generator=gen)
+    size = torch.randint(1, 6, (sum(lengths),), generator=gen).float()
+    scale = head_dim ** -0.5
+    layout = _Layout(lengths, bias_size=size, prop_attn=prop_attn)
+    channels = layout.bias_channels(head_dim, scale, qkv.dtype)
+    got = _attend(torch.cat([qkv, channels.expand(-1, -1, 2, -1)], dim=-1), layout, scale)[..., :head_dim]
+    start = 0
+    for n in lengths:  # each image alone: its own keys only, log(size) added to every key's logit
+        q, k, v = qkv[start:start + n].permute(1, 2, 0, 3)
+        bias = size[start:start + n].log() if prop_attn else torch.zeros(n)
+        expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias.expand(n, n))
+        torch.testing.assert_close(got[start:start + n], expected.transpose(0, 1), atol=1e-5, rtol=1e-5)
+        start += n
 
 
 def test_blocks_count_merging_blocks_from_one():
