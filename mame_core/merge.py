@@ -38,32 +38,34 @@ def cosine_similarity(a: Tensor, b: Tensor) -> Tensor:
     return (_unit(a) @ _unit(b).transpose(-1, -2)).clamp(-1.0, 1.0)
 
 
-def mame_fusion_weights(sim: Tensor, tau: Tensor | float, valid_dst: Tensor, valid_src: Tensor) -> Tensor:
-    """Steps 3-6 of the spec: thresholded, pruned and renormalised fusion weights WF [B, M, N].
+def mame_fusion_weights(
+    sim: Tensor, tau: Tensor | float, valid_dst: Tensor, valid_src: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Steps 3-6 of the spec: thresholded, pruned and renormalised fusion weights WF [B, M, N], and which
+    sources merge [B, N] (a column of WF that is all zero: the src is preserved, or is padding).
 
-    Every column (src) that merges sums to exactly 1; a column of zeros means the src is preserved.
+    Every column (src) that merges sums to exactly 1.
     """
     threshold = tau.to(sim.dtype).view(-1, 1, 1) if isinstance(tau, Tensor) else tau
     pair_ok = valid_dst.unsqueeze(2) & valid_src.unsqueeze(1)
     excess = torch.where(pair_ok, (sim - threshold).relu(), 0.0)
     colsum = excess.sum(dim=1, keepdim=True)
-    positive = excess > 0
-    count = positive.sum(dim=1, keepdim=True)
+    count = (excess > 0).sum(dim=1, keepdim=True)
     # Keep a dst if its weight reaches the mean positive weight of its column (zeta_j); compared on St so that
-    # one candidate, or several equal ones, are kept regardless of float rounding.
-    keep = positive & (excess * count >= colsum * (1 - 1e-5))
-    kept = torch.where(keep, excess, 0.0)
-    return _divide_where_positive(kept, kept.sum(dim=1, keepdim=True))
+    # one candidate, or several equal ones, are kept regardless of float rounding. A zero entry is kept only
+    # where its column is all zero, and adds nothing.
+    kept = torch.where(excess * count >= colsum * (1 - 1e-5), excess, 0.0)
+    kept_sum = kept.sum(dim=1, keepdim=True)
+    return _divide_where_positive(kept, kept_sum), kept_sum.squeeze(1) > 0
 
 
 @functools.lru_cache(maxsize=256)
 def _split_positions(length: int, num_special: int, stride: int, device: torch.device) -> tuple[Tensor, ...]:
     """Positions of the destinations (every `stride`-th non-special token) and of the sources (the rest),
-    and the slots the destinations take after compaction. Cached: the same few lengths recur."""
+    and an all-true [1, num_special] mask (the special tokens are always kept). Cached: few lengths recur."""
     pos = torch.arange(num_special, length, device=device)
     is_dst = (pos - num_special) % stride == 0
-    dst_pos = pos[is_dst]
-    return dst_pos, pos[~is_dst], torch.arange(num_special, num_special + dst_pos.numel(), device=device)
+    return pos[is_dst], pos[~is_dst], torch.ones(1, num_special, dtype=torch.bool, device=device)
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -73,55 +75,51 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _mame_step(
     batch: TokenBatch, metric: Tensor, tau: Tensor | float, num_special: int, stride: int
-) -> tuple[Tensor, Tensor, list[tuple[Tensor, Tensor, Tensor]]]:
-    """Steps 2-9 of the spec on a padded batch, up to where each token goes.
+) -> tuple[Tensor, list[tuple[Tensor, Tensor, Tensor]]]:
+    """Steps 2-9 of the spec on a padded batch, up to which tokens the output keeps.
 
-    Returns the real token count per image [B, 1] (on the device), each token's slot in its image's output
-    row [B, T'] (-1: dropped, for merged sources and padding), and for x, size and source the parts
-    (special, fused dst, src) whose concatenation along dim 1 the slots index.
+    Returns `keep` [B, T'] (bool) and, for x, size and source, the parts (special, fused dst, src) along
+    dim 1 that it masks: each image's kept tokens, in order, are its output (special, real dsts, preserved
+    srcs). Similarity, weights and fusion run in fp32 or wider; only fused tokens return to the model dtype.
     """
     x, size, source = batch.x, batch.size, batch.source
-    dst_pos, src_pos, dst_slots = _split_positions(x.shape[1], num_special, stride, x.device)
+    dst_pos, src_pos, special_keep = _split_positions(x.shape[1], num_special, stride, x.device)
+    work = _work_dtype(metric.dtype)
+    unit = _unit(metric if metric.dtype == work else metric.to(work))
+    sim = (unit[:, dst_pos] @ unit[:, src_pos].mT).clamp(-1.0, 1.0)
     size_dst, size_src = size[:, dst_pos], size[:, src_pos]
     valid_dst, valid_src = size_dst > 0, size_src > 0
-    work = _work_dtype(metric.dtype)
-    sim = cosine_similarity(metric[:, dst_pos].to(work), metric[:, src_pos].to(work))
-    weights = mame_fusion_weights(sim, tau, valid_dst, valid_src)
-    preserved = valid_src & (weights.sum(dim=1) == 0)
+    weights, merges = mame_fusion_weights(sim, tau, valid_dst, valid_src)
 
-    # Size-weighted fusion in the work dtype; only the fused tokens return to the model's dtype. Padding rows
-    # may hold anything (NaN * 0 is NaN), so they are zeroed with where. Each term's weight is divided by the
-    # dst's new size before it meets a token: the weights of a fused token sum to 1.
-    mass = weights * size_src.to(work).unsqueeze(1)  # [B, M, N]
-    x_src = x[:, src_pos]
+    # Size-weighted fusion. Each term's weight is divided by the dst's new size before it meets a token (the
+    # weights of a fused token sum to 1). Padding rows may hold anything (NaN * 0 is NaN): padding srcs are
+    # zeroed with where; padding dsts (new size 0) give rows that are never kept.
+    mass = weights * size_src.unsqueeze(1).to(work)  # [B, M, N]
     new_size_dst = size_dst + mass.sum(dim=2).to(size.dtype)
-    src_share = _divide_where_positive(mass, new_size_dst.to(work).unsqueeze(-1))
-    dst_share = _divide_where_positive(size_dst, new_size_dst).to(work).unsqueeze(-1)
-    x_src_real = torch.where(valid_src.unsqueeze(-1), x_src, 0.0).to(work)
-    fused = torch.where(valid_dst.unsqueeze(-1), dst_share * x[:, dst_pos].to(work), 0.0) + src_share @ x_src_real
+    inverse = new_size_dst.to(work).reciprocal().unsqueeze(-1)
+    x_dst, x_src = x[:, dst_pos], x[:, src_pos]
+    x_src_real = torch.where(valid_src.unsqueeze(-1), x_src, 0.0)
+    if x.dtype != work:
+        x_dst, x_src_real = x_dst.to(work), x_src_real.to(work)
+    fused = (size_dst.to(work).unsqueeze(-1) * inverse) * x_dst + (mass * inverse) @ x_src_real
 
-    # Each image's output row is [special, its real dsts, its preserved srcs].
-    n_valid_dst = valid_dst.sum(dim=1, keepdim=True)  # [B, 1]
-    lengths = num_special + n_valid_dst + preserved.sum(dim=1, keepdim=True)
-    dst_slot = torch.where(valid_dst, dst_slots, -1)
-    src_slot = torch.where(preserved, num_special + n_valid_dst + preserved.cumsum(dim=1) - 1, -1)
-    spec_slot = torch.arange(num_special, device=x.device).expand(x.shape[0], -1)
-    slots = torch.cat([spec_slot, dst_slot, src_slot], dim=1)
+    keep = torch.cat([special_keep.expand(x.shape[0], -1), valid_dst, valid_src & ~merges], dim=1)
     parts = [(x[:, :num_special], fused.to(x.dtype), x_src), (size[:, :num_special], new_size_dst, size_src)]
     if source is not None:
         # A source row already sums to its token's size, so it is spread by the weights alone.
         source_src = torch.where(valid_src.unsqueeze(-1), source[:, src_pos], 0.0)
         fused_source = source[:, dst_pos] + weights.to(source.dtype) @ source_src
         parts.append((source[:, :num_special], fused_source, source[:, src_pos]))
-    return lengths, slots, parts
+    return keep, parts
 
 
-def _place(parts: tuple[Tensor, Tensor, Tensor], index: Tensor, total: int) -> Tensor:
-    """Scatter the tokens of (special, dst, src) parts [B, T', ...] to flat rows `index` [B, T'] of a zeroed
-    [total, ...] tensor; index == total drops a token (into one extra row that is cut off)."""
-    values = torch.cat(parts, dim=1).flatten(0, 1)
-    out = values.new_zeros(total + 1, *values.shape[1:])
-    return out.index_copy_(0, index.flatten(), values)[:total]
+def _kept_rows(keep: Tensor, total: int) -> Tensor:
+    """Flat indices of the `total` true entries of keep [B, T'], in order (no host sync where torch can)."""
+    flat = keep.flatten()
+    try:
+        return torch.nonzero_static(flat, size=total).squeeze(1)
+    except (NotImplementedError, RuntimeError):  # older torch builds lack it on some devices
+        return flat.nonzero().squeeze(1)
 
 
 def mame_merge(
@@ -135,12 +133,16 @@ def mame_merge(
     """
     if batch.x.shape[1] - num_special < 2:  # at most one non-special token: nothing can merge, order is final
         return batch, (batch.size > 0).sum(dim=1).cpu()
-    lengths, slots, parts = _mame_step(batch, metric, tau, num_special, stride)
-    lengths_host = lengths.squeeze(1).cpu()  # the one host sync of a merge: the output's length depends on it
+    keep, parts = _mame_step(batch, metric, tau, num_special, stride)
+    lengths_host = keep.sum(dim=1).cpu()  # the one host sync of a merge: the output's length depends on it
     bsz, new_len = batch.x.shape[0], int(lengths_host.max())
-    row_start = torch.arange(0, bsz * new_len, new_len, device=slots.device).unsqueeze(1)
-    index = torch.where(slots >= 0, row_start + slots, bsz * new_len)
-    placed = [_place(p, index, bsz * new_len).unflatten(0, (bsz, new_len)) for p in parts]
+    slot = torch.arange(bsz, device=keep.device).unsqueeze(1) * new_len + keep.cumsum(dim=1) - 1
+    index = torch.where(keep, slot, bsz * new_len)
+    placed = []
+    for part in parts:
+        values = torch.cat(part, dim=1).flatten(0, 1)
+        out = values.new_zeros(bsz * new_len + 1, *values.shape[1:]).index_copy_(0, index.flatten(), values)
+        placed.append(out[:-1].unflatten(0, (bsz, new_len)))
     return TokenBatch(*placed), lengths_host
 
 
@@ -195,14 +197,13 @@ def mame_merge_packed(
     padded, padded_metric = batch.padded(metric)
     if padded.x.shape[1] - num_special < 2:
         return batch
-    lengths, slots, parts = _mame_step(padded, padded_metric, tau, num_special, stride)
-    offsets = torch.nn.functional.pad(lengths.squeeze(1).cumsum(0), (1, 0))
-    lengths_host = lengths.squeeze(1).cpu()  # the one host sync of a merge: the output's size depends on it
-    total = int(lengths_host.sum())
-    index = torch.where(slots >= 0, offsets[:-1].unsqueeze(1) + slots, total)
-    placed = [_place(p, index, total) for p in parts]
-    source = placed[2] if len(placed) > 2 else None
-    return PackedBatch(placed[0], placed[1], source, lengths_host, offsets)
+    keep, parts = _mame_step(padded, padded_metric, tau, num_special, stride)
+    lengths = keep.sum(dim=1)
+    lengths_host = lengths.cpu()  # the one host sync of a merge: the output's size depends on it
+    rows = _kept_rows(keep, int(lengths_host.sum()))
+    placed = [torch.cat(part, dim=1).flatten(0, 1).index_select(0, rows) for part in parts]
+    offsets = torch.nn.functional.pad(lengths.cumsum(0), (1, 0))
+    return PackedBatch(placed[0], placed[1], placed[2] if len(placed) > 2 else None, lengths_host, offsets)
 
 
 def mame_order(batch: TokenBatch, num_special: int, stride: int = 2) -> TokenBatch:

@@ -200,7 +200,8 @@ class _Layout:
 
 
 def _attend(qkv: Tensor, layout: _Layout, scale: float) -> Tensor:
-    """softmax(q k^T * scale) v within each image, for packed rows qkv [N, 3, H, D] -> [N, H, D].
+    """softmax(q k^T * scale) v within each image, for packed rows qkv [N, 3, H, D] -> [..., H, D] whose leading
+    dims flatten to N.
 
     All images as long: one SDPA over [B, H, L, D]. Otherwise each image attends over its own tokens only
     (no padding): torch's varlen flash attention where it can run, else one SDPA per image."""
@@ -208,16 +209,16 @@ def _attend(qkv: Tensor, layout: _Layout, scale: float) -> Tensor:
     if layout.uniform:
         bsz = len(layout.lengths)
         q, k, v = qkv.view(bsz, n // bsz, 3, heads, dim).permute(2, 0, 3, 1, 4).unbind(0)
-        return F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2).flatten(0, 1)
-    if _varlen_usable(qkv) and layout.cu_seqlens is not None:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2)
+    if layout.cu_seqlens is not None and _varlen_usable(qkv):
         q, k, v = qkv.unbind(1)
         longest = max(layout.lengths)
         if _VARLEN_TAKES_SCALE:
             return _VARLEN_ATTN(q, k, v, layout.cu_seqlens, layout.cu_seqlens, longest, longest, scale=scale)
         q = q * (scale * dim ** 0.5)
         return _VARLEN_ATTN(q, k, v, layout.cu_seqlens, layout.cu_seqlens, longest, longest)
-    images = qkv.permute(1, 2, 0, 3).split(layout.lengths, dim=2)  # per image [3, H, n_i, D]
-    outs = [F.scaled_dot_product_attention(*image.unbind(0), scale=scale) for image in images]
+    q, k, v = (t.split(layout.lengths, dim=1) for t in qkv.permute(1, 2, 0, 3).unbind(0))  # [H, n_i, D] each
+    outs = [F.scaled_dot_product_attention(*image, scale=scale) for image in zip(q, k, v)]
     return torch.cat(outs, dim=1).transpose(0, 1)
 
 
@@ -298,34 +299,33 @@ class MergingViT(nn.Module):
         # The tokens stay packed ([N, C], each image's real tokens back to back): per-token layers cost the sum
         # of the images' token counts, and attention runs within each image.
         tokens = PackedBatch.from_padded(TokenBatch(h, size, source))
-        layout = _Layout(tokens.lengths.tolist(), prop_attn=settings.prop_attn)
+        layout = _Layout([first_len] * bsz, prop_attn=settings.prop_attn)
         merged_yet = False  # has any image of the batch merged a token so far?
 
+        # Per block and image, on the host: tokens entering, tokens leaving, similarity pairs of the merge.
         counts_in, counts_out, merge_pairs, sources = [], [], [], []
         for i, blk in enumerate(m.blocks):
-            lengths = tokens.lengths
+            lengths = layout.lengths
             counts_in.append(lengths)
             merging = i < merge_blocks
             attn_out, metric = _block_attention(blk, tokens.x, layout, want_metric=merging)
             tokens = replace(tokens, x=tokens.x + blk.drop_path1(attn_out))
-            pairs = torch.zeros(bsz)
+            pairs = [0] * bsz
             if merging:
                 if settings.method == "mame":
                     if tau is None and settings.tau_at(i) >= 1 and not merged_yet:  # merges nothing: reorder
                         tokens = PackedBatch.from_padded(mame_order(tokens.padded(), special, settings.stride))
                     else:
-                        real_dst = ((lengths - special + settings.stride - 1) // settings.stride).clamp(min=0)
-                        pairs = (real_dst * (lengths - special - real_dst)).to(pairs.dtype)
+                        rest = [n - special for n in lengths]
+                        pairs = [-(-r // settings.stride) * (r + (r // -settings.stride)) for r in rest]
                         block_tau = image_tau if image_tau is not None else settings.tau_at(i)
                         tokens = mame_merge_packed(tokens, metric, block_tau, special, settings.stride)
-                        merged_yet = merged_yet or bool((tokens.lengths < lengths).any())
                 else:
-                    n_a = (lengths - special + 1) // 2
-                    pairs = (n_a * (lengths - special - n_a)).to(pairs.dtype)
+                    pairs = [(n - special + 1) // 2 * ((n - special) // 2) for n in lengths]
                     padded, padded_metric = tokens.padded(metric)
                     tokens = PackedBatch.from_padded(tome_merge(padded, padded_metric, settings.r, special))
-                    merged_yet = merged_yet or bool((tokens.lengths < lengths).any())
                 layout = _Layout(tokens.lengths.tolist(), prop_attn=settings.prop_attn)
+                merged_yet = merged_yet or any(a < b for a, b in zip(layout.lengths, lengths))
                 if merged_yet:  # while nothing merged, every size is 1 and attention needs no bias
                     layout.bias_size = tokens.size
                     if not layout.uniform:
@@ -333,16 +333,16 @@ class MergingViT(nn.Module):
             merge_pairs.append(pairs)
             mlp_out = blk.ls2(blk.mlp(blk.norm2(tokens.x)))
             tokens = replace(tokens, x=tokens.x + blk.drop_path2(mlp_out))
-            counts_out.append(tokens.lengths)
+            counts_out.append(layout.lengths)
             if return_source:
                 padded = tokens.padded()
                 sources.append(torch.where(padded.size.unsqueeze(-1) > 0, padded.source, 0.0))
 
         final = replace(tokens, x=m.norm(tokens.x)).padded()
         logits = self._head(final.x, final.size)
-        tokens_in = torch.stack(counts_in, dim=1)
-        tokens_out = torch.stack(counts_out, dim=1)
-        gflops = self._estimate_gmacs(tokens_in, tokens_out, torch.stack(merge_pairs, dim=1))
+        per_image = lambda rows: torch.tensor(rows, dtype=torch.int64).T  # [depth][B] -> [B, depth]
+        tokens_out = per_image(counts_out)
+        gflops = self._estimate_gmacs(per_image(counts_in), tokens_out, per_image(merge_pairs))
         return MergeResult(logits, tokens_out, self.input_tokens, gflops, sources if return_source else None)
 
     @staticmethod
