@@ -9,6 +9,7 @@ tokens) are never merged. Real tokens always sit at the front of each row; paddi
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -46,7 +47,7 @@ def mame_fusion_weights(
 
     Every column (src) that merges sums to exactly 1.
     """
-    threshold = tau.to(sim.dtype).view(-1, 1, 1) if isinstance(tau, Tensor) else tau
+    threshold = as_dtype(tau, sim.dtype).view(-1, 1, 1) if isinstance(tau, Tensor) else tau
     pair_ok = valid_dst.unsqueeze(2) & valid_src.unsqueeze(1)
     excess = torch.where(pair_ok, (sim - threshold).relu(), 0.0)
     colsum = excess.sum(dim=1, keepdim=True)
@@ -59,21 +60,39 @@ def mame_fusion_weights(
     return _divide_where_positive(kept, kept_sum), kept_sum.squeeze(1) > 0
 
 
-@functools.lru_cache(maxsize=256)
-def _split_positions(length: int, num_special: int, stride: int, device: torch.device) -> tuple[Tensor, ...]:
+def _positions(length: int, num_special: int, stride: int, device: torch.device) -> tuple[Tensor, ...]:
     """Positions of the destinations (every `stride`-th non-special token) and of the sources (the rest),
-    and an all-true [1, num_special] mask (the special tokens are always kept). Cached: few lengths recur."""
-    pos = torch.arange(num_special, length, device=device)
-    is_dst = (pos - num_special) % stride == 0
-    return pos[is_dst], pos[~is_dst], torch.ones(1, num_special, dtype=torch.bool, device=device)
+    and an all-true [1, num_special] mask (the special tokens are always kept). Arithmetic only, no
+    data-dependent op, so that it traces under torch.compile."""
+    rest = max(length - num_special, 0)
+    n_dst = -(-rest // stride)
+    src = torch.arange(rest - n_dst, device=device)
+    src_pos = num_special + src // (stride - 1) * stride + src % (stride - 1) + 1
+    dst_pos = torch.arange(num_special, length, stride, device=device)
+    return dst_pos, src_pos, torch.ones(1, num_special, dtype=torch.bool, device=device)
 
 
-def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+_cached_positions = functools.lru_cache(maxsize=256)(_positions)
+
+
+def _split_positions(length: int, num_special: int, stride: int, device: torch.device) -> tuple[Tensor, ...]:
+    """_positions, cached in eager mode: the same few lengths recur."""
+    if torch.compiler.is_compiling():
+        return _positions(length, num_special, stride, device)
+    return _cached_positions(length, num_special, stride, device)
+
+
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of the merge's decisions: fp32 for half-precision models (spec 5a), float64 stays float64."""
-    return torch.promote_types(dtype, torch.float32)
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _mame_step(
+def as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t in dtype, without an op when it already is."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def mame_step(
     batch: TokenBatch, metric: Tensor, tau: Tensor | float, num_special: int, stride: int
 ) -> tuple[Tensor, list[tuple[Tensor, Tensor, Tensor]]]:
     """Steps 2-9 of the spec on a padded batch, up to which tokens the output keeps.
@@ -84,8 +103,8 @@ def _mame_step(
     """
     x, size, source = batch.x, batch.size, batch.source
     dst_pos, src_pos, special_keep = _split_positions(x.shape[1], num_special, stride, x.device)
-    work = _work_dtype(metric.dtype)
-    unit = _unit(metric if metric.dtype == work else metric.to(work))
+    work = work_dtype(metric.dtype)
+    unit = _unit(as_dtype(metric, work))
     sim = (unit[:, dst_pos] @ unit[:, src_pos].mT).clamp(-1.0, 1.0)
     size_dst, size_src = size[:, dst_pos], size[:, src_pos]
     valid_dst, valid_src = size_dst > 0, size_src > 0
@@ -94,21 +113,20 @@ def _mame_step(
     # Size-weighted fusion. Each term's weight is divided by the dst's new size before it meets a token (the
     # weights of a fused token sum to 1). Padding rows may hold anything (NaN * 0 is NaN): padding srcs are
     # zeroed with where; padding dsts (new size 0) give rows that are never kept.
-    mass = weights * size_src.unsqueeze(1).to(work)  # [B, M, N]
-    new_size_dst = size_dst + mass.sum(dim=2).to(size.dtype)
-    inverse = new_size_dst.to(work).reciprocal().unsqueeze(-1)
+    mass = weights * as_dtype(size_src, work).unsqueeze(1)  # [B, M, N]
+    new_size_dst = size_dst + as_dtype(mass.sum(dim=2), size.dtype)
+    inverse = as_dtype(new_size_dst, work).reciprocal().unsqueeze(-1)
     x_dst, x_src = x[:, dst_pos], x[:, src_pos]
     x_src_real = torch.where(valid_src.unsqueeze(-1), x_src, 0.0)
-    if x.dtype != work:
-        x_dst, x_src_real = x_dst.to(work), x_src_real.to(work)
-    fused = (size_dst.to(work).unsqueeze(-1) * inverse) * x_dst + (mass * inverse) @ x_src_real
+    dst_share = as_dtype(size_dst, work).unsqueeze(-1) * inverse
+    fused = dst_share * as_dtype(x_dst, work) + (mass * inverse) @ as_dtype(x_src_real, work)
 
     keep = torch.cat([special_keep.expand(x.shape[0], -1), valid_dst, valid_src & ~merges], dim=1)
-    parts = [(x[:, :num_special], fused.to(x.dtype), x_src), (size[:, :num_special], new_size_dst, size_src)]
+    parts = [(x[:, :num_special], as_dtype(fused, x.dtype), x_src), (size[:, :num_special], new_size_dst, size_src)]
     if source is not None:
         # A source row already sums to its token's size, so it is spread by the weights alone.
         source_src = torch.where(valid_src.unsqueeze(-1), source[:, src_pos], 0.0)
-        fused_source = source[:, dst_pos] + weights.to(source.dtype) @ source_src
+        fused_source = source[:, dst_pos] + as_dtype(weights, source.dtype) @ source_src
         parts.append((source[:, :num_special], fused_source, source[:, src_pos]))
     return keep, parts
 
@@ -133,7 +151,7 @@ def mame_merge(
     """
     if batch.x.shape[1] - num_special < 2:  # at most one non-special token: nothing can merge, order is final
         return batch, (batch.size > 0).sum(dim=1).cpu()
-    keep, parts = _mame_step(batch, metric, tau, num_special, stride)
+    keep, parts = mame_step(batch, metric, tau, num_special, stride)
     lengths_host = keep.sum(dim=1).cpu()  # the one host sync of a merge: the output's length depends on it
     bsz, new_len = batch.x.shape[0], int(lengths_host.max())
     slot = torch.arange(bsz, device=keep.device).unsqueeze(1) * new_len + keep.cumsum(dim=1) - 1
@@ -149,19 +167,22 @@ def mame_merge(
 @dataclass(frozen=True)
 class PackedBatch:
     """Each image's real tokens back to back, without padding: x [N, C], size [N], source [N, P] or None,
-    with the tokens per image on the host (`lengths` [B], int64) and where each image starts on the device
+    with the tokens per image on the host (`lengths`, B ints) and where each image starts on the device
     (`offsets` [B + 1], int64: cu_seqlens)."""
 
     x: Tensor
     size: Tensor
     source: Tensor | None
-    lengths: Tensor
+    lengths: tuple[int, ...]
     offsets: Tensor
 
     @property
     def uniform(self) -> bool:
         """Do all images have the same length (then the packed rows are a [B, L] batch as they are)?"""
-        return bool(self.lengths.min() == self.lengths.max())
+        return min(self.lengths) == max(self.lengths)
+
+    def with_x(self, x: Tensor) -> PackedBatch:
+        return PackedBatch(x, self.size, self.source, self.lengths, self.offsets)
 
     @staticmethod
     def from_padded(batch: TokenBatch) -> PackedBatch:
@@ -169,13 +190,12 @@ class PackedBatch:
         bsz, length = batch.x.shape[:2]
         source = batch.source.flatten(0, 1) if batch.source is not None else None
         offsets = torch.arange(0, (bsz + 1) * length, length, device=batch.x.device)
-        return PackedBatch(batch.x.flatten(0, 1), batch.size.flatten(), source,
-                           torch.full((bsz,), length, dtype=torch.int64), offsets)
+        return PackedBatch(batch.x.flatten(0, 1), batch.size.flatten(), source, (length,) * bsz, offsets)
 
     def padded(self, *extra: Tensor) -> tuple[TokenBatch, ...] | TokenBatch:
         """[B, longest, ...] views or copies: padding rows hold any real token and have size 0. Extra packed
         tensors [N, ...] (a metric) are padded alike and returned after the batch."""
-        bsz, longest = self.lengths.numel(), int(self.lengths.max())
+        bsz, longest = len(self.lengths), max(self.lengths)
         tensors = [self.x, self.size, self.source, *extra]
         if self.uniform:
             out = [t.unflatten(0, (bsz, longest)) if t is not None else None for t in tensors]
@@ -190,17 +210,19 @@ class PackedBatch:
 
 
 def mame_merge_packed(
-    batch: PackedBatch, metric: Tensor, tau: Tensor | float, num_special: int, stride: int = 2
+    batch: PackedBatch, metric: Tensor, tau: Tensor | float, num_special: int, stride: int = 2,
+    step: Callable[..., tuple[Tensor, list[tuple[Tensor, Tensor, Tensor]]]] | None = None,
 ) -> PackedBatch:
     """mame_merge on a packed batch (metric [N, d]), returning a packed batch: the same tokens and sizes as
-    mame_merge gives, without its padding. One host sync (the new token count)."""
+    mame_merge gives, without its padding. One host sync (the new token count). `step`: a compiled
+    equivalent of the device part of the merge, if any."""
     padded, padded_metric = batch.padded(metric)
     if padded.x.shape[1] - num_special < 2:
         return batch
-    keep, parts = _mame_step(padded, padded_metric, tau, num_special, stride)
+    keep, parts = (step or mame_step)(padded, padded_metric, tau, num_special, stride)
     lengths = keep.sum(dim=1)
-    lengths_host = lengths.cpu()  # the one host sync of a merge: the output's size depends on it
-    rows = _kept_rows(keep, int(lengths_host.sum()))
+    lengths_host = tuple(lengths.tolist())  # the one host sync of a merge: the output's size depends on it
+    rows = _kept_rows(keep, sum(lengths_host))
     placed = [torch.cat(part, dim=1).flatten(0, 1).index_select(0, rows) for part in parts]
     offsets = torch.nn.functional.pad(lengths.cumsum(0), (1, 0))
     return PackedBatch(placed[0], placed[1], placed[2] if len(placed) > 2 else None, lengths_host, offsets)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 import torch
@@ -19,7 +19,16 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
-from .merge import PackedBatch, TokenBatch, mame_merge_packed, mame_order, tome_merge
+from .merge import (
+    PackedBatch,
+    TokenBatch,
+    as_dtype,
+    mame_merge_packed,
+    mame_order,
+    mame_step,
+    tome_merge,
+    work_dtype,
+)
 
 Method = Literal["none", "mame", "tome"]
 DEFAULT_MAME_BLOCKS = 8  # the paper's setting for ViT-B
@@ -195,7 +204,7 @@ class _Layout:
             size = self.bias_size if self.prop_attn else torch.ones_like(self.bias_size)
             bias = size.log() / (pad * scale)
             extra = torch.stack([torch.ones_like(bias), bias, torch.zeros_like(bias)], dim=1)
-            self.channels[key] = extra.to(dtype)[:, :, None, None].expand(-1, -1, 1, pad)
+            self.channels[key] = as_dtype(extra, dtype)[:, :, None, None].expand(-1, -1, 1, pad)
         return self.channels[key]
 
 
@@ -222,26 +231,44 @@ def _attend(qkv: Tensor, layout: _Layout, scale: float) -> Tensor:
     return torch.cat(outs, dim=1).transpose(0, 1)
 
 
-def _block_attention(blk: Block, h: Tensor, layout: _Layout, want_metric: bool) -> tuple[Tensor, Tensor | None]:
-    """timm Block's attention branch (norm1, Attention, ls1) on packed tokens h [N, C], and, if wanted, the
-    keys averaged over heads in fp32 or wider (the merge's metric, [N, head_dim])."""
+def _project(
+    blk: Block, h: Tensor, channels: Tensor | None, want_metric: bool
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """norm1 and the qkv projection of packed tokens h [N, C]: qkv [N, 3, H, D (+ bias channels)], the keys
+    averaged over heads in fp32 or wider if wanted (the merge's metric, [N, D]), and norm1's output."""
     attn = blk.attn
     t = blk.norm1(h)
-    qkv = attn.qkv(t).unflatten(-1, (3, attn.num_heads, attn.head_dim))  # [N, 3, H, D]
+    qkv = attn.qkv(t).unflatten(-1, (3, attn.num_heads, attn.head_dim))
     if not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)):
         qkv = torch.stack([attn.q_norm(qkv[:, 0]), attn.k_norm(qkv[:, 1]), qkv[:, 2]], dim=1)
-    metric = qkv[:, 1].mean(dim=1, dtype=torch.promote_types(qkv.dtype, torch.float32)) if want_metric else None
-    channels = layout.bias_channels(attn.head_dim, attn.scale, qkv.dtype)
+    metric = qkv[:, 1].mean(dim=1, dtype=work_dtype(qkv.dtype)) if want_metric else None
     if channels is not None:
         qkv = torch.cat([qkv, channels.expand(-1, -1, attn.num_heads, -1)], dim=-1)
-    out = _attend(qkv, layout, attn.scale)
-    if channels is not None:
-        out = out[..., : attn.head_dim]
-    out = attn.norm(out.reshape(h.shape[0], attn.attn_dim))
+    return qkv, metric, t
+
+
+def _finish_attention(blk: Block, h: Tensor, out: Tensor, normed: Tensor) -> Tensor:
+    """The rest of the attention branch: h + ls1(proj(norm(out))), out [..., H, D (+ bias channels)]."""
+    attn = blk.attn
+    out = attn.norm(out[..., : attn.head_dim].reshape(h.shape[0], attn.attn_dim))
     gate = getattr(attn, "gate", None)
     if gate is not None:
-        out = out * gate(t).sigmoid()
-    return blk.ls1(attn.proj_drop(attn.proj(out))), metric
+        out = out * gate(normed).sigmoid()
+    return h + blk.drop_path1(blk.ls1(attn.proj_drop(attn.proj(out))))
+
+
+def _mlp_branch(blk: Block, h: Tensor) -> Tensor:
+    return h + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(h))))
+
+
+@dataclass(frozen=True)
+class _Stages:
+    """The tensor-only stages of a forward (no host values inside): compile_merging_vit compiles them."""
+
+    project: Callable[..., tuple[Tensor, Tensor | None, Tensor]] = _project
+    finish_attention: Callable[..., Tensor] = _finish_attention
+    mlp: Callable[..., Tensor] = _mlp_branch
+    merge_step: Callable[..., Any] = mame_step
 
 
 def _linear_macs(module: nn.Module) -> int:
@@ -260,6 +287,8 @@ class MergingViT(nn.Module):
         self.num_prefix_tokens = int(model.num_prefix_tokens)
         self.num_patches = int(model.patch_embed.num_patches)
         self.input_tokens = self.num_prefix_tokens + self.num_patches
+        self._stages = _Stages()
+        self._whole: Callable[..., MergeResult] | None = None  # a compiled forward for the unmerged and ToMe
         # Per block cost coefficients for the GFLOPs estimate (see _estimate_gmacs).
         as_row = lambda values: torch.tensor(values, dtype=torch.float64)
         self._attn_linear_macs = as_row([_linear_macs(blk.attn) for blk in model.blocks])
@@ -282,6 +311,13 @@ class MergingViT(nn.Module):
 
         tau: optional per-image thresholds [B] for MaMe, overriding settings.tau in every merging block.
         """
+        if self._whole is not None and settings.method != "mame":
+            return self._whole(x, settings, tau, return_source)
+        return self._forward(x, settings, tau, return_source)
+
+    def _forward(
+        self, x: Tensor, settings: MergeSettings, tau: Tensor | Sequence[float] | None, return_source: bool
+    ) -> MergeResult:
         m = self.model
         bsz = x.shape[0]
         merge_blocks = settings.merge_blocks(self.depth)
@@ -291,7 +327,7 @@ class MergingViT(nn.Module):
 
         h = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
         special, first_len = self.num_prefix_tokens, h.shape[1]
-        size = torch.ones(h.shape[:2], device=h.device, dtype=torch.float32)
+        size = torch.ones(h.shape[:2], device=h.device, dtype=work_dtype(h.dtype))
         source = None
         if return_source:
             source = torch.zeros(bsz, first_len, self.num_patches, device=h.device, dtype=torch.float32)
@@ -308,8 +344,10 @@ class MergingViT(nn.Module):
             lengths = layout.lengths
             counts_in.append(lengths)
             merging = i < merge_blocks
-            attn_out, metric = _block_attention(blk, tokens.x, layout, want_metric=merging)
-            tokens = replace(tokens, x=tokens.x + blk.drop_path1(attn_out))
+            channels = layout.bias_channels(blk.attn.head_dim, blk.attn.scale, tokens.x.dtype)
+            qkv, metric, normed = self._stages.project(blk, tokens.x, channels, merging)
+            out = _attend(qkv, layout, blk.attn.scale)
+            tokens = tokens.with_x(self._stages.finish_attention(blk, tokens.x, out, normed))
             pairs = [0] * bsz
             if merging:
                 if settings.method == "mame":
@@ -319,26 +357,25 @@ class MergingViT(nn.Module):
                         rest = [n - special for n in lengths]
                         pairs = [-(-r // settings.stride) * (r + (r // -settings.stride)) for r in rest]
                         block_tau = image_tau if image_tau is not None else settings.tau_at(i)
-                        tokens = mame_merge_packed(tokens, metric, block_tau, special, settings.stride)
+                        tokens = mame_merge_packed(tokens, metric, block_tau, special, settings.stride, self._stages.merge_step)
                 else:
                     pairs = [(n - special + 1) // 2 * ((n - special) // 2) for n in lengths]
                     padded, padded_metric = tokens.padded(metric)
                     tokens = PackedBatch.from_padded(tome_merge(padded, padded_metric, settings.r, special))
-                layout = _Layout(tokens.lengths.tolist(), prop_attn=settings.prop_attn)
+                layout = _Layout(list(tokens.lengths), prop_attn=settings.prop_attn)
                 merged_yet = merged_yet or any(a < b for a, b in zip(layout.lengths, lengths))
                 if merged_yet:  # while nothing merged, every size is 1 and attention needs no bias
                     layout.bias_size = tokens.size
                     if not layout.uniform:
                         layout.cu_seqlens = tokens.offsets.to(torch.int32)
             merge_pairs.append(pairs)
-            mlp_out = blk.ls2(blk.mlp(blk.norm2(tokens.x)))
-            tokens = replace(tokens, x=tokens.x + blk.drop_path2(mlp_out))
+            tokens = tokens.with_x(self._stages.mlp(blk, tokens.x))
             counts_out.append(layout.lengths)
             if return_source:
                 padded = tokens.padded()
                 sources.append(torch.where(padded.size.unsqueeze(-1) > 0, padded.source, 0.0))
 
-        final = replace(tokens, x=m.norm(tokens.x)).padded()
+        final = tokens.with_x(m.norm(tokens.x)).padded()
         logits = self._head(final.x, final.size)
         per_image = lambda rows: torch.tensor(rows, dtype=torch.int64).T  # [depth][B] -> [B, depth]
         tokens_out = per_image(counts_out)
@@ -391,3 +428,19 @@ class MergingViT(nn.Module):
 def patch_vit(model: VisionTransformer) -> MergingViT:
     """Wrap a timm VisionTransformer so its forward takes merge settings. The model is not copied."""
     return MergingViT(model)
+
+
+def compile_merging_vit(vit: MergingViT, mode: str | None = None) -> MergingViT:
+    """A MergingViT sharing `vit`'s model whose forward runs under torch.compile, with the same results.
+
+    Unmerged and ToMe forwards have static shapes and no host sync: they compile whole (one graph per
+    settings; mode "reduce-overhead" adds CUDA graphs). A MaMe forward needs the host once per merge (the
+    next token counts): its tensor-only stages (projections, MLP, the merge's device part) compile with
+    dynamic shapes, so new token counts reuse them; attention and the token bookkeeping stay eager.
+    """
+    compiled = MergingViT(vit.model)
+    stage_mode = None if mode == "reduce-overhead" else mode  # CUDA graphs need static shapes
+    stage = lambda fn: torch.compile(fn, dynamic=True, mode=stage_mode)
+    compiled._stages = _Stages(stage(_project), stage(_finish_attention), stage(_mlp_branch), stage(mame_step))
+    compiled._whole = torch.compile(compiled._forward, mode=mode)
+    return compiled

@@ -224,3 +224,54 @@ def test_check_depth_refuses_blocks_the_model_lacks():
         MergeSettings(method="mame", tau=(0.9,) * 5).check_depth(4)
     with pytest.raises(ValueError, match="first 99 blocks"):
         MergeSettings(method="tome", r=2, blocks=99).check_depth(4)
+
+
+def _flops_by_op(fn) -> dict[str, int]:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+
+
+def test_cost_follows_the_sum_of_tokens_not_the_longest_image(images):
+    # One image keeps every token (tau 1) while the others merge: attention and the per-token layers of the
+    # batch cost what the images cost alone (no padding to the longest image).
+    vit = patch_vit(tiny_vit())
+    taus = [1.0, 0.6, 0.6, 0.6]
+    with torch.inference_mode():
+        mixed = vit(images, MAME, tau=torch.tensor(taus))
+        batch = _flops_by_op(lambda: vit(images, MAME, tau=torch.tensor(taus)))
+        alone = [_flops_by_op(lambda i=i: vit(images[i:i + 1], MAME, tau=torch.tensor(taus[i:i + 1]))) for i in range(4)]
+    assert (mixed.tokens[0] == vit.input_tokens).all() and (mixed.tokens[1:, -1] < vit.input_tokens).all()
+    assert any("attention" in op for op in batch) and "aten.addmm" in batch
+    for op in batch:
+        if "attention" in op or op in ("aten.addmm", "aten.mm"):
+            assert batch[op] == sum(a.get(op, 0) for a in alone), op
+
+
+def test_per_image_tau_one_image_keeps_all_tokens(images):
+    vit = patch_vit(tiny_vit())
+    settings = MergeSettings(method="mame", tau=0.6, blocks=4)
+    with torch.inference_mode():
+        mixed = vit(images, settings, tau=[0.6, 1.0, 0.6, 0.6])
+        kept = vit(images[1:2], MergeSettings(method="mame", tau=1.0, blocks=4))
+        merged = vit(images[2:3], settings)
+    assert (mixed.tokens[1] == vit.input_tokens).all() and (mixed.tokens[[0, 2, 3], -1] < vit.input_tokens).all()
+    assert (mixed.logits[1] - kept.logits[0]).abs().max().item() <= 1e-4
+    assert (mixed.logits[2] - merged.logits[0]).abs().max().item() <= 1e-4
+    assert torch.equal(mixed.tokens[2], merged.tokens[0])
+
+
+def test_compiled_forward_equals_eager(images):
+    from mame_core import compile_merging_vit
+
+    vit = patch_vit(tiny_vit(depth=2))
+    compiled = compile_merging_vit(vit)
+    settings = [MergeSettings(), MergeSettings(method="tome", r=6), MergeSettings(method="mame", tau=0.7, blocks=2)]
+    with torch.inference_mode():
+        for s in settings:
+            for x in (images, images[[2, 0, 3]]):  # new token counts: the dynamic shapes serve them
+                eager, fast = vit(x, s), compiled(x, s)
+                assert torch.equal(eager.tokens, fast.tokens)
+                torch.testing.assert_close(fast.logits, eager.logits, atol=1e-5, rtol=1e-5)
