@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from mame_core import MergeSettings, patch_vit
+from mame_core import MergeSettings, compile_merging_vit, patch_vit
 from mame_core.images import (
     check_merge_blocks,
     list_images,
@@ -90,6 +90,7 @@ def run_bench(
     iters: int = 3,
     warmup: int = 1,
     progress: bool = True,
+    compile: bool = False,
 ) -> list[BenchRow]:
     """Time every variant on the batch `x`, interleaved over `rounds`. `model` is the timm model; the
     patched variants run through `patch_vit(model)`, which shares its weights. The first variant is
@@ -97,9 +98,12 @@ def run_bench(
     if rounds < 1 or iters < 1 or warmup < 0:
         raise ValueError(f"need rounds >= 1, iters >= 1, warmup >= 0; got {rounds}, {iters}, {warmup}")
     vit = patch_vit(model)
+    timm_forward = model
+    if compile:  # both sides compiled (the first, untimed pass of each row compiles it)
+        vit, timm_forward = compile_merging_vit(vit), torch.compile(model)
 
     def forward(v: Variant) -> object:
-        return model(x) if v.settings is None else vit(x, v.settings)
+        return timm_forward(x) if v.settings is None else vit(x, v.settings)
 
     device, batch = x.device, x.shape[0]
     tokens, longest, gflops = [], [], []
@@ -239,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads", type=int, default=None,
         help="torch CPU threads (default: torch's choice); 1 is steadier on a CPU shared with other jobs",
     )
+    p.add_argument("--compile", action="store_true", help="run timm and the patched model under torch.compile")
     add_report_args(p)
     return p
 
@@ -267,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     x = x.to(device, dtype)
-    rows = run_bench(model.to(device, dtype), x, variants, args.rounds, args.iters, args.warmup, progress=not args.no_progress)
+    rows = run_bench(model.to(device, dtype), x, variants, args.rounds, args.iters, args.warmup,
+                     progress=not args.no_progress, compile=args.compile)
 
     used = min(args.batch_size, len(paths))  # fill_batch takes the first pictures, then augmented copies
     report = {
@@ -283,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": args.rounds,
         "iters": args.iters,
         "torch_threads": torch.get_num_threads(),
+        "compile": args.compile,
         "rows": [asdict(r) for r in rows],
     }
     if args.json != "-":

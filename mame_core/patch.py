@@ -439,6 +439,10 @@ def compile_merging_vit(vit: MergingViT, mode: str | None = None) -> MergingViT:
     dynamic shapes, so new token counts reuse them; attention and the token bookkeeping stay eager.
     """
     compiled = MergingViT(vit.model)
+    # A stage compiles once per block (and per variant: with or without bias channels, metric): more than
+    # torch's default of 8 recompiles per function, past which it would silently run the rest eagerly.
+    limit = 8 * len(vit.model.blocks)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
     stage_mode = None if mode == "reduce-overhead" else mode  # CUDA graphs need static shapes
     stage = lambda fn: torch.compile(fn, dynamic=True, mode=stage_mode)
     compiled._stages = _Stages(stage(_project), stage(_finish_attention), stage(_mlp_branch), stage(mame_step))
