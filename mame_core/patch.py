@@ -377,7 +377,7 @@ class MergingViT(nn.Module):
 
         final = tokens.with_x(m.norm(tokens.x)).padded()
         logits = self._head(final.x, final.size)
-        per_image = lambda rows: torch.tensor(rows, dtype=torch.int64).T  # [depth][B] -> [B, depth]
+        per_image = lambda rows: torch.tensor(rows, dtype=torch.int64).T.contiguous()  # [depth][B] -> [B, depth]
         tokens_out = per_image(counts_out)
         gflops = self._estimate_gmacs(per_image(counts_in), tokens_out, per_image(merge_pairs))
         return MergeResult(logits, tokens_out, self.input_tokens, gflops, sources if return_source else None)
