@@ -243,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads", type=int, default=None,
         help="torch CPU threads (default: torch's choice); 1 is steadier on a CPU shared with other jobs",
     )
-    p.add_argument("--compile", action="store_true", help="run timm and the patched model under torch.compile")
+    p.add_argument("--compile", action="store_true",
+                   help="run timm and the patched model under torch.compile")
     add_report_args(p)
     return p
 

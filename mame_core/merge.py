@@ -122,7 +122,8 @@ def mame_step(
     fused = dst_share * as_dtype(x_dst, work) + (mass * inverse) @ as_dtype(x_src_real, work)
 
     keep = torch.cat([special_keep.expand(x.shape[0], -1), valid_dst, valid_src & ~merges], dim=1)
-    parts = [(x[:, :num_special], as_dtype(fused, x.dtype), x_src), (size[:, :num_special], new_size_dst, size_src)]
+    parts = [(x[:, :num_special], as_dtype(fused, x.dtype), x_src),
+             (size[:, :num_special], new_size_dst, size_src)]
     if source is not None:
         # A source row already sums to its token's size, so it is spread by the weights alone.
         source_src = torch.where(valid_src.unsqueeze(-1), source[:, src_pos], 0.0)

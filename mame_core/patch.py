@@ -209,8 +209,8 @@ class _Layout:
 
 
 def _attend(qkv: Tensor, layout: _Layout, scale: float) -> Tensor:
-    """softmax(q k^T * scale) v within each image, for packed rows qkv [N, 3, H, D] -> [..., H, D] whose leading
-    dims flatten to N.
+    """softmax(q k^T * scale) v within each image, for packed rows qkv [N, 3, H, D] -> [..., H, D] whose
+    leading dims flatten to N.
 
     All images as long: one SDPA over [B, H, L, D]. Otherwise each image attends over its own tokens only
     (no padding): torch's varlen flash attention where it can run, else one SDPA per image."""
@@ -332,8 +332,8 @@ class MergingViT(nn.Module):
         if return_source:
             source = torch.zeros(bsz, first_len, self.num_patches, device=h.device, dtype=torch.float32)
             source[:, special:] = torch.eye(self.num_patches, device=h.device)
-        # The tokens stay packed ([N, C], each image's real tokens back to back): per-token layers cost the sum
-        # of the images' token counts, and attention runs within each image.
+        # The tokens stay packed ([N, C], each image's real tokens back to back): per-token layers cost the
+        # sum of the images' token counts, and attention runs within each image.
         tokens = PackedBatch.from_padded(TokenBatch(h, size, source))
         layout = _Layout([first_len] * bsz, prop_attn=settings.prop_attn)
         merged_yet = False  # has any image of the batch merged a token so far?
@@ -352,12 +352,14 @@ class MergingViT(nn.Module):
             if merging:
                 if settings.method == "mame":
                     if tau is None and settings.tau_at(i) >= 1 and not merged_yet:  # merges nothing: reorder
-                        tokens = PackedBatch.from_padded(mame_order(tokens.padded(), special, settings.stride))
+                        ordered = mame_order(tokens.padded(), special, settings.stride)
+                        tokens = PackedBatch.from_padded(ordered)
                     else:
                         rest = [n - special for n in lengths]
                         pairs = [-(-r // settings.stride) * (r + (r // -settings.stride)) for r in rest]
                         block_tau = image_tau if image_tau is not None else settings.tau_at(i)
-                        tokens = mame_merge_packed(tokens, metric, block_tau, special, settings.stride, self._stages.merge_step)
+                        tokens = mame_merge_packed(tokens, metric, block_tau, special, settings.stride,
+                                                   self._stages.merge_step)
                 else:
                     pairs = [(n - special + 1) // 2 * ((n - special) // 2) for n in lengths]
                     padded, padded_metric = tokens.padded(metric)
@@ -377,7 +379,7 @@ class MergingViT(nn.Module):
 
         final = tokens.with_x(m.norm(tokens.x)).padded()
         logits = self._head(final.x, final.size)
-        per_image = lambda rows: torch.tensor(rows, dtype=torch.int64).T.contiguous()  # [depth][B] -> [B, depth]
+        per_image = lambda rows: torch.tensor(rows, dtype=torch.int64).T.contiguous()
         tokens_out = per_image(counts_out)
         gflops = self._estimate_gmacs(per_image(counts_in), tokens_out, per_image(merge_pairs))
         return MergeResult(logits, tokens_out, self.input_tokens, gflops, sources if return_source else None)
@@ -445,6 +447,7 @@ def compile_merging_vit(vit: MergingViT, mode: str | None = None) -> MergingViT:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
     stage_mode = None if mode == "reduce-overhead" else mode  # CUDA graphs need static shapes
     stage = lambda fn: torch.compile(fn, dynamic=True, mode=stage_mode)
-    compiled._stages = _Stages(stage(_project), stage(_finish_attention), stage(_mlp_branch), stage(mame_step))
+    stages = (_project, _finish_attention, _mlp_branch, mame_step)
+    compiled._stages = _Stages(*(stage(fn) for fn in stages))
     compiled._whole = torch.compile(compiled._forward, mode=mode)
     return compiled

@@ -1,4 +1,4 @@
-"""Half precision (MAME_SPEC section 5a): merge decisions in fp32, token counts batch-invariant, sizes conserved."""
+"""Half precision (MAME_SPEC 5a): merge decisions in fp32, token counts batch-invariant, sizes conserved."""
 
 from __future__ import annotations
 
@@ -29,12 +29,12 @@ def test_merge_decisions_are_made_in_fp32(dtype):
     # The half-precision merge must decide exactly as fp32 does on the same (rounded) keys and tokens.
     gen = torch.Generator().manual_seed(1)
     centres = torch.randn(4, 16, generator=gen)
-    metric = (centres[torch.randint(0, 4, (2, 40), generator=gen)] + 0.4 * torch.randn(2, 40, 16, generator=gen))
+    metric = centres[torch.randint(0, 4, (2, 40), generator=gen)] + 0.4 * torch.randn(2, 40, 16, generator=gen)
     x = torch.randn(2, 40, 32, generator=gen).to(dtype)
     metric = metric.to(dtype)
     size = torch.rand(2, 40, generator=gen) * 3 + 1
     half, half_lengths = mame_merge(TokenBatch(x, size), metric, torch.tensor([0.6, 0.8]), num_special=1)
-    full, full_lengths = mame_merge(TokenBatch(x.float(), size), metric.float(), torch.tensor([0.6, 0.8]), num_special=1)
+    full, full_lengths = mame_merge(TokenBatch(x.float(), size), metric.float(), torch.tensor([0.6, 0.8]), 1)
     assert torch.equal(half_lengths, full_lengths) and half_lengths.tolist() != [40, 40]
     assert half.size.dtype == torch.float32 and torch.equal(half.size, full.size)
     assert half.x.dtype == dtype
@@ -47,7 +47,8 @@ def test_token_counts_batch_invariant_and_sizes_conserved(shape, dtype, monkeypa
     model = half_vit(shape, dtype)
     vit = patch_vit(model)
     photos = make_batch(sample_images(), model, 8)
-    images = torch.cat([photos[:6], torch.nn.functional.interpolate(content_images(), size=112)[[0, 2]]]).to(dtype)
+    synthetic = torch.nn.functional.interpolate(content_images(), size=112)[[0, 2]]  # flat, noise
+    images = torch.cat([photos[:6], synthetic]).to(dtype)
 
     size_sums: list[torch.Tensor] = []
     real_merge = patch_module.mame_merge_packed

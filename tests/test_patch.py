@@ -269,7 +269,8 @@ def test_per_image_tau_one_image_keeps_all_tokens(images):
         mixed = vit(images, settings, tau=[0.6, 1.0, 0.6, 0.6])
         kept = vit(images[1:2], MergeSettings(method="mame", tau=1.0, blocks=4))
         merged = vit(images[2:3], settings)
-    assert (mixed.tokens[1] == vit.input_tokens).all() and (mixed.tokens[[0, 2, 3], -1] < vit.input_tokens).all()
+    assert (mixed.tokens[1] == vit.input_tokens).all()
+    assert (mixed.tokens[[0, 2, 3], -1] < vit.input_tokens).all()
     assert (mixed.logits[1] - kept.logits[0]).abs().max().item() <= 1e-4
     assert (mixed.logits[2] - merged.logits[0]).abs().max().item() <= 1e-4
     assert torch.equal(mixed.tokens[2], merged.tokens[0])
@@ -280,7 +281,8 @@ def test_compiled_forward_equals_eager(images):
 
     vit = patch_vit(tiny_vit(depth=2))
     compiled = compile_merging_vit(vit)
-    settings = [MergeSettings(), MergeSettings(method="tome", r=6), MergeSettings(method="mame", tau=0.7, blocks=2)]
+    settings = [MergeSettings(), MergeSettings(method="tome", r=6),
+                MergeSettings(method="mame", tau=0.7, blocks=2)]
     with torch.inference_mode():
         for s in settings:
             for x in (images, images[[2, 0, 3]]):  # new token counts: the dynamic shapes serve them
