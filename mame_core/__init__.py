@@ -1,7 +1,7 @@
 """MaMe (Matrix-Based Token Merging) for timm Vision Transformers, with ToMe as the baseline."""
 
 from .merge import TokenBatch, mame_merge
-from .patch import UNMERGED, MergeResult, MergeSettings, MergingViT, patch_vit
+from .patch import UNMERGED, MergeResult, MergeSettings, MergingViT, compile_merging_vit, patch_vit
 from .tome import tome_merge
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "MergeSettings",
     "MergingViT",
     "TokenBatch",
+    "compile_merging_vit",
     "mame_merge",
     "patch_vit",
     "tome_merge",

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from mame_core import MergeSettings, patch_vit
+from mame_core import MergeSettings, compile_merging_vit, patch_vit
 from mame_core.images import (
     check_merge_blocks,
     list_images,
@@ -144,6 +144,7 @@ def run_bench(
     warmup: int = 1,
     progress: bool = True,
     profile: bool = False,
+    compile: bool = False,
 ) -> list[BenchRow]:
     """Time every variant on the batch `x` (or its images), interleaved over `rounds`. `model` is the timm
     model; the patched variants run through `patch_vit(model)`, which shares its weights. The first variant
@@ -152,6 +153,8 @@ def run_bench(
     if rounds < 1 or iters < 1 or warmup < 0:
         raise ValueError(f"need rounds >= 1, iters >= 1, warmup >= 0; got {rounds}, {iters}, {warmup}")
     vit = patch_vit(model)
+    if compile:  # both sides compiled (the first, untimed pass of each row compiles it)
+        vit, model = compile_merging_vit(vit), torch.compile(model)
     forwards = [_variant_forward(model, vit, x, v) for v in variants]
     counts = [x.shape[0] if v.images is None else len(v.images) for v in variants]
 
@@ -383,6 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads", type=int, default=None,
         help="torch CPU threads (default: torch's choice); 1 is steadier on a CPU shared with other jobs",
     )
+    p.add_argument("--compile", action="store_true",
+                   help="run timm and the patched model under torch.compile")
     add_report_args(p)
     return p
 
@@ -445,6 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": args.rounds,
         "iters": args.iters,
         "torch_threads": torch.get_num_threads(),
+        "compile": args.compile,
         "runs": [],
     }
     text = args.json != "-"
@@ -453,7 +459,8 @@ def main(argv: list[str] | None = None) -> int:
         mixed = mixed_tau is not None and batch_size >= 2
         run_variants = variants + (mixed_variants(model, x, mixed_tau, args.mame_blocks) if mixed else [])
         rows = run_bench(model, x, run_variants, args.rounds, args.iters, args.warmup,
-                         progress=not args.no_progress, profile=args.profile)
+                         progress=not args.no_progress, profile=args.profile,
+                         compile=args.compile)
         table_rows = [r for r in rows if r.method != "mixed"]
         run = {
             "batch_size": batch_size,

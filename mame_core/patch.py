@@ -7,9 +7,10 @@ copy of the weights serves unmerged, MaMe at any tau and ToMe at any r, with no 
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 import torch
@@ -18,7 +19,15 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
-from .merge import TokenBatch, mame_merge, mame_order
+from .merge import (
+    PackedBatch,
+    TokenBatch,
+    as_dtype,
+    mame_merge_packed,
+    mame_order,
+    mame_step,
+    work_dtype,
+)
 from .tome import tome_merge
 
 Method = Literal["none", "mame", "tome"]
@@ -142,95 +151,124 @@ def check_supported(model: nn.Module) -> None:
             )
 
 
-RowFn = Callable[[Tensor], Tensor]
-
-
-def _per_token(fn: RowFn, h: Tensor, real_rows: Tensor | None) -> Tensor:
-    """Apply a per-token function to the real tokens only.
-
-    With padding, the real rows are packed first, so the linear layers (most of a ViT's work) cost the sum of
-    the images' token counts, not batch size x the longest image. Padding rows of the result are 0.
-    """
-    if real_rows is None:
-        return fn(h)
-    bsz, length, dim = h.shape
-    out = fn(h.reshape(bsz * length, dim).index_select(0, real_rows))
-    full = out.new_zeros(bsz * length, out.shape[-1]).index_copy_(0, real_rows, out)
-    return full.view(bsz, length, -1)
-
-
-def _block_attention(
-    blk: Block, h: Tensor, key_bias: Tensor | None, real_rows: Tensor | None
-) -> tuple[Tensor, Tensor]:
-    """timm Block's attention branch (norm1, Attention, ls1), plus the keys averaged over heads (the metric)."""
-    attn = blk.attn
-    bsz, n, _ = h.shape
-    gated = getattr(attn, "gate", None) is not None
-    width = attn.attn_dim * (4 if gated else 3)
-
-    def project(t: Tensor) -> Tensor:
-        t = blk.norm1(t)
-        return torch.cat([attn.qkv(t), attn.gate(t)], dim=-1) if gated else attn.qkv(t)
-
-    projected = _per_token(project, h, real_rows)
-    qkv = projected[..., : 3 * attn.attn_dim].reshape(bsz, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    if key_bias is None:
-        out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
-    else:
-        out = _key_biased_attention(q, k, v, key_bias, attn.scale)
-    out = out.transpose(1, 2).reshape(bsz, n, attn.attn_dim)
-    if gated:
-        out = torch.cat([out, projected[..., 3 * attn.attn_dim: width]], dim=-1)
-
-    def finish(t: Tensor) -> Tensor:
-        t, gate = (t[..., : attn.attn_dim], t[..., attn.attn_dim:]) if gated else (t, None)
-        t = attn.norm(t)
-        if gate is not None:
-            t = t * gate.sigmoid()
-        return blk.ls1(attn.proj_drop(attn.proj(t)))
-
-    return _per_token(finish, out, real_rows), k.mean(dim=1)
-
-
-def _key_bias(size: Tensor, prop_attn: bool, dtype: torch.dtype) -> Tensor:
-    """Per key logit bias [B, 1, T, 1]: log(size) (proportional attention) or 0; -inf on padding either way."""
-    weight = size if prop_attn else (size > 0).to(size.dtype)
-    return weight.log().to(dtype)[:, None, :, None]
-
-
-def _key_biased_attention(q: Tensor, k: Tensor, v: Tensor, key_bias: Tensor, scale: float) -> Tensor:
-    """softmax(q k^T * scale + bias) v with a per key bias [B, 1, T, 1], as one mask-free fused attention.
-
-    The bias rides in `pad` extra head channels: q gets ones, k gets bias / (pad * scale), v gets zeros, so
-    q_ext k_ext^T * scale is the biased logit and the first channels of the output are the result. A mask
-    keeps SDPA off its fastest kernel (measured on the GPU: 2.6x slower attention); this costs one copy of
-    q, k and v and a head dim rounded up to the next multiple of 8 (what the fused kernels take). Padding
-    keys get -inf and drop out exactly, whatever finite values they hold.
-    """
-    dim = q.shape[-1]
-    pad = 8 - dim % 8
-
-    def extend(t: Tensor, extra: Tensor) -> Tensor:
-        return torch.cat([t, extra.expand(*t.shape[:-1], pad)], dim=-1)
-
-    out = F.scaled_dot_product_attention(
-        extend(q, q.new_ones(())), extend(k, key_bias / (pad * scale)), extend(v, v.new_zeros(())), scale=scale
-    )
-    return out[..., :dim]
-
-
-def _real_rows(size: Tensor, num_real: int) -> Tensor | None:
-    """Flat indices of the real tokens of a padded batch, or None when no row is padding.
-    num_real comes from the host, so that finding the indices needs no device sync."""
-    if num_real == size.numel():
-        return None
-    real = size.reshape(-1) > 0
+def _load_varlen_attn() -> Callable[..., Tensor] | None:
+    """torch's variable-length flash attention (torch.nn.attention.varlen), where this torch has it."""
     try:
-        return torch.nonzero_static(real, size=num_real).squeeze(1)
-    except (NotImplementedError, RuntimeError):  # older torch builds lack it on some devices
-        return real.nonzero().squeeze(1)
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+_VARLEN_ATTN = _load_varlen_attn()
+# torch 2.10 has no scale argument (the softmax scale is then 1/sqrt(head dim)): q is scaled instead.
+_VARLEN_TAKES_SCALE = _VARLEN_ATTN is not None and "scale" in inspect.signature(_VARLEN_ATTN).parameters
+
+
+def _varlen_usable(qkv: Tensor) -> bool:
+    """Can torch's varlen flash attention run on these packed [N, 3, H, D] rows?"""
+    return (_VARLEN_ATTN is not None and qkv.is_cuda and qkv.dtype in (torch.float16, torch.bfloat16)
+            and qkv.shape[-1] <= 256 and torch.backends.cuda.is_flash_attention_available())
+
+
+@dataclass
+class _Layout:
+    """How a forward's packed tokens [N, C] split into images, and the key bias attention needs.
+
+    lengths: tokens per image (host ints). cu_seqlens: [B + 1] int32 on the device (for varlen attention).
+    bias_size: the token sizes whose log biases every key (proportional attention), or None while every token
+    has size 1 (attention is then plain SDPA). `channels` caches the bias channels per (head dim, scale).
+    """
+
+    lengths: list[int]
+    cu_seqlens: Tensor | None = None
+    bias_size: Tensor | None = None
+    prop_attn: bool = True
+    channels: dict[tuple[int, float], Tensor] = field(default_factory=dict)
+
+    @property
+    def uniform(self) -> bool:
+        return min(self.lengths) == max(self.lengths)
+
+    def bias_channels(self, head_dim: int, scale: float, dtype: torch.dtype) -> Tensor | None:
+        """Extra q/k/v head channels [N, 3, 1, pad] that carry the key bias log(size) through a mask-free
+        attention: q gets ones, k gets bias / (pad * scale), v gets zeros, so q_ext k_ext^T * scale is the
+        biased logit and the first head_dim channels of the output are the result. A mask keeps SDPA off its
+        fastest kernel (measured on the GPU: 2.6x slower attention) and varlen attention takes none; this
+        costs a head dim rounded up to the next multiple of 8 (what the fused kernels take)."""
+        if self.bias_size is None:
+            return None
+        key = (head_dim, scale)
+        if key not in self.channels:
+            pad = 8 - head_dim % 8
+            size = self.bias_size if self.prop_attn else torch.ones_like(self.bias_size)
+            bias = size.log() / (pad * scale)
+            extra = torch.stack([torch.ones_like(bias), bias, torch.zeros_like(bias)], dim=1)
+            self.channels[key] = as_dtype(extra, dtype)[:, :, None, None].expand(-1, -1, 1, pad)
+        return self.channels[key]
+
+
+def _attend(qkv: Tensor, layout: _Layout, scale: float) -> Tensor:
+    """softmax(q k^T * scale) v within each image, for packed rows qkv [N, 3, H, D] -> [..., H, D] whose
+    leading dims flatten to N.
+
+    All images as long: one SDPA over [B, H, L, D]. Otherwise each image attends over its own tokens only
+    (no padding): torch's varlen flash attention where it can run, else one SDPA per image."""
+    n, _, heads, dim = qkv.shape
+    if layout.uniform:
+        bsz = len(layout.lengths)
+        q, k, v = qkv.view(bsz, n // bsz, 3, heads, dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2)
+    if layout.cu_seqlens is not None and _varlen_usable(qkv):
+        q, k, v = qkv.unbind(1)
+        longest = max(layout.lengths)
+        if _VARLEN_TAKES_SCALE:
+            return _VARLEN_ATTN(q, k, v, layout.cu_seqlens, layout.cu_seqlens, longest, longest, scale=scale)
+        q = q * (scale * dim ** 0.5)
+        return _VARLEN_ATTN(q, k, v, layout.cu_seqlens, layout.cu_seqlens, longest, longest)
+    q, k, v = (t.split(layout.lengths, dim=1) for t in qkv.permute(1, 2, 0, 3).unbind(0))  # [H, n_i, D] each
+    outs = [F.scaled_dot_product_attention(*image, scale=scale) for image in zip(q, k, v)]
+    return torch.cat(outs, dim=1).transpose(0, 1)
+
+
+def _project(
+    blk: Block, h: Tensor, channels: Tensor | None, want_metric: bool
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """norm1 and the qkv projection of packed tokens h [N, C]: qkv [N, 3, H, D (+ bias channels)], the keys
+    averaged over heads in fp32 or wider if wanted (the merge's metric, [N, D]), and norm1's output."""
+    attn = blk.attn
+    t = blk.norm1(h)
+    qkv = attn.qkv(t).unflatten(-1, (3, attn.num_heads, attn.head_dim))
+    if not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)):
+        qkv = torch.stack([attn.q_norm(qkv[:, 0]), attn.k_norm(qkv[:, 1]), qkv[:, 2]], dim=1)
+    metric = qkv[:, 1].mean(dim=1, dtype=work_dtype(qkv.dtype)) if want_metric else None
+    if channels is not None:
+        qkv = torch.cat([qkv, channels.expand(-1, -1, attn.num_heads, -1)], dim=-1)
+    return qkv, metric, t
+
+
+def _finish_attention(blk: Block, h: Tensor, out: Tensor, normed: Tensor) -> Tensor:
+    """The rest of the attention branch: h + ls1(proj(norm(out))), out [..., H, D (+ bias channels)]."""
+    attn = blk.attn
+    out = attn.norm(out[..., : attn.head_dim].reshape(h.shape[0], attn.attn_dim))
+    gate = getattr(attn, "gate", None)
+    if gate is not None:
+        out = out * gate(normed).sigmoid()
+    return h + blk.drop_path1(blk.ls1(attn.proj_drop(attn.proj(out))))
+
+
+def _mlp_branch(blk: Block, h: Tensor) -> Tensor:
+    return h + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(h))))
+
+
+@dataclass(frozen=True)
+class _Stages:
+    """The tensor-only stages of a forward (no host values inside): compile_merging_vit compiles them."""
+
+    project: Callable[..., tuple[Tensor, Tensor | None, Tensor]] = _project
+    finish_attention: Callable[..., Tensor] = _finish_attention
+    mlp: Callable[..., Tensor] = _mlp_branch
+    merge_step: Callable[..., Any] = mame_step
 
 
 def _linear_macs(module: nn.Module) -> int:
@@ -249,6 +287,8 @@ class MergingViT(nn.Module):
         self.num_prefix_tokens = int(model.num_prefix_tokens)
         self.num_patches = int(model.patch_embed.num_patches)
         self.input_tokens = self.num_prefix_tokens + self.num_patches
+        self._stages = _Stages()
+        self._whole: Callable[..., MergeResult] | None = None  # a compiled forward for the unmerged and ToMe
         # Per block cost coefficients for the GFLOPs estimate (see _estimate_gmacs).
         as_row = lambda values: torch.tensor(values, dtype=torch.float64)
         self._attn_linear_macs = as_row([_linear_macs(blk.attn) for blk in model.blocks])
@@ -271,6 +311,13 @@ class MergingViT(nn.Module):
 
         tau: optional per-image thresholds [B] for MaMe, overriding settings.tau in every merging block.
         """
+        if self._whole is not None and settings.method != "mame":
+            return self._whole(x, settings, tau, return_source)
+        return self._forward(x, settings, tau, return_source)
+
+    def _forward(
+        self, x: Tensor, settings: MergeSettings, tau: Tensor | Sequence[float] | None, return_source: bool
+    ) -> MergeResult:
         m = self.model
         bsz = x.shape[0]
         merge_blocks = settings.merge_blocks(self.depth)
@@ -279,55 +326,63 @@ class MergingViT(nn.Module):
         image_tau = self._tau_tensor(tau, bsz, x.device) if tau is not None else None
 
         h = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
-        special = self.num_prefix_tokens
-        size = torch.ones(h.shape[:2], device=h.device, dtype=torch.float32)
+        special, first_len = self.num_prefix_tokens, h.shape[1]
+        size = torch.ones(h.shape[:2], device=h.device, dtype=work_dtype(h.dtype))
         source = None
         if return_source:
-            source = torch.zeros(bsz, h.shape[1], self.num_patches, device=h.device, dtype=torch.float32)
+            source = torch.zeros(bsz, first_len, self.num_patches, device=h.device, dtype=torch.float32)
             source[:, special:] = torch.eye(self.num_patches, device=h.device)
-        lengths = torch.full((bsz,), h.shape[1], dtype=torch.int64)  # real tokens per image, kept on the CPU
-        key_bias: Tensor | None = None  # None while every token has size 1 and there is no padding (fast path)
-        real_rows: Tensor | None = None  # flat indices of real tokens, None while there is no padding
+        # The tokens stay packed ([N, C], each image's real tokens back to back): per-token layers cost the
+        # sum of the images' token counts, and attention runs within each image.
+        tokens = PackedBatch.from_padded(TokenBatch(h, size, source))
+        layout = _Layout([first_len] * bsz, prop_attn=settings.prop_attn)
         merged_yet = False  # has any image of the batch merged a token so far?
 
+        # Per block and image, on the host: tokens entering, tokens leaving, similarity pairs of the merge.
         counts_in, counts_out, merge_pairs, sources = [], [], [], []
         for i, blk in enumerate(m.blocks):
+            lengths = layout.lengths
             counts_in.append(lengths)
-            attn_out, keys = _block_attention(blk, h, key_bias, real_rows)
-            h = h + blk.drop_path1(attn_out)
-            pairs = torch.zeros(bsz)
-            if i < merge_blocks:
-                batch = TokenBatch(h, size, source)
+            merging = i < merge_blocks
+            channels = layout.bias_channels(blk.attn.head_dim, blk.attn.scale, tokens.x.dtype)
+            qkv, metric, normed = self._stages.project(blk, tokens.x, channels, merging)
+            out = _attend(qkv, layout, blk.attn.scale)
+            tokens = tokens.with_x(self._stages.finish_attention(blk, tokens.x, out, normed))
+            pairs = [0] * bsz
+            if merging:
                 if settings.method == "mame":
-                    if tau is None and settings.tau_at(i) >= 1 and not merged_yet:
-                        batch = mame_order(batch, special, settings.stride)  # merges nothing: just reorder
+                    if tau is None and settings.tau_at(i) >= 1 and not merged_yet:  # merges nothing: reorder
+                        ordered = mame_order(tokens.padded(), special, settings.stride)
+                        tokens = PackedBatch.from_padded(ordered)
                     else:
-                        real_dst = ((lengths - special + settings.stride - 1) // settings.stride).clamp(min=0)
-                        pairs = (real_dst * (lengths - special - real_dst)).to(pairs.dtype)
+                        rest = [n - special for n in lengths]
+                        pairs = [-(-r // settings.stride) * (r + (r // -settings.stride)) for r in rest]
                         block_tau = image_tau if image_tau is not None else settings.tau_at(i)
-                        batch, lengths = mame_merge(batch, keys, block_tau, special, settings.stride)
-                        merged_yet = merged_yet or bool((lengths < h.shape[1]).any())
+                        tokens = mame_merge_packed(tokens, metric, block_tau, special, settings.stride,
+                                                   self._stages.merge_step)
                 else:
-                    n_a = (lengths + 1) // 2  # ToMe splits all tokens, special ones included
-                    pairs = (n_a * (lengths - n_a)).to(pairs.dtype)
-                    batch = tome_merge(batch, keys, settings.r, special)
-                    lengths = torch.full_like(lengths, batch.x.shape[1])
-                    merged_yet = merged_yet or batch.x.shape[1] < h.shape[1]
-                h, size, source = batch.x, batch.size, batch.source
+                    pairs = [(n + 1) // 2 * (n // 2) for n in lengths]  # ToMe splits all tokens, specials included
+                    padded, padded_metric = tokens.padded(metric)
+                    tokens = PackedBatch.from_padded(tome_merge(padded, padded_metric, settings.r, special))
+                layout = _Layout(list(tokens.lengths), prop_attn=settings.prop_attn)
+                merged_yet = merged_yet or any(a < b for a, b in zip(layout.lengths, lengths))
                 if merged_yet:  # while nothing merged, every size is 1 and attention needs no bias
-                    key_bias = _key_bias(size, settings.prop_attn, h.dtype)
-                    real_rows = _real_rows(size, int(lengths.sum()))
+                    layout.bias_size = tokens.size
+                    if not layout.uniform:
+                        layout.cu_seqlens = tokens.offsets.to(torch.int32)
             merge_pairs.append(pairs)
-            h = h + blk.drop_path2(_per_token(lambda t, b=blk: b.ls2(b.mlp(b.norm2(t))), h, real_rows))
-            counts_out.append(lengths)
+            tokens = tokens.with_x(self._stages.mlp(blk, tokens.x))
+            counts_out.append(layout.lengths)
             if return_source:
-                sources.append(source)
+                padded = tokens.padded()
+                sources.append(torch.where(padded.size.unsqueeze(-1) > 0, padded.source, 0.0))
 
-        logits = self._head(m.norm(h), size)
-        tokens_in = torch.stack(counts_in, dim=1).cpu()
-        tokens = torch.stack(counts_out, dim=1).cpu()
-        gflops = self._estimate_gmacs(tokens_in, tokens, torch.stack(merge_pairs, dim=1).cpu())
-        return MergeResult(logits, tokens, self.input_tokens, gflops, sources if return_source else None)
+        final = tokens.with_x(m.norm(tokens.x)).padded()
+        logits = self._head(final.x, final.size)
+        per_image = lambda rows: torch.tensor(rows, dtype=torch.int64).T.contiguous()
+        tokens_out = per_image(counts_out)
+        gflops = self._estimate_gmacs(per_image(counts_in), tokens_out, per_image(merge_pairs))
+        return MergeResult(logits, tokens_out, self.input_tokens, gflops, sources if return_source else None)
 
     @staticmethod
     def _tau_tensor(tau: Tensor | Sequence[float], bsz: int, device: torch.device) -> Tensor:
@@ -375,3 +430,24 @@ class MergingViT(nn.Module):
 def patch_vit(model: VisionTransformer) -> MergingViT:
     """Wrap a timm VisionTransformer so its forward takes merge settings. The model is not copied."""
     return MergingViT(model)
+
+
+def compile_merging_vit(vit: MergingViT, mode: str | None = None) -> MergingViT:
+    """A MergingViT sharing `vit`'s model whose forward runs under torch.compile, with the same results.
+
+    Unmerged and ToMe forwards have static shapes and no host sync: they compile whole (one graph per
+    settings; mode "reduce-overhead" adds CUDA graphs). A MaMe forward needs the host once per merge (the
+    next token counts): its tensor-only stages (projections, MLP, the merge's device part) compile with
+    dynamic shapes, so new token counts reuse them; attention and the token bookkeeping stay eager.
+    """
+    compiled = MergingViT(vit.model)
+    # A stage compiles once per block (and per variant: with or without bias channels, metric): more than
+    # torch's default of 8 recompiles per function, past which it would silently run the rest eagerly.
+    limit = 8 * len(vit.model.blocks)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+    stage_mode = None if mode == "reduce-overhead" else mode  # CUDA graphs need static shapes
+    stage = lambda fn: torch.compile(fn, dynamic=True, mode=stage_mode)
+    stages = (_project, _finish_attention, _mlp_branch, mame_step)
+    compiled._stages = _Stages(*(stage(fn) for fn in stages))
+    compiled._whole = torch.compile(compiled._forward, mode=mode)
+    return compiled

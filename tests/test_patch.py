@@ -183,18 +183,25 @@ def test_vit_base_unmerged_equivalence_invariance_and_flops():
 
 @pytest.mark.parametrize("prop_attn", [True, False])
 @pytest.mark.parametrize("head_dim", [16, 13])
-def test_key_biased_attention_equals_additive_bias(prop_attn, head_dim):
-    from mame_core.patch import _key_bias, _key_biased_attention
+@pytest.mark.parametrize("lengths", [[7, 3, 5, 1], [5, 5, 5]])
+def test_packed_attention_equals_per_image_additive_bias(prop_attn, head_dim, lengths):
+    from mame_core.patch import _attend, _Layout
 
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(3, 2, 7, head_dim, generator=gen) for _ in range(3))
-    size = torch.tensor([[1.0, 3, 2, 1, 5, 0, 0], [1.0, 1, 1, 1, 1, 1, 1], [4.0, 1, 0, 0, 0, 0, 0]])
-    k[:, :, 5:] = 1e4  # padding keys may hold anything: they must not matter
-    bias = torch.where(size > 0, size.log() if prop_attn else 0.0, float("-inf"))[:, None, None, :]
-    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-    got = _key_biased_attention(q, k, v, _key_bias(size, prop_attn, q.dtype), head_dim ** -0.5)
-    assert got.shape == expected.shape
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    qkv = torch.randn(sum(lengths), 3, 2, head_dim, generator=gen)
+    size = torch.randint(1, 6, (sum(lengths),), generator=gen).float()
+    scale = head_dim ** -0.5
+    layout = _Layout(lengths, bias_size=size, prop_attn=prop_attn)
+    channels = layout.bias_channels(head_dim, scale, qkv.dtype)
+    got = _attend(torch.cat([qkv, channels.expand(-1, -1, 2, -1)], dim=-1), layout, scale)[..., :head_dim]
+    got = got.reshape(qkv.shape[0], 2, head_dim)  # leading dims [B, L] when all images are as long
+    start = 0
+    for n in lengths:  # each image alone: its own keys only, log(size) added to every key's logit
+        q, k, v = qkv[start:start + n].permute(1, 2, 0, 3)
+        bias = size[start:start + n].log() if prop_attn else torch.zeros(n)
+        expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias.expand(n, n))
+        torch.testing.assert_close(got[start:start + n], expected.transpose(0, 1), atol=1e-5, rtol=1e-5)
+        start += n
 
 
 def test_blocks_count_merging_blocks_from_one():
@@ -217,3 +224,68 @@ def test_check_depth_refuses_blocks_the_model_lacks():
         MergeSettings(method="mame", tau=(0.9,) * 5).check_depth(4)
     with pytest.raises(ValueError, match="first 99 blocks"):
         MergeSettings(method="tome", r=2, blocks=99).check_depth(4)
+
+
+def _linear_flops(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return sum(n for op, n in counter.get_flop_counts()["Global"].items() if str(op) == "aten.addmm")
+
+
+def test_cost_follows_the_sum_of_tokens_not_the_longest_image(images, monkeypatch):
+    # One image keeps every token (tau 1) while the others merge: attention (query x key pairs, summed over
+    # the SDPA calls) and the per-token layers of the batch cost what the images cost alone.
+    pairs: list[int] = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counting_sdpa(q, k, v, **kwargs):
+        pairs.append(q.shape[:-2].numel() * q.shape[-2] * k.shape[-2])
+        return sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting_sdpa)
+    vit = patch_vit(tiny_vit())
+    taus = [1.0, 0.6, 0.6, 0.6]
+
+    def cost(i: slice) -> tuple[int, int]:
+        pairs.clear()
+        linear = _linear_flops(lambda: vit(images[i], MAME, tau=torch.tensor(taus[i])))
+        return sum(pairs), linear
+
+    with torch.inference_mode():
+        mixed = vit(images, MAME, tau=torch.tensor(taus))
+        batch = cost(slice(0, 4))
+        alone = [cost(slice(i, i + 1)) for i in range(4)]
+    assert (mixed.tokens[0] == vit.input_tokens).all() and (mixed.tokens[1:, -1] < vit.input_tokens).all()
+    assert batch[0] > 0 and batch[1] > 0
+    assert batch == (sum(a[0] for a in alone), sum(a[1] for a in alone))
+
+
+def test_per_image_tau_one_image_keeps_all_tokens(images):
+    vit = patch_vit(tiny_vit())
+    settings = MergeSettings(method="mame", tau=0.6, blocks=4)
+    with torch.inference_mode():
+        mixed = vit(images, settings, tau=[0.6, 1.0, 0.6, 0.6])
+        kept = vit(images[1:2], MergeSettings(method="mame", tau=1.0, blocks=4))
+        merged = vit(images[2:3], settings)
+    assert (mixed.tokens[1] == vit.input_tokens).all()
+    assert (mixed.tokens[[0, 2, 3], -1] < vit.input_tokens).all()
+    assert (mixed.logits[1] - kept.logits[0]).abs().max().item() <= 1e-4
+    assert (mixed.logits[2] - merged.logits[0]).abs().max().item() <= 1e-4
+    assert torch.equal(mixed.tokens[2], merged.tokens[0])
+
+
+def test_compiled_forward_equals_eager(images):
+    from mame_core import compile_merging_vit
+
+    vit = patch_vit(tiny_vit(depth=2))
+    compiled = compile_merging_vit(vit)
+    settings = [MergeSettings(), MergeSettings(method="tome", r=6),
+                MergeSettings(method="mame", tau=0.7, blocks=2)]
+    with torch.inference_mode():
+        for s in settings:
+            for x in (images, images[[2, 0, 3]]):  # new token counts: the dynamic shapes serve them
+                eager, fast = vit(x, s), compiled(x, s)
+                assert torch.equal(eager.tokens, fast.tokens)
+                torch.testing.assert_close(fast.logits, eager.logits, atol=1e-5, rtol=1e-5)
