@@ -59,7 +59,7 @@ Answer = tuple[int, list[tuple[bytes, bytes]], bytes]  # status, headers, body
 # request id (set by the front-end), and the engine's server and date (the front-end's uvicorn adds its own).
 _NOT_FORWARDED = {b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer", b"upgrade",
                   b"proxy-connection", b"content-length", b"x-request-id", b"date", b"server"}
-PASS_THROUGH_MAX_BYTES = 1 << 20  # bodies of requests other than classify (admin JSON): no more
+PASS_THROUGH_MAX_BYTES = 1 << 20  # bodies of requests other than classify and /v2 infer (admin JSON)
 PLAN_MAX_AGE_S = 5.0  # how stale the engine's experiments may be here (a stale one costs a re-send, no error)
 LOADING_RECHECK_S = 0.5
 
@@ -185,11 +185,14 @@ class FrontEnd:
         body, docs/ab_testing.md). Checked here, with the token the engine has: this process inherits its
         environment. Not by asking the engine with an empty body: a DELETE or GET with the right token would
         then run."""
+        limit = PASS_THROUGH_MAX_BYTES
+        if scope["method"] == "POST" and scope["path"].startswith("/v2/"):  # infer: images, as classify's
+            limit = max(limit, (await self._current_plan()).max_body_bytes)
         try:
             return await read_limited(
                 receive,
                 header(scope["headers"], b"content-length"),
-                PASS_THROUGH_MAX_BYTES,
+                limit,
                 self.request_timeout_s,
             )
         except ApiError as exc:

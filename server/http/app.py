@@ -19,6 +19,7 @@ from server.experiments.registry import ExperimentRegistry, ModelVariants
 from server.http import middleware
 from server.http.answers import error_response, unexpected_error
 from server.http.classify import ClassifyRequest, Engine, classify
+from server.http.oip import add_oip_routes
 from server.http.routes import frontend_router, router, sync_weights
 from server.http.shadow import Shadows
 from server.wire import channel
@@ -120,6 +121,7 @@ def create_app(config: ServingConfig, service: InferenceService, *, preprocess_t
     app.state.experiments = engine.registry
     middleware.install(app, admin_token=admin_token_from_env(), drop_reserved=frontend_channel is None)
     app.include_router(router)
+    add_oip_routes(app, engine)  # /v2: the Open Inference Protocol (docs/oip.md)
     if frontend_channel is not None:
         app.include_router(frontend_router)
     return app
