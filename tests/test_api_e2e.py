@@ -548,3 +548,20 @@ def test_an_unexpected_error_is_the_contracts_500_and_keeps_the_connection():
         finally:
             server.should_exit = True
             thread.join(10)
+
+
+def test_docs_page_loads_only_from_the_server(server):
+    """/docs works offline: the page and everything it loads come from the server's own paths."""
+    page = httpx.get(f"{server.url}/docs")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "://" not in page.text and '"validatorUrl": null' in page.text  # no other host, no validator badge
+    references = re.findall(r"""(?:src|href)\s*=\s*["']([^"']+)""", page.text)
+    references += re.findall(r"""\burl:\s*["']([^"']+)""", page.text)
+    assert len(references) == 4 and all(r.startswith("/") and not r.startswith("//") for r in references)
+    types = {".js": "text/javascript", ".css": "text/css", ".png": "image/png", ".json": "application/json"}
+    for reference in references:
+        asset = httpx.get(f"{server.url}{reference}")
+        expected = next(kind for suffix, kind in types.items() if reference.endswith(suffix))
+        assert asset.status_code == 200 and asset.headers["content-type"].startswith(expected), reference
+        assert len(asset.content) > 500, reference
+    assert httpx.get(f"{server.url}/redoc").status_code == 404  # FastAPI's ReDoc page loads from a CDN
