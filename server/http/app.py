@@ -21,6 +21,7 @@ from server.http.answers import error_response, unexpected_error
 from server.http.classify import ClassifyRequest, Engine, classify
 from server.http.docs_page import add_docs_page
 from server.http.oip import add_oip_routes
+from server.http.openapi import with_top_k_bound
 from server.http.routes import frontend_router, router, sync_weights
 from server.http.shadow import Shadows
 from server.wire import channel
@@ -125,6 +126,12 @@ def create_app(config: ServingConfig, service: InferenceService, *, preprocess_t
     app.include_router(router)
     add_oip_routes(app, engine)  # /v2: the Open Inference Protocol (docs/oip.md)
     add_docs_page(app)
+    openapi = app.openapi
+
+    def contract() -> dict:  # FastAPI caches it in app.openapi_schema
+        return with_top_k_bound(openapi(), config.limits.max_top_k)
+
+    app.openapi = contract
     if frontend_channel is not None:
         app.include_router(frontend_router)
     return app

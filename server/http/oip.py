@@ -182,9 +182,64 @@ def _response(reply: Reply) -> Response:
     return Response(reply.body, reply.status, headers=reply.headers)
 
 
+_OIP_ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "string", "description": "<code>: <detail>, the code as docs/api.md has it"}}}
+_JSON_OBJECT = {"application/json": {"schema": {"type": "object"}}}
+_BINARY = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+_READY = {"application/json": {"schema": {"type": "object", "required": ["ready"], "properties": {
+    "name": {"type": "string"}, "ready": {"type": "boolean"}}}}}
+
+
+def _errors(*documented: tuple[int, str]) -> dict[int | str, dict[str, Any]]:
+    retry = {"Retry-After": {"required": True, "schema": {"type": "string"}}}
+    return {status: {"description": text, "content": {"application/json": {"schema": _OIP_ERROR}},
+                     **({"headers": retry} if status == 503 else {})} for status, text in documented}
+
+
+_UNKNOWN = (404, "unknown_model or unknown_variant (the version)")
+_INFER_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"type": "object", "required": ["inputs"], "properties": {
+        "id": {"type": "string"}, "parameters": {"type": "object"},
+        "inputs": {"type": "array", "minItems": 1, "items": {"type": "object"}},
+        "outputs": {"type": "array", "items": {"type": "object"}}}}},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary",
+                                            "description": "JSON header, then binary tensor data "
+                                                           "(Inference-Header-Content-Length)"}}}}}
+# What each handler can answer (docs/oip.md), for the OpenAPI description.
+_RESPONSES: dict[str, dict[int | str, dict[str, Any]]] = {
+    "server_metadata_handler": {200: {"description": "server metadata", "content": _JSON_OBJECT}},
+    "server_live": {200: {"description": "live", "content": {"application/json": {"schema": {
+        "type": "object", "required": ["live"], "properties": {"live": {"type": "boolean"}}}}}}},
+    "server_ready": {200: {"description": "ready", "content": _READY},
+                     503: {"description": "loading", "content": _READY}},
+    "model_metadata_handler": {200: {"description": "model metadata", "content": _JSON_OBJECT},
+                               **_errors(_UNKNOWN, (503, "not_ready: the model is loading"))},
+    "model_ready_handler": {200: {"description": "ready", "content": _READY},
+                            503: {"description": "loading", "content": _READY}, **_errors(_UNKNOWN)},
+    "infer": {200: {"description": "outputs: JSON, or JSON then binary tensor data",
+                    "content": {**_JSON_OBJECT, **_BINARY}},
+              **_errors((400, "invalid_request (malformed JSON or tensors, datatype, shape) or bad_image"),
+                        _UNKNOWN, (408, "request_timeout: the body did not arrive in time"),
+                        (413, "too_large: body bytes, images or pixels over the limits"),
+                        (415, "unsupported_media_type: a compressed request"),
+                        (500, "internal: the batch failed on the device"), (503, "overloaded or not_ready"),
+                        (504, "timeout: no answer within the request timeout"))},
+}
+
+
 def add_oip_routes(app: FastAPI, parts: ServerParts) -> None:
     """Every route of the protocol (docs/oip.md) on `app`, answered over `parts`."""
     engine = ServerEngine(parts)
     for route in ROUTES:
         app.add_api_route(route.path, _endpoint(route, engine), methods=[route.method], summary=route.summary,
-                          tags=["Open Inference Protocol v2"])
+                          tags=["Open Inference Protocol v2"], response_model=None,
+                          responses=_RESPONSES[route.handler.__name__],
+                          openapi_extra=_openapi_extra(route))
+
+
+def _openapi_extra(route: Route) -> dict[str, Any]:
+    """The path's parameters (the endpoint reads them from the request itself) and infer's body."""
+    described = {"model": "the model's name", "version": "one of the model's variants"}
+    parameters = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"},
+                   "description": text} for name, text in described.items() if f"{{{name}}}" in route.path]
+    return {"parameters": parameters, **(_INFER_BODY if route.method == "POST" else {})}
