@@ -90,7 +90,8 @@ async def list_experiments(request: Request) -> dict[str, Any]:
 
 @router.get("/v1/experiments/{name}", summary="Per-variant report of one A/B experiment",
             response_model=None, responses={**answer(schemas.ExperimentReport),
-                                            **error_responses((404, "unknown_experiment"))})
+                                            **error_responses((404, "unknown_experiment"),
+                                                              (422, "invalid_parameter"))})
 async def experiment_report(name: str, request: Request) -> dict[str, Any]:
     return _engine(request).registry.report(name)
 
