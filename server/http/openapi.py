@@ -93,3 +93,32 @@ CLASSIFY_ERRORS = error_responses(
     (500, "internal: the batch failed on the device; the log has the request id"),
     (503, "overloaded (queue full) or not_ready (loading); Retry-After"),
     (504, "timeout: no answer within the request timeout"))
+
+EXPLAIN_OPENAPI = {
+    "parameters": [
+        _query("model", {"type": "string"}, "model name (default: the config's default model)"),
+        _query("variant", {"type": "string"}, "variant name (default: the model's default variant)"),
+        _query("blocks", {"type": "string", "pattern": "^[0-9]+(,[0-9]+)*$"},
+               "1-based blocks to show, comma-separated (default: every block that merges)"),
+    ],
+    "requestBody": CLASSIFY_OPENAPI["requestBody"],
+}
+_LIST = {"schema": {"type": "string"}}
+EXPLAIN_HEADERS = {
+    "X-Model": {"description": "the model", **_LIST},
+    "X-Variant": {"description": "the variant", **_LIST},
+    "X-Blocks-Shown": {"description": "the blocks drawn, in panel order", **_LIST},
+    "X-Tokens-Input": {"description": "tokens entering the first block", **_LIST},
+    "X-Tokens-Per-Block": {"description": "tokens after each block, comma-separated", **_LIST},
+    "X-Tokens-Shown": {"description": "tokens after each block drawn", **_LIST},
+}
+EXPLAIN_ERRORS = error_responses(
+    (400, "bad_image: undecodable or truncated image, malformed multipart"),
+    (404, "unknown_model or unknown_variant"),
+    (408, "request_timeout: the request's head or body did not arrive in time"),
+    (413, "too_large: over the byte or pixel limit, or more than one file"),
+    (415, "unsupported_media_type: not an image type"),
+    (422, "invalid_parameter: blocks outside the model"),
+    (501, "not_implemented: the frontends layout (the weights are in the device processes)"),
+    (503, "overloaded (an explanation is running) or not_ready (loading); Retry-After"),
+    (504, "timeout: no answer within the request timeout"))

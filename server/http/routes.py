@@ -3,6 +3,7 @@ puts it there); `POST /v1/classify` is answered by `classify()` (server/http/cla
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -16,7 +17,17 @@ from server.decode.crops import decode_plan
 from server.experiments.config import NewExperiment, SplitChange
 from server.http import schemas
 from server.http.classify import ClassifyRequest, classify
-from server.http.openapi import ADMIN_ERRORS, CLASSIFY_ERRORS, CLASSIFY_OPENAPI, answer, error_responses
+from server.http.explain import explain
+from server.http.openapi import (
+    ADMIN_ERRORS,
+    CLASSIFY_ERRORS,
+    CLASSIFY_OPENAPI,
+    EXPLAIN_ERRORS,
+    EXPLAIN_HEADERS,
+    EXPLAIN_OPENAPI,
+    answer,
+    error_responses,
+)
 from server.wire.protocol import FRONTEND_CLIENT, FRONTEND_STARTED
 
 if TYPE_CHECKING:
@@ -53,6 +64,22 @@ async def classify_route(request: Request) -> Response:
     return await classify(
         _engine(request), http_classify_request(request, request.app.state.behind_frontends)
     )
+
+
+EXPLAIN_RUNNING = "explain_running"  # app.state: the semaphore that runs explanations one at a time
+
+
+@router.post("/v1/explain", summary="Which patches merged, as a picture (PNG); token counts in headers",
+             response_model=None, openapi_extra=EXPLAIN_OPENAPI, responses={
+                 200: {"description": "the input crop, then the groups after each block, side by side",
+                       "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+                       "headers": EXPLAIN_HEADERS},
+                 **EXPLAIN_ERRORS})
+async def explain_route(request: Request) -> Response:
+    state = request.app.state
+    if not hasattr(state, EXPLAIN_RUNNING):
+        setattr(state, EXPLAIN_RUNNING, asyncio.Semaphore(1))
+    return await explain(_engine(request), request, getattr(state, EXPLAIN_RUNNING))
 
 
 @frontend_router.get("/internal/plan")
