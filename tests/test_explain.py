@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from serverproc import sample_images, tiny_config
+from serverproc import running_server, sample_images, tiny_config
 from test_http_app import app_of, running
 
 from server.config import parse_config
@@ -94,3 +94,21 @@ def test_explain_is_bounded_and_refuses_clearly(photos):
         assert default.status_code == 200 and default.headers["x-blocks-shown"] == "1,2,3"  # blocks: 3
 
     asyncio.run(running(app, check))
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("layout", ["single", "frontends"])
+def test_explain_over_http_as_curl_sends_it(photos, layout):
+    """`curl -F file=@photo 'localhost:8000/v1/explain?variant=...'` on a real server: a PNG; in the
+    frontends layout the clear 501."""
+    args = ["--layout", layout] + (["--http-processes", "1"] if layout == "frontends" else [])
+    with running_server(tiny_config(), args=args) as server:
+        answer = httpx.post(f"{server.url}/v1/explain", params={"variant": VARIANT},
+                            files={"file": ("photo.png", photos["text"], "image/png")}, timeout=60)
+    if layout == "single":
+        assert answer.status_code == 200 and answer.content.startswith(b"\x89PNG\r\n\x1a\n")
+        assert Image.open(io.BytesIO(answer.content)).size == (64 * 4 + 3 * PANEL_GAP, 64)  # 3 merge blocks
+        assert answer.headers["x-blocks-shown"] == "1,2,3"
+    else:
+        assert answer.status_code == 501 and answer.json()["error"] == "not_implemented"
+        assert "--layout single" in answer.json()["detail"]
