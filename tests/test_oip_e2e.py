@@ -169,3 +169,12 @@ def test_errors_are_the_protocols_and_counted(server, client, photos):
                for f in families if f.name == "mame_requests" for s in f.samples
                if s.name == "mame_requests_total" and s.labels["model"] == "tiny"}
     assert counted[VARIANT, "400"] >= 1 and counted["", "404"] >= 1
+
+
+def test_a_body_over_the_limit_is_the_protocols_413(client):
+    """Refused before the engine reads it (by the front-end in that layout): still the protocol's body."""
+    pixels = triton.InferInput("pixels", [200, 64, 64, 3], "UINT8")  # 2.4 MB, over max_body_bytes
+    pixels.set_data_from_numpy(np.zeros((200, 64, 64, 3), dtype=np.uint8))
+    with pytest.raises(InferenceServerException, match="too_large: .*body") as refused:
+        client.infer("tiny", [pixels])
+    assert refused.value.status() == "413"

@@ -35,6 +35,7 @@ from starlette.datastructures import URL
 
 from server.decode.crops import Decoder, decoder_from_list
 from server.frontend.arena import ARENA_MIN_SLOTS, CropArena, decode_crop
+from server.oip.errors import error_body, oip_status
 from server.wire.admin import admin_token_from_env, check_admin
 from server.wire.body import image_payloads, read_limited
 from server.wire.channel import Channel, ChannelError
@@ -161,7 +162,7 @@ class FrontEnd:
             )
             return
         except ApiError as exc:
-            await respond_error(send, exc, request_id)
+            await respond_error(send, exc, request_id, oip=scope["path"].startswith("/v2/"))
             return
         # a bug (or a plan the engine could not give): the contract's 500, not uvicorn's text
         except Exception:
@@ -331,9 +332,12 @@ def header(headers: list[tuple[bytes, bytes]], name: bytes) -> str:
     return next((v.decode("latin-1") for k, v in headers if k == name), "")
 
 
-async def respond_error(send: Callable, error: ApiError, request_id: str) -> None:
-    """An error the front-end answers itself, as the engine's errors look (docs/api.md)."""
-    body = error.to_answer(request_id)
+async def respond_error(send: Callable, error: ApiError, request_id: str, oip: bool = False) -> None:
+    """An error the front-end answers itself, as the engine's errors look (docs/api.md); on /v2 paths in
+    the Open Inference Protocol's body, as the engine answers there (docs/oip.md)."""
+    body = error_body(error) if oip else error.to_answer(request_id)
+    if oip:
+        error = ApiError(oip_status(error), error.code, error.detail, error.headers)
     headers = [(b"content-type", b"application/json"), (b"x-request-id", request_id.encode()),
                *((name.lower().encode(), value.encode()) for name, value in error.headers.items())]
     await respond(send, error.status, headers, body)
