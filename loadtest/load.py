@@ -2,6 +2,7 @@
 
 Open loop (Poisson arrivals at a set rate) or closed loop (a set concurrency), always bounded by a
 request count and a duration. Prints a per-variant report; --sweep steps the rate up per variant.
+`--protocol v2` sends the images as Open Inference Protocol infer requests (docs/oip.md) instead.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import json
 import math
 import os
 import random
+import struct
 import sys
 import time
 from collections import deque
@@ -37,6 +39,7 @@ from loadtest.sweep import (
 )
 
 CLASSIFY_PATH = "/v1/classify"
+PROTOCOLS = ("v1", "v2")
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,13 @@ class Target:
     user_header: str = "X-User-Id"
     top_k: int | None = None
     images_per_request: int = 1  # several: one multipart request, answered as a list
+    protocol: str = "v1"  # v2: Open Inference Protocol infer requests (the images as one BYTES tensor)
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
+        if self.protocol == "v2" and not self.model:
+            raise ValueError("--protocol v2 names the model in the path: give --model")
 
 
 @dataclass(frozen=True)
@@ -114,6 +124,40 @@ def request_specs(
         yield RequestSpec(
             variant, user_key, tuple(images[(first + i) % len(images)] for i in range(per_request))
         )
+
+
+def oip_request(target: Target, spec: RequestSpec) -> tuple[str, bytes, dict[str, str]]:
+    """(path, body, headers) of an Open Inference Protocol infer request for `spec`'s images: their files
+    as one BYTES tensor in binary data, the answer in JSON (top-k strings and final tokens)."""
+    assert target.model is not None
+    path = f"/v2/models/{target.model}" + (f"/versions/{spec.variant}" if spec.variant else "") + "/infer"
+    data = b"".join(struct.pack("<I", len(image.data)) + image.data for image in spec.images)
+    head: dict[str, Any] = {
+        "inputs": [{"name": "images", "datatype": "BYTES", "shape": [len(spec.images)],
+                    "parameters": {"binary_data_size": len(data)}}],
+        "outputs": [{"name": "probabilities", "parameters": {"classification": target.top_k or 5}},
+                    {"name": "final_tokens"}],
+    }
+    if target.experiment:
+        head["parameters"] = {"experiment": target.experiment}
+    encoded = json.dumps(head).encode()
+    headers = {"Content-Type": "application/octet-stream",
+               "Inference-Header-Content-Length": str(len(encoded))}
+    return path, encoded + data, headers
+
+
+def read_oip_answer(status_code: int, body: Any, requested_variant: str | None) -> dict[str, Any]:
+    """Outcome fields from an infer answer: the group is its model_version (the variant that served). The
+    protocol's answer has no server timings: queue and inference stay empty."""
+    fallback = requested_variant or UNKNOWN_VARIANT
+    if status_code != 200:
+        return {"group": fallback, "status": str(status_code)}
+    try:
+        finals = next(o["data"] for o in body["outputs"] if o["name"] == "final_tokens")
+        return {"group": str(body["model_version"]), "status": "200",
+                "final_tokens": sum(int(f) for f in finals) / len(finals), "images": len(finals)}
+    except (AttributeError, TypeError, KeyError, ValueError, StopIteration, ZeroDivisionError):
+        return {"group": fallback, "status": "invalid_answer"}
 
 
 def read_answer(status_code: int, body: Any, requested_variant: str | None) -> dict[str, Any]:
@@ -199,7 +243,11 @@ async def send_one(
         # httpx's own pool timeout restarts whenever another request takes the freed connection
         # first, so a full pool could hold a request far longer than --timeout: bound it here.
         async with asyncio.timeout(timeout_s) as pool_wait:
-            if len(spec.images) == 1:
+            if target.protocol == "v2":
+                path, content, oip_headers = oip_request(target, spec)
+                response = await client.post(path, content=content, headers={**headers, **oip_headers},
+                                             extensions={"trace": trace})
+            elif len(spec.images) == 1:
                 image = spec.images[0]
                 response = await client.post(CLASSIFY_PATH, params=params, content=image.data,
                                              headers={**headers, "Content-Type": image.content_type},
@@ -212,7 +260,8 @@ async def send_one(
             body = response.json() if response.status_code == 200 else None
         except ValueError:
             body = None
-        fields = read_answer(response.status_code, body, spec.variant)
+        read = read_oip_answer if target.protocol == "v2" else read_answer
+        fields = read(response.status_code, body, spec.variant)
     except (TimeoutError, httpx.PoolTimeout):
         fields = {"group": spec.variant or UNKNOWN_VARIANT, "status": "pool_timeout"}
     except httpx.TimeoutException:
@@ -409,7 +458,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mame-load", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (default: %(default)s)")
-    p.add_argument("--model", help="model name (default: the server's default model)")
+    p.add_argument("--model", help="model name (default: the server's default model; "
+                   "--protocol v2 needs it)")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="v1",
+                   help="v1: POST /v1/classify; v2: Open Inference Protocol infer (default: %(default)s)")
     p.add_argument("--variant", action="append", metavar="NAME[,NAME...]",
                    help="variant(s) to request, drawn uniformly per request; repeat or comma-separate")
     p.add_argument("--experiment", help="experiment name: the server assigns variants by user key")
@@ -470,7 +522,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         target = Target(args.url, args.model, _variants(args.variant), args.experiment, args.users,
-                        args.user_header, args.top_k, args.images_per_request)
+                        args.user_header, args.top_k, args.images_per_request, args.protocol)
         if not 1 <= args.images_per_request <= 32:
             raise ValueError(f"--images-per-request must be in 1..32 (the server's default limit), "
                              f"got {args.images_per_request}")

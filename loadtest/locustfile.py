@@ -1,7 +1,10 @@
 """Locust load test for the MaMe inference server: variants weighted, requests named by variant.
 
-    locust -f loadtest/locustfile.py --headless -H http://127.0.0.1:8000 -u 20 -r 5 -t 60s \
-        --variants baseline:1,mame-0.9:2 [--model vit-b16] [--images DIR] [--top-k 5]
+    locust -f loadtest/locustfile.py --headless -H http://127.0.0.1:8000 -u 20 -r 5 -t 60s --stop-timeout 30 \
+        --variants baseline:1,mame-0.9:2 [--model vit-b16] [--images DIR] [--top-k 5] --json-file stats
+
+--stop-timeout lets the last requests finish, so that the counts equal the server's; the final statistics
+are then in stats.json (docs/loadtest.md).
 
 Each request draws a variant by weight and shows up in Locust's statistics as `classify [<variant>]`.
 An answer that is not 200, or that names another variant than the one asked for, counts as a failure.

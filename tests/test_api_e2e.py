@@ -343,10 +343,19 @@ def test_models_health_readiness_docs(server):
     classify = openapi["paths"]["/v1/classify"]["post"]
     assert {"multipart/form-data", "image/*"} <= set(classify["requestBody"]["content"])  # /docs can send one
     assert {"400", "413", "415", "422", "503", "504"} <= set(classify["responses"])
+    multipart = classify["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert multipart["properties"]["file"]["minItems"] == 1
+    top_k = next(p for p in classify["parameters"] if p["name"] == "top_k")["schema"]
+    assert (top_k["minimum"], top_k["maximum"]) == (1, 20)  # limits.max_top_k
+    assert set(classify["responses"]["200"]["content"]["application/json"]["schema"]["anyOf"][0]) == {"$ref"}
+    readyz = openapi["paths"]["/readyz"]["get"]["responses"]
+    assert readyz["503"]["content"]["application/json"]["schema"]["$ref"].endswith("/Readiness")
     # Every documented error is the contract's body (FastAPI's HTTPValidationError is not what 422s are).
     assert "ValidationError" not in json.dumps(openapi)
-    errors = [answer for path in openapi["paths"].values() for operation in path.values()
-              for status, answer in operation["responses"].items() if status >= "4"]
+    # The contract's error body everywhere but /readyz's 503 (its own answer) and /v2 (the protocol's).
+    errors = [answer for name, path in openapi["paths"].items() if not name.startswith(("/v2", "/readyz"))
+              for operation in path.values() for status, answer in operation["responses"].items()
+              if status >= "4"]
     assert errors and all(
         a["content"]["application/json"]["schema"]["required"] == ["error", "detail", "request_id"]
         for a in errors
@@ -548,3 +557,20 @@ def test_an_unexpected_error_is_the_contracts_500_and_keeps_the_connection():
         finally:
             server.should_exit = True
             thread.join(10)
+
+
+def test_docs_page_loads_only_from_the_server(server):
+    """/docs works offline: the page and everything it loads come from the server's own paths."""
+    page = httpx.get(f"{server.url}/docs")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "://" not in page.text and '"validatorUrl": null' in page.text  # no other host, no validator badge
+    references = re.findall(r"""(?:src|href)\s*=\s*["']([^"']+)""", page.text)
+    references += re.findall(r"""\burl:\s*["']([^"']+)""", page.text)
+    assert len(references) == 4 and all(r.startswith("/") and not r.startswith("//") for r in references)
+    types = {".js": "text/javascript", ".css": "text/css", ".png": "image/png", ".json": "application/json"}
+    for reference in references:
+        asset = httpx.get(f"{server.url}{reference}")
+        expected = next(kind for suffix, kind in types.items() if reference.endswith(suffix))
+        assert asset.status_code == 200 and asset.headers["content-type"].startswith(expected), reference
+        assert len(asset.content) > 500, reference
+    assert httpx.get(f"{server.url}/redoc").status_code == 404  # FastAPI's ReDoc page loads from a CDN

@@ -137,9 +137,24 @@ def raw_metric_names(exprs: Iterable[str]) -> dict[str, str]:
     return found
 
 
+def docs_queries() -> list[str]:
+    """Every query of the docs' promql blocks (README.md, docs/*.md), separated by comment or blank lines."""
+    queries = []
+    for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        for block in re.findall(r"```promql\n(.*?)```", path.read_text(), re.DOTALL):
+            lines: list[str] = []
+            for line in [*block.splitlines(), ""]:
+                if line.strip() and not line.lstrip().startswith("#"):
+                    lines.append(line)
+                elif lines:
+                    queries.append("\n".join(lines))
+                    lines = []
+    return queries
+
+
 def every_query() -> list[str]:
     return [*dashboard_queries(), *recording_rules().values(), *(r["expr"] for r in alert_rules()),
-            *scaledobject_queries()]
+            *scaledobject_queries(), *docs_queries()]
 
 
 def test_promql_metric_names_reads_selectors_not_functions_labels_or_variables() -> None:
@@ -165,6 +180,18 @@ def contract_series_names() -> set[str]:
         else:
             names.add(name)
     return names
+
+
+def test_metric_names_follow_prometheus_conventions() -> None:
+    """No suffix Prometheus gives a meaning to (_sum, _count, _bucket, _total) inside a base name: a counter
+    `x_sum` is scraped as `x_sum_total` and reads as a histogram's part. Durations are in seconds."""
+    contract = (REPO / "docs/api.md").read_text()
+    table = re.findall(r"^\| `(mame_\w+)` \| (histogram|counter|gauge)", contract, re.MULTILINE)
+    for name, kind in table:
+        base = name.removesuffix("_total") if kind == "counter" else name
+        assert not re.search(r"_(sum|count|bucket|total)(_|$)", base), name
+        assert not re.search(r"_(milliseconds|ms|minutes|hours)(_|$)", base), name
+    assert len(docs_queries()) >= 12  # the docs' queries are read: they are checked with the others
 
 
 def test_every_query_names_only_contract_metrics() -> None:

@@ -21,6 +21,7 @@ from test_deploy import (
     DEPLOY,
     dashboard_queries,
     dashboard_variable_metrics,
+    docs_queries,
     every_query,
     raw_metric_names,
     tool,
@@ -210,3 +211,20 @@ def test_every_dashboard_query_runs_in_prometheus_and_shows_data(prometheus: Pro
     """With plain and experiment traffic (shadowed) every panel has data: none names a wrong label."""
     empty = [expr for expr in dashboard_queries() if not prometheus.query(grafana_to_promql(expr))]
     assert not empty, f"dashboard queries without data: {empty}"
+
+
+def docs_to_promql(expr: str) -> str:
+    """A docs query on this test's server: its experiment and model."""
+    return expr.replace('experiment="tau-ab"', f'experiment="{EXPERIMENT}"').replace('"vit-b16"', '"tiny"')
+
+
+def test_docs_queries_run_in_prometheus_and_ratios_are_zero_without_errors(
+        prometheus: Prometheus, shadow_traffic: None) -> None:
+    """The docs' PromQL runs and shows data (the autoscaler's names this test's job otherwise); the error
+    ratio is 0 per variant, not an empty answer, while nothing failed."""
+    queries = [docs_to_promql(q) for q in docs_queries() if "namespace=" not in q]
+    empty = [query for query in queries if not prometheus.query(query)]
+    assert not empty, f"docs queries without data: {empty}"
+    (errors,) = [q for q in queries if 'status=~"5.."' in q]
+    values = {r["metric"].get("variant"): float(r["value"][1]) for r in prometheus.query(errors)}
+    assert values and set(values.values()) == {0.0}, values

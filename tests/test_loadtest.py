@@ -477,7 +477,8 @@ def test_json_report_holds_every_setting(tmp_path: Path) -> None:
           "--max-connections", "9", "--seed", "5", "--quiet", "--json", str(out)])
     assert json.loads(out.read_text())["meta"] == {
         "url": url, "model": None, "variants": [], "experiment": "ab", "users": 7, "user_header": "X-Key",
-        "top_k": 3, "images_per_request": 2, "mode": "open", "max_requests": 2, "duration_s": 1.0,
+        "top_k": 3, "images_per_request": 2, "protocol": "v1", "mode": "open", "max_requests": 2,
+        "duration_s": 1.0,
         "rate_rps": 50.0, "concurrency": None, "timeout_s": 2.0, "max_connections": 9, "seed": 5,
         "images": len(load_images(None)),
     }

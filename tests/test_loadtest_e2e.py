@@ -181,6 +181,42 @@ def test_multi_image_requests_count_their_images(server: ServerProcess, tmp_path
     assert variant["final_tokens_mean"] < 65.0
 
 
+def test_open_inference_protocol_load_agrees_with_the_server_counters(server: ServerProcess, image_dir: Path,
+                                                                      tmp_path: Path) -> None:
+    """--protocol v2: the same images as infer requests; grouped by the version that served, counted as
+    the server counts them (the broken file is a 400 there too), with the server's token counts."""
+    before = scrape(server)
+    report = run_mame_load(["--url", server.url, "--protocol", "v2", "--model", "tiny", "--variant",
+                            "baseline,mame-0.5", "--images", str(image_dir), "--mode", "closed",
+                            "--concurrency", "3", "--requests", "40", "--duration", "20"],
+                           tmp_path / "v2.json")
+    after = scrape(server)
+    reported = reported_by_variant_and_status(report)
+    assert reported == requests_by_variant_and_status(before, after)
+    assert report["total"]["sent"] == 40 and sum(c for (_, s), c in reported.items() if s == "400") > 0
+    variants = {v["variant"]: v for v in report["variants"]}
+    assert variants["baseline"]["final_tokens_mean"] == 65.0 > variants["mame-0.5"]["final_tokens_mean"]
+
+
+def test_open_inference_protocol_load_in_an_experiment(server: ServerProcess, tmp_path: Path) -> None:
+    """No version in the path: the experiment assigns by the user header, as for /v1."""
+    before = scrape(server)
+    report = run_mame_load(["--url", server.url, "--protocol", "v2", "--model", "tiny", "--experiment",
+                            EXPERIMENT, "--users", "50", "--mode", "closed", "--concurrency", "3",
+                            "--requests", "40", "--duration", "20"], tmp_path / "v2-ab.json")
+    after = scrape(server)
+    assert reported_by_variant_and_status(report) == requests_by_variant_and_status(
+        before, after, experiment=EXPERIMENT)
+    assert {v["variant"] for v in report["variants"]} == {"baseline", "mame-0.5"}
+
+
+def test_protocol_v2_needs_a_model() -> None:
+    result = subprocess.run([sys.executable, "-m", "loadtest.load", "--protocol", "v2"], check=False,
+                            capture_output=True, text=True, timeout=60, env=CLIENT_ENV, cwd=REPO_ROOT)
+    assert result.returncode == 2
+    assert "--protocol v2 names the model in the path: give --model" in result.stderr
+
+
 @pytest.mark.skipif(shutil.which("locust", path=str(Path(sys.executable).parent)) is None,
                     reason="locust is not installed (pip install -e '.[loadtest]')")
 def test_locust_names_requests_by_variant(server: ServerProcess, tmp_path: Path) -> None:

@@ -30,7 +30,6 @@ from starlette.responses import Response
 from starlette.routing import Route as StarletteRoute
 from tritonclient.utils import InferenceServerException
 
-from server.errors import ApiError, overloaded
 from server.oip.handlers import ROUTES, Reply, infer
 from server.oip.interface import (
     OUTPUT_NAMES,
@@ -44,11 +43,13 @@ from server.oip.plan import plan_infer
 from server.oip.request import parse_infer_request
 from server.oip.response import infer_response
 from server.oip.tensors import read_input
+from server.wire.errors import ApiError, overloaded
 
 CLASSES = 10
 LABELS = tuple(f"class {i}" for i in range(CLASSES - 1)) + ("odd: label",)  # a ':' inside a label
 SPEC = ModelSpec("tiny", ("baseline", "mame-0.9"), "baseline", (3, 8, 8), LABELS,
-                 (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), depth=4, arch="vit_tiny", weights="random-init")
+                 (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), depth=4, arch="vit_tiny",
+                 weights="random-init")
 
 
 def result_for(image_index: int, top_k: int) -> ClassifiedImage:
@@ -145,7 +146,8 @@ def test_encoded_images_reach_the_engine_byte_for_byte(binary):
     files = encoded_images(3)
     if binary:
         body, headers = request_body([bytes_input(files)])
-    else:  # JSON only: the files as base64 strings, marked as such (tritonclient cannot send raw bytes in JSON)
+    else:  # JSON only: the files as base64 strings, marked as such
+        # (tritonclient cannot send raw bytes in JSON)
         document = {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [3],
                                 "parameters": {"content_type": "base64"},
                                 "data": [base64.b64encode(f).decode() for f in files]}]}
@@ -245,7 +247,7 @@ def test_classification_count_is_capped_at_the_number_of_classes():
     assert result.as_numpy("probabilities").shape == (1, CLASSES)
 
 
-# --- refusals ------------------------------------------------------------------------------------------------
+# --- refusals -----------------------------------------------------------------------------------------------
 
 
 def bad(document: dict[str, Any], binary: bytes = b"", header_length: str | None = None) -> tuple[int, str]:
@@ -273,7 +275,8 @@ def pixels(shape=(1, 8, 8, 3), datatype="UINT8", data=None) -> dict[str, Any]:
     ({"inputs": [pixels(data=[0] * 5)]}, "5 data elements for shape [1, 8, 8, 3]"),
     ({"inputs": [pixels(data=[300] * 192)]}, "UINT8 data must lie in [0, 255]"),
     ({"inputs": [pixels(data=[0.5] * 192)]}, "UINT8 data must be integers"),
-    ({"inputs": [pixels(shape=(1, 3, 8, 8), datatype="FP32", data=[0.0] * 191 + ["x"]) | {"name": "pixel_values"}]},
+    ({"inputs": [pixels(shape=(1, 3, 8, 8), datatype="FP32", data=[0.0] * 191 + ["x"])
+                 | {"name": "pixel_values"}]},
      "FP32 data must be numbers"),
     ({"inputs": [pixels(datatype="BF16")]}, "BF16 is not taken"),
     ({"inputs": [pixels(datatype="FLOAT")]}, "unknown datatype 'FLOAT'"),
@@ -326,16 +329,20 @@ def binary_pixels(size: int) -> dict[str, Any]:
 
 @pytest.mark.parametrize("document,binary,header_length,expected", [
     (binary_pixels(192), b"\0" * 191, None, "runs past the body's 191 remaining bytes"),
-    (binary_pixels(191), b"\0" * 191, None, "191 bytes of binary data; shape [1, 8, 8, 3] of UINT8 needs 192"),
+    (binary_pixels(191), b"\0" * 191, None,
+     "191 bytes of binary data; shape [1, 8, 8, 3] of UINT8 needs 192"),
     (binary_pixels(192), b"\0" * 200, None, "8 bytes of binary data after"),
     (binary_pixels(192), b"\0" * 192, "abc", "must be a byte count"),
     (binary_pixels(192), b"\0" * 192, "\u00b2", "must be a byte count"),
     (binary_pixels(192), b"\0" * 192, "99999", "outside the body"),
-    ({"inputs": [{"name": "images", "datatype": "BYTES", "shape": [2], "parameters": {"binary_data_size": 9}}]},
+    ({"inputs": [{"name": "images", "datatype": "BYTES", "shape": [2],
+                  "parameters": {"binary_data_size": 9}}]},
      b"\5\0\0\0abcde", None, "1 BYTES elements for a shape of 2 elements"),
-    ({"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": 6}}]},
+    ({"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1],
+                  "parameters": {"binary_data_size": 6}}]},
      b"\x09\0\0\0ab", None, "runs past the tensor's data"),
-    ({"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": 3}}]},
+    ({"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1],
+                  "parameters": {"binary_data_size": 3}}]},
      b"\1\0\0", None, "ends inside an element's 4-byte length"),
 ])
 def test_malformed_binary_data_gets_400(document, binary, header_length, expected):
@@ -365,13 +372,15 @@ def test_unknown_model_and_version_are_404_and_loading_is_503():
     reply = serve(engine, body, headers, version="mame-0.1")
     assert reply.status == 404 and "no version (variant) 'mame-0.1'" in error_of(reply)
     reply = serve(StandInEngine(loading=True), body, headers)
-    assert reply.status == 503 and reply.headers["Retry-After"] == "5" and error_of(reply).startswith("not_ready")
+    assert reply.status == 503 and reply.headers["Retry-After"] == "5"
+    assert error_of(reply).startswith("not_ready")
 
 
 def test_engine_errors_keep_their_status_and_headers_except_422_which_is_400():
     body, headers = request_body([bytes_input(encoded_images(1))])
     reply = serve(StandInEngine(failure=overloaded("queue full")), body, headers)
-    assert (reply.status, reply.headers["Retry-After"], error_of(reply)) == (503, "1", "overloaded: queue full")
+    assert (reply.status, reply.headers["Retry-After"], error_of(reply)) == (
+        503, "1", "overloaded: queue full")
     engine = StandInEngine(failure=ApiError(422, "invalid_parameter", "experiment 'x' is of another model"))
     reply = serve(engine, body, headers)
     assert reply.status == 400 and error_of(reply) == "invalid_parameter: experiment 'x' is of another model"
@@ -400,7 +409,8 @@ def test_model_metadata_describes_inputs_outputs_and_versions():
     document = model_metadata(SPEC)
     assert document["versions"] == ["baseline", "mame-0.9"]
     assert {i["name"]: (i["datatype"], i["shape"]) for i in document["inputs"]} == {
-        "images": ("BYTES", [-1]), "pixels": ("UINT8", [-1, 8, 8, 3]), "pixel_values": ("FP32", [-1, 3, 8, 8])}
+        "images": ("BYTES", [-1]), "pixels": ("UINT8", [-1, 8, 8, 3]),
+        "pixel_values": ("FP32", [-1, 3, 8, 8])}
     assert {o["name"]: (o["datatype"], o["shape"]) for o in document["outputs"]} == {
         "probabilities": ("FP32", [-1, CLASSES]), "input_tokens": ("INT64", [-1]),
         "tokens_per_block": ("INT64", [-1, 4]), "final_tokens": ("INT64", [-1]), "gflops": ("FP32", [-1])}
@@ -408,7 +418,7 @@ def test_model_metadata_describes_inputs_outputs_and_versions():
     assert document["parameters"]["default_version"] == "baseline"
 
 
-# --- the route table on loopback, with tritonclient's InferenceServerClient -------------------------------------
+# --- the route table on loopback, with tritonclient's InferenceServerClient ---------------------------------
 
 
 def starlette_app(engine: StandInEngine) -> Starlette:

@@ -72,8 +72,8 @@ class Metrics:
             "mame_shadow_comparisons", "Shadow comparisons against a reference variant", shadow, registry=r)
         self.shadow_agreements = Counter(
             "mame_shadow_agreements", "Shadow comparisons whose top-1 agreed", shadow, registry=r)
-        self.shadow_top1_prob_abs_diff_sum = Counter(
-            "mame_shadow_top1_prob_abs_diff_sum", "Sum of |top-1 probability difference|", shadow, registry=r)
+        self.shadow_top1_prob_abs_diff = Counter(
+            "mame_shadow_top1_prob_abs_diff", "Sum of |top-1 probability difference|", shadow, registry=r)
         self.shadow_dropped = Counter(
             "mame_shadow_dropped", "Shadow runs (images) dropped: shadow queue full, expired or shutdown",
             shadow, registry=r)
@@ -93,5 +93,5 @@ class Metrics:
         self.in_flight_of = LabelCache(self.in_flight)
         self.shadow_comparisons_of = LabelCache(self.shadow_comparisons)
         self.shadow_agreements_of = LabelCache(self.shadow_agreements)
-        self.shadow_top1_prob_abs_diff_sum_of = LabelCache(self.shadow_top1_prob_abs_diff_sum)
+        self.shadow_top1_prob_abs_diff_of = LabelCache(self.shadow_top1_prob_abs_diff)
         self.shadow_dropped_of = LabelCache(self.shadow_dropped)

@@ -35,6 +35,7 @@ from starlette.datastructures import URL
 
 from server.decode.crops import Decoder, decoder_from_list
 from server.frontend.arena import ARENA_MIN_SLOTS, CropArena, decode_crop
+from server.oip.errors import error_body, oip_status
 from server.wire.admin import admin_token_from_env, check_admin
 from server.wire.body import image_payloads, read_limited
 from server.wire.channel import Channel, ChannelError
@@ -59,7 +60,7 @@ Answer = tuple[int, list[tuple[bytes, bytes]], bytes]  # status, headers, body
 # request id (set by the front-end), and the engine's server and date (the front-end's uvicorn adds its own).
 _NOT_FORWARDED = {b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer", b"upgrade",
                   b"proxy-connection", b"content-length", b"x-request-id", b"date", b"server"}
-PASS_THROUGH_MAX_BYTES = 1 << 20  # bodies of requests other than classify (admin JSON): no more
+PASS_THROUGH_MAX_BYTES = 1 << 20  # bodies of requests other than classify and /v2 infer (admin JSON)
 PLAN_MAX_AGE_S = 5.0  # how stale the engine's experiments may be here (a stale one costs a re-send, no error)
 LOADING_RECHECK_S = 0.5
 
@@ -161,7 +162,7 @@ class FrontEnd:
             )
             return
         except ApiError as exc:
-            await respond_error(send, exc, request_id)
+            await respond_error(send, exc, request_id, oip=scope["path"].startswith("/v2/"))
             return
         # a bug (or a plan the engine could not give): the contract's 500, not uvicorn's text
         except Exception:
@@ -185,11 +186,14 @@ class FrontEnd:
         body, docs/ab_testing.md). Checked here, with the token the engine has: this process inherits its
         environment. Not by asking the engine with an empty body: a DELETE or GET with the right token would
         then run."""
+        limit = PASS_THROUGH_MAX_BYTES
+        if scope["method"] == "POST" and scope["path"].startswith("/v2/"):  # infer: images, as classify's
+            limit = max(limit, (await self._current_plan()).max_body_bytes)
         try:
             return await read_limited(
                 receive,
                 header(scope["headers"], b"content-length"),
-                PASS_THROUGH_MAX_BYTES,
+                limit,
                 self.request_timeout_s,
             )
         except ApiError as exc:
@@ -328,9 +332,12 @@ def header(headers: list[tuple[bytes, bytes]], name: bytes) -> str:
     return next((v.decode("latin-1") for k, v in headers if k == name), "")
 
 
-async def respond_error(send: Callable, error: ApiError, request_id: str) -> None:
-    """An error the front-end answers itself, as the engine's errors look (docs/api.md)."""
-    body = error.to_answer(request_id)
+async def respond_error(send: Callable, error: ApiError, request_id: str, oip: bool = False) -> None:
+    """An error the front-end answers itself, as the engine's errors look (docs/api.md); on /v2 paths in
+    the Open Inference Protocol's body, as the engine answers there (docs/oip.md)."""
+    body = error_body(error) if oip else error.to_answer(request_id)
+    if oip:
+        error = ApiError(oip_status(error), error.code, error.detail, error.headers)
     headers = [(b"content-type", b"application/json"), (b"x-request-id", request_id.encode()),
                *((name.lower().encode(), value.encode()) for name, value in error.headers.items())]
     await respond(send, error.status, headers, body)

@@ -19,6 +19,9 @@ from server.experiments.registry import ExperimentRegistry, ModelVariants
 from server.http import middleware
 from server.http.answers import error_response, unexpected_error
 from server.http.classify import ClassifyRequest, Engine, classify
+from server.http.docs_page import add_docs_page
+from server.http.oip import add_oip_routes
+from server.http.openapi import with_top_k_bound
 from server.http.routes import frontend_router, router, sync_weights
 from server.http.shadow import Shadows
 from server.wire import channel
@@ -112,7 +115,8 @@ def create_app(config: ServingConfig, service: InferenceService, *, preprocess_t
         gc.unfreeze()
 
     app = FastAPI(title="MaMe inference server", version="0.1.0", lifespan=lifespan,
-                  summary="Image classification with timm ViTs accelerated by MaMe token merging")
+                  summary="Image classification with timm ViTs accelerated by MaMe token merging",
+                  docs_url=None, redoc_url=None)  # /docs: add_docs_page, with no other host
     app.state.engine = engine
     app.state.behind_frontends = frontend_channel is not None
     app.state.service = service
@@ -120,6 +124,14 @@ def create_app(config: ServingConfig, service: InferenceService, *, preprocess_t
     app.state.experiments = engine.registry
     middleware.install(app, admin_token=admin_token_from_env(), drop_reserved=frontend_channel is None)
     app.include_router(router)
+    add_oip_routes(app, engine)  # /v2: the Open Inference Protocol (docs/oip.md)
+    add_docs_page(app)
+    openapi = app.openapi
+
+    def contract() -> dict:  # FastAPI caches it in app.openapi_schema
+        return with_top_k_bound(openapi(), config.limits.max_top_k)
+
+    app.openapi = contract
     if frontend_channel is not None:
         app.include_router(frontend_router)
     return app

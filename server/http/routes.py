@@ -3,6 +3,7 @@ puts it there); `POST /v1/classify` is answered by `classify()` (server/http/cla
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -14,8 +15,19 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from server.decode.crops import decode_plan
 from server.experiments.config import NewExperiment, SplitChange
+from server.http import schemas
 from server.http.classify import ClassifyRequest, classify
-from server.http.openapi import ADMIN_ERRORS, CLASSIFY_ERRORS, CLASSIFY_OPENAPI, error_responses
+from server.http.explain import explain
+from server.http.openapi import (
+    ADMIN_ERRORS,
+    CLASSIFY_ERRORS,
+    CLASSIFY_OPENAPI,
+    EXPLAIN_ERRORS,
+    EXPLAIN_HEADERS,
+    EXPLAIN_OPENAPI,
+    answer,
+    error_responses,
+)
 from server.wire.protocol import FRONTEND_CLIENT, FRONTEND_STARTED
 
 if TYPE_CHECKING:
@@ -45,11 +57,29 @@ def http_classify_request(request: Request, behind_frontends: bool) -> ClassifyR
 
 
 @router.post("/v1/classify", summary="Classify one or more images", openapi_extra=CLASSIFY_OPENAPI,
-             responses=CLASSIFY_ERRORS)
+             responses={**answer(schemas.ClassifyAnswer | schemas.ClassifyAnswers,
+                                 "one image: its answer; several files: {request_id, results}"),
+                        **CLASSIFY_ERRORS})
 async def classify_route(request: Request) -> Response:
     return await classify(
         _engine(request), http_classify_request(request, request.app.state.behind_frontends)
     )
+
+
+EXPLAIN_RUNNING = "explain_running"  # app.state: the semaphore that runs explanations one at a time
+
+
+@router.post("/v1/explain", summary="Which patches merged, as a picture (PNG); token counts in headers",
+             response_model=None, openapi_extra=EXPLAIN_OPENAPI, responses={
+                 200: {"description": "the input crop, then the groups after each block, side by side",
+                       "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+                       "headers": EXPLAIN_HEADERS},
+                 **EXPLAIN_ERRORS})
+async def explain_route(request: Request) -> Response:
+    state = request.app.state
+    if not hasattr(state, EXPLAIN_RUNNING):
+        setattr(state, EXPLAIN_RUNNING, asyncio.Semaphore(1))
+    return await explain(_engine(request), request, getattr(state, EXPLAIN_RUNNING))
 
 
 @frontend_router.get("/internal/plan")
@@ -68,7 +98,8 @@ async def frontend_plan(request: Request) -> dict[str, Any]:
     }
 
 
-@router.get("/v1/models", summary="Served models and their variants")
+@router.get("/v1/models", summary="Served models and their variants", response_model=None,
+            responses=answer(schemas.ModelsAnswer))
 async def list_models(request: Request) -> dict[str, Any]:
     engine = _engine(request)
     return {
@@ -78,13 +109,16 @@ async def list_models(request: Request) -> dict[str, Any]:
     }
 
 
-@router.get("/v1/experiments", summary="A/B experiments, running and stopped")
+@router.get("/v1/experiments", summary="A/B experiments, running and stopped", response_model=None,
+            responses=answer(schemas.ExperimentsAnswer))
 async def list_experiments(request: Request) -> dict[str, Any]:
     return {"experiments": _engine(request).registry.summaries()}
 
 
 @router.get("/v1/experiments/{name}", summary="Per-variant report of one A/B experiment",
-            responses=error_responses((404, "unknown_experiment"), (422, "invalid_parameter")))
+            response_model=None, responses={**answer(schemas.ExperimentReport),
+                                            **error_responses((404, "unknown_experiment"),
+                                                              (422, "invalid_parameter"))})
 async def experiment_report(name: str, request: Request) -> dict[str, Any]:
     return _engine(request).registry.report(name)
 
@@ -109,7 +143,9 @@ def _admin_change(request: Request, name: str, change: Callable[[Engine], object
     "/v1/admin/experiments",
     status_code=201,
     summary="Start an experiment",
-    responses=error_responses(*ADMIN_ERRORS, (409, "experiment_exists: a running one has that name")),
+    response_model=None,
+    responses={**answer(schemas.ExperimentReport, "the new experiment's report", 201),
+               **error_responses(*ADMIN_ERRORS, (409, "experiment_exists: a running one has that name"))},
 )
 async def create_experiment(body: NewExperiment, request: Request) -> dict[str, Any]:
     return _admin_change(request, body.name,
@@ -117,7 +153,8 @@ async def create_experiment(body: NewExperiment, request: Request) -> dict[str, 
 
 
 @router.put("/v1/admin/experiments/{name}/split", summary="Change an experiment's split",
-            responses=error_responses(*ADMIN_ERRORS))
+            response_model=None,
+            responses={**answer(schemas.ExperimentReport), **error_responses(*ADMIN_ERRORS)})
 async def change_split(name: str, body: SplitChange, request: Request) -> dict[str, Any]:
     return _admin_change(
         request, name, lambda engine: engine.registry.update_split(name, body.split, source="admin")
@@ -125,25 +162,30 @@ async def change_split(name: str, body: SplitChange, request: Request) -> dict[s
 
 
 @router.delete(
-    "/v1/admin/experiments/{name}", summary="Stop an experiment", responses=error_responses(*ADMIN_ERRORS)
+    "/v1/admin/experiments/{name}", summary="Stop an experiment", response_model=None,
+    responses={**answer(schemas.ExperimentReport), **error_responses(*ADMIN_ERRORS)},
 )
 async def stop_experiment(name: str, request: Request) -> dict[str, Any]:
     return _admin_change(request, name, lambda engine: engine.registry.stop(name, source="admin"))
 
 
 @router.get(
-    "/v1/admin/changes", summary="Log of experiment changes", responses=error_responses(*ADMIN_ERRORS[:3])
+    "/v1/admin/changes", summary="Log of experiment changes", response_model=None,
+    responses={**answer(schemas.ChangesAnswer), **error_responses(*ADMIN_ERRORS[:3])},
 )
 async def experiment_changes(request: Request) -> dict[str, Any]:
     return {"changes": [asdict(record) for record in _engine(request).registry.changes()]}
 
 
-@router.get("/healthz", summary="Liveness: the process answers")
+@router.get("/healthz", summary="Liveness: the process answers", response_model=None,
+            responses=answer(schemas.Health))
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Readiness: models loaded and warmed up")
+@router.get("/readyz", summary="Readiness: models loaded and warmed up", response_model=None, responses={
+    **answer(schemas.Readiness, "ready"),
+    503: {"model": schemas.Readiness, "description": "loading, or failed (with the reason in detail)"}})
 async def readyz(request: Request) -> JSONResponse:
     service = _engine(request).service
     if service.failed is not None:

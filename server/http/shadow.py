@@ -63,4 +63,4 @@ class Shadows:
             self.registry.record_shadow(route, comparison)
             self.metrics.shadow_comparisons_of(*labels).inc()
             self.metrics.shadow_agreements_of(*labels).inc(comparison.agree)
-            self.metrics.shadow_top1_prob_abs_diff_sum_of(*labels).inc(comparison.prob_abs_diff)
+            self.metrics.shadow_top1_prob_abs_diff_of(*labels).inc(comparison.prob_abs_diff)

@@ -1,4 +1,4 @@
-"""The protocol's error body, {"error": "<text>"}, from the server's own errors (server/errors.py).
+"""The protocol's error body, {"error": "<text>"}, from the server's own errors (server/wire/errors.py).
 
 The text starts with the server's stable code ("unknown_variant: ..."): the protocol has one field only.
 Statuses stay the server's (404 unknown model or version, 413, 503 with Retry-After, 504), except that a
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from server.errors import ApiError
+from server.wire.errors import ApiError
 
 
 def invalid_request(detail: str) -> ApiError:

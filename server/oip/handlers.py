@@ -22,13 +22,13 @@ from dataclasses import dataclass, field
 from importlib import metadata as package_metadata
 from typing import Any
 
-from server.errors import ApiError, internal, not_ready, unsupported_media_type
 from server.oip.errors import error_body, oip_status, unknown_model, unknown_version
 from server.oip.interface import Engine, ModelSpec
 from server.oip.metadata import model_metadata, model_ready, server_metadata
 from server.oip.plan import plan_infer
 from server.oip.request import parse_infer_request
 from server.oip.response import infer_response
+from server.wire.errors import ApiError, internal, not_ready, unsupported_media_type
 
 log = logging.getLogger("mame.server")
 
@@ -157,7 +157,8 @@ class Route:
 ROUTES: tuple[Route, ...] = (
     Route("GET", "/v2", server_metadata_handler, "Open Inference Protocol: server metadata"),
     Route("GET", "/v2/health/live", server_live, "Open Inference Protocol: server live"),
-    Route("GET", "/v2/health/ready", server_ready, "Open Inference Protocol: server ready (503 while loading)"),
+    Route("GET", "/v2/health/ready", server_ready,
+          "Open Inference Protocol: server ready (503 while loading)"),
     Route("GET", "/v2/models/{model}", model_metadata_handler, "Open Inference Protocol: model metadata"),
     Route("GET", "/v2/models/{model}/versions/{version}", model_metadata_handler,
           "Open Inference Protocol: model metadata of one variant"),

@@ -133,7 +133,7 @@ class Engine(Protocol):
     async def classify(self, call: ClassifyCall, context: Any) -> Classification:
         """Run the images (routing, queueing, metrics, experiment records, shadow runs as /v1 does).
 
-        Raises server.errors.ApiError as /v1 would (unknown variant or experiment, bad_image, overloaded,
+        Raises server.wire.errors.ApiError as /v1 would (unknown variant or experiment, bad_image, overloaded,
         not_ready, timeout, ...). `context` is the HTTP layer's own (its Request: headers and query for
         sticky keys, client address, request id), handed through untouched."""
 

@@ -28,7 +28,8 @@ def output_metadata(spec: ModelSpec) -> list[dict[str, Any]]:
     depth = spec.depth if spec.depth is not None else -1
     shapes = {PROBABILITIES: ("FP32", [-1, len(spec.labels)]), INPUT_TOKENS: ("INT64", [-1]),
               TOKENS_PER_BLOCK: ("INT64", [-1, depth]), FINAL_TOKENS: ("INT64", [-1]), GFLOPS: ("FP32", [-1])}
-    return [{"name": name, "datatype": datatype, "shape": shape} for name, (datatype, shape) in shapes.items()]
+    return [{"name": name, "datatype": datatype, "shape": shape}
+            for name, (datatype, shape) in shapes.items()]
 
 
 def model_metadata(spec: ModelSpec) -> dict[str, Any]:

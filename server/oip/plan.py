@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from server.errors import too_large
 from server.oip.errors import invalid_request
 from server.oip.interface import (
     IMAGES,
@@ -21,6 +20,7 @@ from server.oip.interface import (
 )
 from server.oip.request import InferRequest
 from server.oip.tensors import Tensor
+from server.wire.errors import too_large
 
 DATATYPE_OF_INPUT = {IMAGES: "BYTES", PIXELS: "UINT8", PIXEL_VALUES: "FP32"}
 
@@ -82,7 +82,8 @@ def _outputs(request: InferRequest, spec: ModelSpec) -> tuple[OutputPlan, ...]:
     plans = []
     for output in request.outputs:
         if output.name not in OUTPUT_NAMES:
-            raise invalid_request(f"unknown output {output.name!r}; model {spec.name!r} has {list(OUTPUT_NAMES)}")
+            raise invalid_request(f"unknown output {output.name!r}; model {spec.name!r} has "
+                                  f"{list(OUTPUT_NAMES)}")
         if output.classification is not None and output.name != PROBABILITIES:
             raise invalid_request(f"output {output.name!r} is not a class score: classification applies "
                                   f"to {PROBABILITIES!r} only")
@@ -94,7 +95,8 @@ def _outputs(request: InferRequest, spec: ModelSpec) -> tuple[OutputPlan, ...]:
 
 def _top_k(outputs: tuple[OutputPlan, ...], classes: int) -> int:
     """Scores the engine must return per image: every class for the full probabilities."""
-    wanted = [classes if o.classification is None else o.classification for o in outputs if o.name == PROBABILITIES]
+    wanted = [classes if o.classification is None else o.classification
+              for o in outputs if o.name == PROBABILITIES]
     return max(wanted, default=1)
 
 
@@ -105,7 +107,8 @@ def _request_parameters(request: InferRequest) -> tuple[str | None, float | None
         raise invalid_request(f"parameter 'experiment' must be a string, got {experiment!r}")
     timeout_us = request.parameters.get("timeout")  # Triton's: microseconds
     if timeout_us is not None and (type(timeout_us) is not int or timeout_us <= 0):
-        raise invalid_request(f"parameter 'timeout' must be a positive integer (microseconds), got {timeout_us!r}")
+        raise invalid_request("parameter 'timeout' must be a positive integer (microseconds), "
+                              f"got {timeout_us!r}")
     return experiment, None if timeout_us is None else timeout_us / 1e6
 
 
@@ -114,9 +117,11 @@ def plan_infer(request: InferRequest, spec: ModelSpec, variant: str | None, max_
     known = [t for t in request.inputs if t.name in INPUT_NAMES]
     unknown = [t.name for t in request.inputs if t.name not in INPUT_NAMES]
     if unknown:
-        raise invalid_request(f"unknown input {unknown[0]!r}; model {spec.name!r} takes one of {list(INPUT_NAMES)}")
+        raise invalid_request(f"unknown input {unknown[0]!r}; model {spec.name!r} takes one of "
+                              f"{list(INPUT_NAMES)}")
     if len(known) != 1:
-        raise invalid_request(f"give exactly one of the inputs {list(INPUT_NAMES)}, got {[t.name for t in known]}")
+        raise invalid_request(f"give exactly one of the inputs {list(INPUT_NAMES)}, "
+                              f"got {[t.name for t in known]}")
     images = read_images(known[0], spec, max_images)
     outputs = _outputs(request, spec)
     experiment, timeout_s = _request_parameters(request)

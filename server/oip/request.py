@@ -34,14 +34,16 @@ def header_length_of(value: str | None, body_size: int) -> int | None:
         raise invalid_request(f"Inference-Header-Content-Length must be a byte count, got {value!r}")
     length = int(value)
     if not 0 < length <= body_size:
-        raise invalid_request(f"Inference-Header-Content-Length {length} is outside the body's {body_size} bytes")
+        raise invalid_request(f"Inference-Header-Content-Length {length} is outside the body's "
+                              f"{body_size} bytes")
     return length
 
 
 def _parameters(value: Any, what: str) -> dict[str, Any]:
     if value is None:
         return {}
-    if not isinstance(value, dict) or not all(isinstance(v, bool | int | float | str) for v in value.values()):
+    scalars = bool | int | float | str
+    if not isinstance(value, dict) or not all(isinstance(v, scalars) for v in value.values()):
         raise invalid_request(f"{what}: 'parameters' must be an object of booleans, numbers and strings")
     return value
 
@@ -56,7 +58,8 @@ def _requested_output(spec: Any, index: int) -> RequestedOutput:
         raise invalid_request(f"output {name!r}: binary_data must be true or false, got {binary!r}")
     count = parameters.get("classification")
     if count is not None and (type(count) is not int or count < 0):
-        raise invalid_request(f"output {name!r}: classification must be a non-negative integer, got {count!r}")
+        raise invalid_request(f"output {name!r}: classification must be a non-negative integer, "
+                              f"got {count!r}")
     return RequestedOutput(name, binary, count or None)  # 0: no classification, as tritonclient's default
 
 
@@ -90,8 +93,8 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
         tensor, offset = read_input(spec, index, view, offset)
         inputs.append(tensor)
     if offset != len(binary):
-        raise invalid_request(f"{len(binary) - offset} bytes of binary data after the inputs' binary_data_size "
-                              "parameters are used up")
+        raise invalid_request(f"{len(binary) - offset} bytes of binary data after the inputs' "
+                              "binary_data_size parameters are used up")
     if len({t.name for t in inputs}) != len(inputs):
         raise invalid_request("an input name appears twice")
     outputs = document.get("outputs")

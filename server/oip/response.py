@@ -7,7 +7,6 @@ from typing import Any
 
 import numpy as np
 
-from server.errors import internal
 from server.oip.interface import (
     FINAL_TOKENS,
     GFLOPS,
@@ -20,6 +19,7 @@ from server.oip.interface import (
 )
 from server.oip.plan import InferPlan, OutputPlan
 from server.oip.tensors import binary_of, json_of
+from server.wire.errors import internal
 
 
 def classification_strings(image: ClassifiedImage, k: int, labels: tuple[str, ...]) -> list[bytes]:

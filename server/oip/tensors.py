@@ -112,6 +112,24 @@ def bytes_from_binary(raw: bytes | memoryview, count: int, what: str) -> list[by
     return elements
 
 
+def binary_data(datatype: str, shape: list[int], size: Any, binary: memoryview, offset: int,
+                what: str) -> Any:
+    """An input's `size` bytes of binary tensor data from `offset`, as its datatype reads them."""
+    if type(size) is not int or size < 0:
+        raise invalid_request(f"{what}: binary_data_size must be a non-negative integer, got {size!r}")
+    if offset + size > len(binary):
+        raise invalid_request(f"{what}: binary_data_size {size} runs past the body's "
+                              f"{len(binary) - offset} remaining bytes of binary data")
+    raw, count = binary[offset:offset + size], element_count(shape)
+    if datatype == "BYTES":
+        return bytes_from_binary(raw, count, what)
+    dtype = NUMPY_DTYPES[datatype]
+    if size != count * dtype.itemsize:
+        raise invalid_request(f"{what}: {size} bytes of binary data; shape {list(shape)} of "
+                              f"{datatype} needs {count * dtype.itemsize}")
+    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+
+
 def read_input(spec: Any, index: int, binary: memoryview, offset: int) -> tuple[Tensor, int]:
     """The `index`-th entry of a request's "inputs" -> (tensor, offset past its binary data)."""
     if not isinstance(spec, dict):
@@ -122,7 +140,8 @@ def read_input(spec: Any, index: int, binary: memoryview, offset: int) -> tuple[
     what = f"input {name!r}"
     datatype = spec.get("datatype")
     if datatype not in DATATYPES:
-        raise invalid_request(f"{what}: unknown datatype {datatype!r}; the protocol's are {sorted(DATATYPES)}")
+        raise invalid_request(f"{what}: unknown datatype {datatype!r}; "
+                              f"the protocol's are {sorted(DATATYPES)}")
     if datatype == "BF16":
         raise invalid_request(f"{what}: BF16 is not taken; send FP32")
     shape = check_shape(spec.get("shape"), what)
@@ -134,20 +153,7 @@ def read_input(spec: Any, index: int, binary: memoryview, offset: int) -> tuple[
     if size is not None:
         if "data" in spec:
             raise invalid_request(f"{what}: has both 'data' and a binary_data_size parameter")
-        if type(size) is not int or size < 0:
-            raise invalid_request(f"{what}: binary_data_size must be a non-negative integer, got {size!r}")
-        if offset + size > len(binary):
-            raise invalid_request(f"{what}: binary_data_size {size} runs past the body's "
-                                  f"{len(binary) - offset} remaining bytes of binary data")
-        raw = binary[offset:offset + size]
-        if datatype == "BYTES":
-            data: Any = bytes_from_binary(raw, count, what)
-        else:
-            dtype = NUMPY_DTYPES[datatype]
-            if size != count * dtype.itemsize:
-                raise invalid_request(f"{what}: {size} bytes of binary data; shape {list(shape)} of {datatype} "
-                                      f"needs {count * dtype.itemsize}")
-            data = np.frombuffer(raw, dtype=dtype).reshape(shape)
+        data = binary_data(datatype, shape, size, binary, offset, what)
         return Tensor(name, datatype, shape, data, parameters), offset + size
     if "data" not in spec:
         raise invalid_request(f"{what}: neither 'data' nor a binary_data_size parameter")
@@ -156,7 +162,8 @@ def read_input(spec: Any, index: int, binary: memoryview, offset: int) -> tuple[
     except RecursionError:
         raise invalid_request(f"{what}: 'data' is nested too deeply") from None
     if len(values) != count:
-        raise invalid_request(f"{what}: {len(values)} data elements for shape {list(shape)} ({count} elements)")
+        raise invalid_request(f"{what}: {len(values)} data elements for shape {list(shape)} "
+                              f"({count} elements)")
     if datatype == "BYTES":
         data = bytes_from_json(values, parameters, what)
     else:

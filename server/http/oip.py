@@ -1,0 +1,245 @@
+"""The Open Inference Protocol's routes (server/oip/handlers.py ROUTES) on the engine's app, and the
+protocol's `Engine` over the server's own path: the same routing and A/B assignment, queues and batching,
+metrics, experiment records and shadow runs as `POST /v1/classify` (server/http/classify.py).
+
+Images reach the batches as the uint8 crops /v1 makes: encoded files are decoded and cropped as /v1 does,
+UINT8 `pixels` are those crops already, and FP32 `pixel_values` are taken when they are such crops
+normalised (every value within 1/1000 of a level k of (k / 255 - mean) / std): the model then sees them
+to float32 rounding. Other float inputs are refused: the batches, the device processes' shared-memory slabs
+and the normalisation on the device are uint8 throughout (docs/oip.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from fastapi import FastAPI, Request
+from starlette.responses import Response
+
+from server.http.classify import (
+    _asked_labels,
+    _check_queue_room,
+    _count,
+    _observe,
+    _Outcome,
+    _results,
+)
+from server.http.routes import http_classify_request
+from server.oip.errors import invalid_request, oip_status
+from server.oip.handlers import ROUTES, Reply, Route, error_reply
+from server.oip.interface import Classification, ClassifiedImage, ClassifyCall, Images, ModelSpec
+from server.wire.body import read_limited
+from server.wire.errors import ApiError, internal, not_ready
+from server.wire.pool import run_all_in_pool
+
+if TYPE_CHECKING:
+    from server.http.classify import ClassifyRequest
+    from server.http.classify import Engine as ServerParts
+
+log = logging.getLogger("mame.server")
+
+LEVEL_TOLERANCE = 1e-3  # of one uint8 level: float32 rounding of (k / 255 - mean) / std is ~1e-5 of a level
+
+
+def uint8_crops(array: np.ndarray) -> list[torch.Tensor]:
+    """uint8 [N, H, W, 3] -> N uint8 [3, H, W] crops, channels-last underneath as the decoders make them."""
+    return list(torch.from_numpy(array).permute(0, 3, 1, 2).unbind(0))
+
+
+def levels_of(values: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """float32 [N, 3, H, W] normalised crops -> the uint8 [N, H, W, 3] crops they were made from; an
+    invalid_request when a value is not (k / 255 - mean) / std for an integer k in [0, 255]."""
+    shape = (1, 3, 1, 1)
+    scaled = (values.astype(np.float64) * np.reshape(std, shape) + np.reshape(mean, shape)) * 255.0
+    levels = np.rint(scaled)
+    off = np.abs(scaled - levels)
+    if off.max(initial=0.0) > LEVEL_TOLERANCE or levels.min(initial=0) < 0 or levels.max(initial=0) > 255:
+        raise invalid_request(
+            "input 'pixel_values' must be uint8 crops normalised with the model's mean and std "
+            "((k / 255 - mean) / std, k = 0..255; the model metadata has mean and std); other values are "
+            f"not taken (a value lies {float(off.max()):.3g} levels from the nearest): send 'pixels' (UINT8) "
+            "or 'images' instead")
+    return np.ascontiguousarray(levels.astype(np.uint8).transpose(0, 2, 3, 1))
+
+
+class ServerEngine:
+    """server/oip/interface.py's Engine over the engine's parts (server/http/classify.py's Engine)."""
+
+    def __init__(self, parts: ServerParts) -> None:
+        self.parts = parts
+        self._specs: dict[str, ModelSpec] = {}
+
+    def ready(self) -> bool:
+        service = self.parts.service
+        return service.ready.is_set() and service.failed is None
+
+    def models(self) -> Mapping[str, ModelSpec | None]:
+        if not self.parts.service.ready.is_set():
+            return dict.fromkeys(self.parts.config.models)
+        if not self._specs:
+            self._specs = {name: self._spec(name) for name in self.parts.config.models}
+        return self._specs
+
+    def _spec(self, name: str) -> ModelSpec:
+        cfg, info = self.parts.config.models[name], self.parts.service.models[name]
+        transform = self.parts.service.transforms[name]
+        depth = cfg.model_kwargs.get("depth")
+        return ModelSpec(name, tuple(cfg.variants), cfg.default_variant_name, tuple(info.input_size),
+                         tuple(info.labels), tuple(transform.mean), tuple(transform.std),
+                         depth=depth if isinstance(depth, int) else None, arch=cfg.arch, weights=info.weights)
+
+    def max_images(self) -> int:
+        return self.parts.config.limits.max_images_per_request
+
+    def record_refusal(self, model: str, status: int, context: Request) -> None:
+        request: ClassifyRequest = context.state.oip_request
+        labels = _asked_labels(self.parts, {"model": model})
+        _count(self.parts, _Outcome(labels, status=status), time.monotonic() - request.started)
+
+    async def classify(self, call: ClassifyCall, context: Request) -> Classification:
+        request: ClassifyRequest = context.state.oip_request
+        asked = {"model": call.model} | ({"experiment": call.experiment} if call.experiment else {})
+        outcome = _Outcome(_asked_labels(self.parts, asked))
+        try:
+            return await self._classify(call, request, outcome)
+        except ApiError as exc:
+            outcome.status = oip_status(exc)
+            raise
+        except Exception as exc:
+            log.exception("request %s failed", request.request_id)
+            raise internal(f"{type(exc).__name__}: {exc}") from None
+        finally:
+            if outcome.in_flight is not None:
+                outcome.in_flight.dec()
+            _count(self.parts, outcome, time.monotonic() - request.started)
+
+    async def _classify(self, call: ClassifyCall, request: ClassifyRequest,
+                        outcome: _Outcome) -> Classification:
+        parts, service = self.parts, self.parts.service
+        limit_s = parts.config.limits.request_timeout_s
+        deadline = request.started + (limit_s if call.timeout_s is None else min(limit_s, call.timeout_s))
+        if not service.ready.is_set():
+            raise not_ready("models are still loading and warming up")
+        route = outcome.route = parts.registry.choose(
+            model=call.model, experiment=call.experiment, variant=call.variant, headers=request.headers,
+            query=request.query, client_host=request.client_host)
+        outcome.labels = (route.model, route.variant, route.experiment or "")
+        outcome.in_flight = parts.metrics.in_flight_of(route.model, route.variant)
+        outcome.in_flight.inc()
+        outcome.n_images = len(call.images)
+        _check_queue_room(parts, route.model, outcome.n_images)
+        images = await self._crops(route.model, call.images)
+        results = await _results(parts, route, images, call.top_k, deadline)
+        finals = [{"tokens": {"final": r.tokens_per_block[-1] if r.tokens_per_block else r.input_tokens}}
+                  for r in results]
+        _observe(parts, outcome, results, finals)
+        if route.shadow_variant is not None and parts.shadows is not None:
+            parts.shadows.start(route, images, list(results))
+        outcome.status = 200
+        classified = tuple(ClassifiedImage(tuple(r.indices), tuple(r.scores), r.input_tokens,
+                                           tuple(r.tokens_per_block), r.gflops) for r in results)
+        return Classification(route.model, route.variant, route.experiment, route.assignment,
+                              service.models[route.model].weights, classified)
+
+    async def _crops(self, model: str, images: Images) -> list[torch.Tensor]:
+        """The request's images as the batches' uint8 [3, H, W] crops."""
+        if images.kind == "encoded":
+            max_pixels = self.parts.config.limits.max_pixels
+            calls = [(model, data, max_pixels) for data in images.encoded]
+            return await run_all_in_pool(self.parts.pool, self.parts.service.preprocess, calls)
+        assert images.array is not None
+        if images.kind == "uint8_hwc":
+            return uint8_crops(images.array)
+        transform = self.parts.service.transforms[model]
+        return uint8_crops(levels_of(images.array, transform.mean, transform.std))
+
+
+def _endpoint(route: Route, engine: ServerEngine) -> Callable[[Request], Any]:
+    async def endpoint(request: Request) -> Response:
+        parts = engine.parts
+        request.state.oip_request = http_classify_request(request, request.app.state.behind_frontends)
+        body = b""
+        if route.method == "POST":
+            limits = parts.config.limits
+            try:
+                body = await read_limited(request.receive, request.headers.get("content-length", ""),
+                                          limits.max_body_bytes, limits.request_timeout_s)
+            except ApiError as exc:
+                engine.record_refusal(request.path_params.get("model", ""), oip_status(exc), request)
+                return _response(error_reply(exc))
+        reply = await route.handler(engine, request.path_params, body, request.headers, request)
+        return _response(reply)
+
+    return endpoint
+
+
+def _response(reply: Reply) -> Response:
+    return Response(reply.body, reply.status, headers=reply.headers)
+
+
+_OIP_ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "string", "description": "<code>: <detail>, the code as docs/api.md has it"}}}
+_JSON_OBJECT = {"application/json": {"schema": {"type": "object"}}}
+_BINARY = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+_READY = {"application/json": {"schema": {"type": "object", "required": ["ready"], "properties": {
+    "name": {"type": "string"}, "ready": {"type": "boolean"}}}}}
+
+
+def _errors(*documented: tuple[int, str]) -> dict[int | str, dict[str, Any]]:
+    retry = {"Retry-After": {"required": True, "schema": {"type": "string"}}}
+    return {status: {"description": text, "content": {"application/json": {"schema": _OIP_ERROR}},
+                     **({"headers": retry} if status == 503 else {})} for status, text in documented}
+
+
+_UNKNOWN = (404, "unknown_model or unknown_variant (the version)")
+_INFER_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"type": "object", "required": ["inputs"], "properties": {
+        "id": {"type": "string"}, "parameters": {"type": "object"},
+        "inputs": {"type": "array", "minItems": 1, "items": {"type": "object"}},
+        "outputs": {"type": "array", "items": {"type": "object"}}}}},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary",
+                                            "description": "JSON header, then binary tensor data "
+                                                           "(Inference-Header-Content-Length)"}}}}}
+# What each handler can answer (docs/oip.md), for the OpenAPI description.
+_RESPONSES: dict[str, dict[int | str, dict[str, Any]]] = {
+    "server_metadata_handler": {200: {"description": "server metadata", "content": _JSON_OBJECT}},
+    "server_live": {200: {"description": "live", "content": {"application/json": {"schema": {
+        "type": "object", "required": ["live"], "properties": {"live": {"type": "boolean"}}}}}}},
+    "server_ready": {200: {"description": "ready", "content": _READY},
+                     503: {"description": "loading", "content": _READY}},
+    "model_metadata_handler": {200: {"description": "model metadata", "content": _JSON_OBJECT},
+                               **_errors(_UNKNOWN, (503, "not_ready: the model is loading"))},
+    "model_ready_handler": {200: {"description": "ready", "content": _READY},
+                            503: {"description": "loading", "content": _READY}, **_errors(_UNKNOWN)},
+    "infer": {200: {"description": "outputs: JSON, or JSON then binary tensor data",
+                    "content": {**_JSON_OBJECT, **_BINARY}},
+              **_errors((400, "invalid_request (malformed JSON or tensors, datatype, shape) or bad_image"),
+                        _UNKNOWN, (408, "request_timeout: the body did not arrive in time"),
+                        (413, "too_large: body bytes, images or pixels over the limits"),
+                        (415, "unsupported_media_type: a compressed request"),
+                        (500, "internal: the batch failed on the device"), (503, "overloaded or not_ready"),
+                        (504, "timeout: no answer within the request timeout"))},
+}
+
+
+def add_oip_routes(app: FastAPI, parts: ServerParts) -> None:
+    """Every route of the protocol (docs/oip.md) on `app`, answered over `parts`."""
+    engine = ServerEngine(parts)
+    for route in ROUTES:
+        app.add_api_route(route.path, _endpoint(route, engine), methods=[route.method], summary=route.summary,
+                          tags=["Open Inference Protocol v2"], response_model=None,
+                          responses=_RESPONSES[route.handler.__name__],
+                          openapi_extra=_openapi_extra(route))
+
+
+def _openapi_extra(route: Route) -> dict[str, Any]:
+    """The path's parameters (the endpoint reads them from the request itself) and infer's body."""
+    described = {"model": "the model's name", "version": "one of the model's variants"}
+    parameters = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"},
+                   "description": text} for name, text in described.items() if f"{{{name}}}" in route.path]
+    return {"parameters": parameters, **(_INFER_BODY if route.method == "POST" else {})}
