@@ -7,8 +7,10 @@
 #     serve1     served/offline, one bundled photo per request
 #     latency    latency added at concurrency 1
 #     memory     resident and GPU memory, default config
-#     bench      mame-bench ViT-B/16 batch 256, fp16 and bf16 (MaMe vs ToMe vs unmerged)
-# Each serve part takes ~1-2 minutes (model load and warm-up included), bench ~3.
+#     bench      mame-bench ViT-B/16: fp16 at batch 256 and 1024, bf16 at 256 (efficiency, mixed case)
+#     profile    top CUDA kernels and op counts: timm, MaMe tau 0.85, ToMe r=13, fp16 batch 256
+#     compile    mame-bench fp16 batch 256 under torch.compile (not in the default list: compiling takes minutes)
+# Each serve part takes ~1-2 minutes (model load and warm-up included); `bench profile` fit one 8-minute call.
 # SMOKE=1 runs every part on the CPU with tiny models and 1 s windows (`memory` with the sweep's ViT-Ti
 # config; tests/test_loadtest_serving.py does, so that a broken flag is found on the CPU, not on the GPU
 # machine). PYTHON: the interpreter (python3).
@@ -61,18 +63,30 @@ part() {
       echo "=== memory (the default config; SMOKE=1: the sweep config)"
       $py -m loadtest.serving memory "${smoke_memory[@]}" 2>&1 | tee "$out/memory.txt" ;;
     bench)
-      for dtype in float16 bfloat16; do
-        echo "=== mame-bench ViT-B/16, batch 256, $dtype"
-        $py -m mame_core.bench --device cuda --batch-size 256 --taus 1.0,0.9,0.85,0.8,0.7 --tome-r 8,13,16 \
-          --rounds 5 --iters 10 --warmup 3 --no-progress --dtype "$dtype" --json "$out/bench-b256-$dtype.json" \
-          "${smoke_bench[@]}" 2>&1 | tee "$out/bench-b256-$dtype.txt"
-      done ;;
+      echo "=== mame-bench ViT-B/16, float16, batch 256 and 1024 (efficiency column, mixed case)"
+      $py -m mame_core.bench --device cuda --batch-size 256,1024 --taus 1.0,0.9,0.85,0.8,0.7 --tome-r 8,13,16 \
+        --rounds 5 --iters 10 --warmup 3 --no-progress --dtype float16 --json "$out/bench-float16.json" \
+        "${smoke_bench[@]}" 2>&1 | tee "$out/bench-float16.txt"
+      echo "=== mame-bench ViT-B/16, bfloat16, batch 256"
+      $py -m mame_core.bench --device cuda --batch-size 256 --taus 1.0,0.9,0.85,0.8,0.7 --tome-r 8,13,16 \
+        --rounds 5 --iters 10 --warmup 3 --no-progress --dtype bfloat16 --json "$out/bench-bfloat16.json" \
+        "${smoke_bench[@]}" 2>&1 | tee "$out/bench-bfloat16.txt" ;;
+    profile)
+      echo "=== top CUDA kernels by time: timm, MaMe tau 0.85, ToMe r=13; ViT-B/16 float16 batch 256"
+      $py -m mame_core.bench --device cuda --batch-size 256 --taus 0.85 --tome-r 13 --mixed-tau off \
+        --rounds 1 --iters 3 --warmup 3 --no-progress --dtype float16 --profile --json "$out/profile.json" \
+        "${smoke_bench[@]}" 2>&1 | tee "$out/profile.txt" ;;
+    compile)
+      echo "=== mame-bench ViT-B/16 float16 batch 256 under torch.compile (against eager: the bench part)"
+      $py -m mame_core.bench --device cuda --batch-size 256 --taus 1.0,0.85,0.8 --tome-r 13 --compile \
+        --rounds 5 --iters 10 --warmup 3 --no-progress --dtype float16 --json "$out/bench-compile.json" \
+        "${smoke_bench[@]}" 2>&1 | tee "$out/bench-compile.txt" ;;
     *) echo "unknown part $1 (serve16 fe8 serve1 latency memory bench)" >&2; return 2 ;;
   esac
 }
 
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(serve16 fe8 serve1 latency memory bench)
+[ ${#parts[@]} -eq 0 ] && parts=(serve16 fe8 serve1 latency memory bench profile)
 status=0
 for p in "${parts[@]}"; do
   start=$SECONDS

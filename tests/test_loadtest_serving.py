@@ -3,6 +3,7 @@ never asserted on time."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -50,6 +51,9 @@ def test_gil_profile_of_the_server_is_summarised(tmp_path):
     assert re.search(r"%\s+\S+ \(server/[\w/]+\.py:\d+\)", out), "no frame of the server's own code was seen"
 
 
+PARTS = ("serve16", "fe8", "serve1", "latency", "memory", "bench", "profile")  # all but compile (minutes)
+
+
 @pytest.mark.slow  # ~90 s: every part, the default ViT-B config's memory among them
 def test_the_gpu_figures_script_runs_every_part_on_the_cpu(tmp_path):
     """scripts/gpu-figures.sh in SMOKE mode: a broken flag or part is found here, not in a lent GPU's
@@ -57,7 +61,7 @@ def test_the_gpu_figures_script_runs_every_part_on_the_cpu(tmp_path):
     env = {**os.environ, "SMOKE": "1", "OUT": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
            "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(
-        ["bash", "scripts/gpu-figures.sh"],
+        ["bash", "scripts/gpu-figures.sh", *PARTS],
         cwd=REPO,
         env=env,
         check=False,
@@ -66,13 +70,16 @@ def test_the_gpu_figures_script_runs_every_part_on_the_cpu(tmp_path):
         timeout=600,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    for part in ("serve16", "fe8", "serve1", "latency", "memory", "bench"):
+    for part in PARTS:
         assert f"--- part {part} took" in done.stdout, part
     assert done.stdout.count("ratio served/offline = ") == 4
     assert "requests failed" not in done.stdout
     written = {path.name for path in tmp_path.iterdir()}
     assert {"serve-vitb-16.txt", "serve-vitb-16-fe8.txt", "serve-vitb-1.txt", "latency.txt", "memory.txt",
-            "bench-b256-float16.json", "bench-b256-bfloat16.json"} <= written
+            "bench-float16.json", "bench-bfloat16.json", "profile.json"} <= written
+    profiled = json.loads((tmp_path / "profile.json").read_text())["runs"][0]["rows"]
+    assert [r["method"] for r in profiled] == ["timm", "none", "mame", "tome"]
+    assert all(r["profile"]["top_level_ops"] > 0 for r in profiled)
     # A part that fails makes the script fail (its output goes through tee).
     failed = subprocess.run(["bash", "scripts/gpu-figures.sh", "latency"], cwd=REPO, check=False, text=True,
                             capture_output=True, timeout=120, env={**env, "PYTHON": "false"})
