@@ -143,9 +143,12 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Readiness: models loaded and warmed up")
+@router.get("/readyz", summary="Readiness: models loaded and warmed up, no device stalled")
 async def readyz(request: Request) -> JSONResponse:
     service = _engine(request).service
+    if service.stalled:
+        return JSONResponse({"status": "stalled", "detail": "; ".join(service.stalled.values())},
+                            status_code=503)
     if service.failed is not None:
         return JSONResponse({"status": "failed", "detail": str(service.failed)}, status_code=503)
     if not service.ready.is_set():

@@ -1,0 +1,94 @@
+"""Faults a real `python -m server` must survive, on loopback: a stalled device (the watchdog), a wedged
+engine (/healthz), connections beyond the cap and idle ones, and every accepted request answered."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import threading
+import time
+
+import httpx
+import psutil
+import pytest
+from serverproc import running_server, sample_images, tiny_config
+
+pytestmark = pytest.mark.e2e
+
+FRONTENDS = ["--layout", "frontends", "--http-processes", "1"]
+# A model whose full batch takes seconds on a CPU core while one image takes tens of milliseconds: a batch
+# of 32 is a real stall for a watchdog of 0.8 s (the one-process layout's forward cannot be stopped).
+SLOW_BATCH_MODEL = {"img_size": 64, "patch_size": 2, "embed_dim": 64, "depth": 4, "num_heads": 2}
+
+
+def device_process(server_pid: int) -> psutil.Process:
+    for child in psutil.Process(server_pid).children():
+        cmdline = " ".join(child.cmdline())
+        if "multiprocessing" in cmdline and "resource_tracker" not in cmdline:
+            return child
+    raise LookupError("no device process")
+
+
+def multipart(images: list[bytes]) -> dict:
+    return {"files": [("file", (f"{i}.png", data, "image/png")) for i, data in enumerate(images)]}
+
+
+def wait_for_readyz(url: str, status: int, timeout_s: float) -> httpx.Response:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        response = httpx.get(f"{url}/readyz", timeout=5)
+        if response.status_code == status or time.monotonic() > deadline:
+            return response
+        time.sleep(0.05)
+
+
+def test_a_stopped_device_process_is_seen_fails_its_requests_and_stops_the_server():
+    """SIGSTOP on the device process: within the stall time /readyz says stalled, the request it holds and
+    those that come answer 503 `device_stalled`, and the server exits with status 1 for its supervisor."""
+    config = tiny_config(health={"device_stall_s": 1.0})
+    image = sample_images()["flat"]
+    with running_server(config, args=FRONTENDS) as server:
+        assert httpx.post(f"{server.url}/v1/classify", content=image, timeout=30).status_code == 200
+        device = device_process(server.proc.pid)
+        device.suspend()
+        try:
+            stopped_at = time.monotonic()
+            held: list[httpx.Response] = []
+            thread = threading.Thread(target=lambda: held.append(
+                httpx.post(f"{server.url}/v1/classify", content=image, timeout=30)))
+            thread.start()
+            readyz = wait_for_readyz(server.url, 503, 10)
+            seen_s = time.monotonic() - stopped_at
+            thread.join(30)
+        finally:
+            if device.is_running():
+                device.resume()
+        assert readyz.status_code == 503 and readyz.json()["status"] == "stalled", readyz.text
+        assert "finished no batch" in readyz.json()["detail"]
+        assert seen_s < 10
+        assert held and held[0].status_code == 503 and held[0].json()["error"] == "device_stalled", held
+        assert server.proc.wait(timeout=60) == 1
+        assert "device_stall_s" in server.log()
+
+
+def test_a_stalled_forward_in_one_process_fails_its_requests_and_recovers():
+    """One process: a batch that runs past the stall time makes /readyz 503, its requests and those that
+    come answer 503 `device_stalled`; once the forward ends the server is ready and answers again."""
+    config = tiny_config(health={"device_stall_s": 0.8}, batching={"max_batch_size": 32, "max_wait_ms": 300})
+    config["models"]["tiny"]["model_kwargs"] = SLOW_BATCH_MODEL
+    image = sample_images()["flat"]
+    with running_server(config, args=["--layout", "single", "--torch-threads", "1", "--no-warmup"]) as server:
+        assert httpx.post(f"{server.url}/v1/classify", content=image, timeout=30).status_code == 200
+        big: list[httpx.Response] = []
+        thread = threading.Thread(target=lambda: big.append(
+            httpx.post(f"{server.url}/v1/classify", **multipart([image] * 32), timeout=60)))
+        thread.start()
+        readyz = wait_for_readyz(server.url, 503, 20)
+        assert readyz.status_code == 503 and readyz.json()["status"] == "stalled", readyz.text
+        refused = httpx.post(f"{server.url}/v1/classify", content=image, timeout=30)
+        thread.join(60)
+        assert big and big[0].status_code == 503 and big[0].json()["error"] == "device_stalled", big
+        assert refused.status_code == 503 and refused.json()["error"] == "device_stalled", refused.text
+        assert wait_for_readyz(server.url, 200, 30).status_code == 200
+        assert httpx.post(f"{server.url}/v1/classify", content=image, timeout=30).status_code == 200
+        assert server.proc.poll() is None
