@@ -92,3 +92,37 @@ def test_a_stalled_forward_in_one_process_fails_its_requests_and_recovers():
         assert wait_for_readyz(server.url, 200, 30).status_code == 200
         assert httpx.post(f"{server.url}/v1/classify", content=image, timeout=30).status_code == 200
         assert server.proc.poll() is None
+
+
+def read_answer(sock: socket.socket) -> bytes:
+    answer = b""
+    while chunk := sock.recv(65536):  # until the server closes the connection
+        answer += chunk
+    return answer
+
+
+@pytest.mark.parametrize("layout", ["single", "frontends"])
+def test_connections_beyond_the_cap_are_refused_while_the_others_work_and_idle_ones_are_freed(layout):
+    config = tiny_config(connections={"max_connections": 8, "idle_timeout_s": 1.5})
+    args = ["--layout", "single"] if layout == "single" else FRONTENDS
+    image = sample_images()["flat"]
+    request = (b"POST /v1/classify HTTP/1.1\r\nhost: x\r\ncontent-type: image/png\r\ncontent-length: %d\r\n\r\n"
+               % len(image) + image)
+    with running_server(config, args=args) as server:
+        held = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(8)]
+        try:
+            time.sleep(0.2)  # all accepted
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as extra:
+                refused = read_answer(extra)
+            assert refused.startswith(b"HTTP/1.1 503") and b'"overloaded"' in refused, refused
+            assert b"retry-after: 1" in refused.lower()
+            held[0].sendall(request)  # an open connection still works; idle after its answer, it is closed
+            started = time.monotonic()
+            answer = read_answer(held[0])
+            assert answer.startswith(b"HTTP/1.1 200") and answer.count(b"HTTP/1.1") == 1, answer
+            assert all(read_answer(sock) == b"" for sock in held[1:])  # idle since connecting: closed
+            assert time.monotonic() - started < 10
+        finally:
+            for sock in held:
+                sock.close()
+        assert httpx.post(f"{server.url}/v1/classify", content=image, timeout=30).status_code == 200
