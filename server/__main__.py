@@ -207,7 +207,8 @@ def serve_frontends(
                                   arena_slots=settings.crop_arena_slots, on_fatal=fatal,
                                   request_timeout_s=config.limits.request_timeout_s,
                                   max_connections=config.connections.max_connections,
-                                  idle_timeout_s=config.connections.idle_timeout_s)
+                                  idle_timeout_s=config.connections.idle_timeout_s,
+                                  health_timeout_s=config.health.engine_timeout_s)
     fatal.server = EngineServer(uvicorn.Config(app, uds=engine_socket, **options), processes, workdir)
     processes.start()
     try:

@@ -76,6 +76,9 @@ class HealthConfig(_Strict):
         20.0, gt=0, le=3600,
         description="a device that has had a batch this long without finishing one is stalled "
         "(docs/server.md)")
+    engine_timeout_s: float = Field(
+        2.0, gt=0, le=3600,
+        description="front-ends answer /healthz and /readyz 503 when the engine does not answer within this")
 
 
 class ConnectionsConfig(_Strict):

@@ -126,3 +126,23 @@ def test_connections_beyond_the_cap_are_refused_while_the_others_work_and_idle_o
             for sock in held:
                 sock.close()
         assert httpx.post(f"{server.url}/v1/classify", content=image, timeout=30).status_code == 200
+
+
+def test_healthz_fails_when_the_engine_is_wedged():
+    """Front-ends answer the probes from the engine within health.engine_timeout_s: an engine that answers
+    nothing (stopped here) makes /healthz and /readyz 503 at once, rather than hang."""
+    config = tiny_config(health={"engine_timeout_s": 1.0})
+    with running_server(config, args=FRONTENDS) as server:
+        assert httpx.get(f"{server.url}/healthz", timeout=10).status_code == 200
+        engine = psutil.Process(server.proc.pid)
+        engine.suspend()
+        try:
+            started = time.monotonic()
+            probes = [httpx.get(f"{server.url}/{path}", timeout=10) for path in ("healthz", "readyz")]
+            elapsed = time.monotonic() - started
+        finally:
+            engine.resume()
+        for probe in probes:
+            assert probe.status_code == 503 and probe.json()["status"] == "unresponsive", probe.text
+        assert elapsed < 8
+        assert httpx.get(f"{server.url}/healthz", timeout=10).status_code == 200

@@ -36,7 +36,9 @@ class FrontEndProcesses:
         request_timeout_s: float = 30.0,
         max_connections: int | None = None,
         idle_timeout_s: float = 5.0,
+        health_timeout_s: float = 2.0,
     ):
+        self.health_timeout_s = health_timeout_s
         self.max_connections = max_connections  # each front-end's (docs/server.md)
         self.idle_timeout_s = idle_timeout_s
         self.on_fatal = on_fatal or (lambda exc: None)
@@ -96,6 +98,8 @@ class FrontEndProcesses:
                 *(["--max-connections", str(self.max_connections)] if self.max_connections else []),
                 "--idle-timeout-s",
                 str(self.idle_timeout_s),
+                "--health-timeout-s",
+                str(self.health_timeout_s),
                 *(["--crops-dir", self.crops_dir] if self.crops_dir else []),
                 *(["--arena-slots", str(self.arena_slots)] if self.arena_slots is not None else []),
             ],
