@@ -146,3 +146,35 @@ def test_healthz_fails_when_the_engine_is_wedged():
             assert probe.status_code == 503 and probe.json()["status"] == "unresponsive", probe.text
         assert elapsed < 8
         assert httpx.get(f"{server.url}/healthz", timeout=10).status_code == 200
+
+
+@pytest.mark.parametrize("layout", ["single", "frontends"])
+def test_sigterm_answers_a_request_begun_on_a_keep_alive_connection_with_connection_close(layout):
+    """The graceful stop comes while a keep-alive connection's next request is arriving (its head half
+    sent): that request is answered, with `Connection: close`, and the connection closed; an idle one is
+    closed without an answer."""
+    args = ["--layout", "single"] if layout == "single" else FRONTENDS
+    image = sample_images()["flat"]
+    head = b"POST /v1/classify HTTP/1.1\r\nhost: x\r\ncontent-type: image/png\r\n"
+    rest = b"content-length: %d\r\n\r\n" % len(image) + image
+    with running_server(tiny_config(), args=args) as server:
+        busy = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+        idle = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+        for sock in (busy, idle):  # one answer each: both are kept-alive connections now
+            sock.sendall(head + rest)
+            first = b""
+            while not first.endswith(b"}"):
+                first += sock.recv(65536)
+            assert first.startswith(b"HTTP/1.1 200") and b"connection: close" not in first.lower(), first
+        busy.sendall(head)
+        time.sleep(0.3)  # read by the server: a request under way
+        server.proc.send_signal(signal.SIGTERM)
+        time.sleep(1.0)  # the stop has begun (front-ends: the engine has signalled them)
+        busy.sendall(rest)
+        answer = read_answer(busy)
+        assert read_answer(idle) == b""
+        busy.close()
+        idle.close()
+        assert server.proc.wait(timeout=60) in (0, -signal.SIGTERM)
+    assert answer.startswith(b"HTTP/1.1 200"), answer
+    assert b"connection: close" in answer.lower(), answer

@@ -8,6 +8,10 @@ in production.
 
 from __future__ import annotations
 
+import fcntl
+import struct
+import termios
+
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from server.wire.errors import ApiError, overloaded, request_timeout
@@ -41,7 +45,10 @@ class HeadTimeoutProtocol(HttpToolsProtocol):
     - past `max_connections` open connections a new one is answered 503 `overloaded` and closed at once, so
       the others keep working (uvicorn's `limit_concurrency` accepts the connection, holds it while idle and
       answers only its requests 503, in text); a new connection that sends nothing for `idle_timeout_s` is
-      closed (uvicorn's `timeout_keep_alive` closes only those that have had an answer)."""
+      closed (uvicorn's `timeout_keep_alive` closes only those that have had an answer).
+    - a graceful stop closes a keep-alive connection only when no request is under way on it: uvicorn closed
+      one whose next request had begun to arrive (part of its head read, or its bytes waiting in the socket),
+      and that request, sent, got no answer. Now it is answered, with `Connection: close`."""
 
     timeout_s = 30.0  # set by head_timeout_protocol
     max_connections: int | None = None
@@ -55,6 +62,7 @@ class HeadTimeoutProtocol(HttpToolsProtocol):
         self._unparsed_head_bytes = 0  # received in chunks that did not complete the head (held by httptools)
         self._chunk_bytes = 0  # of the chunk being parsed
         self._head_too_large = False
+        self._draining = False
         if self.max_connections is not None and len(self.connections) > self.max_connections:
             refuse(transport, 503, b"Service Unavailable", overloaded(
                 f"the server holds its limit of {self.max_connections} connections; retry later"))
@@ -108,6 +116,13 @@ class HeadTimeoutProtocol(HttpToolsProtocol):
         self._unparsed_head_bytes = 0
         self._start_head_timer()
 
+    def shutdown(self) -> None:
+        self._draining = True
+        idle = self.cycle is None or self.cycle.response_complete
+        if idle and not self.transport.is_closing() and (self._head_begun or unread_bytes(self.transport)):
+            return  # a request is arriving: answered with Connection: close (on_headers_complete)
+        super().shutdown()
+
     def on_headers_complete(self) -> None:
         self._stop_head_timer()
         self._head_begun = False
@@ -117,6 +132,8 @@ class HeadTimeoutProtocol(HttpToolsProtocol):
             self._head_too_large = True
             raise ValueError("request head too large")  # stops httptools; uvicorn calls send_400_response
         super().on_headers_complete()
+        if self._draining:  # the last request of this connection
+            self.cycle.keep_alive = False
 
     def connection_lost(self, exc) -> None:
         self._stop_head_timer()
@@ -132,6 +149,17 @@ class HeadTimeoutProtocol(HttpToolsProtocol):
             refuse(self.transport, 408, b"Request Timeout", request_timeout(
                 f"the request head (request line and headers) did not arrive within {self.timeout_s:g} s"))
         self.transport.close()
+
+
+def unread_bytes(transport) -> int:
+    """Bytes received by the kernel for this connection that the event loop has not read yet."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return 0
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+    except OSError:
+        return 0
 
 
 def head_timeout_protocol(timeout_s: float, max_connections: int | None = None,
