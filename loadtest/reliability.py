@@ -156,11 +156,10 @@ def variant_fairness(layout: str, clients: int, seconds: float) -> dict:
     small = small_png()
     model = copy.deepcopy(TINY_MODEL)
     model["batching"] = {"max_batch_size": 8, "max_wait_ms": 10, "max_queue": 32}
-    with running_server(serving_config(model), args=LAYOUTS[layout]) as server:
-        with ThreadPoolExecutor(1) as pool:
-            flooded = pool.submit(flood, server.url, small, clients, seconds, {"variant": "a"})
-            quiet = trickle(server.url, small, flooded.done, 0.05, {"variant": "b"})
-            loud = flooded.result()
+    with running_server(serving_config(model), args=LAYOUTS[layout]) as server, ThreadPoolExecutor(1) as pool:
+        flooded = pool.submit(flood, server.url, small, clients, seconds, {"variant": "a"})
+        quiet = trickle(server.url, small, flooded.done, 0.05, {"variant": "b"})
+        loud = flooded.result()
     statuses = [status for status, _ in quiet]
     return {"layout": layout, "flooded_variant_503_rate": round(loud.count(503) / max(1, len(loud)), 3),
             "trickle_requests": len(statuses),
@@ -224,7 +223,6 @@ def stall_single(stall_s: float) -> dict:
     with running_server(config, args=[*LAYOUTS["single"], "--torch-threads", "1", "--no-warmup"]) as server:
         httpx.post(f"{server.url}/v1/classify", content=small, timeout=30)
         answer: list[int] = []
-        sent_at = time.monotonic()
         sender = threading.Thread(target=lambda: answer.append(httpx.post(
             f"{server.url}/v1/classify", files=files, timeout=60).status_code))
         sender.start()

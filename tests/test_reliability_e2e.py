@@ -106,8 +106,8 @@ def test_connections_beyond_the_cap_are_refused_while_the_others_work_and_idle_o
     config = tiny_config(connections={"max_connections": 8, "idle_timeout_s": 1.5})
     args = ["--layout", "single"] if layout == "single" else FRONTENDS
     image = sample_images()["flat"]
-    request = (b"POST /v1/classify HTTP/1.1\r\nhost: x\r\ncontent-type: image/png\r\ncontent-length: %d\r\n\r\n"
-               % len(image) + image)
+    request = (b"POST /v1/classify HTTP/1.1\r\nhost: x\r\ncontent-type: image/png\r\n"
+               b"content-length: %d\r\n\r\n" % len(image) + image)
     with running_server(config, args=args) as server:
         held = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(8)]
         try:

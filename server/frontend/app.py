@@ -149,11 +149,10 @@ class FrontEnd:
                 raise ApiError(404, "not_found", "Not Found")
             if scope["method"] == "POST" and scope["path"] == "/v1/classify":
                 status, answer_headers, body = await self._classify(scope, receive, headers)
-            elif scope["path"] in PROBES:
-                status, answer_headers, body = await self._probe(scope["method"], target, headers)
             else:
                 body = await self._pass_through_body(scope, receive)
-                status, answer_headers, body = await self._engine(scope["method"], target, headers, body)
+                ask = self._probe if scope["path"] in PROBES else self._engine
+                status, answer_headers, body = await ask(scope["method"], target, headers, body)
         # a request h11 will not send (the engine is fine): the client's fault
         except httpx.LocalProtocolError as exc:
             await respond_error(send, ApiError(400, "http_error", f"the request cannot be passed on: {exc}"),
@@ -204,12 +203,12 @@ class FrontEnd:
                     raise denied.as_api_error() from None
             raise
 
-    async def _probe(self, method: str, target: bytes, headers: list) -> Answer:
+    async def _probe(self, method: str, target: bytes, headers: list, body: bytes) -> Answer:
         """/healthz and /readyz, asked of the engine within `health_timeout_s`: an engine whose event loop is
         wedged answers nothing, and a probe then fails here rather than waiting for ever."""
         try:
             async with asyncio.timeout(self.health_timeout_s):
-                return await self._engine(method, target, headers, b"")
+                return await self._engine(method, target, headers, body)
         except TimeoutError:
             body = json.dumps({"status": "unresponsive", "detail": "the inference engine did not answer "
                                f"within {self.health_timeout_s:g} s"}).encode()
