@@ -155,7 +155,7 @@ def memory_under_flood(layout: str, max_pixels: int, clients: int, seconds: floa
 def variant_fairness(layout: str, clients: int, seconds: float) -> dict:
     small = small_png()
     model = copy.deepcopy(TINY_MODEL)
-    model["batching"] = {"max_batch_size": 8, "max_wait_ms": 10, "max_queue": 32}
+    model["batching"] = {"max_batch_size": 4, "max_wait_ms": 10, "max_queue": 8}
     with running_server(serving_config(model), args=LAYOUTS[layout]) as server, ThreadPoolExecutor(1) as pool:
         flooded = pool.submit(flood, server.url, small, clients, seconds, {"variant": "a"})
         quiet = trickle(server.url, small, flooded.done, 0.05, {"variant": "b"})
@@ -319,11 +319,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS))
     parser.add_argument("--max-pixels", type=int, default=8_000_000, help="limits.max_pixels of the flood")
     parser.add_argument("--flood-clients", type=int, default=4)
-    parser.add_argument("--seconds", type=float, default=8.0, help="length of each flood")
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of each flood")
     parser.add_argument("--stall-s", type=float, default=1.0, help="health.device_stall_s")
-    parser.add_argument("--faults", type=int, default=2, help="runs of each fault per layout")
+    parser.add_argument("--faults", type=int, default=1, help="runs of each fault per layout")
     parser.add_argument("--fault-clients", type=int, default=8, help="keep-alive clients during a fault")
-    parser.add_argument("--load-s", type=float, default=2.0, help="seconds of load before a fault")
+    parser.add_argument("--load-s", type=float, default=1.5, help="seconds of load before a fault")
     args = parser.parse_args(argv)
     parts = set(args.only or ["memory", "fairness", "stall", "faults"])
     results: dict[str, object] = {}
@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> None:
     for part, rows in results.items():
         print(f"== {part}")
         for row in rows:
-            print(json.dumps(row))
+            print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":
