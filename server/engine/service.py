@@ -93,7 +93,8 @@ class InferenceService:
         self._spawned: list[ProcessWorker] = []  # device processes, loaded or still loading
         self._stopping = False
         self._lock = threading.Lock()  # stop() against the loader's starting the workers
-        self.stalled: dict[str, str] = {}  # device -> why: workers the watchdog found stalled
+        # device -> why: workers the watchdog found stalled; replaced, never changed, as the loop reads it
+        self.stalled: dict[str, str] = {}
         self._watchdog_stop = threading.Event()
 
     @property
@@ -220,14 +221,14 @@ class InferenceService:
                     self._stalled(worker, busy_s)
                 elif busy_s < stall_s and device in self.stalled and self.failed is None:
                     log.warning("device %s finishes batches again: ready", device)
-                    del self.stalled[device]
+                    self.stalled = {d: why for d, why in self.stalled.items() if d != device}
 
     def _stalled(self, worker: DeviceWorker | ProcessWorker, busy_s: float) -> None:
         device = str(worker.device)
         reason = (f"device {device} finished no batch in {busy_s:.1f} s "
                   f"(health.device_stall_s: {self.config.health.device_stall_s:g})")
         error = device_stalled(reason)
-        self.stalled[device] = reason
+        self.stalled = {**self.stalled, device: reason}
         log.error("watchdog: %s", reason)
         worker.stall(error)
         models = [name for name in worker.models
@@ -238,9 +239,9 @@ class InferenceService:
 
     def stalled_error(self, model: str) -> ApiError | None:
         """503 `device_stalled` when every device of `model` is stalled."""
-        devices = self.models[model].devices if model in self.models else []
-        if devices and all(device in self.stalled for device in devices):
-            return device_stalled("; ".join(self.stalled[device] for device in devices))
+        devices, stalled = (self.models[model].devices if model in self.models else []), self.stalled
+        if devices and all(device in stalled for device in devices):
+            return device_stalled("; ".join(stalled[device] for device in devices))
         return None
 
     def _on_death(self, exc: BaseException) -> None:
