@@ -148,11 +148,12 @@ def test_healthz_fails_when_the_engine_is_wedged():
         assert httpx.get(f"{server.url}/healthz", timeout=10).status_code == 200
 
 
-@pytest.mark.parametrize("layout", ["single", "frontends"])
-def test_sigterm_answers_a_request_begun_on_a_keep_alive_connection_with_connection_close(layout):
-    """The graceful stop comes while a keep-alive connection's next request is arriving (its head half
-    sent): that request is answered, with `Connection: close`, and the connection closed; an idle one is
-    closed without an answer."""
+@pytest.mark.parametrize(("layout", "fault"), [("single", "SIGTERM"), ("frontends", "SIGTERM"),
+                                               ("frontends", "device death")])
+def test_a_stop_answers_a_request_begun_on_a_keep_alive_connection_with_connection_close(layout, fault):
+    """The server stops (SIGTERM, or a device process's death) while a keep-alive connection's next request
+    is arriving (its head half sent): that request is answered (200, or 500 once the device is gone), with
+    `Connection: close`, and the connection closed; an idle one is closed without an answer."""
     args = ["--layout", "single"] if layout == "single" else FRONTENDS
     image = sample_images()["flat"]
     head = b"POST /v1/classify HTTP/1.1\r\nhost: x\r\ncontent-type: image/png\r\n"
@@ -168,13 +169,17 @@ def test_sigterm_answers_a_request_begun_on_a_keep_alive_connection_with_connect
             assert first.startswith(b"HTTP/1.1 200") and b"connection: close" not in first.lower(), first
         busy.sendall(head)
         time.sleep(0.3)  # read by the server: a request under way
-        server.proc.send_signal(signal.SIGTERM)
+        if fault == "SIGTERM":
+            server.proc.send_signal(signal.SIGTERM)
+        else:
+            device_process(server.proc.pid).kill()
         time.sleep(1.0)  # the stop has begun (front-ends: the engine has signalled them)
         busy.sendall(rest)
         answer = read_answer(busy)
         assert read_answer(idle) == b""
         busy.close()
         idle.close()
-        assert server.proc.wait(timeout=60) in (0, -signal.SIGTERM)
-    assert answer.startswith(b"HTTP/1.1 200"), answer
+        assert server.proc.wait(timeout=60) in ((0, -signal.SIGTERM) if fault == "SIGTERM" else (1,))
+    expected = b"HTTP/1.1 200" if fault == "SIGTERM" else b"HTTP/1.1 500"
+    assert answer.startswith(expected), answer
     assert b"connection: close" in answer.lower(), answer
