@@ -33,13 +33,18 @@ def multipart(images: list[bytes]) -> dict:
     return {"files": [("file", (f"{i}.png", data, "image/png")) for i, data in enumerate(images)]}
 
 
-def wait_for_readyz(url: str, status: int, timeout_s: float) -> httpx.Response:
+def wait_for_readyz(url: str, status: int, timeout_s: float) -> httpx.Response | None:
+    """The first /readyz answer with `status` (or the last one past the deadline); None once the server no
+    longer takes connections (it is stopping)."""
     deadline = time.monotonic() + timeout_s
     while True:
-        response = httpx.get(f"{url}/readyz", timeout=5)
+        try:
+            response = httpx.get(f"{url}/readyz", timeout=5)
+        except httpx.TransportError:
+            return None
         if response.status_code == status or time.monotonic() > deadline:
             return response
-        time.sleep(0.05)
+        time.sleep(0.02)
 
 
 def test_a_stopped_device_process_is_seen_fails_its_requests_and_stops_the_server():
@@ -63,12 +68,15 @@ def test_a_stopped_device_process_is_seen_fails_its_requests_and_stops_the_serve
         finally:
             if device.is_running():
                 device.resume()
-        assert readyz.status_code == 503 and readyz.json()["status"] == "stalled", readyz.text
-        assert "finished no batch" in readyz.json()["detail"]
+        # Not ready: 503 with the reason, or (on a busy machine, once the server has begun to stop) no
+        # longer listening.
+        if readyz is not None:
+            assert readyz.status_code == 503 and readyz.json()["status"] == "stalled", readyz.text
+            assert "finished no batch" in readyz.json()["detail"]
         assert seen_s < 10
         assert held and held[0].status_code == 503 and held[0].json()["error"] == "device_stalled", held
         assert server.proc.wait(timeout=60) == 1
-        assert "device_stall_s" in server.log()
+        assert "watchdog: device cpu finished no batch" in server.log()
 
 
 def test_a_stalled_forward_in_one_process_fails_its_requests_and_recovers():
