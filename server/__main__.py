@@ -172,7 +172,9 @@ def serve_single(
                      preprocess_threads=settings.preprocess_threads, on_fatal=fatal)
     fatal.server = uvicorn.Server(uvicorn.Config(
         app, host=settings.host, port=settings.port, **uvicorn_options(settings, config),
-        http=head_timeout_protocol(config.limits.request_timeout_s)))
+        timeout_keep_alive=config.connections.idle_timeout_s,
+        http=head_timeout_protocol(config.limits.request_timeout_s, config.connections.max_connections,
+                                   config.connections.idle_timeout_s)))
     # uvicorn says not, given a socket
     log.info("listening on http://%s:%d", settings.host, public.getsockname()[1])
     fatal.server.run(sockets=[public])
@@ -203,7 +205,10 @@ def serve_frontends(
                                   channel_socket, settings.preprocess_threads, settings.log_level,
                                   config.limits.request_timeout_s + SHUTDOWN_GRACE_S, crops_dir=workdir,
                                   arena_slots=settings.crop_arena_slots, on_fatal=fatal,
-                                  request_timeout_s=config.limits.request_timeout_s)
+                                  request_timeout_s=config.limits.request_timeout_s,
+                                  max_connections=config.connections.max_connections,
+                                  idle_timeout_s=config.connections.idle_timeout_s,
+                                  health_timeout_s=config.health.engine_timeout_s)
     fatal.server = EngineServer(uvicorn.Config(app, uds=engine_socket, **options), processes, workdir)
     processes.start()
     try:

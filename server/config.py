@@ -71,10 +71,31 @@ class LimitsConfig(_Strict):
     max_top_k: int = Field(20, ge=1)
 
 
+class HealthConfig(_Strict):
+    device_stall_s: float = Field(
+        20.0, gt=0, le=3600,
+        description="a device that has had a batch this long without finishing one is stalled "
+        "(docs/server.md)")
+    engine_timeout_s: float = Field(
+        2.0, gt=0, le=3600,
+        description="front-ends answer /healthz and /readyz 503 when the engine does not answer within this")
+
+
+class ConnectionsConfig(_Strict):
+    max_connections: int = Field(
+        2048, ge=1,
+        description="open client connections per listening process; more are answered 503 and closed")
+    idle_timeout_s: float = Field(
+        5.0, gt=0, le=3600,
+        description="a connection with no request under way (new, or kept alive) is closed after this long")
+
+
 class ServingConfig(_Strict):
     models: dict[str, ModelConfig] = Field(min_length=1)
     default_model: str | None = None
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    health: HealthConfig = Field(default_factory=HealthConfig)
+    connections: ConnectionsConfig = Field(default_factory=ConnectionsConfig)
     experiments: dict[str, ExperimentConfig] = Field(default_factory=dict)
 
     @model_validator(mode="after")

@@ -94,6 +94,20 @@ def test_discard_frees_the_queue(loop):
     s.submit([item(loop), item(loop)])
 
 
+def test_the_queue_of_a_stalled_device_fails_with_the_given_error_and_frees_its_places(loop):
+    depths = []
+    s = scheduler(max_queue=4, depths=depths)
+    items = [item(loop, "a"), item(loop, "b"), item(loop, "b")]
+    s.submit(items[:1])
+    s.submit(items[1:])
+    stalled = ApiError(503, "device_stalled", "stalled")
+    assert s.fail_queued({"m"}, stalled) == 3 and s.pending("m") == 0
+    loop.run_until_complete(asyncio.sleep(0))  # the failures arrive through the loop
+    assert all(i.future.exception() is stalled for i in items)
+    assert ("a", 0) in depths and ("b", 0) in depths
+    s.submit([item(loop) for _ in range(4)])  # the places are free again
+
+
 def test_close_drains_then_stops(loop):
     s = scheduler(max_batch_size=2, max_wait_ms=10_000)
     s.submit([item(loop) for _ in range(3)])

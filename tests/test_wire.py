@@ -20,7 +20,7 @@ def test_the_head_timeout_protocol_overrides_methods_uvicorn_still_has():
     overridden = {name for name, value in vars(HeadTimeoutProtocol).items()
                   if callable(value) and not name.startswith("_")}
     assert overridden == {"connection_made", "data_received", "send_400_response", "on_message_begin",
-                          "on_headers_complete", "connection_lost"}
+                          "on_headers_complete", "connection_lost", "shutdown"}
     assert all(callable(getattr(HttpToolsProtocol, name, None)) for name in overridden)
     assert head_timeout_protocol(2.5).timeout_s == 2.5 and issubclass(
         head_timeout_protocol(1), HttpToolsProtocol

@@ -163,6 +163,21 @@ class Scheduler:
                     self._pending[item.model] -= 1
                     self._on_depth(item.model, item.variant, len(queue))
 
+    def fail_queued(self, models: Collection[str], exc: BaseException) -> int:
+        """Remove the queued (not yet taken) items of `models` and fail them with `exc` (their device is
+        stalled); how many."""
+        failed: list[WorkItem] = []
+        with self._cond:
+            for key, queue in self._queues.items():
+                if key[0] in models and queue:
+                    failed.extend(queue)
+                    self._pending[key[0]] -= len(queue)
+                    queue.clear()
+                    self._on_depth(*key, 0)
+        for item in failed:
+            item.fail(exc)
+        return len(failed)
+
     def next_batch(self, models: Collection[str]) -> list[WorkItem] | None:
         """Block until a batch of one variant of one of `models` is due; None once closed and drained.
 

@@ -47,6 +47,7 @@ from server.engine.worker import (
     stack_into,
     warm_up_sizes,
 )
+from server.wire.errors import ApiError
 
 log = logging.getLogger("mame.server")
 
@@ -192,9 +193,10 @@ class ProcessWorker:
         self._slabs: list[torch.Tensor] = []
         self._free: SimpleQueue[int] = SimpleQueue()
         self._in_flight: dict[int, list[WorkItem]] = {}
+        self._progress_at = 0.0  # when the device last finished a batch, or was given one while idle
         self._lock = threading.Lock()
         self._stopping = False
-        self._dead: DeviceProcessError | None = None
+        self._dead: DeviceProcessError | ApiError | None = None  # ApiError: stalled, ended by the watchdog
         self._process = None
         self._tempdir = ""
         self._feeder = threading.Thread(target=self._feed, name=f"feeder-{device}", daemon=True)
@@ -304,9 +306,11 @@ class ProcessWorker:
             with self._lock:
                 dead = self._dead
                 if dead is None:
+                    if not self._in_flight:
+                        self._progress_at = time.monotonic()
                     self._in_flight[slab] = items
             if dead is not None:
-                fail_batch(items, str(dead), self.device)
+                fail_batch(items, dead if isinstance(dead, ApiError) else str(dead), self.device)
                 self._free.put(slab)
                 continue
             try:
@@ -336,6 +340,7 @@ class ProcessWorker:
             slab = message[1]
             with self._lock:
                 items = self._in_flight.pop(slab)
+                self._progress_at = time.monotonic()
             if message[0] == "done":
                 for start, stop, (outputs, inference_s) in message[2]:
                     resolve_batch(items[start:stop], outputs, inference_s, device, self.metrics)
@@ -346,12 +351,31 @@ class ProcessWorker:
         self.end(1)  # reaped, so that its exit code is known; its temp dir removed
         exitcode = self._process.exitcode if self._process is not None else None
         dead = DeviceProcessError(f"the device process for {self.device} died (exit code {exitcode})")
-        log.error("%s", dead)
         with self._lock:
-            self._dead = dead
+            stalled = isinstance(self._dead, ApiError)  # ended by the watchdog: its error stands
+            if not stalled:
+                log.error("%s", dead)
+                self._dead = dead
             lost, self._in_flight = list(self._in_flight.items()), {}
+            error = self._dead
         for slab, items in lost:
-            fail_batch(items, str(self._dead), self.device)
+            fail_batch(items, error if stalled else str(error), self.device)
             self._free.put(slab)
-        if not self._stopping:
-            self.on_death(self._dead)
+        if not self._stopping and not stalled:
+            self.on_death(error)
+
+    def busy_for(self, now: float) -> float:
+        """Seconds the device process has had batches without finishing one (0: idle). Read by the
+        watchdog."""
+        with self._lock:
+            return now - self._progress_at if self._in_flight and self._dead is None else 0.0
+
+    def stall(self, error: ApiError) -> None:
+        """The watchdog found the device process stalled: what it holds and what comes answers `error`, and
+        the process is killed (SIGKILL ends a stopped or hung process too)."""
+        with self._lock:
+            self._dead = error
+            held = [item for items in self._in_flight.values() for item in items]
+        fail_batch(held, error, self.device)
+        if self._process is not None and self._process.is_alive():
+            self._process.kill()

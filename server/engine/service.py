@@ -21,6 +21,7 @@ from server.engine.devices import DeviceModel, place_model, resolve_devices, res
 from server.engine.metrics import Metrics
 from server.engine.models import LoadedModel, load_model
 from server.engine.worker import DeviceWorker
+from server.wire.errors import ApiError, device_stalled
 
 log = logging.getLogger("mame.server")
 
@@ -92,6 +93,9 @@ class InferenceService:
         self._spawned: list[ProcessWorker] = []  # device processes, loaded or still loading
         self._stopping = False
         self._lock = threading.Lock()  # stop() against the loader's starting the workers
+        # device -> why: workers the watchdog found stalled; replaced, never changed, as the loop reads it
+        self.stalled: dict[str, str] = {}
+        self._watchdog_stop = threading.Event()
 
     @property
     def loading(self) -> bool:
@@ -145,6 +149,7 @@ class InferenceService:
             for worker in self.workers:
                 worker.start()
             self.ready.set()
+            threading.Thread(target=self._watch, name="device-watchdog", daemon=True).start()
         log.info("ready: %d model(s) on %d worker(s) (%d in a device process) after %.1f s",
                  len(self.models), len(self.workers), len(remote), time.monotonic() - started)
 
@@ -201,10 +206,49 @@ class InferenceService:
                 worker.warm_up(variants, max_batch)
         return local
 
+    def _watch(self) -> None:
+        """The watchdog: a worker that has had a batch for `health.device_stall_s` without finishing one is
+        stalled. Its requests, running and queued, answer 503 `device_stalled` and /readyz says so. A device
+        process is then killed and the server stops (as when one dies: its supervisor restarts it); a worker
+        thread cannot be killed, so in one process the server is ready again once the thread finishes a
+        batch (docs/architecture.md)."""
+        stall_s = self.config.health.device_stall_s
+        while not self._watchdog_stop.wait(min(0.1, stall_s / 4)):
+            now = time.monotonic()
+            for worker in self.workers:
+                busy_s, device = worker.busy_for(now), str(worker.device)
+                if busy_s >= stall_s and device not in self.stalled:
+                    self._stalled(worker, busy_s)
+                elif busy_s < stall_s and device in self.stalled and self.failed is None:
+                    log.warning("device %s finishes batches again: ready", device)
+                    self.stalled = {d: why for d, why in self.stalled.items() if d != device}
+
+    def _stalled(self, worker: DeviceWorker | ProcessWorker, busy_s: float) -> None:
+        device = str(worker.device)
+        reason = (f"device {device} finished no batch in {busy_s:.1f} s "
+                  f"(health.device_stall_s: {self.config.health.device_stall_s:g})")
+        error = device_stalled(reason)
+        self.stalled = {**self.stalled, device: reason}
+        log.error("watchdog: %s", reason)
+        worker.stall(error)
+        models = [name for name in worker.models
+                  if all(str(w.device) in self.stalled for w in self.workers if name in w.models)]
+        self.scheduler.fail_queued(models, error)
+        if isinstance(worker, ProcessWorker):  # killed: the server stops for its supervisor to restart it
+            self._on_death(RuntimeError(reason))
+
+    def stalled_error(self, model: str) -> ApiError | None:
+        """503 `device_stalled` when every device of `model` is stalled."""
+        devices, stalled = (self.models[model].devices if model in self.models else []), self.stalled
+        if devices and all(device in stalled for device in devices):
+            return device_stalled("; ".join(stalled[device] for device in devices))
+        return None
+
     def _on_death(self, exc: BaseException) -> None:
         """A device process died: the server is no longer ready, and it stops (its orchestrator restarts
         it)."""
-        self.failed = exc
+        if self.failed is None:
+            self.failed = exc
         if self._on_failure is not None:
             self._on_failure(exc)
 
@@ -217,6 +261,8 @@ class InferenceService:
     def submit(self, model: str, variant: str, images: list[torch.Tensor], top_k: int,
                deadline: float) -> list[WorkItem]:
         """Queue a request's images (all or none: raises QueueFull or SchedulerClosed)."""
+        if (stalled := self.stalled_error(model)) is not None:
+            raise stalled
         loop = asyncio.get_running_loop()
         settings = self.config.models[model].variants[variant]
         items = [WorkItem(model, variant, settings, image, top_k, deadline, loop.create_future(), loop)
@@ -226,6 +272,7 @@ class InferenceService:
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Stop taking work, let the workers answer everything queued, then return."""
+        self._watchdog_stop.set()
         with self._lock:
             self._stopping = True
             loading = [worker for worker in self._spawned if worker not in self.workers]

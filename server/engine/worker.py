@@ -15,7 +15,7 @@ from mame_core import MergeSettings
 from server.engine.batching import Scheduler, WorkItem, resolve_all
 from server.engine.devices import DeviceModel
 from server.engine.metrics import Metrics
-from server.wire.errors import internal, timeout
+from server.wire.errors import ApiError, internal, timeout
 
 log = logging.getLogger("mame.server")
 T = TypeVar("T")
@@ -144,7 +144,12 @@ def resolve_batch(items: Sequence[WorkItem], outputs: BatchOutputs, inference_s:
 
 
 def fail_batch(items: Sequence[WorkItem], exc: BaseException | str, device: object) -> None:
-    """Fail a batch's items with 500 (the error logged once, with its traceback when there is one)."""
+    """Fail a batch's items with 500 (the error logged once, with its traceback when there is one); an
+    ApiError (a stalled device) is the answer itself."""
+    if isinstance(exc, ApiError):
+        for item in items:
+            item.fail(exc)
+        return
     log.error("worker %s: a batch of %d failed: %s", device, len(items), exc,
               exc_info=exc if isinstance(exc, BaseException) else None)
     detail = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
@@ -167,6 +172,8 @@ class DeviceWorker:
         self.models = models
         self.scheduler = scheduler
         self.metrics = metrics
+        self._running: list[WorkItem] = []  # the batch in the forward now
+        self._running_since = 0.0
         self._thread = threading.Thread(target=self._loop, name=f"worker-{device}", daemon=True)
 
     def start(self) -> None:
@@ -191,8 +198,19 @@ class DeviceWorker:
             torch.set_num_threads(self.torch_threads)
         while (batch := self.scheduler.next_batch(self.models.keys())) is not None:
             if live := drop_expired(batch):
+                self._running_since, self._running = time.monotonic(), live
                 self._run(live)
+                self._running = []
         log.info("worker %s: queue drained, stopping", self.device)
+
+    def busy_for(self, now: float) -> float:
+        """Seconds this worker has had a batch without finishing one (0: idle). Read by the watchdog."""
+        return now - self._running_since if self._running else 0.0
+
+    def stall(self, error: ApiError) -> None:
+        """The watchdog found this worker stalled: the batch in its forward answers `error` now (a thread
+        cannot be stopped; should the forward ever end, its answers find the requests answered)."""
+        fail_batch(self._running, error, self.device)
 
     def _run(self, items: list[WorkItem]) -> None:
         """Run items as one batch (halves on CUDA out-of-memory); a failure fails only these items."""

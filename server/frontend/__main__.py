@@ -36,6 +36,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=30.0,
         help="the serving config's limits.request_timeout_s: request heads and bodies arrive within it",
     )
+    parser.add_argument("--max-connections", type=int,
+                        help="the serving config's connections.max_connections (default: none)")
+    parser.add_argument("--idle-timeout-s", type=float, default=5.0,
+                        help="the serving config's connections.idle_timeout_s")
+    parser.add_argument("--health-timeout-s", type=float, default=2.0,
+                        help="the serving config's health.engine_timeout_s")
     parser.add_argument("--crops-dir", help="where to put the shared-memory file for crops (default: none)")
     parser.add_argument("--arena-slots", type=int, help="crops in shared memory (default: from the limits)")
     args = parser.parse_args(argv)
@@ -47,8 +53,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     sock = port_socket(args.host, args.port, listen=True)
     server = uvicorn.Server(uvicorn.Config(
         FrontEnd(args.engine_socket, args.channel_socket, args.threads, args.crops_dir, args.arena_slots,
-                 args.request_timeout_s),
-        log_level=args.log_level, lifespan="on", http=head_timeout_protocol(args.request_timeout_s),
+                 args.request_timeout_s, args.health_timeout_s),
+        log_level=args.log_level, lifespan="on", timeout_keep_alive=args.idle_timeout_s,
+        http=head_timeout_protocol(args.request_timeout_s, args.max_connections, args.idle_timeout_s),
         timeout_graceful_shutdown=int(args.graceful_s), access_log=args.log_level == "debug"))
     orphaned = threading.Event()
     threading.Thread(

@@ -63,6 +63,7 @@ _NOT_FORWARDED = {b"connection", b"keep-alive", b"transfer-encoding", b"te", b"t
 PASS_THROUGH_MAX_BYTES = 1 << 20  # bodies of requests other than classify and /v2 infer (admin JSON)
 PLAN_MAX_AGE_S = 5.0  # how stale the engine's experiments may be here (a stale one costs a re-send, no error)
 LOADING_RECHECK_S = 0.5
+PROBES = ("/healthz", "/readyz")
 
 
 @dataclass(frozen=True)
@@ -107,9 +108,11 @@ class FrontEnd:
     """The ASGI application of one front-end process."""
 
     def __init__(self, engine_socket: str, channel_socket: str, threads: int, crops_dir: str | None = None,
-                 arena_slots: int | None = None, request_timeout_s: float = 30.0):
+                 arena_slots: int | None = None, request_timeout_s: float = 30.0,
+                 health_timeout_s: float = 2.0):
         self.engine_socket = engine_socket
         self.request_timeout_s = request_timeout_s  # the serving config's: heads and bodies arrive within it
+        self.health_timeout_s = health_timeout_s  # the serving config's health.engine_timeout_s
         self.channel = Channel(channel_socket)
         self.crops_dir = crops_dir if arena_slots != 0 else None
         self.arena_slots = arena_slots
@@ -149,7 +152,8 @@ class FrontEnd:
                 status, answer_headers, body = await self._classify(scope, receive, headers)
             else:
                 body = await self._pass_through_body(scope, receive)
-                status, answer_headers, body = await self._engine(scope["method"], target, headers, body)
+                ask = self._probe if scope["path"] in PROBES else self._engine
+                status, answer_headers, body = await ask(scope["method"], target, headers, body)
         # a request h11 will not send (the engine is fine): the client's fault
         except httpx.LocalProtocolError as exc:
             await respond_error(send, ApiError(400, "http_error", f"the request cannot be passed on: {exc}"),
@@ -202,6 +206,17 @@ class FrontEnd:
                 if denied is not None:
                     raise denied.as_api_error() from None
             raise
+
+    async def _probe(self, method: str, target: bytes, headers: list, body: bytes) -> Answer:
+        """/healthz and /readyz, asked of the engine within `health_timeout_s`: an engine whose event loop is
+        wedged answers nothing, and a probe then fails here rather than waiting for ever."""
+        try:
+            async with asyncio.timeout(self.health_timeout_s):
+                return await self._engine(method, target, headers, body)
+        except TimeoutError:
+            body = json.dumps({"status": "unresponsive", "detail": "the inference engine did not answer "
+                               f"within {self.health_timeout_s:g} s"}).encode()
+            return 503, [(b"content-type", b"application/json")], body
 
     async def _engine(self, method: str, target: bytes, headers: list, body: bytes) -> Answer:
         """A request passed to the engine's HTTP socket as it came (the target unparsed: httpx would drop

@@ -34,7 +34,13 @@ class FrontEndProcesses:
         arena_slots: int | None = None,
         on_fatal: Callable[[BaseException], None] | None = None,
         request_timeout_s: float = 30.0,
+        max_connections: int | None = None,
+        idle_timeout_s: float = 5.0,
+        health_timeout_s: float = 2.0,
     ):
+        self.health_timeout_s = health_timeout_s
+        self.max_connections = max_connections  # each front-end's (docs/server.md)
+        self.idle_timeout_s = idle_timeout_s
         self.on_fatal = on_fatal or (lambda exc: None)
         self._quick_deaths = 0
         self.channel_socket = channel_socket
@@ -89,6 +95,11 @@ class FrontEndProcesses:
                 str(self.graceful_s),
                 "--request-timeout-s",
                 str(self.request_timeout_s),
+                *(["--max-connections", str(self.max_connections)] if self.max_connections else []),
+                "--idle-timeout-s",
+                str(self.idle_timeout_s),
+                "--health-timeout-s",
+                str(self.health_timeout_s),
                 *(["--crops-dir", self.crops_dir] if self.crops_dir else []),
                 *(["--arena-slots", str(self.arena_slots)] if self.arena_slots is not None else []),
             ],

@@ -183,11 +183,15 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Readiness: models loaded and warmed up", response_model=None, responses={
-    **answer(schemas.Readiness, "ready"),
-    503: {"model": schemas.Readiness, "description": "loading, or failed (with the reason in detail)"}})
+@router.get("/readyz", summary="Readiness: models loaded and warmed up, no device stalled", response_model=None,
+            responses={**answer(schemas.Readiness, "ready"),
+                       503: {"model": schemas.Readiness,
+                             "description": "loading, stalled or failed (with the reason in detail)"}})
 async def readyz(request: Request) -> JSONResponse:
     service = _engine(request).service
+    if service.stalled:
+        return JSONResponse({"status": "stalled", "detail": "; ".join(service.stalled.values())},
+                            status_code=503)
     if service.failed is not None:
         return JSONResponse({"status": "failed", "detail": str(service.failed)}, status_code=503)
     if not service.ready.is_set():

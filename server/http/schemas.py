@@ -158,5 +158,5 @@ class Health(BaseModel):
 
 
 class Readiness(BaseModel):
-    status: Literal["ready", "loading", "failed"]
-    detail: str | None = Field(None, description="why, when failed")
+    status: Literal["ready", "loading", "stalled", "failed", "unresponsive"]
+    detail: str | None = Field(None, description="why, when stalled or failed")

@@ -58,6 +58,11 @@ def not_ready(detail: str) -> ApiError:
     return ApiError(503, "not_ready", detail, {"Retry-After": "5"})
 
 
+def device_stalled(detail: str) -> ApiError:
+    """The device finished no batch within `health.device_stall_s`: retry elsewhere, or later."""
+    return ApiError(503, "device_stalled", detail, {"Retry-After": "5"})
+
+
 def timeout(detail: str) -> ApiError:
     return ApiError(504, "timeout", detail)
 
