@@ -183,8 +183,8 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Readiness: models loaded and warmed up, no device stalled", response_model=None,
-            responses={**answer(schemas.Readiness, "ready"),
+@router.get("/readyz", summary="Readiness: models loaded and warmed up, no device stalled",
+            response_model=None, responses={**answer(schemas.Readiness, "ready"),
                        503: {"model": schemas.Readiness,
                              "description": "loading, stalled or failed (with the reason in detail)"}})
 async def readyz(request: Request) -> JSONResponse:
