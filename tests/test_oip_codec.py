@@ -40,9 +40,8 @@ from server.oip.interface import (
 )
 from server.oip.metadata import model_metadata
 from server.oip.plan import plan_infer
-from server.oip.request import parse_infer_request
+from server.oip.request import parse_infer_request, read_input
 from server.oip.response import infer_response
-from server.oip.tensors import read_input
 from server.wire.errors import ApiError, overloaded
 
 CLASSES = 10

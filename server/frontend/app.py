@@ -35,11 +35,10 @@ from starlette.datastructures import URL
 
 from server.decode.crops import Decoder, decoder_from_list
 from server.frontend.arena import ARENA_MIN_SLOTS, CropArena, decode_crop
-from server.oip.errors import error_body, oip_status
 from server.wire.admin import admin_token_from_env, check_admin
 from server.wire.body import image_payloads, read_limited
 from server.wire.channel import Channel, ChannelError
-from server.wire.errors import ApiError, internal, not_ready
+from server.wire.errors import ApiError, error_body, internal, not_ready, oip_status
 from server.wire.pool import run_all_in_pool
 from server.wire.protocol import (
     FRONTEND_CLIENT,

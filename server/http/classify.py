@@ -31,9 +31,17 @@ from server.wire.errors import (
     too_large,
 )
 from server.wire.pool import run_all_in_pool
-from server.wire.protocol import FRONTEND_IMAGES, FRONTEND_MODEL, FRONTEND_MULTIPART
+from server.wire.protocol import (
+    FRONTEND_CLIENT,
+    FRONTEND_IMAGES,
+    FRONTEND_MODEL,
+    FRONTEND_MULTIPART,
+    FRONTEND_STARTED,
+)
 
 if TYPE_CHECKING:
+    from starlette.requests import Request
+
     from server.config import ServingConfig
     from server.engine.metrics import Metrics
     from server.engine.service import InferenceService
@@ -70,6 +78,21 @@ class ClassifyRequest:
     started: float  # time.monotonic(); the request's deadline runs from here
     receive: Callable[[], Awaitable[dict]] | None = None
     crops: bytes = b""
+
+
+def http_classify_request(request: Request, behind_frontends: bool) -> ClassifyRequest:
+    """A classify request as it came over HTTP. Behind front-ends only they can connect (a private Unix
+    socket), so their `x-mame-*` headers (client address, start time) are trusted."""
+    headers = request.headers
+    if behind_frontends:
+        client_host = headers.get(FRONTEND_CLIENT)
+        given_start = headers.get(FRONTEND_STARTED)
+    else:
+        client_host, given_start = request.client.host if request.client else None, None
+    # CLOCK_MONOTONIC is one clock for every process of the host: the front-end's start counts.
+    started = float(given_start) if given_start else time.monotonic()
+    return ClassifyRequest(request.state.request_id, request.query_params, headers, client_host, started,
+                           receive=request.receive)
 
 
 @dataclass

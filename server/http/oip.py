@@ -28,13 +28,12 @@ from server.http.classify import (
     _observe,
     _Outcome,
     _results,
+    http_classify_request,
 )
-from server.http.routes import http_classify_request
-from server.oip.errors import invalid_request, oip_status
 from server.oip.handlers import ROUTES, Reply, Route, error_reply
 from server.oip.interface import Classification, ClassifiedImage, ClassifyCall, Images, ModelSpec
 from server.wire.body import read_limited
-from server.wire.errors import ApiError, internal, not_ready
+from server.wire.errors import ApiError, internal, invalid_request, not_ready, oip_status
 from server.wire.pool import run_all_in_pool
 
 if TYPE_CHECKING:

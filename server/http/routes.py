@@ -4,7 +4,6 @@ puts it there); `POST /v1/classify` is answered by `classify()` (server/http/cla
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
@@ -16,7 +15,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from server.decode.crops import decode_plan
 from server.experiments.config import NewExperiment, SplitChange
 from server.http import schemas
-from server.http.classify import ClassifyRequest, classify
+from server.http.classify import classify, http_classify_request
 from server.http.explain import explain
 from server.http.openapi import (
     ADMIN_ERRORS,
@@ -28,7 +27,6 @@ from server.http.openapi import (
     answer,
     error_responses,
 )
-from server.wire.protocol import FRONTEND_CLIENT, FRONTEND_STARTED
 
 if TYPE_CHECKING:
     from server.http.classify import Engine
@@ -39,21 +37,6 @@ frontend_router = APIRouter(include_in_schema=False)  # what front-end processes
 
 def _engine(request: Request) -> Engine:
     return request.app.state.engine
-
-
-def http_classify_request(request: Request, behind_frontends: bool) -> ClassifyRequest:
-    """A classify request as it came over HTTP. Behind front-ends only they can connect (a private Unix
-    socket), so their `x-mame-*` headers (client address, start time) are trusted."""
-    headers = request.headers
-    if behind_frontends:
-        client_host = headers.get(FRONTEND_CLIENT)
-        given_start = headers.get(FRONTEND_STARTED)
-    else:
-        client_host, given_start = request.client.host if request.client else None, None
-    # CLOCK_MONOTONIC is one clock for every process of the host: the front-end's start counts.
-    started = float(given_start) if given_start else time.monotonic()
-    return ClassifyRequest(request.state.request_id, request.query_params, headers, client_host, started,
-                           receive=request.receive)
 
 
 @router.post("/v1/classify", summary="Classify one or more images", openapi_extra=CLASSIFY_OPENAPI,

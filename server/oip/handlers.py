@@ -22,13 +22,19 @@ from dataclasses import dataclass, field
 from importlib import metadata as package_metadata
 from typing import Any
 
-from server.oip.errors import error_body, oip_status, unknown_model, unknown_version
 from server.oip.interface import Engine, ModelSpec
 from server.oip.metadata import model_metadata, model_ready, server_metadata
 from server.oip.plan import plan_infer
 from server.oip.request import parse_infer_request
 from server.oip.response import infer_response
-from server.wire.errors import ApiError, internal, not_ready, unsupported_media_type
+from server.wire.errors import (
+    ApiError,
+    error_body,
+    internal,
+    not_ready,
+    oip_status,
+    unsupported_media_type,
+)
 
 log = logging.getLogger("mame.server")
 
@@ -57,6 +63,15 @@ def server_version() -> str:
         return package_metadata.version("mame-serve")
     except package_metadata.PackageNotFoundError:  # run from a source tree that is not installed
         return "unknown"
+
+
+def unknown_model(model: str, known: list[str]) -> ApiError:
+    return ApiError(404, "unknown_model", f"unknown model {model!r}; served: {sorted(known)}")
+
+
+def unknown_version(model: str, version: str, known: list[str]) -> ApiError:
+    return ApiError(404, "unknown_variant", f"model {model!r} has no version (variant) {version!r}; "
+                                            f"its versions: {sorted(known)}")
 
 
 def model_spec(engine: Engine, model: str, version: str | None) -> ModelSpec:

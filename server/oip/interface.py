@@ -18,6 +18,7 @@ IMAGES = "images"  # BYTES [N] (or [N, 1]): encoded image files (JPEG, PNG, ...)
 PIXELS = "pixels"  # UINT8 [N, H, W, 3]: RGB crops at the model's input size, not normalised
 PIXEL_VALUES = "pixel_values"  # FP32 [N, 3, H, W]: crops normalised with the model's mean and std
 INPUT_NAMES = (IMAGES, PIXELS, PIXEL_VALUES)
+DATATYPE_OF_INPUT = {IMAGES: "BYTES", PIXELS: "UINT8", PIXEL_VALUES: "FP32"}
 
 # Output tensors, in the order an answer gives them when the request names none.
 PROBABILITIES = "probabilities"  # FP32 [N, classes]; BYTES [N, k] "score:index:label" with classification k
@@ -46,6 +47,11 @@ class ModelSpec:
     @property
     def height_width(self) -> tuple[int, int]:
         return self.input_size[1], self.input_size[2]
+
+    def input_shapes(self) -> dict[str, list[int]]:
+        """The inputs' shapes as model metadata gives them (-1: any batch size)."""
+        height, width = self.height_width
+        return {IMAGES: [-1], PIXELS: [-1, height, width, 3], PIXEL_VALUES: [-1, 3, height, width]}
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from server.oip.interface import (
+    DATATYPE_OF_INPUT,
     FINAL_TOKENS,
     GFLOPS,
     INPUT_TOKENS,
@@ -12,7 +13,6 @@ from server.oip.interface import (
     TOKENS_PER_BLOCK,
     ModelSpec,
 )
-from server.oip.plan import DATATYPE_OF_INPUT, input_shapes
 
 SERVER_NAME = "mame-serve"
 # Triton's names for the protocol extensions this server implements.
@@ -36,7 +36,7 @@ def model_metadata(spec: ModelSpec) -> dict[str, Any]:
     """The model's versions are its variants. `parameters` (as MLServer adds them) say what the
     `pixel_values` input is normalised with, and which version answers a request that names none."""
     inputs = [{"name": name, "datatype": DATATYPE_OF_INPUT[name], "shape": shape}
-              for name, shape in input_shapes(spec).items()]
+              for name, shape in spec.input_shapes().items()]
     return {
         "name": spec.name,
         "versions": list(spec.variants),

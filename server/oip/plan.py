@@ -3,26 +3,26 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from server.oip.errors import invalid_request
 from server.oip.interface import (
+    DATATYPE_OF_INPUT,
     IMAGES,
     INPUT_NAMES,
     OUTPUT_NAMES,
-    PIXEL_VALUES,
     PIXELS,
     PROBABILITIES,
     ClassifyCall,
     Images,
     ModelSpec,
 )
-from server.oip.request import InferRequest
-from server.oip.tensors import Tensor
-from server.wire.errors import too_large
+from server.wire.errors import invalid_request, too_large
 
-DATATYPE_OF_INPUT = {IMAGES: "BYTES", PIXELS: "UINT8", PIXEL_VALUES: "FP32"}
+if TYPE_CHECKING:
+    from server.oip.request import InferRequest
+    from server.oip.tensors import Tensor
 
 
 @dataclass(frozen=True)
@@ -39,19 +39,13 @@ class InferPlan:
     request_id: str | None
 
 
-def input_shapes(spec: ModelSpec) -> dict[str, list[int]]:
-    """The inputs' shapes as model metadata gives them (-1: any batch size)."""
-    height, width = spec.height_width
-    return {IMAGES: [-1], PIXELS: [-1, height, width, 3], PIXEL_VALUES: [-1, 3, height, width]}
-
-
 def read_images(tensor: Tensor, spec: ModelSpec, max_images: int) -> Images:
     """The one image input of a request, checked against the model's datatype and shape."""
     what = f"input {tensor.name!r}"
     expected = DATATYPE_OF_INPUT[tensor.name]
     if tensor.datatype != expected:
         raise invalid_request(f"{what} must be {expected}, got {tensor.datatype}")
-    wanted = input_shapes(spec)[tensor.name]
+    wanted = spec.input_shapes()[tensor.name]
     shape = tensor.shape
     if tensor.name == IMAGES:
         fits = len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -17,9 +17,11 @@ from server.oip.interface import (
     ClassifiedImage,
     ModelSpec,
 )
-from server.oip.plan import InferPlan, OutputPlan
 from server.oip.tensors import binary_of, json_of
 from server.wire.errors import internal
+
+if TYPE_CHECKING:
+    from server.oip.plan import InferPlan, OutputPlan
 
 
 def classification_strings(image: ClassifiedImage, k: int, labels: tuple[str, ...]) -> list[bytes]:

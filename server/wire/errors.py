@@ -1,4 +1,5 @@
-"""Errors that become JSON answers with a stable code (docs/api.md)."""
+"""Errors that become JSON answers with a stable code (docs/api.md), and the Open Inference Protocol's
+error body (docs/oip.md), which both faces answer /v2 with."""
 
 from __future__ import annotations
 
@@ -75,3 +76,22 @@ def client_closed(detail: str) -> ApiError:
 
 def internal(detail: str) -> ApiError:
     return ApiError(500, "internal", detail)
+
+
+def invalid_request(detail: str) -> ApiError:
+    """A request the Open Inference Protocol's rules refuse: malformed JSON, a tensor that contradicts its
+    shape, ..."""
+    return ApiError(400, "invalid_request", detail)
+
+
+# The Open Inference Protocol's error body is {"error": "<text>"}: the text starts with the server's stable
+# code ("unknown_variant: ..."), as the protocol has one field only. Statuses stay the server's (404 unknown
+# model or version, 413, 503 with Retry-After, 504), except that a bad request is always 400, as the
+# protocol and Triton have it (the /v1 routes say 422 invalid_parameter).
+def oip_status(exc: ApiError) -> int:
+    return 400 if exc.status == 422 else exc.status
+
+
+def error_body(exc: ApiError) -> bytes:
+    """The error as the Open Inference Protocol's body."""
+    return json.dumps({"error": f"{exc.code}: {exc.detail}"}, ensure_ascii=False).encode()
