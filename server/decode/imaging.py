@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -49,31 +51,47 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def decode_image(data: bytes, max_pixels: int, needed_edge: int | None = None) -> Image.Image:
-    """Bytes -> RGB image: first frame of an animation, EXIF orientation applied, pixel limit before decoding.
-
-    `needed_edge`: the shortest edge the caller will resize to; a JPEG much larger than that is decoded at a
-    reduced scale (never below DRAFT_GAP x `needed_edge` on either side).
-    """
+def open_image(data: bytes, max_pixels: int, needed_edge: int | None = None) -> Image.Image:
+    """The image's header only (PIL opens lazily): the pixel limit checked, the first frame chosen, and a
+    JPEG much larger than `needed_edge` (the shortest edge the caller will resize to) set to decode at a
+    reduced scale (never below DRAFT_GAP x `needed_edge` on either side). `img.size` is then what decoding
+    will hold: O(header) work, so a request can be refused before any decoding."""
     if not data:
         raise bad_image("the image is empty (0 bytes)")
+    with _pil_errors():
+        img = Image.open(io.BytesIO(data))
+        width, height = img.size
+        if width * height > max_pixels:
+            raise too_large(f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
+        if width == 0 or height == 0:
+            raise bad_image(f"image has no pixels ({width}x{height})")
+        img.seek(0)  # first frame of an animated image
+        if needed_edge:
+            img.draft(img.mode, (DRAFT_GAP * needed_edge, DRAFT_GAP * needed_edge))  # no-op unless JPEG
+        return img
+
+
+def decode_opened(img: Image.Image) -> Image.Image:
+    """An image from `open_image` decoded to RGB, EXIF orientation applied."""
+    with _pil_errors():
+        img.load()
+        ImageOps.exif_transpose(img, in_place=True)  # without in_place it copies even unrotated images
+        return to_rgb(img)
+
+
+def decode_image(data: bytes, max_pixels: int, needed_edge: int | None = None) -> Image.Image:
+    """Bytes -> RGB image: first frame of an animation, EXIF orientation applied, pixel limit before decoding
+    (`open_image`, then `decode_opened`)."""
+    return decode_opened(open_image(data, max_pixels, needed_edge))
+
+
+@contextmanager
+def _pil_errors() -> Iterator[None]:
+    """PIL's ways of saying that bytes are not a good image, as the contract's 400 `bad_image`."""
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we apply our own limit below
-            img = Image.open(io.BytesIO(data))
-            width, height = img.size
-            if width * height > max_pixels:
-                raise too_large(
-                    f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
-                )
-            if width == 0 or height == 0:
-                raise bad_image(f"image has no pixels ({width}x{height})")
-            img.seek(0)  # first frame of an animated image
-            if needed_edge:
-                img.draft(img.mode, (DRAFT_GAP * needed_edge, DRAFT_GAP * needed_edge))  # no-op unless JPEG
-            img.load()
-            ImageOps.exif_transpose(img, in_place=True)  # without in_place it copies even unrotated images
-            return to_rgb(img)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies
+            yield
     except ApiError:
         raise
     except UnidentifiedImageError:

@@ -15,6 +15,7 @@ import torch
 from fastapi import FastAPI
 from starlette.datastructures import Headers, QueryParams
 
+from server.decode.budget import PixelBudget
 from server.experiments.registry import ExperimentRegistry, ModelVariants
 from server.http import middleware
 from server.http.answers import error_response, unexpected_error
@@ -46,7 +47,8 @@ def build_engine(config: ServingConfig, service: InferenceService, preprocess_th
     # threads oversubscribe the cores.
     pool = ThreadPoolExecutor(preprocess_threads, thread_name_prefix="preprocess",
                               initializer=torch.set_num_threads, initargs=(1,))
-    engine = Engine(config, service, registry, metrics, pool, shadows=Shadows(service, registry, metrics))
+    engine = Engine(config, service, registry, metrics, pool, shadows=Shadows(service, registry, metrics),
+                    pixels=PixelBudget(config.limits.max_decoding_pixels))
     sync_weights(engine)
     return engine
 
