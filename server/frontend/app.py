@@ -37,7 +37,7 @@ from starlette.datastructures import URL
 from server.decode.budget import PixelBudget, open_all, pixels_of
 from server.decode.crops import Decoder, decoder_from_list
 from server.frontend.arena import ARENA_MIN_SLOTS, CropArena, decode_crop
-from server.wire.admin import admin_token_from_env, check_admin
+from server.wire.admin import ADMIN_MAX_BODY_BYTES, admin_token_from_env, check_admin
 from server.wire.body import image_payloads, read_limited
 from server.wire.channel import Channel, ChannelError
 from server.wire.errors import ApiError, internal, not_ready, timeout
@@ -63,7 +63,7 @@ Answer = tuple[int, list[tuple[bytes, bytes]], bytes]  # status, headers, body
 # request id (set by the front-end), and the engine's server and date (the front-end's uvicorn adds its own).
 _NOT_FORWARDED = {b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer", b"upgrade",
                   b"proxy-connection", b"content-length", b"x-request-id", b"date", b"server"}
-PASS_THROUGH_MAX_BYTES = 1 << 20  # bodies of requests other than classify (admin JSON): no more
+PASS_THROUGH_MAX_BYTES = ADMIN_MAX_BODY_BYTES  # bodies of requests other than classify (admin JSON)
 PLAN_MAX_AGE_S = 5.0  # how stale the engine's experiments may be here (a stale one costs a re-send, no error)
 LOADING_RECHECK_S = 0.5
 
@@ -184,8 +184,10 @@ class FrontEnd:
         # HEAD: the engine's content-length, that of the GET (the body is not sent)
         length = next((int(v) for k, v in answer_headers if k.lower() == b"content-length"), 0) \
             if scope["method"] == "HEAD" else None
-        await respond(send, status, [(k, v) for k, v in answer_headers if k.lower() not in _NOT_FORWARDED]
-                      + [(b"x-request-id", request_id.encode())], body, length)
+        forwarded = [(k, v) for k, v in answer_headers if k.lower() not in _NOT_FORWARDED]
+        if any(k.lower() == b"connection" and b"close" in v.lower() for k, v in answer_headers):
+            forwarded.append((b"connection", b"close"))  # a body left unread: uvicorn closes after the answer
+        await respond(send, status, [*forwarded, (b"x-request-id", request_id.encode())], body, length)
 
     async def _pass_through_body(self, scope: dict, receive: Callable) -> bytes:
         """The body of a request passed on as it came, at most PASS_THROUGH_MAX_BYTES.

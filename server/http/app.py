@@ -120,7 +120,8 @@ def create_app(config: ServingConfig, service: InferenceService, *, preprocess_t
     app.state.service = service
     app.state.metrics = metrics
     app.state.experiments = engine.registry
-    middleware.install(app, admin_token=admin_token_from_env(), drop_reserved=frontend_channel is None)
+    middleware.install(app, admin_token=admin_token_from_env(), drop_reserved=frontend_channel is None,
+                       body_timeout_s=config.limits.request_timeout_s)
     app.include_router(router)
     if frontend_channel is not None:
         app.include_router(frontend_router)
