@@ -8,8 +8,8 @@ from collections.abc import Callable
 
 from server.wire.errors import (
     bad_image,
-    echo,
     client_closed,
+    echo,
     invalid_parameter,
     request_timeout,
     too_large,
