@@ -134,26 +134,30 @@ def test_a_requests_pixels_are_read_from_the_headers_and_bounded_together():
 
 
 def test_the_pixel_budget_bounds_what_is_decoded_at_once_and_serves_a_lone_large_image():
-    budget = PixelBudget(100, trim=False)
-    most = [0]
-    lock = threading.Lock()
+    async def run() -> None:
+        budget = PixelBudget(100, trim=False)
+        most = 0
+        order: list[int] = []
 
-    def decode(pixels: int) -> None:
-        with budget.hold(pixels, time.monotonic() + 10):
-            with lock:
-                most[0] = max(most[0], budget.in_use)
-            time.sleep(0.02)
+        async def decode(pixels: int) -> None:
+            nonlocal most
+            async with budget.hold(pixels):
+                most = max(most, budget.in_use)
+                order.append(pixels)
+                await asyncio.sleep(0.01)
 
-    threads = [threading.Thread(target=decode, args=(pixels,)) for pixels in [60, 60, 30, 500, 10] * 3]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(10)
-    assert most[0] <= 100 and budget.in_use == 0  # the 500-pixel image was decoded, alone
-    with budget.hold(100, time.monotonic() + 1), pytest.raises(ApiError) as info:
-        with budget.hold(1, time.monotonic() + 0.05):
-            pass
-    assert (info.value.status, info.value.code) == (504, "timeout")
+        await asyncio.gather(*(decode(pixels) for pixels in [60, 60, 30, 500, 10] * 3))
+        assert most <= 100 and budget.in_use == 0 and sorted(order) == sorted([60, 60, 30, 500, 10] * 3)
+        # A request that gives up (its deadline) while waiting leaves nothing held.
+        async with budget.hold(100):
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.05), budget.hold(1):
+                    pass
+        assert budget.in_use == 0
+        async with budget.hold(1):  # and the budget still serves
+            assert budget.in_use == 1
+
+    asyncio.run(run())
 
 
 def test_client_input_is_never_echoed_whole():

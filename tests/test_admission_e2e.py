@@ -32,8 +32,8 @@ def images() -> dict[str, bytes]:
 
 
 def post(url: str, data: bytes, timeout_s: float = 30, **params) -> httpx.Response:
-    return httpx.post(f"{url}/v1/classify", params=params, content=data, headers={"content-type": "image/png"},
-                      timeout=timeout_s)
+    return httpx.post(f"{url}/v1/classify", params=params, content=data,
+                      headers={"content-type": "image/png"}, timeout=timeout_s)
 
 
 def queued(url: str, variant: str) -> float:
@@ -165,8 +165,8 @@ def test_a_refused_or_stalled_body_closes_its_connection(images, layout):
         head = answer.partition(b"\r\n\r\n")[0].lower()
         assert head.startswith(b"http/1.1 408") and b"connection: close" in head and closed, answer
         # A name of 60,000 characters is not sent back whole.
-        named = httpx.post(f"{server.url}/v1/classify", params={"model": "m" * 60_000}, content=images["flat"],
-                           headers={"content-type": "image/png"})
+        named = httpx.post(f"{server.url}/v1/classify", params={"model": "m" * 60_000},
+                           content=images["flat"], headers={"content-type": "image/png"})
         assert named.status_code == 404 and len(named.json()["detail"]) < 300, len(named.text)
         assert post(server.url, images["flat"]).status_code == 200
 
@@ -181,5 +181,6 @@ def test_admin_bodies_are_capped_in_one_process():
         assert (answer.status_code, answer.json()["error"]) == (413, "too_large"), answer.text[:200]
         assert answer.headers["connection"] == "close"
         created = httpx.post(f"{server.url}/v1/admin/experiments", headers={"authorization": "Bearer s3cret"},
-                             json={"name": "ab", "model": "tiny", "split": {"baseline": 0.5, "mame-0.5": 0.5}})
+                             json={"name": "ab", "model": "tiny",
+                                   "split": {"baseline": 0.5, "mame-0.5": 0.5}})
         assert created.status_code == 201, created.text

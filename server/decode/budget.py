@@ -2,24 +2,23 @@
 
 A decoded image holds several bytes per pixel (a 36 Mpx 16-bit PNG about 340 MB while it converts): a
 few large images decoded in parallel would take gigabytes, and glibc's allocator keeps much of it after
-they are freed. A counting semaphore of pixels (threading.Condition: the stdlib's semaphores count one
-unit at a time) bounds what is decoded at once; once a burst is over, `malloc_trim` returns the freed
+they are freed. A counting semaphore of pixels (asyncio's semaphores count one unit at a time) bounds what
+is decoded at once; once a burst is over, `malloc_trim` returns the freed
 heap to the system.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
-import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from PIL import Image
 
 from server.decode.imaging import open_image
-from server.wire.errors import timeout, too_large
+from server.wire.errors import too_large
 
 TRIM_AFTER_PIXELS = 8_000_000  # decoded since the last trim, before an idle budget trims the heap
 
@@ -42,43 +41,59 @@ def _malloc_trim() -> None:
 
 
 class PixelBudget:
-    """At most `limit` pixels being decoded at once; an image over the limit is decoded alone (it waits
-    until nothing else is being decoded), so any image within `limits.max_pixels` is still served."""
+    """At most `limit` pixels being decoded at once in a process, held per request from the event loop (so
+    no decoding thread waits: a small image is never stuck in the pool behind large ones waiting for
+    pixels). A request over the limit is decoded alone (it waits until nothing else is being decoded), so
+    any image within `limits.max_pixels` is still served. Once nothing is being decoded after a burst,
+    the heap is trimmed in a thread."""
 
     def __init__(self, limit: int, trim: bool = True):
         self.limit = limit
-        self._cond = threading.Condition()
         self._in_use = 0
         self._since_trim = 0
         self._trim = trim
+        self._waiters: list[tuple[int, asyncio.Future]] = []
 
     @property
     def in_use(self) -> int:
         return self._in_use
 
-    @contextmanager
-    def hold(self, pixels: int, deadline: float) -> Iterator[None]:
-        """Hold `pixels` (capped at the limit) while the block decodes; 504 `timeout` when they are not
-        free by `deadline` (time.monotonic())."""
+    @asynccontextmanager
+    async def hold(self, pixels: int) -> AsyncIterator[None]:
+        """Hold `pixels` (capped at the limit) while the block decodes; waits, cancellable (the request's
+        deadline), until they fit."""
         pixels = min(pixels, self.limit)
-        with self._cond:
-            if not self._cond.wait_for(lambda: self._in_use + pixels <= self.limit,
-                                       timeout=max(0.0, deadline - time.monotonic())):
-                raise timeout("the request's deadline passed while its images waited to be decoded "
-                              f"({self._in_use} pixels were being decoded, limit {self.limit})")
+        if self._in_use + pixels <= self.limit:
             self._in_use += pixels
+        else:
+            granted = asyncio.get_running_loop().create_future()
+            entry = (pixels, granted)
+            self._waiters.append(entry)
+            try:
+                await granted
+            except BaseException:
+                if granted.done() and not granted.cancelled():  # granted just as the request gave up
+                    self._release(pixels)
+                elif entry in self._waiters:
+                    self._waiters.remove(entry)
+                raise
         try:
             yield
         finally:
-            with self._cond:
-                self._in_use -= pixels
-                self._since_trim += pixels
-                trim = self._trim and self._in_use == 0 and self._since_trim >= TRIM_AFTER_PIXELS
-                if trim:
-                    self._since_trim = 0
-                self._cond.notify_all()
-            if trim:
-                _malloc_trim()
+            self._release(pixels)
+
+    def _release(self, pixels: int) -> None:
+        self._in_use -= pixels
+        self._since_trim += pixels
+        for entry in list(self._waiters):  # the oldest first, and any that fits
+            wanted, granted = entry
+            if self._in_use + wanted <= self.limit:
+                self._waiters.remove(entry)
+                self._in_use += wanted
+                granted.set_result(None)
+        if self._trim and self._in_use == 0 and self._since_trim >= TRIM_AFTER_PIXELS:
+            self._since_trim = 0
+            asyncio.get_running_loop().run_in_executor(None, _malloc_trim)
 
 
 def open_all(images: list[bytes], max_pixels: int, max_request_pixels: int,

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from urllib.parse import parse_qsl
 
 import httpx
-from PIL import Image
 from starlette.datastructures import URL
 
 from server.decode.budget import PixelBudget, open_all, pixels_of
@@ -262,10 +261,12 @@ class FrontEnd:
                 reservation = json.loads(admitted[2])["reservation"]
                 slots = self.arena.take(len(payloads)) if self.arena is not None else None
                 arena = self.arena if slots is not None else None
+                assert self.pixels is not None
                 try:
-                    async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                        crops = await run_all_in_pool(self.pool, self._decode_crop, [
-                            (plan.decoders[model], image, deadline, arena, slots[i] if slots else 0)
+                    async with asyncio.timeout(max(0.0, deadline - time.monotonic())), \
+                            self.pixels.hold(sum(map(pixels_of, opened))):
+                        crops = await run_all_in_pool(self.pool, decode_crop, [
+                            (plan.decoders[model], image, 0, arena, slots[i] if slots else 0)
                             for i, image in enumerate(opened)])
                 except TimeoutError:
                     raise timeout(f"no answer within the request timeout of {self.request_timeout_s:g} s "
@@ -307,13 +308,6 @@ class FrontEnd:
             await self._current_plan(refresh=True)
             return await self._engine("POST", raw_target, [*headers, started_header], body)
         return response
-
-    def _decode_crop(self, decoder: Decoder, image: Image.Image, deadline: float, arena: CropArena | None,
-                     slot: int) -> bytes:
-        """One opened image to its crop (decoding thread), within this process's pixel budget."""
-        assert self.pixels is not None
-        with self.pixels.hold(pixels_of(image), deadline):
-            return decode_crop(decoder, image, 0, arena, slot)
 
     async def _current_plan(self, refresh: bool = False) -> Plan:
         plan, now = self.plan, time.monotonic()

@@ -63,7 +63,8 @@ class Engine:
     pool: ThreadPoolExecutor
     arenas: CropArenas = field(default_factory=CropArenas)
     shadows: Shadows | None = None
-    pixels: PixelBudget | None = None  # pixels decoded at once in this process (limits.max_decoding_pixels)
+    # pixels decoded at once in this process (limits.max_decoding_pixels)
+    pixels: PixelBudget = field(default_factory=lambda: PixelBudget(40_000_000))
     # front-ends' requests admitted before their decoding: token -> (route, places held)
     admitted: dict[str, tuple[Assignment, Reservation]] = field(default_factory=dict)
 
@@ -225,21 +226,13 @@ async def _images(engine: Engine, request: ClassifyRequest, route: Assignment, o
     opened = open_all([data for _, data in payloads], limits.max_pixels, limits.max_request_pixels,
                       engine.service.transforms[route.model].resize_edge)
     outcome.reservation = _reserve(engine, route, outcome.n_images)
-    calls = [(engine, route.model, image, deadline) for image in opened]
+    calls = [(route.model, image) for image in opened]
     try:
         async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-            return await run_all_in_pool(engine.pool, _decode, calls), multipart
+            async with engine.pixels.hold(sum(map(pixels_of, opened))):
+                return await run_all_in_pool(engine.pool, engine.service.preprocess_opened, calls), multipart
     except TimeoutError:
         raise _deadline_passed(engine) from None
-
-
-def _decode(engine: Engine, model: str, image: Any, deadline: float) -> torch.Tensor:
-    """One opened image to the model's crop, within this process's budget of pixels decoded at once (runs
-    in the decoding pool)."""
-    if engine.pixels is None:
-        return engine.service.preprocess_opened(model, image)
-    with engine.pixels.hold(pixels_of(image), deadline):
-        return engine.service.preprocess_opened(model, image)
 
 
 def _reserve(engine: Engine, route: Assignment, n_images: int) -> Reservation:
