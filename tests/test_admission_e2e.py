@@ -82,13 +82,7 @@ def test_a_request_the_queue_cannot_take_is_refused_before_decoding(images, layo
                          limits={"max_pixels": 4_000_000, "max_request_pixels": 6_000_000,
                                  "max_decoding_pixels": 1_000_000})
     with running_server(config, args=LAYOUTS[layout]) as server:
-        lone = post(server.url, png(2000, 2000))  # 4 Mpx, over the 1 Mpx decoded at once: decoded alone
-        assert lone.status_code == 200, lone.text
         assert post(server.url, png(2000, 2000)[:80]).status_code == 400  # room in the queue: decoded
-        together = httpx.post(f"{server.url}/v1/classify", timeout=30, files=[
-            ("file", (f"{i}.png", png(2000, 2000), "image/png")) for i in range(2)])
-        assert (together.status_code, together.json()["error"]) == (413, "too_large"), together.text
-        assert "max_request_pixels" in together.json()["detail"]
         held = fill_in_background(server.url, images["flat"], "baseline", 2)
         wait_for(lambda: queued(server.url, "baseline") == 2)
         refused = post(server.url, png(2000, 2000)[:80])
@@ -96,6 +90,12 @@ def test_a_request_the_queue_cannot_take_is_refused_before_decoding(images, layo
         assert refused.json()["error"] == "overloaded" and refused.headers["retry-after"]
         wait_for(lambda: len(held) == 2)
         assert [r.status_code for r in held] == [200, 200]
+        lone = post(server.url, png(2000, 2000))  # 4 Mpx, over the 1 Mpx decoded at once: decoded alone
+        assert lone.status_code == 200, lone.text
+        together = httpx.post(f"{server.url}/v1/classify", timeout=30, files=[
+            ("file", (f"{i}.png", png(2000, 2000), "image/png")) for i in range(2)])
+        assert (together.status_code, together.json()["error"]) == (413, "too_large"), together.text
+        assert "max_request_pixels" in together.json()["detail"]
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
