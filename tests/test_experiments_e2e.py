@@ -199,7 +199,9 @@ def test_admin_endpoints_do_not_exist_without_a_token(server):
 @pytest.fixture(scope="module", params=list(LAYOUTS))
 def admin_server(request):
     config = tiny_config(
-        batching={"max_batch_size": 4, "max_wait_ms": 10, "max_queue": 8},
+        # the whole queue is the experiment's variant's: the other variants take no traffic here
+        batching={"max_batch_size": 4, "max_wait_ms": 10, "max_queue": 8,
+                  "queue_shares": {"mame-0.5": 1, "baseline": 0, "mame-0.9": 0, "tome-r8": 0}},
         experiments={"burst": {"model": "tiny", "split": {"mame-0.5": 1.0},
                                "shadow": {"variant": "baseline", "rate": 1.0}}})
     with running_server(config, env={"MAME_ADMIN_TOKEN": TOKEN}, args=LAYOUTS[request.param]) as proc:
