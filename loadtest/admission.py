@@ -135,7 +135,7 @@ async def pixel_flood(url: str, pid: int, seconds: float, clients: int) -> dict:
 def measure(root: Path, layout: str, seconds: float) -> dict:
     args = ["--layout", layout, *(["--http-processes", "1"] if layout == "frontends" else [])]
     with running_server(config(max_queue=32), args=args, root=root) as server:
-        variants = asyncio.run(variant_flood(server.url, seconds, clients=24))
+        variants = asyncio.run(variant_flood(server.url, seconds, clients=64))  # 2x the queue
     with running_server(config(max_queue=256), args=args, root=root) as server:
         pixels = asyncio.run(pixel_flood(server.url, server.proc.pid, seconds, clients=4))
     return {**variants, **pixels}
