@@ -1,6 +1,6 @@
 """Admission under floods, side by side for two checkouts of the server (`python -m loadtest.admission`):
 
-- a variant flood: many clients send one variant as fast as they can while one client sends a trickle of
+- a variant flood: 128 clients send one variant as fast as they can while 4 clients send a trickle of
   another variant; each variant's share of 503 answers;
 - a pixel flood: clients send PNGs of 36 Mpx (16-bit, 70 KB each) while a trickle of ordinary requests
   goes on; the server's memory (RSS of its processes together) warm, at its peak and after, the trickle's
@@ -68,8 +68,6 @@ async def loop_sending(client: httpx.AsyncClient, url: str, data: bytes, params:
         except httpx.HTTPError:
             status = 0
         results.append((status, time.monotonic() - started))
-        if status == 503:
-            await asyncio.sleep(0.01)
         await asyncio.sleep(pause_s)
 
 
@@ -93,7 +91,8 @@ async def variant_flood(url: str, seconds: float, clients: int) -> dict:
         await asyncio.gather(
             *(loop_sending(client, url, SMALL, {"variant": "flood"}, until, 0.0, flood)
               for _ in range(clients)),
-            loop_sending(client, url, SMALL, {"variant": "trickle"}, until, 0.05, trickle))
+            *(loop_sending(client, url, SMALL, {"variant": "trickle"}, until, 0.05, trickle)
+              for _ in range(4)))
     return {"flooded variant requests": len(flood), "flooded variant 503 rate": share(flood, 503),
             "trickle variant requests": len(trickle), "trickle variant 503 rate": share(trickle, 503),
             "trickle variant statuses": dict(Counter(s for s, _ in trickle))}
@@ -135,7 +134,7 @@ async def pixel_flood(url: str, pid: int, seconds: float, clients: int) -> dict:
 def measure(root: Path, layout: str, seconds: float) -> dict:
     args = ["--layout", layout, *(["--http-processes", "1"] if layout == "frontends" else [])]
     with running_server(config(max_queue=32), args=args, root=root) as server:
-        variants = asyncio.run(variant_flood(server.url, seconds, clients=64))  # 2x the queue
+        variants = asyncio.run(variant_flood(server.url, seconds, clients=128))  # 4x the queue
     with running_server(config(max_queue=256), args=args, root=root) as server:
         pixels = asyncio.run(pixel_flood(server.url, server.proc.pid, seconds, clients=4))
     return {**variants, **pixels}

@@ -3,8 +3,7 @@
 A decoded image holds several bytes per pixel (a 36 Mpx 16-bit PNG about 340 MB while it converts): a
 few large images decoded in parallel would take gigabytes, and glibc's allocator keeps much of it after
 they are freed. A counting semaphore of pixels (asyncio's semaphores count one unit at a time) bounds what
-is decoded at once; once a burst is over, `malloc_trim` returns the freed
-heap to the system.
+is decoded at once; `malloc_trim` returns the freed heap to the system as large images go.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from PIL import Image
 from server.decode.imaging import open_image
 from server.wire.errors import too_large
 
-TRIM_AFTER_PIXELS = 8_000_000  # decoded since the last trim, before an idle budget trims the heap
+TRIM_AFTER_PIXELS = 8_000_000  # decoded since the last trim, before the heap is trimmed again
 
 
 def _find_malloc_trim():
@@ -44,8 +43,8 @@ class PixelBudget:
     """At most `limit` pixels being decoded at once in a process, held per request from the event loop (so
     no decoding thread waits: a small image is never stuck in the pool behind large ones waiting for
     pixels). A request over the limit is decoded alone (it waits until nothing else is being decoded), so
-    any image within `limits.max_pixels` is still served. Once nothing is being decoded after a burst,
-    the heap is trimmed in a thread."""
+    any image within `limits.max_pixels` is still served. Every TRIM_AFTER_PIXELS released, the heap is
+    trimmed in a thread (a decoding thread's malloc arena otherwise keeps its peak)."""
 
     def __init__(self, limit: int, trim: bool = True):
         self.limit = limit
@@ -91,7 +90,8 @@ class PixelBudget:
                 self._waiters.remove(entry)
                 self._in_use += wanted
                 granted.set_result(None)
-        if self._trim and self._in_use == 0 and self._since_trim >= TRIM_AFTER_PIXELS:
+        # Under a steady flood the budget is never idle: trim by pixels decoded, not only once it is.
+        if self._trim and self._since_trim >= TRIM_AFTER_PIXELS:
             self._since_trim = 0
             asyncio.get_running_loop().run_in_executor(None, _malloc_trim)
 
