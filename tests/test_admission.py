@@ -154,6 +154,14 @@ def test_the_pixel_budget_bounds_what_is_decoded_at_once_and_serves_a_lone_large
                 async with asyncio.timeout(0.05), budget.hold(1):
                     pass
         assert budget.in_use == 0
+        # A waiter cancelled in the same turn as the release that would grant it: no error, nothing held.
+        async with budget.hold(100):
+            waiter = asyncio.create_task(decode(50))
+            await asyncio.sleep(0)  # it waits for pixels
+            waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert budget.in_use == 0
         async with budget.hold(1):  # and the budget still serves
             assert budget.in_use == 1
 

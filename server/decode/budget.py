@@ -86,7 +86,9 @@ class PixelBudget:
         self._since_trim += pixels
         for entry in list(self._waiters):  # the oldest first, and any that fits
             wanted, granted = entry
-            if self._in_use + wanted <= self.limit:
+            if granted.done():  # its request gave up (cancelled) and has not yet left the list
+                self._waiters.remove(entry)
+            elif self._in_use + wanted <= self.limit:
                 self._waiters.remove(entry)
                 self._in_use += wanted
                 granted.set_result(None)
