@@ -70,6 +70,12 @@ class ModelConfig(_Strict):
         if unknown:
             raise ValueError(f"batching.queue_shares: {', '.join(map(repr, unknown))} is not one of the "
                              f"variants {sorted(self.variants)}")
+        guarantees = self.queue_guarantees()
+        for name in self.variants:
+            if sum(g for other, g in guarantees.items() if other != name) >= self.batching.max_queue:
+                raise ValueError(f"batching.queue_shares: variant {name!r} could never be queued: the "
+                                 "other variants' shares take all of max_queue (give it a weight, or raise "
+                                 "max_queue)")
         return self
 
     def queue_guarantees(self) -> dict[str, int]:

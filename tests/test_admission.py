@@ -96,12 +96,14 @@ def test_queue_shares_in_the_config():
 
     model = config({}).models["tiny"]
     assert model.queue_guarantees() == {"baseline": 3, "mame-0.9": 3, "mame-0.5": 3, "tome-r8": 3}
-    weighted = config({"baseline": 2, "mame-0.9": 0}).models["tiny"].queue_guarantees()
+    weighted = config({"baseline": 2, "mame-0.9": 0}, max_queue=13).models["tiny"].queue_guarantees()
     assert weighted == {"baseline": 6, "mame-0.9": 0, "mame-0.5": 3, "tome-r8": 3}
     with pytest.raises(ConfigError, match="queue_shares: 'nope' is not one of the variants"):
         config({"nope": 1})
     with pytest.raises(ConfigError, match="weights must be >= 0"):
         config({"baseline": -1})
+    with pytest.raises(ConfigError, match="variant 'mame-0.9' could never be queued"):
+        config({"baseline": 1, "mame-0.9": 0, "mame-0.5": 0, "tome-r8": 0})
 
 
 def png(width: int, height: int, mode: str = "L") -> bytes:
