@@ -200,7 +200,7 @@ def test_admin_endpoints_do_not_exist_without_a_token(server):
 def admin_server(request):
     config = tiny_config(
         # 8 places sure for each variant the tests send (tome-r8 takes no traffic here)
-        batching={"max_batch_size": 4, "max_wait_ms": 10, "max_queue": 24,
+        batching={"max_batch_size": 4, "max_wait_ms": 10, "max_queue": 25,
                   "queue_shares": {"mame-0.5": 1, "baseline": 1, "mame-0.9": 1, "tome-r8": 0}},
         experiments={"burst": {"model": "tiny", "split": {"mame-0.5": 1.0},
                                "shadow": {"variant": "baseline", "rate": 1.0}}})
@@ -354,7 +354,7 @@ def test_runtime_split_change_moves_assignment_and_weight_gauge(admin_server, im
 
 
 def test_shadow_load_never_gives_real_traffic_a_503(admin_server, images):
-    """8 clients keep the variant's real queue (its share: 8 places of 24) full to the brim; every request
+    """8 clients keep the variant's real queue (its share: 8 places of 25) full to the brim; every request
     is shadowed too."""
     clients, per_client = 8, 12
     statuses: list[int] = []
