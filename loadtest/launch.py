@@ -40,8 +40,9 @@ class ServerProcess:
 
 @contextmanager
 def running_server(config: dict | Path, *, env: dict | None = None, args: Sequence[str] = (),
-                   ready_timeout: float = 120) -> Iterator[ServerProcess]:
-    """Run the server until the block ends; waits for /readyz; SIGTERM and wait on exit."""
+                   ready_timeout: float = 120, root: Path = REPO_ROOT) -> Iterator[ServerProcess]:
+    """Run the server until the block ends; waits for /readyz; SIGTERM and wait on exit. `root`: the
+    checkout whose server runs (another one: to compare two versions side by side)."""
     workdir = Path(tempfile.mkdtemp(prefix="mame-serve-"))
     if isinstance(config, dict):
         config_path = workdir / "config.yaml"
@@ -55,14 +56,14 @@ def running_server(config: dict | Path, *, env: dict | None = None, args: Sequen
         "OMP_NUM_THREADS": "1",
         "HF_HUB_OFFLINE": "1",
         "PYTHONUNBUFFERED": "1",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
         **(env or {}),
     }
     cmd = [sys.executable, "-m", "server", "--config", str(config_path), "--host", "127.0.0.1",
            "--port", str(port), *args]
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(
-            cmd, stdout=log_file, stderr=subprocess.STDOUT, env=process_env, cwd=REPO_ROOT
+            cmd, stdout=log_file, stderr=subprocess.STDOUT, env=process_env, cwd=root
         )
     server = ServerProcess(f"http://127.0.0.1:{port}", port, proc, log_path)
     try:

@@ -36,6 +36,16 @@ class BatchingConfig(_Strict):
     max_batch_size: int = Field(32, ge=1, le=4096)
     max_wait_ms: float = Field(5.0, ge=0, le=60_000)
     max_queue: int = Field(256, ge=1, description="images waiting per model; more are answered 503")
+    queue_shares: dict[str, float] = Field(
+        default_factory=dict,
+        description="weight of each variant's guaranteed share of max_queue (unnamed variants: 1; 0: none)")
+
+    @model_validator(mode="after")
+    def _check_shares(self) -> BatchingConfig:
+        negative = {name: w for name, w in self.queue_shares.items() if w < 0}
+        if negative:
+            raise ValueError(f"queue_shares: weights must be >= 0, got {negative}")
+        return self
 
 
 class ModelConfig(_Strict):
@@ -56,7 +66,26 @@ class ModelConfig(_Strict):
             )
         if self.weights not in ("auto", "random") and not Path(self.weights).expanduser().is_file():
             raise ValueError(f"weights: {self.weights!r} is neither auto, random nor an existing file")
+        unknown = sorted(set(self.batching.queue_shares) - set(self.variants))
+        if unknown:
+            raise ValueError(f"batching.queue_shares: {', '.join(map(repr, unknown))} is not one of the "
+                             f"variants {sorted(self.variants)}")
+        guarantees = self.queue_guarantees()
+        for name in self.variants:
+            if sum(g for other, g in guarantees.items() if other != name) >= self.batching.max_queue:
+                raise ValueError(f"batching.queue_shares: variant {name!r} could never be queued: the "
+                                 "other variants' shares take all of max_queue (give it a weight, or raise "
+                                 "max_queue)")
         return self
+
+    def queue_guarantees(self) -> dict[str, int]:
+        """The places of `max_queue` each variant is sure to find however busy the others are: its weight's
+        share (`batching.queue_shares`, 1 for a variant not named), rounded down."""
+        weights = {name: self.batching.queue_shares.get(name, 1.0) for name in self.variants}
+        total = sum(weights.values())
+        if total <= 0:
+            return dict.fromkeys(weights, 0)
+        return {name: int(self.batching.max_queue * w / total) for name, w in weights.items()}
 
     @property
     def default_variant_name(self) -> str:
@@ -66,6 +95,10 @@ class ModelConfig(_Strict):
 class LimitsConfig(_Strict):
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     max_pixels: int = Field(40_000_000, ge=1, description="width x height of one image (decompression bombs)")
+    max_request_pixels: int = Field(160_000_000, ge=1, description="pixels of all the images of one request")
+    max_decoding_pixels: int = Field(
+        40_000_000, ge=1,
+        description="pixels being decoded at once in a process (an image over it is decoded alone)")
     max_images_per_request: int = Field(32, ge=1)
     request_timeout_s: float = Field(30.0, gt=0, le=3600)
     max_top_k: int = Field(20, ge=1)

@@ -489,7 +489,8 @@ def test_report_per_variant_figures():
     report = reg.report("e")
     b, m, t = (report["variants"][v] for v in ("baseline", "mame-0.8", "tome-r13"))
     assert list(report["variants"]) == ["baseline", "mame-0.8", "tome-r13"]
-    assert (b["requests"], b["errors"], m["requests"], m["errors"]) == (100, 0, 102, 1)
+    assert (b["requests"], b["errors"], m["requests"], m["errors"]) == (100, 0, 102, 0)
+    assert (b["refusals"], m["refusals"]) == (0, 1)  # a 503 turned away is not the variant's error
     assert m["status_counts"] == {"200": 100, "422": 1, "503": 1}
     assert b["latency_ms"]["p50"] == pytest.approx(50.0) and b["latency_ms"]["p95"] == pytest.approx(95.0)
     assert m["latency_ms"]["p95"] == pytest.approx(47.5)  # the 503 is not a latency sample

@@ -199,7 +199,9 @@ def test_admin_endpoints_do_not_exist_without_a_token(server):
 @pytest.fixture(scope="module", params=list(LAYOUTS))
 def admin_server(request):
     config = tiny_config(
-        batching={"max_batch_size": 4, "max_wait_ms": 10, "max_queue": 8},
+        # 8 places sure for each variant the tests send (tome-r8 takes no traffic here)
+        batching={"max_batch_size": 4, "max_wait_ms": 10, "max_queue": 25,
+                  "queue_shares": {"mame-0.5": 1, "baseline": 1, "mame-0.9": 1, "tome-r8": 0}},
         experiments={"burst": {"model": "tiny", "split": {"mame-0.5": 1.0},
                                "shadow": {"variant": "baseline", "rate": 1.0}}})
     with running_server(config, env={"MAME_ADMIN_TOKEN": TOKEN}, args=LAYOUTS[request.param]) as proc:
@@ -309,7 +311,7 @@ def test_runtime_split_change_moves_assignment_and_weight_gauge(admin_server, im
     async def assign() -> dict[str, str]:
         async with httpx.AsyncClient(timeout=60) as client:
             got = {}
-            for start in range(0, len(users), 8):  # 8 at a time: the real queue holds 8
+            for start in range(0, len(users), 8):  # 8 at a time: each variant is sure of 8 places
                 batch = users[start:start + 8]
                 responses = await asyncio.gather(*(
                     client.post(f"{base}/v1/classify", params={"experiment": "split"}, content=images[0],
@@ -352,7 +354,8 @@ def test_runtime_split_change_moves_assignment_and_weight_gauge(admin_server, im
 
 
 def test_shadow_load_never_gives_real_traffic_a_503(admin_server, images):
-    """8 clients keep the real queue (max_queue 8) full to the brim; every request is shadowed too."""
+    """8 clients keep the variant's real queue (its share: 8 places of 25) full to the brim; every request
+    is shadowed too."""
     clients, per_client = 8, 12
     statuses: list[int] = []
 

@@ -37,6 +37,7 @@ from server.wire.protocol import (
 def plan(**overrides) -> Plan:
     decoder = (64, ResizeCrop(64, (64, 64), Image.Resampling.BICUBIC))
     values = {"ready": True, "max_body_bytes": 1 << 20, "max_pixels": 10**6, "max_images": 4,
+              "max_request_pixels": 4 * 10**6, "max_decoding_pixels": 10**6,
               "default_model": "tiny", "experiment_models": {"ab": "other"},
               "decoders": {"tiny": decoder, "other": decoder}, "fetched_at": 0.0}
     return Plan(**{**values, **overrides})

@@ -8,7 +8,7 @@ from typing import Any
 
 from PIL import Image
 
-from server.decode.imaging import decode_image
+from server.decode.imaging import decode_opened, open_image
 from server.decode.resize import ResizeCrop
 
 # the edge the resize aims for (decoding may draft down to it), resize + crop
@@ -26,10 +26,12 @@ def decoder_from_list(values: list[int]) -> Decoder:
     return edge, ResizeCrop(rc_edge, (crop_h, crop_w), Image.Resampling(resample))
 
 
-def crop_bytes(decoder: Decoder, data: bytes, max_pixels: int) -> bytes:
-    """Image bytes -> the model's uint8 crop as [H, W, 3] bytes."""
+def crop_bytes(decoder: Decoder, data: bytes | Image.Image, max_pixels: int) -> bytes:
+    """Image bytes (or an image `open_image` opened for this decoder) -> the model's uint8 crop as
+    [H, W, 3] bytes."""
     resize_edge, resize_crop = decoder
-    return resize_crop(decode_image(data, max_pixels, needed_edge=resize_edge)).tobytes()
+    image = data if isinstance(data, Image.Image) else open_image(data, max_pixels, needed_edge=resize_edge)
+    return resize_crop(decode_opened(image)).tobytes()
 
 
 def decode_plan(transform: Any, input_size: Sequence[int]) -> list | None:

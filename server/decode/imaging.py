@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -28,12 +30,13 @@ Image.MAX_IMAGE_PIXELS = None
 
 def _to_8bit(img: Image.Image) -> Image.Image:
     """16-bit and 32-bit grey (modes I, I;16*, F) scaled down to 8-bit grey."""
-    arr = np.asarray(img, dtype=np.float32)
+    arr = np.array(img, dtype=np.float32)  # one copy, then worked in place: a 36 Mpx image is 144 MB of it
     # I;16 is known to be 16-bit: always scaled, or a dark picture (max <= 255) would come out bright. I and F
     # say nothing of their range: scaled as 16-bit when they pass 8 bits.
     if img.mode.startswith("I;16") or (arr.size and float(arr.max()) > 255.0):
-        arr = arr * (255.0 / 65535.0)
-    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L")
+        arr *= 255.0 / 65535.0
+    np.clip(arr, 0, 255, out=arr)
+    return Image.fromarray(arr.astype(np.uint8), mode="L")
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -49,31 +52,47 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def decode_image(data: bytes, max_pixels: int, needed_edge: int | None = None) -> Image.Image:
-    """Bytes -> RGB image: first frame of an animation, EXIF orientation applied, pixel limit before decoding.
-
-    `needed_edge`: the shortest edge the caller will resize to; a JPEG much larger than that is decoded at a
-    reduced scale (never below DRAFT_GAP x `needed_edge` on either side).
-    """
+def open_image(data: bytes, max_pixels: int, needed_edge: int | None = None) -> Image.Image:
+    """The image's header only (PIL opens lazily): the pixel limit checked, the first frame chosen, and a
+    JPEG much larger than `needed_edge` (the shortest edge the caller will resize to) set to decode at a
+    reduced scale (never below DRAFT_GAP x `needed_edge` on either side). `img.size` is then what decoding
+    will hold: O(header) work, so a request can be refused before any decoding."""
     if not data:
         raise bad_image("the image is empty (0 bytes)")
+    with _pil_errors():
+        img = Image.open(io.BytesIO(data))
+        width, height = img.size
+        if width * height > max_pixels:
+            raise too_large(f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
+        if width == 0 or height == 0:
+            raise bad_image(f"image has no pixels ({width}x{height})")
+        img.seek(0)  # first frame of an animated image
+        if needed_edge:
+            img.draft(img.mode, (DRAFT_GAP * needed_edge, DRAFT_GAP * needed_edge))  # no-op unless JPEG
+        return img
+
+
+def decode_opened(img: Image.Image) -> Image.Image:
+    """An image from `open_image` decoded to RGB, EXIF orientation applied."""
+    with _pil_errors():
+        img.load()
+        ImageOps.exif_transpose(img, in_place=True)  # without in_place it copies even unrotated images
+        return to_rgb(img)
+
+
+def decode_image(data: bytes, max_pixels: int, needed_edge: int | None = None) -> Image.Image:
+    """Bytes -> RGB image: first frame of an animation, EXIF orientation applied, pixel limit before decoding
+    (`open_image`, then `decode_opened`)."""
+    return decode_opened(open_image(data, max_pixels, needed_edge))
+
+
+@contextmanager
+def _pil_errors() -> Iterator[None]:
+    """PIL's ways of saying that bytes are not a good image, as the contract's 400 `bad_image`."""
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we apply our own limit below
-            img = Image.open(io.BytesIO(data))
-            width, height = img.size
-            if width * height > max_pixels:
-                raise too_large(
-                    f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
-                )
-            if width == 0 or height == 0:
-                raise bad_image(f"image has no pixels ({width}x{height})")
-            img.seek(0)  # first frame of an animated image
-            if needed_edge:
-                img.draft(img.mode, (DRAFT_GAP * needed_edge, DRAFT_GAP * needed_edge))  # no-op unless JPEG
-            img.load()
-            ImageOps.exif_transpose(img, in_place=True)  # without in_place it copies even unrotated images
-            return to_rgb(img)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies
+            yield
     except ApiError:
         raise
     except UnidentifiedImageError:

@@ -4,6 +4,12 @@ A batch holds images of one (model, variant): up to the model's `max_batch_size`
 full or when its oldest image has waited `max_wait_ms`. Across variants the queue with the oldest head goes
 first, so no variant starves. Triton's dynamic batcher has the same vocabulary.
 
+Each variant of a model is guaranteed its share of the model's `max_queue` (`batching.queue_shares`,
+equal by default): a variant may use free places beyond its share only while it leaves every other variant
+the unused part of its own, so a flood of one variant cannot refuse another. A request's places are
+reserved (`reserve`) before its images are decoded, so a request the queue cannot take is refused before
+any decoding, and what was decoded always finds its places.
+
 A/B shadow runs (the same images again on a reference variant, for the agreement figures) sit in separate
 queues with a lower priority: they do not count against `max_queue`, each model holds at most one batch of
 them (a full shadow queue refuses the run, never a request), and a worker takes them only when none of its
@@ -29,7 +35,16 @@ if TYPE_CHECKING:
 
 
 class QueueFull(Exception):
-    """The model's bounded queue cannot take the images: answer 503 at once."""
+    """The variant's bounded share of the queue cannot take the images: answer 503 at once."""
+
+
+@dataclass(eq=False)
+class Reservation:
+    """Places held in a variant's queue for a request whose images are being decoded."""
+
+    model: str
+    variant: str
+    count: int
 
 
 class SchedulerClosed(Exception):
@@ -89,8 +104,13 @@ DepthCallback = Callable[[str, str, int], None]
 class Scheduler:
     """Thread-safe queues keyed by (model, variant); workers block in `next_batch`."""
 
-    def __init__(self, batching: dict[str, BatchingConfig], on_depth: DepthCallback | None = None):
+    def __init__(self, batching: dict[str, BatchingConfig], on_depth: DepthCallback | None = None,
+                 guarantees: dict[str, dict[str, int]] | None = None):
         self._batching = batching
+        # places of max_queue each variant is sure to find (ModelConfig.queue_guarantees); none: shared
+        self._guarantees = guarantees or {}
+        self._held: dict[tuple[str, str], int] = {}  # places queued or reserved, per variant
+        self._reserved = 0  # places reserved and not yet submitted: workers wait for them while draining
         self._on_depth = on_depth or (lambda model, variant, depth: None)
         self._cond = threading.Condition()
         self._queues: dict[tuple[str, str], deque[WorkItem]] = {}
@@ -99,37 +119,83 @@ class Scheduler:
         self._shadow_pending = {model: 0 for model in batching}
         self._closed = False
 
-    def submit(self, items: list[WorkItem], shadow: bool = False) -> None:
-        """Queue all items or none (a request's images are accepted together); `shadow`: low-priority runs."""
-        if not items:
-            return
-        model = items[0].model
-        limit = self._batching[model].max_queue
+    def capacity(self, model: str, variant: str) -> int:
+        """The most images `variant` can ever hold at once: more in one request could never be queued."""
+        guarantees = self._guarantees.get(model, {})
+        return self._batching[model].max_queue - sum(g for v, g in guarantees.items() if v != variant)
+
+    def _room(self, model: str, variant: str) -> int:
+        """Places `variant` may take now: the free ones, less the unused guarantees of the other variants."""
+        kept = sum(max(0, g - self._held.get((model, v), 0))
+                   for v, g in self._guarantees.get(model, {}).items() if v != variant)
+        return self._batching[model].max_queue - self._pending[model] - kept
+
+    def reserve(self, model: str, variant: str, count: int) -> Reservation:
+        """Hold `count` places of `variant` for a request about to decode its images (QueueFull if the
+        variant's share cannot take them); `submit` uses them, `release` gives them back."""
         with self._cond:
             if self._closed:
+                raise SchedulerClosed("the server is shutting down")
+            self._check_room(model, variant, count)
+            self._hold(model, variant, count)
+            self._reserved += count
+        return Reservation(model, variant, count)
+
+    def release(self, reservation: Reservation) -> None:
+        """Give back the places of a reservation that will not be submitted (an error, a timeout)."""
+        with self._cond:
+            if reservation.count:
+                self._hold(reservation.model, reservation.variant, -reservation.count)
+                self._reserved -= reservation.count
+                reservation.count = 0
+                self._cond.notify_all()  # a draining worker may be waiting for it
+
+    def _hold(self, model: str, variant: str, count: int) -> None:
+        self._held[model, variant] = self._held.get((model, variant), 0) + count
+        self._pending[model] += count
+
+    def _check_room(self, model: str, variant: str, count: int) -> None:
+        room = self._room(model, variant)
+        if count > room:
+            raise QueueFull(
+                f"variant {variant!r} of model {model!r} has {self._held.get((model, variant), 0)} images "
+                f"queued, the model {self._pending[model]} (limit {self._batching[model].max_queue}, "
+                f"room for this variant {max(0, room)}); cannot take {count} more"
+            )
+
+    def submit(self, items: list[WorkItem], shadow: bool = False,
+               reservation: Reservation | None = None) -> None:
+        """Queue all items or none (a request's images are accepted together); `shadow`: low-priority runs;
+        `reservation`: places reserved for them (used up here)."""
+        if not items:
+            return
+        model, variant = items[0].model, items[0].variant
+        with self._cond:
+            if self._closed and reservation is None:  # reserved places are honoured while draining
                 raise SchedulerClosed("the server is shutting down")
             if shadow:
                 self._submit_shadow(model, items)
                 return
-            if self._pending[model] + len(items) > limit:
-                raise QueueFull(
-                    f"model {model!r} has {self._pending[model]} images queued (limit {limit}); "
-                    f"cannot take {len(items)} more"
-                )
+            reserved = reservation.count if reservation is not None else 0
+            if len(items) > reserved:
+                self._check_room(model, variant, len(items) - reserved)
+            if reservation is not None:
+                reservation.count = 0
+                self._reserved -= reserved
+            self._hold(model, variant, len(items) - reserved)
             wake = False
             for item in items:
                 item.enqueued_at = time.monotonic()
                 queue = self._queues.setdefault((item.model, item.variant), deque())
                 wake = wake or not queue  # a new head: a waiting worker's next due time changes
                 queue.append(item)
-            self._pending[model] += len(items)
             for key in {(item.model, item.variant) for item in items}:
                 depth = len(self._queues[key])
                 self._on_depth(*key, depth)
                 wake = wake or depth >= self._batching[model].max_batch_size  # a full batch is due now
             # Otherwise a waiting worker already sleeps until this queue's head is due: waking it for every
             # request would spend the server process's GIL on wake-ups that find no batch to take.
-            if wake:
+            if wake or self._closed:
                 self._cond.notify_all()
 
     def shadow_limit(self, model: str) -> int:
@@ -160,7 +226,7 @@ class Scheduler:
                 queue = self._queues.get((item.model, item.variant))
                 if queue is not None and item in queue:
                     queue.remove(item)
-                    self._pending[item.model] -= 1
+                    self._hold(item.model, item.variant, -1)
                     self._on_depth(item.model, item.variant, len(queue))
 
     def fail_queued(self, models: Collection[str], exc: BaseException) -> int:
@@ -199,7 +265,7 @@ class Scheduler:
                         return self._take(key, self._batching[key[0]].max_batch_size, shadow=True)
                     if shadow_next is not None:
                         next_due = shadow_next if next_due is None else min(next_due, shadow_next)
-                if next_due is None and self._closed:
+                if next_due is None and self._closed and not self._reserved:
                     return None
                 self._cond.wait(timeout=None if next_due is None else next_due - now)
 
@@ -248,6 +314,6 @@ class Scheduler:
         if shadow:
             self._shadow_pending[key[0]] -= len(batch)
         else:
-            self._pending[key[0]] -= len(batch)
+            self._hold(*key, -len(batch))
             self._on_depth(*key, len(queue))
         return batch

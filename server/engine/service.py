@@ -10,12 +10,13 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+from PIL import Image
 
 from mame_core import MergeSettings
 from server.config import ConfigError, ServingConfig
-from server.decode.imaging import decode_image
+from server.decode.imaging import decode_image, decode_opened
 from server.decode.transforms import HostTransform
-from server.engine.batching import Scheduler, WorkItem
+from server.engine.batching import Reservation, Scheduler, WorkItem
 from server.engine.device_process import ModelDescription, ProcessWorker, WarmUp
 from server.engine.devices import DeviceModel, place_model, resolve_devices, resolve_dtype
 from server.engine.metrics import Metrics
@@ -82,7 +83,9 @@ class InferenceService:
                 gauge = depth_gauges[model, variant] = metrics.queue_depth.labels(model, variant)
             gauge.set(depth)
 
-        self.scheduler = Scheduler({name: m.batching for name, m in config.models.items()}, on_depth=on_depth)
+        models = config.models.items()
+        self.scheduler = Scheduler({name: m.batching for name, m in models}, on_depth=on_depth,
+                                   guarantees={name: m.queue_guarantees() for name, m in models})
         self.models: dict[str, ModelInfo] = {}
         self.transforms: dict[str, HostTransform] = {}
         self.workers: list[DeviceWorker | ProcessWorker] = []
@@ -258,16 +261,21 @@ class InferenceService:
         transform = self.transforms[model]
         return transform(decode_image(data, max_pixels, needed_edge=transform.resize_edge))
 
+    def preprocess_opened(self, model: str, image: Image.Image) -> torch.Tensor:
+        """An image opened by `open_image` (header read, JPEG draft set) -> the model's uint8 crop."""
+        return self.transforms[model](decode_opened(image))
+
     def submit(self, model: str, variant: str, images: list[torch.Tensor], top_k: int,
-               deadline: float) -> list[WorkItem]:
-        """Queue a request's images (all or none: raises QueueFull or SchedulerClosed)."""
+               deadline: float, reservation: Reservation | None = None) -> list[WorkItem]:
+        """Queue a request's images (all or none: raises QueueFull or SchedulerClosed), in the places
+        `reservation` holds for them if given."""
         if (stalled := self.stalled_error(model)) is not None:
             raise stalled
         loop = asyncio.get_running_loop()
         settings = self.config.models[model].variants[variant]
         items = [WorkItem(model, variant, settings, image, top_k, deadline, loop.create_future(), loop)
                  for image in images]
-        self.scheduler.submit(items)
+        self.scheduler.submit(items, reservation=reservation)
         return items
 
     def stop(self, timeout_s: float = 30.0) -> None:

@@ -26,7 +26,7 @@ from server.experiments.buckets import (
 )
 from server.experiments.config import ExperimentConfig, check_experiment_name
 from server.experiments.stats import ShadowComparison, VariantStats
-from server.wire.errors import ApiError
+from server.wire.errors import ApiError, echo
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ class ExperimentRegistry:
         exp = self._experiments.get(name)
         if exp is None or exp.stopped is not None:
             state = "is stopped" if exp is not None else "does not exist"
-            raise UnknownExperiment(f"experiment {name!r} {state}")
+            raise UnknownExperiment(f"experiment {echo(name)} {state}")
         return exp
 
     def _log(self, action: Any, name: str, source: str, before: Any, after: Any) -> ChangeRecord:
@@ -216,19 +216,19 @@ class ExperimentRegistry:
                 exp = self._running(experiment)
                 if model is not None and model != exp.config.model:
                     raise ExperimentError(
-                        f"experiment {experiment!r} runs on model {exp.config.model!r}, not {model!r}"
+                        f"experiment {echo(experiment)} runs on model {exp.config.model!r}, not {echo(model)}"
                     )
                 model = exp.config.model
             else:
                 model = self._default_model if model is None else model
                 if model not in self._models:
-                    raise UnknownModel(f"unknown model {model!r}; known: {sorted(self._models)}")
+                    raise UnknownModel(f"unknown model {echo(model)}; known: {sorted(self._models)}")
                 exp = self._default_experiment(model)
             known = self._models[model]
             if variant is not None:
                 if variant not in known.variants:
                     raise UnknownVariant(
-                        f"model {model!r} has no variant {variant!r}; known: {sorted(known.variants)}"
+                        f"model {model!r} has no variant {echo(variant)}; known: {sorted(known.variants)}"
                     )
                 return Assignment(model, variant, exp.name if exp else None, "override")
             if exp is None:
@@ -319,7 +319,7 @@ class ExperimentRegistry:
         with self._lock:
             exp = self._experiments.get(name)
             if exp is None:
-                raise UnknownExperiment(f"experiment {name!r} does not exist")
+                raise UnknownExperiment(f"experiment {echo(name)} does not exist")
             return exp.ranges
 
     def report(self, name: str) -> dict[str, Any]:
@@ -327,7 +327,7 @@ class ExperimentRegistry:
         with self._lock:
             exp = self._experiments.get(name)
             if exp is None:
-                raise UnknownExperiment(f"experiment {name!r} does not exist")
+                raise UnknownExperiment(f"experiment {echo(name)} does not exist")
             now = exp.stopped if exp.stopped is not None else self._clock()
             variants = list(exp.config.split) + sorted(v for v in exp.stats if v not in exp.config.split)
             empty = VariantStats()

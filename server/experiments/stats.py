@@ -120,11 +120,14 @@ class VariantStats:
     def report(self, now: float, started: float) -> dict[str, Any]:
         ordered = sorted(self.latencies_s)
         p50, p95 = percentile(ordered, 0.50), percentile(ordered, 0.95)
-        errors = sum(n for status, n in self.statuses.items() if status >= 500)
+        # 503: turned away before any work (queue share full, shutting down), not a failure of the variant
+        refusals = self.statuses.get(503, 0)
+        errors = sum(n for status, n in self.statuses.items() if status >= 500) - refusals
         comparisons = self.shadow_comparisons
         return {
             "requests": self.requests,
             "errors": errors,
+            "refusals": refusals,
             "overrides": self.overrides,
             "status_counts": {str(s): n for s, n in sorted(self.statuses.items())},
             "latency_ms": {

@@ -33,20 +33,23 @@ from urllib.parse import parse_qsl
 import httpx
 from starlette.datastructures import URL
 
+from server.decode.budget import PixelBudget, open_all, pixels_of
 from server.decode.crops import Decoder, decoder_from_list
 from server.frontend.arena import ARENA_MIN_SLOTS, CropArena, decode_crop
-from server.wire.admin import admin_token_from_env, check_admin
+from server.wire.admin import ADMIN_MAX_BODY_BYTES, admin_token_from_env, check_admin
 from server.wire.body import image_payloads, read_limited
 from server.wire.channel import Channel, ChannelError
-from server.wire.errors import ApiError, error_body, internal, not_ready, oip_status
+from server.wire.errors import ApiError, error_body, internal, not_ready, oip_status, timeout
 from server.wire.pool import run_all_in_pool
 from server.wire.protocol import (
+    FRONTEND_ADMIT,
     FRONTEND_CLIENT,
     FRONTEND_CROPS_AT,
     FRONTEND_ERROR,
     FRONTEND_IMAGES,
     FRONTEND_MODEL,
     FRONTEND_MULTIPART,
+    FRONTEND_RESERVATION,
     FRONTEND_STARTED,
     request_id_of,
     without_reserved,
@@ -59,7 +62,7 @@ Answer = tuple[int, list[tuple[bytes, bytes]], bytes]  # status, headers, body
 # request id (set by the front-end), and the engine's server and date (the front-end's uvicorn adds its own).
 _NOT_FORWARDED = {b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer", b"upgrade",
                   b"proxy-connection", b"content-length", b"x-request-id", b"date", b"server"}
-PASS_THROUGH_MAX_BYTES = 1 << 20  # bodies of requests other than classify and /v2 infer (admin JSON)
+PASS_THROUGH_MAX_BYTES = ADMIN_MAX_BODY_BYTES  # bodies passed on other than classify and /v2 infer (admin JSON)
 PLAN_MAX_AGE_S = 5.0  # how stale the engine's experiments may be here (a stale one costs a re-send, no error)
 LOADING_RECHECK_S = 0.5
 PROBES = ("/healthz", "/readyz")
@@ -72,6 +75,8 @@ class Plan:
     ready: bool
     max_body_bytes: int
     max_pixels: int
+    max_request_pixels: int
+    max_decoding_pixels: int
     max_images: int
     default_model: str
     experiment_models: dict[str, str]  # running experiments
@@ -86,6 +91,8 @@ class Plan:
             data["ready"],
             limits["max_body_bytes"],
             limits["max_pixels"],
+            limits["max_request_pixels"],
+            limits["max_decoding_pixels"],
             limits["max_images_per_request"],
             data["default_model"],
             data["experiment_models"],
@@ -117,6 +124,7 @@ class FrontEnd:
         self.arena_slots = arena_slots
         self.arena: CropArena | None = None
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="decode")
+        self.pixels: PixelBudget | None = None  # pixels decoded at once here (the plan's limit)
         self.plan: Plan | None = None
         self._plan_lock = asyncio.Lock()
         self.engine: httpx.AsyncClient | None = None
@@ -179,8 +187,10 @@ class FrontEnd:
         # HEAD: the engine's content-length, that of the GET (the body is not sent)
         length = next((int(v) for k, v in answer_headers if k.lower() == b"content-length"), 0) \
             if scope["method"] == "HEAD" else None
-        await respond(send, status, [(k, v) for k, v in answer_headers if k.lower() not in _NOT_FORWARDED]
-                      + [(b"x-request-id", request_id.encode())], body, length)
+        forwarded = [(k, v) for k, v in answer_headers if k.lower() not in _NOT_FORWARDED]
+        if any(k.lower() == b"connection" and b"close" in v.lower() for k, v in answer_headers):
+            forwarded.append((b"connection", b"close"))  # a body left unread: uvicorn closes after the answer
+        await respond(send, status, [*forwarded, (b"x-request-id", request_id.encode())], body, length)
 
     async def _pass_through_body(self, scope: dict, receive: Callable) -> bytes:
         """The body of a request passed on as it came, at most PASS_THROUGH_MAX_BYTES.
@@ -241,35 +251,54 @@ class FrontEnd:
 
     async def _classify(self, scope: dict, receive: Callable, headers: list) -> Answer:
         started = time.monotonic()
+        deadline = started + self.request_timeout_s
         query = scope["query_string"].decode("latin-1")
         plan = await self._current_plan()
         model = plan.model_for(dict(parse_qsl(query, keep_blank_values=True)))
-        body, error, n_images, slots, crops = b"", None, 0, None, []
+        body, error, n_images, slots, crops, reservation = b"", None, 0, None, [], None
+        started_header = (FRONTEND_STARTED.encode(), repr(started).encode())  # the deadline runs from here
+        raw_target = b"/v1/classify?" + scope["query_string"]
+        kept = [(k, v) for k, v in headers if k != b"content-type"]
         try:
             body = await read_limited(
                 receive,
                 header(scope["headers"], b"content-length"),
                 plan.max_body_bytes,
-                max(0.0, started + self.request_timeout_s - time.monotonic()),
+                max(0.0, deadline - time.monotonic()),
             )
             payloads, multipart = image_payloads(header(headers, b"content-type"), body, plan.max_images)
             n_images = len(payloads)
             if model is not None:
+                # Admission before work: the headers (pixel limits), then the engine's queue, then decoding.
+                opened = open_all([data for _, data in payloads], plan.max_pixels, plan.max_request_pixels,
+                                  plan.decoders[model][0])
+                admitted = await self._decoded(query, [*kept, started_header, *_internal(
+                    (FRONTEND_ADMIT, "1"), (FRONTEND_IMAGES, str(n_images)), (FRONTEND_MODEL, model))], b"")
+                if admitted[0] != 202:  # refused (counted there), or routed to another model (409 reroute)
+                    return await self._reroute_or(admitted, raw_target, headers, started_header, body)
+                reservation = json.loads(admitted[2])["reservation"]
                 slots = self.arena.take(len(payloads)) if self.arena is not None else None
                 arena = self.arena if slots is not None else None
-                crops = await run_all_in_pool(self.pool, decode_crop, [
-                    (plan.decoders[model], data, plan.max_pixels, arena, slots[i] if slots else 0)
-                    for i, (_, data) in enumerate(payloads)])
+                assert self.pixels is not None
+                try:
+                    async with asyncio.timeout(max(0.0, deadline - time.monotonic())), \
+                            self.pixels.hold(sum(map(pixels_of, opened))):
+                        crops = await run_all_in_pool(self.pool, decode_crop, [
+                            (plan.decoders[model], image, 0, arena, slots[i] if slots else 0)
+                            for i, image in enumerate(opened)])
+                except TimeoutError:
+                    raise timeout(f"no answer within the request timeout of {self.request_timeout_s:g} s "
+                                  "(its images were still being decoded)") from None
         except ApiError as exc:
             error = exc
         except Exception as exc:  # the engine answers it as a 500, counted like any other
             log.exception("decoding a request failed")
             error = internal(f"{type(exc).__name__}: {exc}")
-        started_header = (FRONTEND_STARTED.encode(), repr(started).encode())  # the deadline runs from here
-        raw_target = b"/v1/classify?" + scope["query_string"]
         if error is None and model is None:  # not decodable here: the engine decodes
             return await self._engine("POST", raw_target, [*headers, started_header], body)
         internal_headers = [started_header, (FRONTEND_IMAGES.encode(), str(n_images).encode())]
+        if reservation is not None:
+            internal_headers.append((FRONTEND_RESERVATION.encode(), reservation.encode()))
         if error is not None:
             internal_headers.append((FRONTEND_ERROR.encode(), error.to_json()))
             crops, model, multipart = [], model or "", False
@@ -279,15 +308,20 @@ class FrontEnd:
             internal_headers.append((FRONTEND_CROPS_AT.encode(), at.encode()))
         internal_headers += [(FRONTEND_MODEL.encode(), model.encode()),
                              (FRONTEND_MULTIPART.encode(), b"1" if multipart else b"0")]
-        kept = [(k, v) for k, v in headers if k != b"content-type"]
         try:
             response = await self._decoded(query, kept + internal_headers, b"".join(crops))
         finally:
             # the engine has answered: it has copied the crops into a batch (or given up)
             if slots is not None:
                 self.arena.give_back(slots)
+        return await self._reroute_or(response, raw_target, headers, started_header, body)
+
+    async def _reroute_or(self, response: Answer, raw_target: bytes, headers: list, started_header: tuple,
+                          body: bytes) -> Answer:
+        """The engine's answer, unless it is a re-route: the route's model is not the one this front-end
+        decoded (or was about to decode) for, an experiment it did not know yet; then the request goes to
+        the engine undecoded."""
         if response[0] == 409 and json.loads(response[2]).get("error") == "reroute":
-            # The route's model is not the one decoded for (an experiment this front-end did not know yet).
             log.info("a request re-sent undecoded: %s", json.loads(response[2])["detail"])
             await self._current_plan(refresh=True)
             return await self._engine("POST", raw_target, [*headers, started_header], body)
@@ -303,6 +337,8 @@ class FrontEnd:
                     answer = await self.engine.get("/internal/plan")
                     answer.raise_for_status()
                     self.plan = Plan.from_json(answer.json(), time.monotonic())
+                    if self.pixels is None or self.pixels.limit != self.plan.max_decoding_pixels:
+                        self.pixels = PixelBudget(self.plan.max_decoding_pixels)
                     if self.plan.ready and self.arena is None and self.crops_dir and self.plan.decoders:
                         self.arena = self._arena(self.plan)
         assert self.plan is not None
@@ -340,6 +376,10 @@ class FrontEnd:
                     self.arena.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+def _internal(*pairs: tuple[str, str]) -> list[tuple[bytes, bytes]]:
+    return [(name.encode(), value.encode()) for name, value in pairs]
 
 
 def header(headers: list[tuple[bytes, bytes]], name: bytes) -> str:

@@ -7,6 +7,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from PIL import Image
+
 from server.decode.crops import Decoder, crop_bytes
 
 ARENA_MIN_SLOTS = 256  # crops in shared memory per front-end (37 MiB at 224 px); more in flight: in messages
@@ -50,7 +52,7 @@ class CropArena:
         Path(self.path).unlink(missing_ok=True)
 
 
-def decode_crop(decoder: Decoder, data: bytes, max_pixels: int, arena: CropArena | None = None,
+def decode_crop(decoder: Decoder, data: bytes | Image.Image, max_pixels: int, arena: CropArena | None = None,
                 slot: int = 0) -> bytes:
     """Image bytes -> the model's uint8 crop as [H, W, 3] bytes (server/decode/crops.py), or
     written into the arena's `slot` (then b"")."""

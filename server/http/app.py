@@ -15,6 +15,7 @@ import torch
 from fastapi import FastAPI
 from starlette.datastructures import Headers, QueryParams
 
+from server.decode.budget import PixelBudget
 from server.experiments.registry import ExperimentRegistry, ModelVariants
 from server.http import middleware
 from server.http.answers import error_response, unexpected_error
@@ -49,7 +50,8 @@ def build_engine(config: ServingConfig, service: InferenceService, preprocess_th
     # threads oversubscribe the cores.
     pool = ThreadPoolExecutor(preprocess_threads, thread_name_prefix="preprocess",
                               initializer=torch.set_num_threads, initargs=(1,))
-    engine = Engine(config, service, registry, metrics, pool, shadows=Shadows(service, registry, metrics))
+    engine = Engine(config, service, registry, metrics, pool, shadows=Shadows(service, registry, metrics),
+                    pixels=PixelBudget(config.limits.max_decoding_pixels))
     sync_weights(engine)
     return engine
 
@@ -122,7 +124,8 @@ def create_app(config: ServingConfig, service: InferenceService, *, preprocess_t
     app.state.service = service
     app.state.metrics = metrics
     app.state.experiments = engine.registry
-    middleware.install(app, admin_token=admin_token_from_env(), drop_reserved=frontend_channel is None)
+    middleware.install(app, admin_token=admin_token_from_env(), drop_reserved=frontend_channel is None,
+                       body_timeout_s=config.limits.request_timeout_s)
     app.include_router(router)
     add_oip_routes(app, engine)  # /v2: the Open Inference Protocol (docs/oip.md)
     add_docs_page(app)

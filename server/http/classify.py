@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from starlette.responses import JSONResponse, Response
 
-from server.engine.batching import QueueFull, SchedulerClosed
+from server.decode.budget import PixelBudget, open_all, pixels_of
+from server.engine.batching import QueueFull, Reservation, SchedulerClosed
 from server.http.answers import image_answer, json_response, query_int
 from server.http.frontend_requests import CropArenas, Reroute, frontend_crops, raise_frontend_error
 from server.http.openapi import DEFAULT_TOP_K
@@ -32,10 +33,12 @@ from server.wire.errors import (
 )
 from server.wire.pool import run_all_in_pool
 from server.wire.protocol import (
+    FRONTEND_ADMIT,
     FRONTEND_CLIENT,
     FRONTEND_IMAGES,
     FRONTEND_MODEL,
     FRONTEND_MULTIPART,
+    FRONTEND_RESERVATION,
     FRONTEND_STARTED,
 )
 
@@ -64,6 +67,10 @@ class Engine:
     pool: ThreadPoolExecutor
     arenas: CropArenas = field(default_factory=CropArenas)
     shadows: Shadows | None = None
+    # pixels decoded at once in this process (limits.max_decoding_pixels)
+    pixels: PixelBudget = field(default_factory=lambda: PixelBudget(40_000_000))
+    # front-ends' requests admitted before their decoding: token -> (route, places held)
+    admitted: dict[str, tuple[Assignment, Reservation]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -107,6 +114,7 @@ class _Outcome:
     final_tokens: list[int] = field(default_factory=list)
     gflops: list[float] = field(default_factory=list)
     in_flight: Any = None
+    reservation: Reservation | None = None  # queue places held while the images decode
 
 
 async def classify(engine: Engine, request: ClassifyRequest) -> Response:
@@ -126,6 +134,8 @@ async def classify(engine: Engine, request: ClassifyRequest) -> Response:
         raise internal(f"{type(exc).__name__}: {exc}") from None
     finally:
         log.debug("request %s answered %d", request.request_id, outcome.status)
+        if outcome.reservation is not None:  # not submitted (an error, a timeout): the places go back
+            engine.service.scheduler.release(outcome.reservation)
         if outcome.in_flight is not None:
             outcome.in_flight.dec()
         if outcome.counted:
@@ -153,14 +163,22 @@ async def _answer(engine: Engine, request: ClassifyRequest, outcome: _Outcome) -
         raise not_ready("models are still loading and warming up")
     if not 1 <= top_k <= limits.max_top_k:
         raise invalid_parameter(f"top_k must be between 1 and {limits.max_top_k}, got {top_k}")
-    route = outcome.route = engine.registry.choose(
-        model=params.get("model"), experiment=params.get("experiment"), variant=params.get("variant"),
-        headers=request.headers, query=params, client_host=request.client_host)
+    admitted = engine.admitted.pop(request.headers.get(FRONTEND_RESERVATION, ""), None) \
+        if request.receive is None else None
+    if admitted is not None:  # a front-end's request, routed and given its places before it decoded
+        route, outcome.reservation = admitted
+    else:
+        route = engine.registry.choose(
+            model=params.get("model"), experiment=params.get("experiment"), variant=params.get("variant"),
+            headers=request.headers, query=params, client_host=request.client_host)
+    outcome.route = route
     outcome.labels = (route.model, route.variant, route.experiment or "")
     outcome.in_flight = engine.metrics.in_flight_of(route.model, route.variant)
     outcome.in_flight.inc()
+    if request.receive is None and request.headers.get(FRONTEND_ADMIT) == "1":
+        return _admit(engine, request, route, outcome, deadline)
     images, multipart = await _images(engine, request, route, outcome, deadline)
-    results = await _results(engine, route, images, top_k, deadline)
+    results = await _results(engine, route, images, top_k, deadline, outcome)
     info = service.models[route.model]
     total_s = time.monotonic() - request.started
     answers = [
@@ -177,6 +195,33 @@ async def _answer(engine: Engine, request: ClassifyRequest, outcome: _Outcome) -
     return json_response(answers[0])
 
 
+def _admit(engine: Engine, request: ClassifyRequest, route: Assignment, outcome: _Outcome,
+           deadline: float) -> Response:
+    """A front-end asks, before decoding, whether the queue takes the request's images: their places are
+    reserved for it (202 naming the reservation, not counted: the request comes again, decoded), or it is
+    refused here (counted, answered as the request's answer). Unclaimed places go back at the deadline."""
+    outcome.n_images = int(request.headers[FRONTEND_IMAGES])
+    if request.headers.get(FRONTEND_MODEL) != route.model:
+        raise Reroute(route.model)
+    outcome.reservation = _reserve(engine, route, outcome.n_images)
+    token = request.request_id + f"-{id(outcome.reservation):x}"
+    engine.admitted[token] = (route, outcome.reservation)
+    asyncio.get_running_loop().call_at(_loop_time(deadline) + 1.0, _expire, engine, token)
+    outcome.reservation, outcome.counted = None, False
+    return JSONResponse({"reservation": token}, status_code=202)
+
+
+def _loop_time(monotonic: float) -> float:
+    return asyncio.get_running_loop().time() + (monotonic - time.monotonic())
+
+
+def _expire(engine: Engine, token: str) -> None:
+    """Places reserved for a front-end's request that never came back (the front-end died)."""
+    admitted = engine.admitted.pop(token, None)
+    if admitted is not None:
+        engine.service.scheduler.release(admitted[1])
+
+
 async def _images(engine: Engine, request: ClassifyRequest, route: Assignment, outcome: _Outcome,
                   deadline: float) -> tuple[list[torch.Tensor], bool]:
     """The request's uint8 crops, and whether it was multipart (several images answer as a list)."""
@@ -186,7 +231,8 @@ async def _images(engine: Engine, request: ClassifyRequest, route: Assignment, o
         raise_frontend_error(headers)  # errors first: they do not depend on the model
         if headers.get(FRONTEND_MODEL) != route.model:
             raise Reroute(route.model)
-        _check_queue_room(engine, route.model, outcome.n_images)
+        if outcome.reservation is None:
+            outcome.reservation = _reserve(engine, route, outcome.n_images)
         input_size = engine.service.models[route.model].input_size
         return frontend_crops(headers, request.crops, input_size, engine.arenas), headers[
             FRONTEND_MULTIPART
@@ -195,28 +241,50 @@ async def _images(engine: Engine, request: ClassifyRequest, route: Assignment, o
                               max(0.0, deadline - time.monotonic()))
     payloads, multipart = image_payloads(headers.get("content-type", ""), body, limits.max_images_per_request)
     outcome.n_images = len(payloads)
-    _check_queue_room(engine, route.model, outcome.n_images)
-    calls = [(route.model, data, limits.max_pixels) for _, data in payloads]
-    return await run_all_in_pool(engine.pool, engine.service.preprocess, calls), multipart
-
-
-def _check_queue_room(engine: Engine, model: str, n_images: int) -> None:
-    """More images than the model's queue holds would be a 503 `overloaded` on every try, idle or not."""
-    limit = engine.config.models[model].batching.max_queue
-    if n_images > limit:
-        raise too_large(f"{n_images} images in one request; model {model!r} queues at most {limit} "
-                        "(its batching.max_queue)")
-
-
-async def _results(engine: Engine, route: Assignment, images: list[torch.Tensor], top_k: int,
-                   deadline: float) -> list[ImageResult]:
-    service = engine.service
+    # Admission before work: headers only (pixel limits), then the queue's places; decoding comes last.
+    opened = open_all([data for _, data in payloads], limits.max_pixels, limits.max_request_pixels,
+                      engine.service.transforms[route.model].resize_edge)
+    outcome.reservation = _reserve(engine, route, outcome.n_images)
+    calls = [(route.model, image) for image in opened]
     try:
-        items = service.submit(route.model, route.variant, list(images), top_k, deadline)
+        async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+            async with engine.pixels.hold(sum(map(pixels_of, opened))):
+                return await run_all_in_pool(engine.pool, engine.service.preprocess_opened, calls), multipart
+    except TimeoutError:
+        raise _deadline_passed(engine) from None
+
+
+def _reserve(engine: Engine, route: Assignment, n_images: int) -> Reservation:
+    """The request's places in its variant's share of the queue, or 413 (more than the variant can ever
+    hold: a 503 would be retried for ever) or 503 `overloaded` (the share is full now)."""
+    scheduler = engine.service.scheduler
+    limit = scheduler.capacity(route.model, route.variant)
+    if n_images > limit:
+        raise too_large(f"{n_images} images in one request; variant {route.variant!r} of model "
+                        f"{route.model!r} queues at most {limit} (its batching.max_queue less the other "
+                        "variants' shares)")
+    try:
+        return scheduler.reserve(route.model, route.variant, n_images)
     except QueueFull as exc:
         raise overloaded(str(exc)) from None
     except SchedulerClosed as exc:
         raise overloaded(str(exc), retry_after_s=5) from None
+
+
+def _deadline_passed(engine: Engine) -> ApiError:
+    return timeout(f"no answer within the request timeout of {engine.config.limits.request_timeout_s} s")
+
+
+async def _results(engine: Engine, route: Assignment, images: list[torch.Tensor], top_k: int,
+                   deadline: float, outcome: _Outcome) -> list[ImageResult]:
+    service = engine.service
+    try:
+        items = service.submit(route.model, route.variant, list(images), top_k, deadline, outcome.reservation)
+    except QueueFull as exc:
+        raise overloaded(str(exc)) from None
+    except SchedulerClosed as exc:
+        raise overloaded(str(exc), retry_after_s=5) from None
+    outcome.reservation = None  # the places are the queued items' now
     try:
         async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
             if len(items) == 1:
@@ -224,8 +292,7 @@ async def _results(engine: Engine, route: Assignment, images: list[torch.Tensor]
             return list(await asyncio.gather(*(item.future for item in items)))
     except TimeoutError:
         service.scheduler.discard(items)
-        limit = engine.config.limits.request_timeout_s
-        raise timeout(f"no answer within the request timeout of {limit} s") from None
+        raise _deadline_passed(engine) from None
 
 
 def _observe(engine: Engine, outcome: _Outcome, results: list[ImageResult], answers: list[dict]) -> None:

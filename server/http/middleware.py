@@ -11,7 +11,8 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.http.answers import error_response, unexpected_error
-from server.wire.admin import check_admin
+from server.wire.admin import ADMIN_MAX_BODY_BYTES, check_admin
+from server.wire.body import read_limited
 from server.wire.errors import ApiError, invalid_parameter
 from server.wire.protocol import request_id_of, without_reserved
 
@@ -61,18 +62,43 @@ class AdminAuthMiddleware:
     when wrong) before anything reads the body: FastAPI parses a body parameter before it runs a route's
     dependencies, so a malformed body with a wrong token got a 422. Front-ends check the same way."""
 
-    def __init__(self, app: ASGIApp, token: str | None) -> None:
+    def __init__(self, app: ASGIApp, token: str | None, body_timeout_s: float = 30.0) -> None:
         self.app = app
         self.token = token
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and (scope["path"] + "/").startswith("/v1/admin/"):
-            denied = check_admin(Headers(scope=scope).get("authorization"), self.token)
+            headers = Headers(scope=scope)
+            denied = check_admin(headers.get("authorization"), self.token)
             if denied is not None:
                 answer = error_response(denied.as_api_error(), scope["state"]["request_id"])
                 await answer(scope, receive, send)
                 return
+            # Read here within ADMIN_MAX_BODY_BYTES and the deadline, as front-ends do (FastAPI reads any
+            # size).
+            try:
+                body = await read_limited(receive, headers.get("content-length", ""), ADMIN_MAX_BODY_BYTES,
+                                          self.body_timeout_s)
+            except ApiError as exc:
+                await error_response(exc, scope["state"]["request_id"])(scope, receive, send)
+                return
+            receive = _replay(body, receive)
         await self.app(scope, receive, send)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """An ASGI `receive` that gives the body already read, then waits on the connection's own."""
+    given = False
+
+    async def replayed() -> Message:
+        nonlocal given
+        if not given:
+            given = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed
 
 
 async def _api_error(request: Request, exc: ApiError) -> Response:
@@ -96,9 +122,11 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> Response
     )
 
 
-def install(app: FastAPI, *, admin_token: str | None, drop_reserved: bool) -> None:
+def install(app: FastAPI, *, admin_token: str | None, drop_reserved: bool,
+            body_timeout_s: float = 30.0) -> None:
     """The middleware (request id outermost, then admin auth) and the contract's error answers."""
-    app.add_middleware(AdminAuthMiddleware, token=admin_token)  # inside RequestIdMiddleware: the id is set
+    # inside RequestIdMiddleware: the id is set
+    app.add_middleware(AdminAuthMiddleware, token=admin_token, body_timeout_s=body_timeout_s)
     app.add_middleware(RequestIdMiddleware, drop_reserved=drop_reserved)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

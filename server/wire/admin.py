@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from server.wire.errors import ApiError
 
 ADMIN_TOKEN_ENV = "MAME_ADMIN_TOKEN"
+ADMIN_MAX_BODY_BYTES = 1 << 20  # an admin request's body (JSON of a few hundred bytes): no more is read
 
 
 def admin_token_from_env(environ: Mapping[str, str] = os.environ) -> str | None:

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from server.wire.errors import (
     bad_image,
     client_closed,
+    echo,
     invalid_parameter,
     request_timeout,
     too_large,
@@ -27,7 +28,7 @@ def check_content_type(content_type: str | None) -> None:
     if main.startswith("image/") or main in GENERIC_TYPES:
         return
     raise unsupported_media_type(
-        f"content type {main!r} is not an image type (send image/jpeg, image/png, ...)"
+        f"content type {echo(main)} is not an image type (send image/jpeg, image/png, ...)"
     )
 
 
@@ -66,7 +67,7 @@ async def read_limited(receive: Callable, declared: str, limit: int, timeout_s: 
     otherwise hold its connection and its place in a drain for ever). A client that leaves mid-body is a
     499."""
     if declared.isdigit() and int(declared) > limit:
-        raise too_large(f"request body of {declared} bytes is over the limit of {limit} bytes")
+        raise too_large(f"request body of {declared} bytes is over the limit of {limit} bytes", close=True)
     chunks, size = [], 0
     try:
         async with asyncio.timeout(timeout_s):
@@ -77,7 +78,7 @@ async def read_limited(receive: Callable, declared: str, limit: int, timeout_s: 
                 chunk = message.get("body", b"")
                 size += len(chunk)
                 if size > limit:
-                    raise too_large(f"request body is over the limit of {limit} bytes")
+                    raise too_large(f"request body is over the limit of {limit} bytes", close=True)
                 chunks.append(chunk)
                 if not message.get("more_body", False):
                     return b"".join(chunks)

@@ -5,11 +5,22 @@ from __future__ import annotations
 
 import json
 
+ECHO_CHARS = 64  # of a client's input quoted in an error's detail
+DETAIL_CHARS = 1024  # of any detail: what a client sent is never sent back whole
+
+
+def echo(value: object) -> str:
+    """A client's input as an error quotes it: repr, cut to ECHO_CHARS characters."""
+    text = repr(value)
+    return text if len(text) <= ECHO_CHARS else f"{text[:ECHO_CHARS]}... ({len(text)} characters)"
+
 
 class ApiError(Exception):
     """An error with an HTTP status and a stable machine-readable code."""
 
     def __init__(self, status: int, code: str, detail: str, headers: dict[str, str] | None = None):
+        if len(detail) > DETAIL_CHARS:
+            detail = f"{detail[:DETAIL_CHARS]}... (cut at {DETAIL_CHARS} characters)"
         super().__init__(detail)
         self.status = status
         self.code = code
@@ -18,7 +29,8 @@ class ApiError(Exception):
 
     def to_json(self) -> bytes:
         """The error as it crosses from a front-end process to the engine."""
-        return json.dumps({"status": self.status, "code": self.code, "detail": self.detail}).encode()
+        return json.dumps({"status": self.status, "code": self.code, "detail": self.detail,
+                           "headers": self.headers}).encode()
 
     def to_answer(self, request_id: str) -> bytes:
         """The JSON body a client gets (docs/api.md), compact as the server's other answers."""
@@ -28,19 +40,23 @@ class ApiError(Exception):
     @classmethod
     def from_json(cls, data: bytes | str) -> ApiError:
         found = json.loads(data)
-        return cls(found["status"], found["code"], found["detail"])
+        return cls(found["status"], found["code"], found["detail"], found.get("headers"))
 
 
 def bad_image(detail: str) -> ApiError:
     return ApiError(400, "bad_image", detail)
 
 
-def request_timeout(detail: str) -> ApiError:
-    return ApiError(408, "request_timeout", detail)
+CLOSE = {"Connection": "close"}  # a body left unread: the connection cannot carry another request
 
 
-def too_large(detail: str) -> ApiError:
-    return ApiError(413, "too_large", detail)
+def request_timeout(detail: str, close: bool = True) -> ApiError:
+    return ApiError(408, "request_timeout", detail, dict(CLOSE) if close else None)
+
+
+def too_large(detail: str, close: bool = False) -> ApiError:
+    """413; `close`: the body was refused before it was read (answered with Connection: close)."""
+    return ApiError(413, "too_large", detail, dict(CLOSE) if close else None)
 
 
 def unsupported_media_type(detail: str) -> ApiError:

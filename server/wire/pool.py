@@ -45,9 +45,13 @@ async def run_all_in_pool(
             except RuntimeError:  # the loop has closed: nobody is waiting
                 pass
 
-    for i, args in enumerate(calls):
-        pool.submit(call, i, args)
-    await all_done
+    started = [pool.submit(call, i, args) for i, args in enumerate(calls)]
+    try:
+        await all_done
+    except BaseException:  # the request gave up (its deadline): calls not yet begun never run
+        for future in started:
+            future.cancel()
+        raise
     for error in errors:
         if error is not None:
             raise error

@@ -14,6 +14,10 @@ FRONTEND_IMAGES = "x-mame-images"  # images in the request (counted even when it
 FRONTEND_MULTIPART = "x-mame-multipart"  # "1": a multipart request (several images answer as a list)
 FRONTEND_ERROR = "x-mame-error"  # JSON {status, code, detail}: what reading or decoding the images raised
 FRONTEND_CROPS_AT = "x-mame-crops-at"  # "<arena file> <byte offset> ...": the crops are in shared memory
+# Admission before decoding: "1" asks the engine to route the request and reserve its queue places (the
+# answer, 202, names the reservation); the request then comes again, decoded, naming it.
+FRONTEND_ADMIT = "x-mame-admit"
+FRONTEND_RESERVATION = "x-mame-reservation"
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 

@@ -1,0 +1,114 @@
+"""The pixels a process decodes at once, bounded; and the memory of a burst of large images given back.
+
+A decoded image holds several bytes per pixel (a 36 Mpx 16-bit PNG about 340 MB while it converts): a
+few large images decoded in parallel would take gigabytes, and glibc's allocator keeps much of it after
+they are freed. A counting semaphore of pixels (asyncio's semaphores count one unit at a time) bounds what
+is decoded at once; `malloc_trim` returns the freed heap to the system as large images go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from PIL import Image
+
+from server.decode.imaging import open_image
+from server.wire.errors import too_large
+
+TRIM_AFTER_PIXELS = 8_000_000  # decoded since the last trim, before the heap is trimmed again
+
+
+def _find_malloc_trim():
+    """glibc's malloc_trim, or None (another C library: nothing to do)."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _find_malloc_trim()
+
+
+def _malloc_trim() -> None:
+    """Give the heap's free memory back to the system."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+class PixelBudget:
+    """At most `limit` pixels being decoded at once in a process, held per request from the event loop (so
+    no decoding thread waits: a small image is never stuck in the pool behind large ones waiting for
+    pixels). A request over the limit is decoded alone (it waits until nothing else is being decoded), so
+    any image within `limits.max_pixels` is still served. Every TRIM_AFTER_PIXELS released, the heap is
+    trimmed in a thread (a decoding thread's malloc arena otherwise keeps its peak)."""
+
+    def __init__(self, limit: int, trim: bool = True):
+        self.limit = limit
+        self._in_use = 0
+        self._since_trim = 0
+        self._trim = trim
+        self._waiters: list[tuple[int, asyncio.Future]] = []
+
+    @property
+    def in_use(self) -> int:
+        return self._in_use
+
+    @asynccontextmanager
+    async def hold(self, pixels: int) -> AsyncIterator[None]:
+        """Hold `pixels` (capped at the limit) while the block decodes; waits, cancellable (the request's
+        deadline), until they fit."""
+        pixels = min(pixels, self.limit)
+        if self._in_use + pixels <= self.limit:
+            self._in_use += pixels
+        else:
+            granted = asyncio.get_running_loop().create_future()
+            entry = (pixels, granted)
+            self._waiters.append(entry)
+            try:
+                await granted
+            except BaseException:
+                if granted.done() and not granted.cancelled():  # granted just as the request gave up
+                    self._release(pixels)
+                elif entry in self._waiters:
+                    self._waiters.remove(entry)
+                raise
+        try:
+            yield
+        finally:
+            self._release(pixels)
+
+    def _release(self, pixels: int) -> None:
+        self._in_use -= pixels
+        self._since_trim += pixels
+        for entry in list(self._waiters):  # the oldest first, and any that fits
+            wanted, granted = entry
+            if granted.done():  # its request gave up (cancelled) and has not yet left the list
+                self._waiters.remove(entry)
+            elif self._in_use + wanted <= self.limit:
+                self._waiters.remove(entry)
+                self._in_use += wanted
+                granted.set_result(None)
+        # Under a steady flood the budget is never idle: trim by pixels decoded, not only once it is.
+        if self._trim and self._since_trim >= TRIM_AFTER_PIXELS:
+            self._since_trim = 0
+            asyncio.get_running_loop().run_in_executor(None, _malloc_trim)
+
+
+def open_all(images: list[bytes], max_pixels: int, max_request_pixels: int,
+             needed_edge: int | None = None) -> list[Image.Image]:
+    """Each image's header (`open_image`: its pixel limit, JPEG draft), and the request's pixel budget:
+    413 `too_large` when its images together would decode to more than `max_request_pixels`."""
+    opened = [open_image(data, max_pixels, needed_edge) for data in images]
+    total = sum(img.size[0] * img.size[1] for img in opened)
+    if total > max_request_pixels:
+        raise too_large(f"the request's {len(opened)} images hold {total} pixels; the limit of one request "
+                        f"is {max_request_pixels} (limits.max_request_pixels)")
+    return opened
+
+
+def pixels_of(img: Image.Image) -> int:
+    return img.size[0] * img.size[1]
