@@ -16,7 +16,8 @@ from serverproc import tiny_config
 
 from mame_core import MergeSettings
 from server.config import BatchingConfig, ConfigError, parse_config
-from server.decode.budget import PixelBudget, open_all, pixels_of
+from server.decode.budget import PixelBudget
+from server.decode.imaging import open_all, pixels_of
 from server.engine.batching import QueueFull, Scheduler, SchedulerClosed, WorkItem
 from server.wire.errors import ApiError, echo
 

@@ -14,11 +14,6 @@ import ctypes.util
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from PIL import Image
-
-from server.decode.imaging import open_image
-from server.wire.errors import too_large
-
 TRIM_AFTER_PIXELS = 8_000_000  # decoded since the last trim, before the heap is trimmed again
 
 
@@ -96,19 +91,3 @@ class PixelBudget:
         if self._trim and self._since_trim >= TRIM_AFTER_PIXELS:
             self._since_trim = 0
             asyncio.get_running_loop().run_in_executor(None, _malloc_trim)
-
-
-def open_all(images: list[bytes], max_pixels: int, max_request_pixels: int,
-             needed_edge: int | None = None) -> list[Image.Image]:
-    """Each image's header (`open_image`: its pixel limit, JPEG draft), and the request's pixel budget:
-    413 `too_large` when its images together would decode to more than `max_request_pixels`."""
-    opened = [open_image(data, max_pixels, needed_edge) for data in images]
-    total = sum(img.size[0] * img.size[1] for img in opened)
-    if total > max_request_pixels:
-        raise too_large(f"the request's {len(opened)} images hold {total} pixels; the limit of one request "
-                        f"is {max_request_pixels} (limits.max_request_pixels)")
-    return opened
-
-
-def pixels_of(img: Image.Image) -> int:
-    return img.size[0] * img.size[1]

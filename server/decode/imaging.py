@@ -100,3 +100,19 @@ def _pil_errors() -> Iterator[None]:
     except (OSError, ValueError, SyntaxError, EOFError, NotImplementedError) as exc:
         # PIL reports truncated or corrupt data with these (NotImplementedError: a DDS variant it lacks).
         raise bad_image(f"the image could not be decoded (truncated or corrupt): {exc}") from None
+
+
+def open_all(images: list[bytes], max_pixels: int, max_request_pixels: int,
+             needed_edge: int | None = None) -> list[Image.Image]:
+    """Each image's header (`open_image`: its pixel limit, JPEG draft), and the request's pixel budget:
+    413 `too_large` when its images together would decode to more than `max_request_pixels`."""
+    opened = [open_image(data, max_pixels, needed_edge) for data in images]
+    total = sum(img.size[0] * img.size[1] for img in opened)
+    if total > max_request_pixels:
+        raise too_large(f"the request's {len(opened)} images hold {total} pixels; the limit of one request "
+                        f"is {max_request_pixels} (limits.max_request_pixels)")
+    return opened
+
+
+def pixels_of(img: Image.Image) -> int:
+    return img.size[0] * img.size[1]

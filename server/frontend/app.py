@@ -33,8 +33,9 @@ from urllib.parse import parse_qsl
 import httpx
 from starlette.datastructures import URL
 
-from server.decode.budget import PixelBudget, open_all, pixels_of
+from server.decode.budget import PixelBudget
 from server.decode.crops import Decoder, decoder_from_list
+from server.decode.imaging import open_all, pixels_of
 from server.frontend.arena import ARENA_MIN_SLOTS, CropArena, decode_crop
 from server.wire.admin import ADMIN_MAX_BODY_BYTES, admin_token_from_env, check_admin
 from server.wire.body import image_payloads, read_limited
@@ -62,7 +63,7 @@ Answer = tuple[int, list[tuple[bytes, bytes]], bytes]  # status, headers, body
 # request id (set by the front-end), and the engine's server and date (the front-end's uvicorn adds its own).
 _NOT_FORWARDED = {b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer", b"upgrade",
                   b"proxy-connection", b"content-length", b"x-request-id", b"date", b"server"}
-PASS_THROUGH_MAX_BYTES = ADMIN_MAX_BODY_BYTES  # bodies passed on other than classify and /v2 infer (admin JSON)
+PASS_THROUGH_MAX_BYTES = ADMIN_MAX_BODY_BYTES  # other passed-on bodies than classify, /v2 infer (admin JSON)
 PLAN_MAX_AGE_S = 5.0  # how stale the engine's experiments may be here (a stale one costs a re-send, no error)
 LOADING_RECHECK_S = 0.5
 PROBES = ("/healthz", "/readyz")

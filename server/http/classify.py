@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from starlette.responses import JSONResponse, Response
 
-from server.decode.budget import PixelBudget, open_all, pixels_of
+from server.decode.budget import PixelBudget
+from server.decode.imaging import open_all, pixels_of
 from server.engine.batching import QueueFull, Reservation, SchedulerClosed
 from server.http.answers import image_answer, json_response, query_int
 from server.http.frontend_requests import CropArenas, Reroute, frontend_crops, raise_frontend_error

@@ -11,6 +11,7 @@ and the normalisation on the device are uint8 throughout (docs/oip.md).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -21,12 +22,14 @@ import torch
 from fastapi import FastAPI, Request
 from starlette.responses import Response
 
+from server.decode.imaging import open_all, pixels_of
 from server.http.classify import (
     _asked_labels,
-    _check_queue_room,
     _count,
+    _deadline_passed,
     _observe,
     _Outcome,
+    _reserve,
     _results,
     http_classify_request,
 )
@@ -37,6 +40,7 @@ from server.wire.errors import ApiError, internal, invalid_request, not_ready, o
 from server.wire.pool import run_all_in_pool
 
 if TYPE_CHECKING:
+    from server.experiments.registry import Assignment
     from server.http.classify import ClassifyRequest
     from server.http.classify import Engine as ServerParts
 
@@ -113,6 +117,8 @@ class ServerEngine:
             log.exception("request %s failed", request.request_id)
             raise internal(f"{type(exc).__name__}: {exc}") from None
         finally:
+            if outcome.reservation is not None:  # not submitted (an error, a timeout): the places go back
+                self.parts.service.scheduler.release(outcome.reservation)
             if outcome.in_flight is not None:
                 outcome.in_flight.dec()
             _count(self.parts, outcome, time.monotonic() - request.started)
@@ -131,9 +137,8 @@ class ServerEngine:
         outcome.in_flight = parts.metrics.in_flight_of(route.model, route.variant)
         outcome.in_flight.inc()
         outcome.n_images = len(call.images)
-        _check_queue_room(parts, route.model, outcome.n_images)
-        images = await self._crops(route.model, call.images)
-        results = await _results(parts, route, images, call.top_k, deadline)
+        images = await self._crops(route, call.images, outcome, deadline)
+        results = await _results(parts, route, images, call.top_k, deadline, outcome)
         finals = [{"tokens": {"final": r.tokens_per_block[-1] if r.tokens_per_block else r.input_tokens}}
                   for r in results]
         _observe(parts, outcome, results, finals)
@@ -145,16 +150,28 @@ class ServerEngine:
         return Classification(route.model, route.variant, route.experiment, route.assignment,
                               service.models[route.model].weights, classified)
 
-    async def _crops(self, model: str, images: Images) -> list[torch.Tensor]:
-        """The request's images as the batches' uint8 [3, H, W] crops."""
+    async def _crops(self, route: Assignment, images: Images, outcome: _Outcome,
+                     deadline: float) -> list[torch.Tensor]:
+        """The request's images as the batches' uint8 [3, H, W] crops, admitted as /v1/classify's are: the
+        queue's places are reserved before anything is decoded."""
+        parts, model = self.parts, route.model
         if images.kind == "encoded":
-            max_pixels = self.parts.config.limits.max_pixels
-            calls = [(model, data, max_pixels) for data in images.encoded]
-            return await run_all_in_pool(self.parts.pool, self.parts.service.preprocess, calls)
+            limits = parts.config.limits
+            opened = open_all(list(images.encoded), limits.max_pixels, limits.max_request_pixels,
+                              parts.service.transforms[model].resize_edge)
+            outcome.reservation = _reserve(parts, route, outcome.n_images)
+            calls = [(model, image) for image in opened]
+            try:
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    async with parts.pixels.hold(sum(map(pixels_of, opened))):
+                        return await run_all_in_pool(parts.pool, parts.service.preprocess_opened, calls)
+            except TimeoutError:
+                raise _deadline_passed(parts) from None
         assert images.array is not None
+        outcome.reservation = _reserve(parts, route, outcome.n_images)
         if images.kind == "uint8_hwc":
             return uint8_crops(images.array)
-        transform = self.parts.service.transforms[model]
+        transform = parts.service.transforms[model]
         return uint8_crops(levels_of(images.array, transform.mean, transform.std))
 
 
