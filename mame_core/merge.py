@@ -146,7 +146,8 @@ def mame_merge(
 ) -> tuple[TokenBatch, Tensor]:
     """One MaMe merge step (Algorithm 1 as read by MAME_SPEC.md) on a padded batch.
 
-    metric: [B, T, d] similarity features (the block's keys, mean over heads); tau: [B] thresholds or one for all.
+    metric: [B, T, d] similarity features (the block's keys, mean over heads); tau: [B] thresholds or one
+    for all.
     Returns the merged batch (spec, fused dst, preserved src; compacted and cut to the longest image) and
     the real token count per image [B] (int64, on the CPU).
     """

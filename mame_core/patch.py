@@ -60,17 +60,21 @@ class MergeSettings:
         if isinstance(self.tau, tuple) and not self.tau:
             raise ValueError("a per-block tau list needs at least one value")
         if isinstance(self.tau, tuple) and self.blocks is not None and len(self.tau) != self.blocks:
-            raise ValueError(f"a per-block tau list needs one value per merging block: {len(self.tau)} != {self.blocks}")
+            raise ValueError("a per-block tau list needs one value per merging block: "
+                             f"{len(self.tau)} != {self.blocks}")
         # blocks counts the leading blocks that merge (spec section 2): merging in none is method 'none'.
-        if self.blocks is not None and (isinstance(self.blocks, bool) or not isinstance(self.blocks, int) or self.blocks < 1):
-            raise ValueError(f"blocks must be an integer >= 1 (merge in the first `blocks` blocks), not {self.blocks!r}")
+        bad_blocks = isinstance(self.blocks, bool) or not isinstance(self.blocks, int) or self.blocks < 1
+        if self.blocks is not None and bad_blocks:
+            raise ValueError("blocks must be an integer >= 1 (merge in the first `blocks` blocks), "
+                             f"not {self.blocks!r}")
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 0:
             raise ValueError(f"r must be a non-negative integer, not {self.r!r}")
         if self.method == "tome" and self.r == 0:
             raise ValueError("method 'tome' needs r >= 1 tokens to remove per block")
         if isinstance(self.stride, bool) or not isinstance(self.stride, int) or self.stride < 2:
             raise ValueError(f"stride must be an integer >= 2, not {self.stride!r}")
-        if not isinstance(self.prop_attn, bool):  # "false" is a true string: attention would stay proportional
+        # "false" is a true string: attention would stay proportional.
+        if not isinstance(self.prop_attn, bool):
             raise ValueError(f"prop_attn must be true or false, not {self.prop_attn!r}")  # noqa: TRY004 (user input)
         # A setting the method does not use is a mistake, not a no-op: {tau: 0.9} without `method: mame`
         # would serve the unmerged model under a MaMe variant's name.
@@ -110,7 +114,8 @@ class MergeSettings:
     def check_depth(self, depth: int) -> None:
         """A ValueError when these settings name more merging blocks than a model of this depth has
         (merge_blocks would cut them silently): for checking a configured variant against its model."""
-        wanted = self.blocks if self.blocks is not None else len(self.tau) if isinstance(self.tau, tuple) else None
+        wanted = (self.blocks if self.blocks is not None
+                  else len(self.tau) if isinstance(self.tau, tuple) else None)
         if self.method != "none" and wanted is not None and wanted > depth:
             raise ValueError(f"merging in the first {wanted} blocks, but the model has only {depth} blocks")
 
@@ -131,18 +136,21 @@ class MergeResult:
 
 
 def check_supported(model: nn.Module) -> None:
-    """A TypeError saying why `patch_vit` cannot patch this model (works on a model built on the meta device)."""
+    """A TypeError saying why `patch_vit` cannot patch this model (works on a model built on the meta
+    device)."""
     if not isinstance(model, VisionTransformer):
         raise TypeError(f"patch_vit needs a timm VisionTransformer, got {type(model).__name__}")
     if getattr(model, "attn_pool", None) is not None:
         raise TypeError("attention-pooling heads (global_pool='map') are not supported by token merging")
     if model.global_pool == "":
         # Per-token outputs: after merging, each image keeps its own number of tokens (padded in a batch).
-        raise TypeError("per-token outputs (global_pool='') are not supported: merged images differ in length")
+        raise TypeError("per-token outputs (global_pool='') are not supported: "
+                        "merged images differ in length")
     if model.global_pool not in ("token", "avg", "max", "avgmax"):
         raise TypeError(f"unsupported global_pool {model.global_pool!r}")
     if getattr(model, "dynamic_img_size", False):
-        raise TypeError("dynamic_img_size models are not supported: the patch counts tokens at the built input size")
+        raise TypeError("dynamic_img_size models are not supported: "
+                        "the patch counts tokens at the built input size")
     for i, blk in enumerate(model.blocks):
         if type(blk) is not Block or type(blk.attn) is not Attention:
             raise TypeError(
@@ -296,8 +304,10 @@ class MergingViT(nn.Module):
         self._attn_dims = as_row([blk.attn.attn_dim for blk in model.blocks])
         self._merge_macs_per_pair = as_row([blk.attn.head_dim + model.embed_dim for blk in model.blocks])
         proj = model.patch_embed.proj
-        patch_macs = sum(p.numel() for p in proj.parameters() if p.dim() > 1) if isinstance(proj, nn.Conv2d) else 0
-        head_macs = _linear_macs(model.head) + (_linear_macs(model.head_dist) if hasattr(model, "head_dist") else 0)
+        patch_macs = (sum(p.numel() for p in proj.parameters() if p.dim() > 1)
+                      if isinstance(proj, nn.Conv2d) else 0)
+        head_macs = _linear_macs(model.head) + (
+            _linear_macs(model.head_dist) if hasattr(model, "head_dist") else 0)
         self._fixed_macs = self.num_patches * patch_macs + head_macs
 
     def forward(
@@ -361,7 +371,8 @@ class MergingViT(nn.Module):
                         tokens = mame_merge_packed(tokens, metric, block_tau, special, settings.stride,
                                                    self._stages.merge_step)
                 else:
-                    pairs = [(n + 1) // 2 * (n // 2) for n in lengths]  # ToMe splits all tokens, specials included
+                    # ToMe splits all tokens, specials included.
+                    pairs = [(n + 1) // 2 * (n // 2) for n in lengths]
                     padded, padded_metric = tokens.padded(metric)
                     tokens = PackedBatch.from_padded(tome_merge(padded, padded_metric, settings.r, special))
                 layout = _Layout(list(tokens.lengths), prop_attn=settings.prop_attn)

@@ -24,7 +24,8 @@ MAME = MergeSettings(method="mame", tau=0.7, blocks=3)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("settings", [MergeSettings(), MergeSettings(method="mame", tau=1.0), MergeSettings(method="mame", tau=1.5)])
+@pytest.mark.parametrize("settings", [MergeSettings(), MergeSettings(method="mame", tau=1.0),
+                                      MergeSettings(method="mame", tau=1.5)])
 def test_no_merge_equals_unpatched_timm(shape, settings, images):
     model = tiny_vit(**SHAPES[shape])
     with torch.inference_mode():
@@ -126,7 +127,8 @@ def test_settings_validation():
     assert per_block.merge_blocks(12) == 2 and per_block.tau_at(1) == 0.8
     assert MergeSettings(method="mame", tau=0.9).merge_blocks(12) == 8
     assert MergeSettings(method="tome", r=8).merge_blocks(12) == 12
-    assert hash(MergeSettings.from_dict({"method": "mame", "tau": 1})) == hash(MergeSettings(method="mame", tau=1.0))
+    from_dict = MergeSettings.from_dict({"method": "mame", "tau": 1})
+    assert hash(from_dict) == hash(MergeSettings(method="mame", tau=1.0))
 
 
 def test_unsupported_models_are_refused():
@@ -134,7 +136,8 @@ def test_unsupported_models_are_refused():
         patch_vit(torch.nn.Linear(2, 2))
     with pytest.raises(TypeError, match="map"):
         patch_vit(tiny_vit(global_pool="map"))
-    # Per-token outputs would come padded, with rows that depend on the batch; dynamic sizes break token counts.
+    # Per-token outputs would come padded, with rows that depend on the batch; dynamic sizes break token
+    # counts.
     with pytest.raises(TypeError, match="per-token"):
         patch_vit(tiny_vit(global_pool=""))
     with pytest.raises(TypeError, match="dynamic_img_size"):
@@ -147,7 +150,8 @@ def test_per_image_tau_is_the_scalar_threshold_in_float64_and_checked(images):
     keys = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [cos, math.sqrt(1 - cos * cos)]]], dtype=torch.float64)
     batch = TokenBatch(torch.randn(1, 3, 4, dtype=torch.float64), torch.ones(1, 3, dtype=torch.float64))
     per_image = MergingViT._tau_tensor([0.9], 1, torch.device("cpu"))
-    assert mame_merge(batch, keys, per_image, 1)[1].tolist() == mame_merge(batch, keys, 0.9, 1)[1].tolist() == [3]
+    per_image_lengths = mame_merge(batch, keys, per_image, 1)[1].tolist()
+    assert per_image_lengths == mame_merge(batch, keys, 0.9, 1)[1].tolist() == [3]
     vit = patch_vit(tiny_vit().double())
     settings = MergeSettings(method="mame", tau=0.9, blocks=3)
     with torch.inference_mode():
