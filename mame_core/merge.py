@@ -227,12 +227,13 @@ class PackedBatch:
         tensors = [self.x, self.size, self.source, *extra]
         if self.uniform:
             out = [t.unflatten(0, (bsz, longest)) if t is not None else None for t in tensors]
-        else:
-            position = torch.arange(longest, device=self.x.device)
-            real = position < (self.offsets[1:] - self.offsets[:-1]).unsqueeze(1)
-            index = torch.where(real, self.offsets[:-1].unsqueeze(1) + position, 0)
-            out = [t[index] if t is not None else None for t in tensors]
-            out[1] = torch.where(real, out[1], 0.0)
+        else:  # indices made on the host from the known lengths: two small copies, no index arithmetic ops
+            position = np.arange(longest)
+            real = position[None, :] < np.asarray(self.lengths)[:, None]
+            index = np.where(real, np.asarray(_starts(self.lengths))[:, None] + position, 0)
+            index_t = _to_device(index, self.x.device)
+            out = [t[index_t] if t is not None else None for t in tensors]
+            out[1] = torch.where(_to_device(real, self.x.device), out[1], 0.0)
         batch = TokenBatch(*out[:3])
         return (batch, *out[3:]) if extra else batch
 

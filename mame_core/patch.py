@@ -298,7 +298,9 @@ class MergingViT(nn.Module):
         self._stages = _Stages()
         self._whole: Callable[..., MergeResult] | None = None  # a compiled forward for the unmerged and ToMe
         # Per block cost coefficients for the GFLOPs estimate (see _estimate_gmacs).
-        as_row = lambda values: torch.tensor(values, dtype=torch.float64)
+        # Plain floats: host bookkeeping, no tensor operators in the forward (and nothing for torch.compile
+        # to guard on).
+        as_row = lambda values: [float(v) for v in values]
         self._attn_linear_macs = as_row([_linear_macs(blk.attn) for blk in model.blocks])
         self._mlp_linear_macs = as_row([_linear_macs(blk) - _linear_macs(blk.attn) for blk in model.blocks])
         self._attn_dims = as_row([blk.attn.attn_dim for blk in model.blocks])
@@ -390,9 +392,8 @@ class MergingViT(nn.Module):
 
         final = tokens.with_x(m.norm(tokens.x)).padded()
         logits = self._head(final.x, final.size)
-        per_image = lambda rows: torch.tensor(rows, dtype=torch.int64).T.contiguous()
-        tokens_out = per_image(counts_out)
-        gflops = self._estimate_gmacs(per_image(counts_in), tokens_out, per_image(merge_pairs))
+        gflops = torch.tensor(self._estimate_gmacs(counts_in, counts_out, merge_pairs), dtype=torch.float64)
+        tokens_out = torch.tensor(list(zip(*counts_out)), dtype=torch.int64)
         return MergeResult(logits, tokens_out, self.input_tokens, gflops, sources if return_source else None)
 
     @staticmethod
@@ -425,17 +426,18 @@ class MergingViT(nn.Module):
             pooled = h
         return m.head(m.head_drop(m.fc_norm(pooled)))
 
-    def _estimate_gmacs(self, tokens_in: Tensor, tokens_out: Tensor, merge_pairs: Tensor) -> Tensor:
-        """Per image GMACs from real token counts: attention on the tokens entering a block, MLP on those
-        leaving its merge, plus the merge's similarity and fusion products."""
-        n_in, n_out = tokens_in.double(), tokens_out.double()
-        per_block = (
-            n_in * self._attn_linear_macs
-            + 2 * n_in * n_in * self._attn_dims
-            + n_out * self._mlp_linear_macs
-            + merge_pairs.double() * self._merge_macs_per_pair
-        )
-        return (per_block.sum(dim=1) + self._fixed_macs) / 1e9
+    def _estimate_gmacs(
+        self, tokens_in: list[list[int]], tokens_out: list[list[int]], merge_pairs: list[list[int]]
+    ) -> list[float]:
+        """Per image GMACs from real token counts (per block, a list over images): attention on the tokens
+        entering a block, MLP on those leaving its merge, plus the merge's similarity and fusion products."""
+        per_block = zip(tokens_in, tokens_out, merge_pairs, self._attn_linear_macs, self._attn_dims,
+                        self._mlp_linear_macs, self._merge_macs_per_pair)
+        totals = [0.0] * len(tokens_in[0])
+        for n_in, n_out, pairs, attn_linear, attn_dim, mlp_linear, per_pair in per_block:
+            totals = [t + (i * attn_linear + 2 * i * i * attn_dim + o * mlp_linear + p * per_pair)
+                      for t, i, o, p in zip(totals, n_in, n_out, pairs)]
+        return [(t + self._fixed_macs) / 1e9 for t in totals]
 
 
 def patch_vit(model: VisionTransformer) -> MergingViT:
