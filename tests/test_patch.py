@@ -196,8 +196,8 @@ def test_packed_attention_equals_per_image_additive_bias(prop_attn, head_dim, le
     size = torch.randint(1, 6, (sum(lengths),), generator=gen).float()
     scale = head_dim ** -0.5
     layout = _Layout(lengths, bias_size=size, prop_attn=prop_attn)
-    channels = layout.bias_channels(head_dim, scale, qkv.dtype)
-    got = _attend(torch.cat([qkv, channels.expand(-1, -1, 2, -1)], dim=-1), layout, scale)[..., :head_dim]
+    channels = layout.bias_channels(2, head_dim, scale, qkv.dtype)
+    got = _attend(torch.cat([qkv, channels], dim=-1), layout, scale)[..., :head_dim]
     got = got.reshape(qkv.shape[0], 2, head_dim)  # leading dims [B, L] when all images are as long
     start = 0
     for n in lengths:  # each image alone: its own keys only, log(size) added to every key's logit
