@@ -25,12 +25,6 @@ class TokenBatch:
     source: Tensor | None = None  # [B, T, num_patches] or None
 
 
-def _divide_where_positive(num: Tensor, den: Tensor) -> Tensor:
-    """num / den where den > 0; where den == 0 the callers' num is 0, and so is the result. No eps: an eps
-    shifts weights by whole percents when den is tiny."""
-    return num / torch.where(den > 0, den, 1.0)
-
-
 def _unit(v: Tensor) -> Tensor:
     """Rows scaled to unit length; a zero row stays 0 (clamped norm, never NaN)."""
     return v / v.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(v.dtype).eps)
@@ -58,8 +52,11 @@ def mame_fusion_weights(
     # one candidate, or several equal ones, are kept regardless of float rounding. A zero entry is kept only
     # where its column is all zero, and adds nothing.
     kept = torch.where(excess * count >= colsum * (1 - 1e-5), excess, 0.0)
-    kept_sum = kept.sum(dim=1, keepdim=True)
-    return _divide_where_positive(kept, kept_sum), kept_sum.squeeze(1) > 0
+    kept_sum = kept.sum(dim=1)
+    merges = kept_sum > 0
+    # A column that does not merge is all zero and stays so (divided by 1). No eps: an eps shifts weights by
+    # whole percents when the column sum is tiny.
+    return kept / torch.where(merges, kept_sum, 1.0).unsqueeze(1), merges
 
 
 def _positions(length: int, num_special: int, stride: int, device: torch.device) -> tuple[Tensor, ...]:
