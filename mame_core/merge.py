@@ -105,7 +105,7 @@ def mame_step(
     n_dst: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Steps 2-9 of the spec on a padded batch already in merge order (special, `n_dst` destinations, then
-    sources; padding has size 0): x [B, T, C], size [B, T], source [B, T, P] or None, metric [B, T, d].
+    sources; padding has size 0 and finite rows): x [B, T, C], size [B, T], source [B, T, P] or None, metric [B, T, d].
 
     Returns `keep` [B, T] (bool) and x, size, source [B, T, ...] with the fused destinations in place:
     each image's kept tokens, in order, are its output (special, real dsts, preserved srcs). Similarity,
@@ -120,15 +120,14 @@ def mame_step(
     weights, merges = mame_fusion_weights(sim, tau, valid_dst, valid_src)
 
     # Size-weighted fusion. Each term's weight is divided by the dst's new size before it meets a token (the
-    # weights of a fused token sum to 1). Padding rows may hold anything (NaN * 0 is NaN): padding srcs are
-    # zeroed with where; padding dsts (new size 0) give rows that are never kept.
+    # weights of a fused token sum to 1). Padding srcs weigh 0, so their rows must be finite (NaN * 0 is NaN):
+    # copies of the same image's tokens, or zeros. Padding dsts (new size 0) give rows that are never kept.
     mass = weights * as_dtype(size_src, work).unsqueeze(1)  # [B, M, N]
     new_size_dst = size_dst + as_dtype(mass.sum(dim=2), size.dtype)
     inverse = as_dtype(new_size_dst, work).reciprocal().unsqueeze(-1)
     x_special, x_dst, x_src = x.split(parts, dim=1)
-    x_src_real = torch.where(valid_src.unsqueeze(-1), x_src, 0.0)
     dst_share = as_dtype(size_dst, work).unsqueeze(-1) * inverse
-    fused = dst_share * as_dtype(x_dst, work) + (mass * inverse) @ as_dtype(x_src_real, work)
+    fused = dst_share * as_dtype(x_dst, work) + (mass * inverse) @ as_dtype(x_src, work)
 
     # A merged src keeps no size: the kept tokens are those with a size (specials, real dsts, preserved srcs).
     new_size = torch.cat([size_special, new_size_dst, torch.where(merges, 0.0, size_src)], dim=1)
@@ -137,8 +136,7 @@ def mame_step(
     if source is not None:
         # A source row already sums to its token's size, so it is spread by the weights alone.
         source_special, source_dst, source_src = source.split(parts, dim=1)
-        source_src_real = torch.where(valid_src.unsqueeze(-1), source_src, 0.0)
-        fused_source = source_dst + as_dtype(weights, source.dtype) @ source_src_real
+        fused_source = source_dst + as_dtype(weights, source.dtype) @ source_src
         new_source = torch.cat([source_special, fused_source, source_src], dim=1)
     return new_size > 0, new_x, new_size, new_source
 
@@ -169,10 +167,11 @@ def mame_merge(
     if length - num_special < 2:  # at most one non-special token: nothing can merge, order is final
         return batch, (batch.size > 0).sum(dim=1).cpu()
     order = _to_device(_cached_order(length, num_special, stride), batch.x.device)
-    source = batch.source[:, order] if batch.source is not None else None
+    real = (batch.size[:, order] > 0).unsqueeze(-1)  # padding rows may hold anything: zeroed for mame_step
+    source = torch.where(real, batch.source[:, order], 0.0) if batch.source is not None else None
     n_dst = -(-(length - num_special) // stride)
-    keep, *merged = mame_step(batch.x[:, order], batch.size[:, order], source, metric[:, order], tau,
-                              num_special, n_dst)
+    x = torch.where(real, batch.x[:, order], 0.0)
+    keep, *merged = mame_step(x, batch.size[:, order], source, metric[:, order], tau, num_special, n_dst)
     kept, lengths = _kept(keep)
     bsz, new_len = batch.x.shape[0], max(lengths)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
@@ -227,7 +226,9 @@ class PackedBatch:
         else:  # indices made on the host from the known lengths: two small copies, no index arithmetic ops
             position = np.arange(longest)
             real = position[None, :] < np.asarray(self.lengths)[:, None]
-            index = np.where(real, np.asarray(_starts(self.lengths))[:, None] + position, 0)
+            # A padding row repeats its own image's first token: nothing of another image (a NaN) leaks in.
+            starts = np.asarray(_starts(self.lengths))[:, None]
+            index = np.where(real, starts + position, starts)
             index_t = _to_device(index, self.x.device)
             out = [t[index_t] if t is not None else None for t in tensors]
             out[1] = torch.where(_to_device(real, self.x.device), out[1], 0.0)
@@ -252,7 +253,8 @@ def mame_merge_packed(
     starts = np.asarray(_starts(batch.lengths))
     real = order[None, :] < np.asarray(batch.lengths)[:, None]  # [B, T]
     device = batch.x.device
-    index = _to_device(np.where(real, starts[:, None] + order[None, :], 0), device)
+    # A padding row repeats its own image's first token (finite where the image is, and never another's).
+    index = _to_device(np.where(real, starts[:, None] + order[None, :], starts[:, None]), device)
     size = torch.where(_to_device(real, device), batch.size[index], 0.0)
     source = batch.source[index] if batch.source is not None else None
     n_dst = -(-(longest - num_special) // stride)

@@ -266,6 +266,19 @@ def test_cost_follows_the_sum_of_tokens_not_the_longest_image(images, monkeypatc
     assert batch == (sum(a[0] for a in alone), sum(a[1] for a in alone))
 
 
+def test_a_nan_image_leaves_the_others_of_its_batch_untouched(images):
+    # Padding rows of the merge repeat tokens of their own image only: a NaN image cannot leak into others.
+    vit = patch_vit(tiny_vit())
+    bad = images.clone()
+    bad[0] = float("nan")
+    taus = torch.tensor([0.6, 0.6, 1.0, 0.6])  # a long image beside shorter ones: every merge pads
+    with torch.inference_mode():
+        together = vit(bad, MAME, tau=taus)
+        good = vit(images[1:], MAME, tau=taus[1:])
+    assert together.logits[0].isnan().all()
+    torch.testing.assert_close(together.logits[1:], good.logits, atol=1e-4, rtol=1e-4)
+
+
 def test_per_image_tau_one_image_keeps_all_tokens(images):
     vit = patch_vit(tiny_vit())
     settings = MergeSettings(method="mame", tau=0.6, blocks=4)
