@@ -105,7 +105,8 @@ def mame_step(
     n_dst: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Steps 2-9 of the spec on a padded batch already in merge order (special, `n_dst` destinations, then
-    sources; padding has size 0 and finite rows): x [B, T, C], size [B, T], source [B, T, P] or None, metric [B, T, d].
+    sources; padding has size 0 and finite rows): x [B, T, C], size [B, T], source [B, T, P] or None,
+    metric [B, T, d].
 
     Returns `keep` [B, T] (bool) and x, size, source [B, T, ...] with the fused destinations in place:
     each image's kept tokens, in order, are its output (special, real dsts, preserved srcs). Similarity,

@@ -401,7 +401,7 @@ class MergingViT(nn.Module):
                 merged_yet = merged_yet or any(a < b for a, b in zip(layout.lengths, lengths))
                 if merged_yet:  # while nothing merged, every size is 1 and attention needs no bias
                     layout.bias_size = tokens.size
-                    if not layout.uniform:
+                    if not layout.uniform and tokens.x.is_cuda:  # varlen attention runs on CUDA only
                         layout.cu_seqlens = tokens.offsets.to(torch.int32)
             merge_pairs.append(pairs)
             tokens = tokens.with_x(self._stages.mlp(blk, tokens.x))
