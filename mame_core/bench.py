@@ -242,7 +242,8 @@ def format_table(rows: list[BenchRow], cpu_columns: bool = False) -> str:
     head += f"{'img/CPU-s':>11}{'ratio':>8}" if cpu_columns else ""
     lines = [head]
     for r in rows:
-        line = f"{r.method:<7}{r.setting:>10}{r.mean_final_tokens:>14.1f}{r.max_final_tokens:>5}{r.gflops:>9.2f}"
+        line = (f"{r.method:<7}{r.setting:>10}{r.mean_final_tokens:>14.1f}{r.max_final_tokens:>5}"
+                f"{r.gflops:>9.2f}")
         line += f"{r.img_per_s:>10.2f}{r.ratio:>7.3f}x{r.efficiency:>11.2f}"
         line += f"{r.best_img_per_s:>12.2f}{r.best_ratio:>7.3f}x"
         line += f"{r.img_per_cpu_s:>11.2f}{r.cpu_ratio:>7.3f}x" if cpu_columns else ""
@@ -317,7 +318,8 @@ def batch_pictures(batch_size: int, pictures: int) -> str:
 
 
 def check_report_target(target: str | None) -> None:
-    """--json PATH must be writable before the run, not found unwritable after it: its folder is made if missing."""
+    """--json PATH must be writable before the run, not found unwritable after it: its folder is made if
+    missing."""
     if target in (None, "-"):
         return
     path = Path(target)
@@ -417,14 +419,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads is not None and args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         if args.rounds < 1 or args.iters < 1 or args.warmup < 0:
-            raise ValueError(f"need --rounds >= 1, --iters >= 1, --warmup >= 0; got {args.rounds}, {args.iters}, "
-                             f"{args.warmup}")
+            raise ValueError(f"need --rounds >= 1, --iters >= 1, --warmup >= 0; got {args.rounds}, "
+                             f"{args.iters}, {args.warmup}")
         check_report_target(args.json)
         device, dtype = resolve_device_dtype(args.device, args.dtype)
         taus, tome_r = parse_list(args.taus, float, "--taus"), parse_list(args.tome_r, int, "--tome-r")
         mixed_tau = parse_mixed_tau(args.mixed_tau, taus)
         paths = sample_images() if args.images is None else list_images(args.images)
-        variants = make_variants(taus, tome_r, args.mame_blocks, unpatched=True)  # bad settings: before a download
+        # Bad settings fail here, before a download.
+        variants = make_variants(taus, tome_r, args.mame_blocks, unpatched=True)
         if mixed_tau is not None:
             MergeSettings(method="mame", tau=mixed_tau, blocks=args.mame_blocks)
         model = load_model(args.arch, args.weights, parse_model_kwargs(args.model_kwargs))

@@ -121,7 +121,9 @@ def evaluate(
 
 
 def format_table(rows: list[EvalRow]) -> str:
-    lines = [f"{'method':<7}{'setting':>9}{'images':>8}{'top-1':>8}{'agree':>8}{'final tokens':>14}{'GFLOPs':>9}"]
+    header = (f"{'method':<7}{'setting':>9}{'images':>8}{'top-1':>8}{'agree':>8}{'final tokens':>14}"
+              f"{'GFLOPs':>9}")
+    lines = [header]
     for r in rows:
         lines.append(
             f"{r.method:<7}{r.setting:>9}{r.images:>8}{100 * r.top1:>7.2f}%{100 * r.agreement:>7.2f}%"
@@ -179,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     vit = patch_vit(model.to(device, dtype))
     try:
         rows = evaluate(vit, loader, variants, targets_map, device, dtype, progress=not args.no_progress)
-    except ValueError as err:  # from a loader process it comes with the worker's traceback: its last line says it
+    except ValueError as err:
+        # From a loader process it comes with the worker's traceback: its last line says it.
         said = str(err).strip().splitlines()[-1].removeprefix("ValueError: ")
         print(f"mame-eval: error: {said}", file=sys.stderr)
         return 2
@@ -194,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         "rows": [asdict(r) for r in rows],
     }
     if args.json != "-":
-        print(f"{args.arch} ({report['weights']}) on {args.folder}: {len(dataset)} images, {report['classes']} classes")
+        print(f"{args.arch} ({report['weights']}) on {args.folder}: {len(dataset)} images, "
+              f"{report['classes']} classes")
         print(format_table(rows))
     write_report(report, args.json)
     return 0

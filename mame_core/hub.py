@@ -28,7 +28,8 @@ def hub_disabled_by_env(env: dict[str, str] | None = None) -> str | None:
 
 
 def hub_reachable(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> bool:
-    """One TCP connect to the hub endpoint: decides in `timeout_s` instead of the hub client's ~45 s retries."""
+    """One TCP connect to the hub endpoint: decides in `timeout_s` instead of the hub client's ~45 s
+    retries."""
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
@@ -62,7 +63,9 @@ def cached_hub_file(model: torch.nn.Module) -> str | None:
     return None
 
 
-def pretrained_or_cached(build: Callable[..., torch.nn.Module]) -> tuple[torch.nn.Module | None, str | None, str | None]:
+def pretrained_or_cached(
+    build: Callable[..., torch.nn.Module],
+) -> tuple[torch.nn.Module | None, str | None, str | None]:
     """timm's pretrained weights through `build(pretrained, **extra)`: downloaded when the hub can be used,
     else the local cache's copy. Returns (the model or None, why the hub was not used or None, the cached file
     used or None)."""

@@ -9,9 +9,11 @@ tokens) are never merged. Real tokens always sit at the front of each row; paddi
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -21,12 +23,6 @@ class TokenBatch:
     x: Tensor  # [B, T, C]
     size: Tensor  # [B, T] float, 0 for padding
     source: Tensor | None = None  # [B, T, num_patches] or None
-
-
-def _divide_where_positive(num: Tensor, den: Tensor) -> Tensor:
-    """num / den where den > 0; where den == 0 the callers' num is 0, and so is the result. No eps: an eps
-    shifts weights by whole percents when den is tiny."""
-    return num / torch.where(den > 0, den, 1.0)
 
 
 def _unit(v: Tensor) -> Tensor:
@@ -56,8 +52,11 @@ def mame_fusion_weights(
     # one candidate, or several equal ones, are kept regardless of float rounding. A zero entry is kept only
     # where its column is all zero, and adds nothing.
     kept = torch.where(excess * count >= colsum * (1 - 1e-5), excess, 0.0)
-    kept_sum = kept.sum(dim=1, keepdim=True)
-    return _divide_where_positive(kept, kept_sum), kept_sum.squeeze(1) > 0
+    kept_sum = kept.sum(dim=1)
+    merges = kept_sum > 0
+    # A column that does not merge is all zero and stays so (divided by 1). No eps: an eps shifts weights by
+    # whole percents when the column sum is tiny.
+    return kept / torch.where(merges, kept_sum, 1.0).unsqueeze(1), merges
 
 
 def _positions(length: int, num_special: int, stride: int, device: torch.device) -> tuple[Tensor, ...]:
@@ -92,53 +91,67 @@ def as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def mame_step(
-    batch: TokenBatch, metric: Tensor, tau: Tensor | float, num_special: int, stride: int
-) -> tuple[Tensor, list[tuple[Tensor, Tensor, Tensor]]]:
-    """Steps 2-9 of the spec on a padded batch, up to which tokens the output keeps.
+def _order(length: int, num_special: int, stride: int) -> np.ndarray:
+    """The positions of a length-`length` image in the merge's order: special, destinations, sources."""
+    dst_pos, src_pos, _ = _cached_positions(length, num_special, stride, torch.device("cpu"))
+    return np.concatenate([np.arange(num_special), dst_pos.numpy(), src_pos.numpy()])
 
-    Returns `keep` [B, T'] (bool) and, for x, size and source, the parts (special, fused dst, src) along
-    dim 1 that it masks: each image's kept tokens, in order, are its output (special, real dsts, preserved
-    srcs). Similarity, weights and fusion run in fp32 or wider; only fused tokens return to the model dtype.
+
+_cached_order = functools.lru_cache(maxsize=256)(_order)
+
+
+def mame_step(
+    x: Tensor, size: Tensor, source: Tensor | None, metric: Tensor, tau: Tensor | float, num_special: int,
+    n_dst: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Steps 2-9 of the spec on a padded batch already in merge order (special, `n_dst` destinations, then
+    sources; padding has size 0 and finite rows): x [B, T, C], size [B, T], source [B, T, P] or None,
+    metric [B, T, d].
+
+    Returns `keep` [B, T] (bool) and x, size, source [B, T, ...] with the fused destinations in place:
+    each image's kept tokens, in order, are its output (special, real dsts, preserved srcs). Similarity,
+    weights and fusion run in fp32 or wider; only fused tokens return to the model dtype.
     """
-    x, size, source = batch.x, batch.size, batch.source
-    dst_pos, src_pos, special_keep = _split_positions(x.shape[1], num_special, stride, x.device)
     work = work_dtype(metric.dtype)
-    unit = _unit(as_dtype(metric, work))
-    sim = (unit[:, dst_pos] @ unit[:, src_pos].mT).clamp(-1.0, 1.0)
-    size_dst, size_src = size[:, dst_pos], size[:, src_pos]
-    valid_dst, valid_src = size_dst > 0, size_src > 0
+    parts = [num_special, n_dst, x.shape[1] - num_special - n_dst]
+    _, unit_dst, unit_src = _unit(as_dtype(metric, work)).split(parts, dim=1)
+    sim = (unit_dst @ unit_src.mT).clamp(-1.0, 1.0)
+    size_special, size_dst, size_src = size.split(parts, dim=1)
+    _, valid_dst, valid_src = (size > 0).split(parts, dim=1)
     weights, merges = mame_fusion_weights(sim, tau, valid_dst, valid_src)
 
     # Size-weighted fusion. Each term's weight is divided by the dst's new size before it meets a token (the
-    # weights of a fused token sum to 1). Padding rows may hold anything (NaN * 0 is NaN): padding srcs are
-    # zeroed with where; padding dsts (new size 0) give rows that are never kept.
+    # weights of a fused token sum to 1). Padding srcs weigh 0, so their rows must be finite (NaN * 0 is NaN):
+    # copies of the same image's tokens, or zeros. Padding dsts (new size 0) give rows that are never kept.
     mass = weights * as_dtype(size_src, work).unsqueeze(1)  # [B, M, N]
     new_size_dst = size_dst + as_dtype(mass.sum(dim=2), size.dtype)
     inverse = as_dtype(new_size_dst, work).reciprocal().unsqueeze(-1)
-    x_dst, x_src = x[:, dst_pos], x[:, src_pos]
-    x_src_real = torch.where(valid_src.unsqueeze(-1), x_src, 0.0)
+    x_special, x_dst, x_src = x.split(parts, dim=1)
     dst_share = as_dtype(size_dst, work).unsqueeze(-1) * inverse
-    fused = dst_share * as_dtype(x_dst, work) + (mass * inverse) @ as_dtype(x_src_real, work)
+    fused = dst_share * as_dtype(x_dst, work) + (mass * inverse) @ as_dtype(x_src, work)
 
-    keep = torch.cat([special_keep.expand(x.shape[0], -1), valid_dst, valid_src & ~merges], dim=1)
-    parts = [(x[:, :num_special], as_dtype(fused, x.dtype), x_src),
-             (size[:, :num_special], new_size_dst, size_src)]
+    # A merged src keeps no size: the kept tokens are those with a size (specials, real dsts, preserved srcs).
+    new_size = torch.cat([size_special, new_size_dst, torch.where(merges, 0.0, size_src)], dim=1)
+    new_x = torch.cat([x_special, as_dtype(fused, x.dtype), x_src], dim=1)
+    new_source = None
     if source is not None:
         # A source row already sums to its token's size, so it is spread by the weights alone.
-        source_src = torch.where(valid_src.unsqueeze(-1), source[:, src_pos], 0.0)
-        fused_source = source[:, dst_pos] + as_dtype(weights, source.dtype) @ source_src
-        parts.append((source[:, :num_special], fused_source, source[:, src_pos]))
-    return keep, parts
+        source_special, source_dst, source_src = source.split(parts, dim=1)
+        fused_source = source_dst + as_dtype(weights, source.dtype) @ source_src
+        new_source = torch.cat([source_special, fused_source, source_src], dim=1)
+    return new_size > 0, new_x, new_size, new_source
 
 
-def _kept_rows(keep: Tensor, total: int) -> Tensor:
-    """Flat indices of the `total` true entries of keep [B, T'], in order (no host sync where torch can)."""
-    flat = keep.flatten()
-    try:
-        return torch.nonzero_static(flat, size=total).squeeze(1)
-    except (NotImplementedError, RuntimeError):  # older torch builds lack it on some devices
-        return flat.nonzero().squeeze(1)
+def _to_device(array: np.ndarray, device: torch.device) -> Tensor:
+    t = torch.from_numpy(array)
+    return t if device.type == "cpu" else t.to(device, non_blocking=True)
+
+
+def _kept(keep: Tensor) -> tuple[np.ndarray, tuple[int, ...]]:
+    """keep [B, T] on the host (the one host sync of a merge: the output's size depends on it): the kept
+    (image, position) pairs, in order, [2, total], and the kept tokens per image."""
+    keep_host = (keep if keep.device.type == "cpu" else keep.cpu()).numpy()
+    return np.stack(keep_host.nonzero()), tuple(int(n) for n in keep_host.sum(axis=1))
 
 
 def mame_merge(
@@ -146,23 +159,34 @@ def mame_merge(
 ) -> tuple[TokenBatch, Tensor]:
     """One MaMe merge step (Algorithm 1 as read by MAME_SPEC.md) on a padded batch.
 
-    metric: [B, T, d] similarity features (the block's keys, mean over heads); tau: [B] thresholds or one for all.
+    metric: [B, T, d] similarity features (the block's keys, mean over heads); tau: [B] thresholds or one
+    for all.
     Returns the merged batch (spec, fused dst, preserved src; compacted and cut to the longest image) and
     the real token count per image [B] (int64, on the CPU).
     """
-    if batch.x.shape[1] - num_special < 2:  # at most one non-special token: nothing can merge, order is final
+    length = batch.x.shape[1]
+    if length - num_special < 2:  # at most one non-special token: nothing can merge, order is final
         return batch, (batch.size > 0).sum(dim=1).cpu()
-    keep, parts = mame_step(batch, metric, tau, num_special, stride)
-    lengths_host = keep.sum(dim=1).cpu()  # the one host sync of a merge: the output's length depends on it
-    bsz, new_len = batch.x.shape[0], int(lengths_host.max())
-    slot = torch.arange(bsz, device=keep.device).unsqueeze(1) * new_len + keep.cumsum(dim=1) - 1
-    index = torch.where(keep, slot, bsz * new_len)
+    order = _to_device(_cached_order(length, num_special, stride), batch.x.device)
+    real = (batch.size[:, order] > 0).unsqueeze(-1)  # padding rows may hold anything: zeroed for mame_step
+    source = torch.where(real, batch.source[:, order], 0.0) if batch.source is not None else None
+    n_dst = -(-(length - num_special) // stride)
+    x = torch.where(real, batch.x[:, order], 0.0)
+    keep, *merged = mame_step(x, batch.size[:, order], source, metric[:, order], tau, num_special, n_dst)
+    kept, lengths = _kept(keep)
+    bsz, new_len = batch.x.shape[0], max(lengths)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    slot = _to_device(np.arange(kept.shape[1]) - starts[kept[0]], batch.x.device)
+    image, position = (_to_device(np.ascontiguousarray(k), batch.x.device) for k in kept)
     placed = []
-    for part in parts:
-        values = torch.cat(part, dim=1).flatten(0, 1)
-        out = values.new_zeros(bsz * new_len + 1, *values.shape[1:]).index_copy_(0, index.flatten(), values)
-        placed.append(out[:-1].unflatten(0, (bsz, new_len)))
-    return TokenBatch(*placed), lengths_host
+    for values in merged:
+        if values is None:
+            placed.append(None)
+            continue
+        out = values.new_zeros(bsz, new_len, *values.shape[2:])
+        out[image, slot] = values[image, position]
+        placed.append(out)
+    return TokenBatch(*placed), torch.tensor(lengths, dtype=torch.int64)
 
 
 @dataclass(frozen=True)
@@ -200,33 +224,53 @@ class PackedBatch:
         tensors = [self.x, self.size, self.source, *extra]
         if self.uniform:
             out = [t.unflatten(0, (bsz, longest)) if t is not None else None for t in tensors]
-        else:
-            position = torch.arange(longest, device=self.x.device)
-            real = position < (self.offsets[1:] - self.offsets[:-1]).unsqueeze(1)
-            index = torch.where(real, self.offsets[:-1].unsqueeze(1) + position, 0)
-            out = [t[index] if t is not None else None for t in tensors]
-            out[1] = torch.where(real, out[1], 0.0)
+        else:  # indices made on the host from the known lengths: two small copies, no index arithmetic ops
+            position = np.arange(longest)
+            real = position[None, :] < np.asarray(self.lengths)[:, None]
+            # A padding row repeats its own image's first token: nothing of another image (a NaN) leaks in.
+            starts = np.asarray(_starts(self.lengths))[:, None]
+            index = np.where(real, starts + position, starts)
+            index_t = _to_device(index, self.x.device)
+            out = [t[index_t] if t is not None else None for t in tensors]
+            out[1] = torch.where(_to_device(real, self.x.device), out[1], 0.0)
         batch = TokenBatch(*out[:3])
         return (batch, *out[3:]) if extra else batch
 
 
 def mame_merge_packed(
     batch: PackedBatch, metric: Tensor, tau: Tensor | float, num_special: int, stride: int = 2,
-    step: Callable[..., tuple[Tensor, list[tuple[Tensor, Tensor, Tensor]]]] | None = None,
+    step: Callable[..., tuple[Tensor, Tensor, Tensor, Tensor | None]] | None = None,
 ) -> PackedBatch:
     """mame_merge on a packed batch (metric [N, d]), returning a packed batch: the same tokens and sizes as
-    mame_merge gives, without its padding. One host sync (the new token count). `step`: a compiled
-    equivalent of the device part of the merge, if any."""
-    padded, padded_metric = batch.padded(metric)
-    if padded.x.shape[1] - num_special < 2:
+    mame_merge gives, without its padding. One host sync (the kept tokens). `step`: a compiled equivalent
+    of mame_step, if any.
+
+    The padded batch in merge order is one gather per tensor, with indices made on the host from the known
+    lengths, and the output one gather back: few operators, as each is a launch on a GPU."""
+    longest = max(batch.lengths)
+    if longest - num_special < 2:
         return batch
-    keep, parts = (step or mame_step)(padded, padded_metric, tau, num_special, stride)
-    lengths = keep.sum(dim=1)
-    lengths_host = tuple(lengths.tolist())  # the one host sync of a merge: the output's size depends on it
-    rows = _kept_rows(keep, sum(lengths_host))
-    placed = [torch.cat(part, dim=1).flatten(0, 1).index_select(0, rows) for part in parts]
-    offsets = torch.nn.functional.pad(lengths.cumsum(0), (1, 0))
-    return PackedBatch(placed[0], placed[1], placed[2] if len(placed) > 2 else None, lengths_host, offsets)
+    order = _cached_order(longest, num_special, stride)
+    starts = np.asarray(_starts(batch.lengths))
+    real = order[None, :] < np.asarray(batch.lengths)[:, None]  # [B, T]
+    device = batch.x.device
+    # A padding row repeats its own image's first token (finite where the image is, and never another's).
+    index = _to_device(np.where(real, starts[:, None] + order[None, :], starts[:, None]), device)
+    size = torch.where(_to_device(real, device), batch.size[index], 0.0)
+    source = batch.source[index] if batch.source is not None else None
+    n_dst = -(-(longest - num_special) // stride)
+    keep, x, size, source = (step or mame_step)(batch.x[index], size, source, metric[index], tau,
+                                                num_special, n_dst)
+    kept, lengths = _kept(keep)
+    image, position = (_to_device(np.ascontiguousarray(k), device) for k in kept)
+    source = source[image, position] if source is not None else None
+    offsets = _to_device(np.asarray(_starts(lengths) + [sum(lengths)], dtype=np.int64), device)
+    return PackedBatch(x[image, position], size[image, position], source, lengths, offsets)
+
+
+def _starts(lengths: tuple[int, ...]) -> list[int]:
+    """Where each image starts in its packed rows."""
+    return [0, *itertools.accumulate(lengths)][:-1]
 
 
 def mame_order(batch: TokenBatch, num_special: int, stride: int = 2) -> TokenBatch:

@@ -7,6 +7,7 @@ copy of the weights serves unmerged, MaMe at any tau and ToMe at any r, with no 
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Callable, Sequence
@@ -60,17 +61,21 @@ class MergeSettings:
         if isinstance(self.tau, tuple) and not self.tau:
             raise ValueError("a per-block tau list needs at least one value")
         if isinstance(self.tau, tuple) and self.blocks is not None and len(self.tau) != self.blocks:
-            raise ValueError(f"a per-block tau list needs one value per merging block: {len(self.tau)} != {self.blocks}")
+            raise ValueError("a per-block tau list needs one value per merging block: "
+                             f"{len(self.tau)} != {self.blocks}")
         # blocks counts the leading blocks that merge (spec section 2): merging in none is method 'none'.
-        if self.blocks is not None and (isinstance(self.blocks, bool) or not isinstance(self.blocks, int) or self.blocks < 1):
-            raise ValueError(f"blocks must be an integer >= 1 (merge in the first `blocks` blocks), not {self.blocks!r}")
+        bad_blocks = isinstance(self.blocks, bool) or not isinstance(self.blocks, int) or self.blocks < 1
+        if self.blocks is not None and bad_blocks:
+            raise ValueError("blocks must be an integer >= 1 (merge in the first `blocks` blocks), "
+                             f"not {self.blocks!r}")
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 0:
             raise ValueError(f"r must be a non-negative integer, not {self.r!r}")
         if self.method == "tome" and self.r == 0:
             raise ValueError("method 'tome' needs r >= 1 tokens to remove per block")
         if isinstance(self.stride, bool) or not isinstance(self.stride, int) or self.stride < 2:
             raise ValueError(f"stride must be an integer >= 2, not {self.stride!r}")
-        if not isinstance(self.prop_attn, bool):  # "false" is a true string: attention would stay proportional
+        # "false" is a true string: attention would stay proportional.
+        if not isinstance(self.prop_attn, bool):
             raise ValueError(f"prop_attn must be true or false, not {self.prop_attn!r}")  # noqa: TRY004 (user input)
         # A setting the method does not use is a mistake, not a no-op: {tau: 0.9} without `method: mame`
         # would serve the unmerged model under a MaMe variant's name.
@@ -110,7 +115,8 @@ class MergeSettings:
     def check_depth(self, depth: int) -> None:
         """A ValueError when these settings name more merging blocks than a model of this depth has
         (merge_blocks would cut them silently): for checking a configured variant against its model."""
-        wanted = self.blocks if self.blocks is not None else len(self.tau) if isinstance(self.tau, tuple) else None
+        wanted = (self.blocks if self.blocks is not None
+                  else len(self.tau) if isinstance(self.tau, tuple) else None)
         if self.method != "none" and wanted is not None and wanted > depth:
             raise ValueError(f"merging in the first {wanted} blocks, but the model has only {depth} blocks")
 
@@ -131,18 +137,21 @@ class MergeResult:
 
 
 def check_supported(model: nn.Module) -> None:
-    """A TypeError saying why `patch_vit` cannot patch this model (works on a model built on the meta device)."""
+    """A TypeError saying why `patch_vit` cannot patch this model (works on a model built on the meta
+    device)."""
     if not isinstance(model, VisionTransformer):
         raise TypeError(f"patch_vit needs a timm VisionTransformer, got {type(model).__name__}")
     if getattr(model, "attn_pool", None) is not None:
         raise TypeError("attention-pooling heads (global_pool='map') are not supported by token merging")
     if model.global_pool == "":
         # Per-token outputs: after merging, each image keeps its own number of tokens (padded in a batch).
-        raise TypeError("per-token outputs (global_pool='') are not supported: merged images differ in length")
+        raise TypeError("per-token outputs (global_pool='') are not supported: "
+                        "merged images differ in length")
     if model.global_pool not in ("token", "avg", "max", "avgmax"):
         raise TypeError(f"unsupported global_pool {model.global_pool!r}")
     if getattr(model, "dynamic_img_size", False):
-        raise TypeError("dynamic_img_size models are not supported: the patch counts tokens at the built input size")
+        raise TypeError("dynamic_img_size models are not supported: "
+                        "the patch counts tokens at the built input size")
     for i, blk in enumerate(model.blocks):
         if type(blk) is not Block or type(blk.attn) is not Attention:
             raise TypeError(
@@ -190,22 +199,40 @@ class _Layout:
     def uniform(self) -> bool:
         return min(self.lengths) == max(self.lengths)
 
-    def bias_channels(self, head_dim: int, scale: float, dtype: torch.dtype) -> Tensor | None:
-        """Extra q/k/v head channels [N, 3, 1, pad] that carry the key bias log(size) through a mask-free
+    def bias_channels(self, num_heads: int, head_dim: int, scale: float, dtype: torch.dtype) -> Tensor | None:
+        """Extra q/k/v head channels [N, 3, H, pad] that carry the key bias log(size) through a mask-free
         attention: q gets ones, k gets bias / (pad * scale), v gets zeros, so q_ext k_ext^T * scale is the
         biased logit and the first head_dim channels of the output are the result. A mask keeps SDPA off its
         fastest kernel (measured on the GPU: 2.6x slower attention) and varlen attention takes none; this
         costs a head dim rounded up to the next multiple of 8 (what the fused kernels take)."""
         if self.bias_size is None:
             return None
-        key = (head_dim, scale)
+        key = (num_heads, head_dim, scale)
         if key not in self.channels:
             pad = 8 - head_dim % 8
             size = self.bias_size if self.prop_attn else torch.ones_like(self.bias_size)
             bias = size.log() / (pad * scale)
-            extra = torch.stack([torch.ones_like(bias), bias, torch.zeros_like(bias)], dim=1)
-            self.channels[key] = as_dtype(extra, dtype)[:, :, None, None].expand(-1, -1, 1, pad)
+            # [1, bias, 0] per token in one op: ones + bias * [0, 1, 0] (exact: the products are bias and 0).
+            q_ones, k_bias = _channel_basis(bias.device, bias.dtype)
+            extra = torch.addcmul(q_ones, bias.view(-1, 1, 1, 1), k_bias)  # [N, 3, 1, 1]
+            self.channels[key] = as_dtype(extra, dtype).expand(-1, -1, num_heads, pad)
         return self.channels[key]
+
+
+def _basis(device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """[1, 0, 0] and [0, 1, 0] as [3, 1, 1] tensors: the q and k rows of the bias channels."""
+    eye = torch.eye(3, dtype=dtype, device=device)
+    return eye[0].view(3, 1, 1), eye[1].view(3, 1, 1)
+
+
+_cached_basis = functools.lru_cache(maxsize=16)(_basis)
+
+
+def _channel_basis(device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """_basis, cached in eager mode."""
+    if torch.compiler.is_compiling():
+        return _basis(device, dtype)
+    return _cached_basis(device, dtype)
 
 
 def _attend(qkv: Tensor, layout: _Layout, scale: float) -> Tensor:
@@ -243,7 +270,7 @@ def _project(
         qkv = torch.stack([attn.q_norm(qkv[:, 0]), attn.k_norm(qkv[:, 1]), qkv[:, 2]], dim=1)
     metric = qkv[:, 1].mean(dim=1, dtype=work_dtype(qkv.dtype)) if want_metric else None
     if channels is not None:
-        qkv = torch.cat([qkv, channels.expand(-1, -1, attn.num_heads, -1)], dim=-1)
+        qkv = torch.cat([qkv, channels], dim=-1)
     return qkv, metric, t
 
 
@@ -290,14 +317,18 @@ class MergingViT(nn.Module):
         self._stages = _Stages()
         self._whole: Callable[..., MergeResult] | None = None  # a compiled forward for the unmerged and ToMe
         # Per block cost coefficients for the GFLOPs estimate (see _estimate_gmacs).
-        as_row = lambda values: torch.tensor(values, dtype=torch.float64)
+        # Plain floats: host bookkeeping, no tensor operators in the forward (and nothing for torch.compile
+        # to guard on).
+        as_row = lambda values: [float(v) for v in values]
         self._attn_linear_macs = as_row([_linear_macs(blk.attn) for blk in model.blocks])
         self._mlp_linear_macs = as_row([_linear_macs(blk) - _linear_macs(blk.attn) for blk in model.blocks])
         self._attn_dims = as_row([blk.attn.attn_dim for blk in model.blocks])
         self._merge_macs_per_pair = as_row([blk.attn.head_dim + model.embed_dim for blk in model.blocks])
         proj = model.patch_embed.proj
-        patch_macs = sum(p.numel() for p in proj.parameters() if p.dim() > 1) if isinstance(proj, nn.Conv2d) else 0
-        head_macs = _linear_macs(model.head) + (_linear_macs(model.head_dist) if hasattr(model, "head_dist") else 0)
+        patch_macs = (sum(p.numel() for p in proj.parameters() if p.dim() > 1)
+                      if isinstance(proj, nn.Conv2d) else 0)
+        head_macs = _linear_macs(model.head) + (
+            _linear_macs(model.head_dist) if hasattr(model, "head_dist") else 0)
         self._fixed_macs = self.num_patches * patch_macs + head_macs
 
     def forward(
@@ -344,7 +375,8 @@ class MergingViT(nn.Module):
             lengths = layout.lengths
             counts_in.append(lengths)
             merging = i < merge_blocks
-            channels = layout.bias_channels(blk.attn.head_dim, blk.attn.scale, tokens.x.dtype)
+            channels = layout.bias_channels(blk.attn.num_heads, blk.attn.head_dim, blk.attn.scale,
+                                            tokens.x.dtype)
             qkv, metric, normed = self._stages.project(blk, tokens.x, channels, merging)
             out = _attend(qkv, layout, blk.attn.scale)
             tokens = tokens.with_x(self._stages.finish_attention(blk, tokens.x, out, normed))
@@ -361,14 +393,15 @@ class MergingViT(nn.Module):
                         tokens = mame_merge_packed(tokens, metric, block_tau, special, settings.stride,
                                                    self._stages.merge_step)
                 else:
-                    pairs = [(n + 1) // 2 * (n // 2) for n in lengths]  # ToMe splits all tokens, specials included
+                    # ToMe splits all tokens, specials included.
+                    pairs = [(n + 1) // 2 * (n // 2) for n in lengths]
                     padded, padded_metric = tokens.padded(metric)
                     tokens = PackedBatch.from_padded(tome_merge(padded, padded_metric, settings.r, special))
                 layout = _Layout(list(tokens.lengths), prop_attn=settings.prop_attn)
                 merged_yet = merged_yet or any(a < b for a, b in zip(layout.lengths, lengths))
                 if merged_yet:  # while nothing merged, every size is 1 and attention needs no bias
                     layout.bias_size = tokens.size
-                    if not layout.uniform:
+                    if not layout.uniform and tokens.x.is_cuda:  # varlen attention runs on CUDA only
                         layout.cu_seqlens = tokens.offsets.to(torch.int32)
             merge_pairs.append(pairs)
             tokens = tokens.with_x(self._stages.mlp(blk, tokens.x))
@@ -379,9 +412,8 @@ class MergingViT(nn.Module):
 
         final = tokens.with_x(m.norm(tokens.x)).padded()
         logits = self._head(final.x, final.size)
-        per_image = lambda rows: torch.tensor(rows, dtype=torch.int64).T.contiguous()
-        tokens_out = per_image(counts_out)
-        gflops = self._estimate_gmacs(per_image(counts_in), tokens_out, per_image(merge_pairs))
+        gflops = torch.tensor(self._estimate_gmacs(counts_in, counts_out, merge_pairs), dtype=torch.float64)
+        tokens_out = torch.tensor(list(zip(*counts_out)), dtype=torch.int64)
         return MergeResult(logits, tokens_out, self.input_tokens, gflops, sources if return_source else None)
 
     @staticmethod
@@ -414,17 +446,18 @@ class MergingViT(nn.Module):
             pooled = h
         return m.head(m.head_drop(m.fc_norm(pooled)))
 
-    def _estimate_gmacs(self, tokens_in: Tensor, tokens_out: Tensor, merge_pairs: Tensor) -> Tensor:
-        """Per image GMACs from real token counts: attention on the tokens entering a block, MLP on those
-        leaving its merge, plus the merge's similarity and fusion products."""
-        n_in, n_out = tokens_in.double(), tokens_out.double()
-        per_block = (
-            n_in * self._attn_linear_macs
-            + 2 * n_in * n_in * self._attn_dims
-            + n_out * self._mlp_linear_macs
-            + merge_pairs.double() * self._merge_macs_per_pair
-        )
-        return (per_block.sum(dim=1) + self._fixed_macs) / 1e9
+    def _estimate_gmacs(
+        self, tokens_in: list[list[int]], tokens_out: list[list[int]], merge_pairs: list[list[int]]
+    ) -> list[float]:
+        """Per image GMACs from real token counts (per block, a list over images): attention on the tokens
+        entering a block, MLP on those leaving its merge, plus the merge's similarity and fusion products."""
+        per_block = zip(tokens_in, tokens_out, merge_pairs, self._attn_linear_macs, self._attn_dims,
+                        self._mlp_linear_macs, self._merge_macs_per_pair)
+        totals = [0.0] * len(tokens_in[0])
+        for n_in, n_out, pairs, attn_linear, attn_dim, mlp_linear, per_pair in per_block:
+            totals = [t + (i * attn_linear + 2 * i * i * attn_dim + o * mlp_linear + p * per_pair)
+                      for t, i, o, p in zip(totals, n_in, n_out, pairs)]
+        return [(t + self._fixed_macs) / 1e9 for t in totals]
 
 
 def patch_vit(model: VisionTransformer) -> MergingViT:

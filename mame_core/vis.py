@@ -177,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        # matplotlib picks the format by suffix and adds .png to a bare name: ask for the name that gets written.
+        # matplotlib picks the format by suffix and adds .png to a bare name: ask for the name that gets
+        # written.
         if args.out.is_dir() or args.out.suffix.lower() != ".png":
             raise ValueError(f"--out {args.out}: give the path of a .png file to write")
         img = load_rgb(args.image)

@@ -114,7 +114,8 @@ def test_variants_order():
     assert variants[2].settings.tau == 0.8 and variants[2].settings.blocks == 8
     assert variants[3].settings.r == 2
     with_timm = make_variants([], [], mame_blocks=8, unpatched=True)
-    assert [(v.method, v.settings) for v in with_timm] == [("timm", None), ("none", MergeSettings(method="none"))]
+    assert [(v.method, v.settings) for v in with_timm] == [("timm", None),
+                                                         ("none", MergeSettings(method="none"))]
 
 
 def test_run_bench_rows(tiny_model):
@@ -330,9 +331,10 @@ def test_command_refuses_a_file_that_is_not_an_image(tmp_path, capsys):
     assert "bad.jpg" in _one_line_error(capsys.readouterr().err, "mame-bench")
 
 
+# Each is refused before loading a model.
 @pytest.mark.parametrize(("blocks", "said"), [("99", "--mame-blocks 99 outside 1..4"),
                                              ("5", "--mame-blocks 5 outside 1..4"),
-                                             ("0", "blocks must be an integer >= 1")])  # before loading a model
+                                             ("0", "blocks must be an integer >= 1")])
 def test_command_refuses_mame_blocks_outside_the_model(blocks, said, capsys):
     rc = main(["--arch", "vit_tiny_patch16_224", "--model-kwargs", json.dumps(TINY), "--mame-blocks", blocks,
                "--no-progress"])
@@ -360,7 +362,8 @@ def test_hub_weights_without_the_hub_are_one_clear_line(offline, monkeypatch, ca
                "--no-progress"])
     assert rc == 2
     line = _one_line_error(capsys.readouterr().err, "mame-bench")
-    assert "pretrained weights" in line and "not in the local hub cache" in line and "--weights random" in line
+    assert "pretrained weights" in line and "not in the local hub cache" in line
+    assert "--weights random" in line
 
 
 def test_hub_weights_come_from_the_cache_without_the_hub(tmp_path, monkeypatch, tiny_model):

@@ -29,7 +29,8 @@ def test_merge_decisions_are_made_in_fp32(dtype):
     # The half-precision merge must decide exactly as fp32 does on the same (rounded) keys and tokens.
     gen = torch.Generator().manual_seed(1)
     centres = torch.randn(4, 16, generator=gen)
-    metric = centres[torch.randint(0, 4, (2, 40), generator=gen)] + 0.4 * torch.randn(2, 40, 16, generator=gen)
+    picks = torch.randint(0, 4, (2, 40), generator=gen)
+    metric = centres[picks] + 0.4 * torch.randn(2, 40, 16, generator=gen)
     x = torch.randn(2, 40, 32, generator=gen).to(dtype)
     metric = metric.to(dtype)
     size = torch.rand(2, 40, generator=gen) * 3 + 1

@@ -32,7 +32,8 @@ def reference_mame(x, metric, size, tau, num_special, stride=2):
     for j in range(N):
         colsum = sum(St[i][j] for i in range(M))
         count = sum(1 for i in range(M) if St[i][j] > 0)
-        kept = [St[i][j] if St[i][j] > 0 and St[i][j] * count >= colsum * (1 - 1e-5) else 0.0 for i in range(M)]
+        kept = [St[i][j] if St[i][j] > 0 and St[i][j] * count >= colsum * (1 - 1e-5) else 0.0
+                for i in range(M)]
         total = sum(kept)
         for i in range(M):
             WF[i][j] = kept[i] / total if total > 0 else 0.0
@@ -86,12 +87,14 @@ def test_vectorised_matches_loop_reference(seed):
         length = num_special + rng.randint(1, 30)
         x = torch.randn(length, dim, generator=gen, dtype=torch.float64)
         metric = clustered_tokens(gen, length, key_dim)
-        size = torch.randint(1, 4, (length,), generator=gen).double() if rng.random() < 0.5 else torch.ones(length).double()
+        size = (torch.randint(1, 4, (length,), generator=gen).double() if rng.random() < 0.5
+                else torch.ones(length).double())
         images.append((x, metric, size))
         taus.append(rng.uniform(-0.2, 1.05))
 
     x, metric, size = padded_batch(images)
-    out, lengths = mame_merge(TokenBatch(x, size), metric, torch.tensor(taus, dtype=torch.float64), num_special, stride)
+    out, lengths = mame_merge(TokenBatch(x, size), metric, torch.tensor(taus, dtype=torch.float64),
+                              num_special, stride)
     assert torch.isfinite(out.x).all() and torch.isfinite(out.size).all()
     for b, ((xi, mi, si), tau) in enumerate(zip(images, taus)):
         ref_x, ref_s = reference_mame(xi, mi, si, tau, num_special, stride)
@@ -107,7 +110,8 @@ def test_float32_matches_loop_reference():
     x = torch.randn(33, 16, generator=gen, dtype=torch.float64)
     metric = clustered_tokens(gen, 33, 8)
     size = torch.ones(33, dtype=torch.float64)
-    out, _lengths = mame_merge(TokenBatch(x[None].float(), size[None].float()), metric[None].float(), torch.tensor([0.6]), 1)
+    out, _lengths = mame_merge(TokenBatch(x[None].float(), size[None].float()), metric[None].float(),
+                               torch.tensor([0.6]), 1)
     ref_x, ref_s = reference_mame(x, metric, size, 0.6, 1)
     assert ref_x.shape[0] < 33, "the case must merge something"
     torch.testing.assert_close(out.x[0].double(), ref_x, atol=1e-5, rtol=0)
@@ -116,7 +120,8 @@ def test_float32_matches_loop_reference():
 
 def test_size_is_conserved_and_special_tokens_untouched():
     gen = torch.Generator().manual_seed(3)
-    images = [(torch.randn(n, 6, generator=gen), clustered_tokens(gen, n, 4).float(), torch.rand(n, generator=gen) + 0.5)
+    images = [(torch.randn(n, 6, generator=gen), clustered_tokens(gen, n, 4).float(),
+               torch.rand(n, generator=gen) + 0.5)
               for n in (40, 17, 29)]
     x, metric, size = padded_batch(images)
     batch, lengths = mame_merge(TokenBatch(x, size), metric, torch.tensor([0.5, 0.7, 0.2]), num_special=2)
@@ -152,7 +157,8 @@ def test_similarity_just_above_tau_still_gives_whole_sizes():
     b = torch.tensor([math.cos(0.01), math.sin(0.01)])
     metric = torch.stack([a, b])[None]
     tau = torch.tensor([float(a @ b) - 1e-6])
-    batch, lengths = mame_merge(TokenBatch(torch.randn(1, 2, 3), torch.ones(1, 2)), metric, tau, num_special=0)
+    batch, lengths = mame_merge(TokenBatch(torch.randn(1, 2, 3), torch.ones(1, 2)), metric, tau,
+                                num_special=0)
     assert lengths.tolist() == [1]
     assert batch.size[0, 0].item() == 2.0
 
@@ -170,7 +176,8 @@ def test_never_merges_into_special_tokens_and_zero_keys_give_no_nan():
 
 def test_padding_with_nan_gives_finite_output_and_is_never_a_candidate():
     gen = torch.Generator().manual_seed(11)
-    short = (torch.randn(5, 4, generator=gen), torch.ones(5, 3), torch.ones(5))  # identical keys: merges fully
+    # Identical keys: merges fully.
+    short = (torch.randn(5, 4, generator=gen), torch.ones(5, 3), torch.ones(5))
     long = (torch.randn(12, 4, generator=gen), torch.ones(12, 3), torch.ones(12))
     x, metric, size = padded_batch([short, long])
     batch, lengths = mame_merge(TokenBatch(x, size), metric, torch.tensor([0.5, 0.5]), num_special=1)
@@ -194,7 +201,8 @@ def test_source_map_tracks_every_patch_once():
     n = 21
     metric = clustered_tokens(gen, n, 4).float()[None]
     source = torch.eye(n)[None]
-    batch, lengths = mame_merge(TokenBatch(torch.randn(1, n, 3), torch.ones(1, n), source), metric, torch.tensor([0.4]), 0)
+    batch, lengths = mame_merge(TokenBatch(torch.randn(1, n, 3), torch.ones(1, n), source), metric,
+                                torch.tensor([0.4]), 0)
     assert lengths.item() < n
     torch.testing.assert_close(batch.source.sum(dim=1), torch.ones(1, n))
     torch.testing.assert_close(batch.source.sum(dim=2), batch.size)
@@ -214,7 +222,8 @@ def test_reorder_path_equals_merge_at_tau_one():
 
 def test_fp16_fusion_of_big_tokens_does_not_overflow():
     # Tokens of 1000 that each stand for 40 patches: size x value (40,000, then 80,000 once fused) passes
-    # fp16's 65,504, the size-weighted mean (1000) does not. The weights must be normalised before the product.
+    # fp16's 65,504, the size-weighted mean (1000) does not. The weights must be normalised before the
+    # product.
     x = torch.full((1, 9, 4), 1000.0, dtype=torch.float16)
     size = torch.full((1, 9), 40.0)
     size[0, 0] = 1

@@ -24,7 +24,8 @@ MAME = MergeSettings(method="mame", tau=0.7, blocks=3)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("settings", [MergeSettings(), MergeSettings(method="mame", tau=1.0), MergeSettings(method="mame", tau=1.5)])
+@pytest.mark.parametrize("settings", [MergeSettings(), MergeSettings(method="mame", tau=1.0),
+                                      MergeSettings(method="mame", tau=1.5)])
 def test_no_merge_equals_unpatched_timm(shape, settings, images):
     model = tiny_vit(**SHAPES[shape])
     with torch.inference_mode():
@@ -126,7 +127,8 @@ def test_settings_validation():
     assert per_block.merge_blocks(12) == 2 and per_block.tau_at(1) == 0.8
     assert MergeSettings(method="mame", tau=0.9).merge_blocks(12) == 8
     assert MergeSettings(method="tome", r=8).merge_blocks(12) == 12
-    assert hash(MergeSettings.from_dict({"method": "mame", "tau": 1})) == hash(MergeSettings(method="mame", tau=1.0))
+    from_dict = MergeSettings.from_dict({"method": "mame", "tau": 1})
+    assert hash(from_dict) == hash(MergeSettings(method="mame", tau=1.0))
 
 
 def test_unsupported_models_are_refused():
@@ -134,7 +136,8 @@ def test_unsupported_models_are_refused():
         patch_vit(torch.nn.Linear(2, 2))
     with pytest.raises(TypeError, match="map"):
         patch_vit(tiny_vit(global_pool="map"))
-    # Per-token outputs would come padded, with rows that depend on the batch; dynamic sizes break token counts.
+    # Per-token outputs would come padded, with rows that depend on the batch; dynamic sizes break token
+    # counts.
     with pytest.raises(TypeError, match="per-token"):
         patch_vit(tiny_vit(global_pool=""))
     with pytest.raises(TypeError, match="dynamic_img_size"):
@@ -147,7 +150,8 @@ def test_per_image_tau_is_the_scalar_threshold_in_float64_and_checked(images):
     keys = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [cos, math.sqrt(1 - cos * cos)]]], dtype=torch.float64)
     batch = TokenBatch(torch.randn(1, 3, 4, dtype=torch.float64), torch.ones(1, 3, dtype=torch.float64))
     per_image = MergingViT._tau_tensor([0.9], 1, torch.device("cpu"))
-    assert mame_merge(batch, keys, per_image, 1)[1].tolist() == mame_merge(batch, keys, 0.9, 1)[1].tolist() == [3]
+    per_image_lengths = mame_merge(batch, keys, per_image, 1)[1].tolist()
+    assert per_image_lengths == mame_merge(batch, keys, 0.9, 1)[1].tolist() == [3]
     vit = patch_vit(tiny_vit().double())
     settings = MergeSettings(method="mame", tau=0.9, blocks=3)
     with torch.inference_mode():
@@ -192,8 +196,8 @@ def test_packed_attention_equals_per_image_additive_bias(prop_attn, head_dim, le
     size = torch.randint(1, 6, (sum(lengths),), generator=gen).float()
     scale = head_dim ** -0.5
     layout = _Layout(lengths, bias_size=size, prop_attn=prop_attn)
-    channels = layout.bias_channels(head_dim, scale, qkv.dtype)
-    got = _attend(torch.cat([qkv, channels.expand(-1, -1, 2, -1)], dim=-1), layout, scale)[..., :head_dim]
+    channels = layout.bias_channels(2, head_dim, scale, qkv.dtype)
+    got = _attend(torch.cat([qkv, channels], dim=-1), layout, scale)[..., :head_dim]
     got = got.reshape(qkv.shape[0], 2, head_dim)  # leading dims [B, L] when all images are as long
     start = 0
     for n in lengths:  # each image alone: its own keys only, log(size) added to every key's logit
@@ -262,6 +266,19 @@ def test_cost_follows_the_sum_of_tokens_not_the_longest_image(images, monkeypatc
     assert batch == (sum(a[0] for a in alone), sum(a[1] for a in alone))
 
 
+def test_a_nan_image_leaves_the_others_of_its_batch_untouched(images):
+    # Padding rows of the merge repeat tokens of their own image only: a NaN image cannot leak into others.
+    vit = patch_vit(tiny_vit())
+    bad = images.clone()
+    bad[0] = float("nan")
+    taus = torch.tensor([0.6, 0.6, 1.0, 0.6])  # a long image beside shorter ones: every merge pads
+    with torch.inference_mode():
+        together = vit(bad, MAME, tau=taus)
+        good = vit(images[1:], MAME, tau=taus[1:])
+    assert together.logits[0].isnan().all()
+    torch.testing.assert_close(together.logits[1:], good.logits, atol=1e-4, rtol=1e-4)
+
+
 def test_per_image_tau_one_image_keeps_all_tokens(images):
     vit = patch_vit(tiny_vit())
     settings = MergeSettings(method="mame", tau=0.6, blocks=4)
@@ -281,11 +298,13 @@ def test_compiled_forward_equals_eager(images):
 
     vit = patch_vit(tiny_vit(depth=2))
     compiled = compile_merging_vit(vit)
-    settings = [MergeSettings(), MergeSettings(method="tome", r=6),
-                MergeSettings(method="mame", tau=0.7, blocks=2)]
+    # Unmerged and ToMe shapes are static (one input each); MaMe's second input brings new token counts,
+    # which its dynamic-shape stages serve.
+    cases = [(MergeSettings(), images), (MergeSettings(method="tome", r=6), images)]
+    mame = MergeSettings(method="mame", tau=0.7, blocks=2)
+    cases += [(mame, images), (mame, images[[2, 0, 3]])]
     with torch.inference_mode():
-        for s in settings:
-            for x in (images, images[[2, 0, 3]]):  # new token counts: the dynamic shapes serve them
-                eager, fast = vit(x, s), compiled(x, s)
-                assert torch.equal(eager.tokens, fast.tokens)
-                torch.testing.assert_close(fast.logits, eager.logits, atol=1e-5, rtol=1e-5)
+        for s, x in cases:
+            eager, fast = vit(x, s), compiled(x, s)
+            assert torch.equal(eager.tokens, fast.tokens)
+            torch.testing.assert_close(fast.logits, eager.logits, atol=1e-5, rtol=1e-5)
