@@ -31,6 +31,7 @@ Three guardrail kinds are built on it:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -117,20 +118,14 @@ def rate_states(
     return np.where(crossed, np.where(good, PASSING, FAILING), INCONCLUSIVE)
 
 
-def _bisect_rate(
-    successes: float,
-    trials: float,
-    prior: tuple[float, float],
-    threshold: float,
-    inside: float,
-    outside: float,
-) -> float:
-    """The rate between `inside` (evidence below threshold) and `outside` where the evidence reaches it."""
-    if log_evidence(successes, trials, outside, prior) < threshold:
+def _bisect(below: Callable[[float], bool], inside: float, outside: float) -> float:
+    """The point between `inside` (where `below` holds: evidence under its threshold) and `outside` where
+    the evidence reaches the threshold; `outside` itself when the evidence stays below all the way."""
+    if below(outside):
         return outside
     for _ in range(BISECTION_STEPS):
         mid = (inside + outside) / 2
-        if log_evidence(successes, trials, mid, prior) < threshold:
+        if below(mid):
             inside = mid
         else:
             outside = mid
@@ -149,10 +144,11 @@ def rate_sequence_interval(
         return 0.0, 1.0
     threshold = math.log(1 / level)
     p_hat = successes / trials
-    return (
-        _bisect_rate(successes, trials, prior, threshold, p_hat, 0.0),
-        _bisect_rate(successes, trials, prior, threshold, p_hat, 1.0),
-    )
+
+    def rate_below(rate: float) -> bool:
+        return log_evidence(successes, trials, rate, prior) < threshold
+
+    return _bisect(rate_below, p_hat, 0.0), _bisect(rate_below, p_hat, 1.0)
 
 
 def rate_decision(
@@ -193,20 +189,6 @@ def rate_difference_decision(
     return Decision(state, estimate, low, high, level, min(trials, control_trials))
 
 
-def _bisect_count(
-    trials: float, q: float, prior: tuple[float, float], threshold: float, inside: float, outside: float
-) -> float:
-    if log_evidence(outside, trials, q, prior) < threshold:
-        return outside
-    for _ in range(BISECTION_STEPS):
-        mid = (inside + outside) / 2
-        if log_evidence(mid, trials, q, prior) < threshold:
-            inside = mid
-        else:
-            outside = mid
-    return (inside + outside) / 2
-
-
 def quantile_sequence_interval(
     q: float, hist: BucketCounts, level: float, prior_strength: float = DEFAULT_PRIOR_STRENGTH
 ) -> Interval:
@@ -224,8 +206,11 @@ def quantile_sequence_interval(
     prior = prior_around(q, prior_strength)
     threshold = math.log(1 / level)
     center = q * n  # near the minimum of log M over S; log M there is about -log(prior spread) < threshold
-    s_lo = _bisect_count(n, q, prior, threshold, center, 0.0)
-    s_hi = _bisect_count(n, q, prior, threshold, center, n)
+    def count_below(count: float) -> bool:
+        return log_evidence(count, n, q, prior) < threshold
+
+    s_lo = _bisect(count_below, center, 0.0)
+    s_hi = _bisect(count_below, center, n)
     low = value_at_rank(hist, s_lo) if s_lo > 0 else min(0.0, hist.bounds[0])
     high = value_at_rank(hist, s_hi + 1, beyond_last_bound=math.inf) if s_hi + 1 <= n else math.inf
     estimate = histogram_quantile(q, hist)

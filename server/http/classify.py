@@ -242,15 +242,22 @@ async def _images(engine: Engine, request: ClassifyRequest, route: Assignment, o
                               max(0.0, deadline - time.monotonic()))
     payloads, multipart = image_payloads(headers.get("content-type", ""), body, limits.max_images_per_request)
     outcome.n_images = len(payloads)
-    # Admission before work: headers only (pixel limits), then the queue's places; decoding comes last.
-    opened = open_all([data for _, data in payloads], limits.max_pixels, limits.max_request_pixels,
+    return await decode_admitted(engine, route, outcome, [data for _, data in payloads], deadline), multipart
+
+
+async def decode_admitted(engine: Engine, route: Assignment, outcome: _Outcome, encoded: list[bytes],
+                          deadline: float) -> list[torch.Tensor]:
+    """Admission before work: the images' headers (pixel limits), then the queue's places (held in
+    `outcome.reservation`); decoding comes last, within the pixels decoded at once and the deadline."""
+    limits = engine.config.limits
+    opened = open_all(encoded, limits.max_pixels, limits.max_request_pixels,
                       engine.service.transforms[route.model].resize_edge)
     outcome.reservation = _reserve(engine, route, outcome.n_images)
     calls = [(route.model, image) for image in opened]
     try:
         async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
             async with engine.pixels.hold(sum(map(pixels_of, opened))):
-                return await run_all_in_pool(engine.pool, engine.service.preprocess_opened, calls), multipart
+                return await run_all_in_pool(engine.pool, engine.service.preprocess_opened, calls)
     except TimeoutError:
         raise _deadline_passed(engine) from None
 

@@ -11,7 +11,6 @@ and the normalisation on the device are uint8 throughout (docs/oip.md).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -22,22 +21,20 @@ import torch
 from fastapi import FastAPI, Request
 from starlette.responses import Response
 
-from server.decode.imaging import open_all, pixels_of
 from server.http.classify import (
     _asked_labels,
     _count,
-    _deadline_passed,
     _observe,
     _Outcome,
     _reserve,
     _results,
+    decode_admitted,
     http_classify_request,
 )
 from server.oip.handlers import ROUTES, Reply, Route, error_reply
 from server.oip.interface import Classification, ClassifiedImage, ClassifyCall, Images, ModelSpec
 from server.wire.body import read_limited
 from server.wire.errors import ApiError, internal, invalid_request, not_ready, oip_status
-from server.wire.pool import run_all_in_pool
 
 if TYPE_CHECKING:
     from server.experiments.registry import Assignment
@@ -156,17 +153,7 @@ class ServerEngine:
         queue's places are reserved before anything is decoded."""
         parts, model = self.parts, route.model
         if images.kind == "encoded":
-            limits = parts.config.limits
-            opened = open_all(list(images.encoded), limits.max_pixels, limits.max_request_pixels,
-                              parts.service.transforms[model].resize_edge)
-            outcome.reservation = _reserve(parts, route, outcome.n_images)
-            calls = [(model, image) for image in opened]
-            try:
-                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                    async with parts.pixels.hold(sum(map(pixels_of, opened))):
-                        return await run_all_in_pool(parts.pool, parts.service.preprocess_opened, calls)
-            except TimeoutError:
-                raise _deadline_passed(parts) from None
+            return await decode_admitted(parts, route, outcome, list(images.encoded), deadline)
         assert images.array is not None
         outcome.reservation = _reserve(parts, route, outcome.n_images)
         if images.kind == "uint8_hwc":
