@@ -14,9 +14,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from timm.layers import Attention
+from timm.layers import Attention, Mlp
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
@@ -24,9 +25,10 @@ from .merge import (
     PackedBatch,
     TokenBatch,
     as_dtype,
+    cu_seqlens,
+    mame_fuse,
     mame_merge_packed,
     mame_order,
-    mame_step,
     work_dtype,
 )
 from .tome import tome_merge
@@ -184,16 +186,18 @@ def _varlen_usable(qkv: Tensor) -> bool:
 class _Layout:
     """How a forward's packed tokens [N, C] split into images, and the key bias attention needs.
 
-    lengths: tokens per image (host ints). cu_seqlens: [B + 1] int32 on the device (for varlen attention).
-    bias_size: the token sizes whose log biases every key (proportional attention), or None while every token
-    has size 1 (attention is then plain SDPA). `channels` caches the bias channels per (head dim, scale).
+    lengths: tokens per image (host ints). bias_size: the token sizes whose log biases every key (proportional
+    attention), or None when attention needs no bias (nothing merged yet, or proportional attention off).
+    channels: carry the bias in extra head channels (on CUDA, where a mask keeps SDPA off its fastest kernel
+    and varlen attention takes none) rather than as an attention mask (elsewhere: no copy of qkv).
+    cu_seqlens: [B + 1] int32 on the device, for varlen attention.
     """
 
     lengths: list[int]
-    cu_seqlens: Tensor | None = None
     bias_size: Tensor | None = None
-    prop_attn: bool = True
-    channels: dict[tuple[int, float], Tensor] = field(default_factory=dict)
+    channels: bool = False
+    cu_seqlens: Tensor | None = None
+    _cache: dict[Any, Any] = field(default_factory=dict)
 
     @property
     def uniform(self) -> bool:
@@ -205,18 +209,29 @@ class _Layout:
         biased logit and the first head_dim channels of the output are the result. A mask keeps SDPA off its
         fastest kernel (measured on the GPU: 2.6x slower attention) and varlen attention takes none; this
         costs a head dim rounded up to the next multiple of 8 (what the fused kernels take)."""
-        if self.bias_size is None:
+        if self.bias_size is None or not self.channels:
             return None
-        key = (num_heads, head_dim, scale)
-        if key not in self.channels:
+        key = ("channels", num_heads, head_dim, scale, dtype)
+        if key not in self._cache:
             pad = 8 - head_dim % 8
-            size = self.bias_size if self.prop_attn else torch.ones_like(self.bias_size)
-            bias = size.log() / (pad * scale)
+            bias = self.bias_size.log() / (pad * scale)
             # [1, bias, 0] per token in one op: ones + bias * [0, 1, 0] (exact: the products are bias and 0).
             q_ones, k_bias = _channel_basis(bias.device, bias.dtype)
             extra = torch.addcmul(q_ones, bias.view(-1, 1, 1, 1), k_bias)  # [N, 3, 1, 1]
-            self.channels[key] = as_dtype(extra, dtype).expand(-1, -1, num_heads, pad)
-        return self.channels[key]
+            self._cache[key] = as_dtype(extra, dtype).expand(-1, -1, num_heads, pad)
+        return self._cache[key]
+
+    def key_masks(self, dtype: torch.dtype) -> Tensor | tuple[Tensor, ...] | None:
+        """The key bias log(size) as SDPA masks: [B, 1, 1, L] when all images are as long, else one [n_i]
+        per image; None without a bias or when the channels carry it."""
+        if self.bias_size is None or self.channels:
+            return None
+        key = ("masks", dtype)
+        if key not in self._cache:
+            bias = as_dtype(self.bias_size.log(), dtype)
+            self._cache[key] = (bias.view(len(self.lengths), 1, 1, -1) if self.uniform
+                                else bias.split(self.lengths))
+        return self._cache[key]
 
 
 def _basis(device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -236,17 +251,18 @@ def _channel_basis(device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Te
 
 
 def _attend(qkv: Tensor, layout: _Layout, scale: float) -> Tensor:
-    """softmax(q k^T * scale) v within each image, for packed rows qkv [N, 3, H, D] -> [..., H, D] whose
-    leading dims flatten to N.
+    """softmax(q k^T * scale + key bias) v within each image, for packed rows qkv [N, 3, H, D] -> [..., H, D]
+    whose leading dims flatten to N.
 
     All images as long: one SDPA over [B, H, L, D]. Otherwise each image attends over its own tokens only
     (no padding): torch's varlen flash attention where it can run, else one SDPA per image."""
     n, _, heads, dim = qkv.shape
+    masks = layout.key_masks(qkv.dtype)
     if layout.uniform:
         bsz = len(layout.lengths)
         q, k, v = qkv.view(bsz, n // bsz, 3, heads, dim).permute(2, 0, 3, 1, 4).unbind(0)
-        return F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2)
-    if layout.cu_seqlens is not None and _varlen_usable(qkv):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=masks, scale=scale).transpose(1, 2)
+    if layout.cu_seqlens is not None and masks is None and _varlen_usable(qkv):
         q, k, v = qkv.unbind(1)
         longest = max(layout.lengths)
         if _VARLEN_TAKES_SCALE:
@@ -254,7 +270,9 @@ def _attend(qkv: Tensor, layout: _Layout, scale: float) -> Tensor:
         q = q * (scale * dim ** 0.5)
         return _VARLEN_ATTN(q, k, v, layout.cu_seqlens, layout.cu_seqlens, longest, longest)
     q, k, v = (t.split(layout.lengths, dim=1) for t in qkv.permute(1, 2, 0, 3).unbind(0))  # [H, n_i, D] each
-    outs = [F.scaled_dot_product_attention(*image, scale=scale) for image in zip(q, k, v)]
+    masks = masks if masks is not None else (None,) * len(layout.lengths)
+    outs = [F.scaled_dot_product_attention(*image, attn_mask=mask, scale=scale)
+            for *image, mask in zip(q, k, v, masks)]
     return torch.cat(outs, dim=1).transpose(0, 1)
 
 
@@ -274,18 +292,34 @@ def _project(
     return qkv, metric, t
 
 
+def _apply(module: nn.Module, x: Tensor) -> Tensor:
+    """module(x), with no operator where the module is the identity (a dropout in eval mode or of p 0)."""
+    if isinstance(module, nn.Dropout) and (module.p == 0 or not module.training):
+        return x
+    return module(x)
+
+
 def _finish_attention(blk: Block, h: Tensor, out: Tensor, normed: Tensor) -> Tensor:
     """The rest of the attention branch: h + ls1(proj(norm(out))), out [..., H, D (+ bias channels)]."""
     attn = blk.attn
-    out = attn.norm(out[..., : attn.head_dim].reshape(h.shape[0], attn.attn_dim))
+    if out.shape[-1] != attn.head_dim:
+        out = out[..., : attn.head_dim]
+    out = attn.norm(out.reshape(h.shape[0], attn.attn_dim))
     gate = getattr(attn, "gate", None)
     if gate is not None:
         out = out * gate(normed).sigmoid()
-    return h + blk.drop_path1(blk.ls1(attn.proj_drop(attn.proj(out))))
+    return h + blk.drop_path1(blk.ls1(_apply(attn.proj_drop, attn.proj(out))))
+
+
+def _mlp(mlp: nn.Module, x: Tensor) -> Tensor:
+    """timm's Mlp without its identity dropouts; any other MLP as it is."""
+    if type(mlp) is not Mlp:
+        return mlp(x)
+    return _apply(mlp.drop2, mlp.fc2(mlp.norm(_apply(mlp.drop1, mlp.act(mlp.fc1(x))))))
 
 
 def _mlp_branch(blk: Block, h: Tensor) -> Tensor:
-    return h + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(h))))
+    return h + blk.drop_path2(blk.ls2(_mlp(blk.mlp, blk.norm2(h))))
 
 
 @dataclass(frozen=True)
@@ -295,7 +329,7 @@ class _Stages:
     project: Callable[..., tuple[Tensor, Tensor | None, Tensor]] = _project
     finish_attention: Callable[..., Tensor] = _finish_attention
     mlp: Callable[..., Tensor] = _mlp_branch
-    merge_step: Callable[..., Any] = mame_step
+    fuse: Callable[..., Any] = mame_fuse
 
 
 def _linear_macs(module: nn.Module) -> int:
@@ -330,6 +364,8 @@ class MergingViT(nn.Module):
         head_macs = _linear_macs(model.head) + (
             _linear_macs(model.head_dist) if hasattr(model, "head_dist") else 0)
         self._fixed_macs = self.num_patches * patch_macs + head_macs
+        # How many leading tokens the head reads, if it reads only those (class and distillation tokens).
+        self._head_tokens = 2 if hasattr(model, "head_dist") else 1 if model.global_pool == "token" else 0
 
     def forward(
         self,
@@ -366,15 +402,19 @@ class MergingViT(nn.Module):
         # The tokens stay packed ([N, C], each image's real tokens back to back): per-token layers cost the
         # sum of the images' token counts, and attention runs within each image.
         tokens = PackedBatch.from_padded(TokenBatch(h, size, source))
-        layout = _Layout([first_len] * bsz, prop_attn=settings.prop_attn)
+        layout = _Layout([first_len] * bsz)
         merged_yet = False  # has any image of the batch merged a token so far?
+        # Past the last block whose tau can merge, a MaMe step would only reorder tokens, which attention and
+        # pooling do not see: skipped, unless the source maps (which show the order) are wanted.
+        last_mame = max((j for j in range(merge_blocks) if tau is not None or settings.tau_at(j) < 1),
+                        default=-1) if settings.method == "mame" and not return_source else merge_blocks - 1
 
         # Per block and image, on the host: tokens entering, tokens leaving, similarity pairs of the merge.
         counts_in, counts_out, merge_pairs, sources = [], [], [], []
         for i, blk in enumerate(m.blocks):
             lengths = layout.lengths
             counts_in.append(lengths)
-            merging = i < merge_blocks
+            merging = i <= last_mame if settings.method == "mame" else i < merge_blocks
             channels = layout.bias_channels(blk.attn.num_heads, blk.attn.head_dim, blk.attn.scale,
                                             tokens.x.dtype)
             qkv, metric, normed = self._stages.project(blk, tokens.x, channels, merging)
@@ -391,18 +431,20 @@ class MergingViT(nn.Module):
                         pairs = [-(-r // settings.stride) * (r + (r // -settings.stride)) for r in rest]
                         block_tau = image_tau if image_tau is not None else settings.tau_at(i)
                         tokens = mame_merge_packed(tokens, metric, block_tau, special, settings.stride,
-                                                   self._stages.merge_step)
+                                                   self._stages.fuse)
                 else:
                     # ToMe splits all tokens, specials included.
                     pairs = [(n + 1) // 2 * (n // 2) for n in lengths]
                     padded, padded_metric = tokens.padded(metric)
                     tokens = PackedBatch.from_padded(tome_merge(padded, padded_metric, settings.r, special))
-                layout = _Layout(list(tokens.lengths), prop_attn=settings.prop_attn)
+                layout = _Layout(list(tokens.lengths))
                 merged_yet = merged_yet or any(a < b for a, b in zip(layout.lengths, lengths))
-                if merged_yet:  # while nothing merged, every size is 1 and attention needs no bias
+                # While nothing merged, every size is 1 and attention needs no bias.
+                if merged_yet and settings.prop_attn:
                     layout.bias_size = tokens.size
-                    if not layout.uniform and tokens.x.is_cuda:  # varlen attention runs on CUDA only
-                        layout.cu_seqlens = tokens.offsets.to(torch.int32)
+                    layout.channels = tokens.x.is_cuda
+                if not layout.uniform and tokens.x.is_cuda:  # varlen attention runs on CUDA only
+                    layout.cu_seqlens = cu_seqlens(tokens.lengths, tokens.x.device)
             merge_pairs.append(pairs)
             tokens = tokens.with_x(self._stages.mlp(blk, tokens.x))
             counts_out.append(layout.lengths)
@@ -410,10 +452,13 @@ class MergingViT(nn.Module):
                 padded = tokens.padded()
                 sources.append(torch.where(padded.size.unsqueeze(-1) > 0, padded.source, 0.0))
 
-        final = tokens.with_x(m.norm(tokens.x)).padded()
-        logits = self._head(final.x, final.size)
-        gflops = torch.tensor(self._estimate_gmacs(counts_in, counts_out, merge_pairs), dtype=torch.float64)
-        tokens_out = torch.tensor(list(zip(*counts_out)), dtype=torch.int64)
+        if self._head_tokens:  # the head reads the leading tokens only: norm those alone (it is per token)
+            logits = self._head(m.norm(tokens.leading(self._head_tokens)), None)
+        else:
+            final = tokens.with_x(m.norm(tokens.x)).padded()
+            logits = self._head(final.x, final.size)
+        gflops = torch.from_numpy(np.asarray(self._estimate_gmacs(counts_in, counts_out, merge_pairs)))
+        tokens_out = torch.from_numpy(np.asarray(counts_out, dtype=np.int64).T.copy())
         return MergeResult(logits, tokens_out, self.input_tokens, gflops, sources if return_source else None)
 
     @staticmethod
@@ -427,11 +472,12 @@ class MergingViT(nn.Module):
             raise ValueError(f"per-image tau must be finite numbers >= -1, got {t.tolist()}")
         return t.to(device)
 
-    def _head(self, h: Tensor, size: Tensor) -> Tensor:
-        """timm's forward_head with pooling over real tokens only (size-weighted for averages)."""
+    def _head(self, h: Tensor, size: Tensor | None) -> Tensor:
+        """timm's forward_head with pooling over real tokens only (size-weighted for averages): h [B, T, C],
+        size [B, T] (None: h holds the leading tokens only, for a class-token head)."""
         m = self.model
         if hasattr(m, "head_dist"):  # DeiT distilled: average of the class and distillation heads
-            return (m.head(m.head_drop(h[:, 0])) + m.head_dist(m.head_drop(h[:, 1]))) / 2
+            return (m.head(_apply(m.head_drop, h[:, 0])) + m.head_dist(_apply(m.head_drop, h[:, 1]))) / 2
         pool = m.global_pool
         if pool == "token":
             pooled = h[:, 0]
@@ -444,7 +490,7 @@ class MergingViT(nn.Module):
             pooled = {"avg": mean, "max": peak, "avgmax": 0.5 * (mean + peak)}[pool]
         else:
             pooled = h
-        return m.head(m.head_drop(m.fc_norm(pooled)))
+        return m.head(_apply(m.head_drop, m.fc_norm(pooled)))
 
     def _estimate_gmacs(
         self, tokens_in: list[list[int]], tokens_out: list[list[int]], merge_pairs: list[list[int]]
@@ -480,7 +526,7 @@ def compile_merging_vit(vit: MergingViT, mode: str | None = None) -> MergingViT:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
     stage_mode = None if mode == "reduce-overhead" else mode  # CUDA graphs need static shapes
     stage = lambda fn: torch.compile(fn, dynamic=True, mode=stage_mode)
-    stages = (_project, _finish_attention, _mlp_branch, mame_step)
+    stages = (_project, _finish_attention, _mlp_branch, mame_fuse)
     compiled._stages = _Stages(*(stage(fn) for fn in stages))
     compiled._whole = torch.compile(compiled._forward, mode=mode)
     return compiled

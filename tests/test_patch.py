@@ -185,24 +185,28 @@ def test_vit_base_unmerged_equivalence_invariance_and_flops():
     assert (merged.gflops[~shrunk] <= unmerged.gflops[~shrunk] * 1.01).all()
 
 
-@pytest.mark.parametrize("prop_attn", [True, False])
+@pytest.mark.parametrize("carrier", ["channels", "masks", "none"])
 @pytest.mark.parametrize("head_dim", [16, 13])
 @pytest.mark.parametrize("lengths", [[7, 3, 5, 1], [5, 5, 5]])
-def test_packed_attention_equals_per_image_additive_bias(prop_attn, head_dim, lengths):
+def test_packed_attention_equals_per_image_additive_bias(carrier, head_dim, lengths):
+    # The key bias log(size) rides in extra head channels (CUDA) or in SDPA masks (elsewhere); without a
+    # bias (nothing merged, or proportional attention off) attention is plain.
     from mame_core.patch import _attend, _Layout
 
     gen = torch.Generator().manual_seed(0)
     qkv = torch.randn(sum(lengths), 3, 2, head_dim, generator=gen)
     size = torch.randint(1, 6, (sum(lengths),), generator=gen).float()
     scale = head_dim ** -0.5
-    layout = _Layout(lengths, bias_size=size, prop_attn=prop_attn)
+    layout = _Layout(lengths, bias_size=None if carrier == "none" else size, channels=carrier == "channels")
     channels = layout.bias_channels(2, head_dim, scale, qkv.dtype)
-    got = _attend(torch.cat([qkv, channels], dim=-1), layout, scale)[..., :head_dim]
+    assert (channels is not None) == (carrier == "channels")
+    packed = torch.cat([qkv, channels], dim=-1) if channels is not None else qkv
+    got = _attend(packed, layout, scale)[..., :head_dim]
     got = got.reshape(qkv.shape[0], 2, head_dim)  # leading dims [B, L] when all images are as long
     start = 0
     for n in lengths:  # each image alone: its own keys only, log(size) added to every key's logit
         q, k, v = qkv[start:start + n].permute(1, 2, 0, 3)
-        bias = size[start:start + n].log() if prop_attn else torch.zeros(n)
+        bias = size[start:start + n].log() if carrier != "none" else torch.zeros(n)
         expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias.expand(n, n))
         torch.testing.assert_close(got[start:start + n], expected.transpose(0, 1), atol=1e-5, rtol=1e-5)
         start += n
