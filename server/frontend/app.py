@@ -158,6 +158,8 @@ class FrontEnd:
                 raise ApiError(404, "not_found", "Not Found")
             if scope["method"] == "POST" and scope["path"] == "/v1/classify":
                 status, answer_headers, body = await self._classify(scope, receive, headers)
+            elif scope["method"] == "POST" and scope["path"] == "/v1/explain":
+                status, answer_headers, body = await self._explain(scope, receive, headers, target)
             else:
                 body = await self._pass_through_body(scope, receive)
                 ask = self._probe if scope["path"] in PROBES else self._engine
@@ -237,13 +239,11 @@ class FrontEnd:
         response = await self.engine.send(request)
         return response.status_code, response.headers.raw, response.content
 
-    async def _decoded(self, query: str, headers: list, body: bytes) -> Answer:
-        """A request whose images this front-end decoded, over the channel to the engine's
-        /internal/classify."""
-        head, answer = await self.channel.call(
-            {"query": query, "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in headers]},
-            body,
-        )
+    async def _decoded(self, query: str, headers: list, body: bytes, path: str | None = None) -> Answer:
+        """A request whose images this front-end decoded, over the channel to the engine's classify() (or,
+        with `path` /v1/explain, its explain())."""
+        head = {"query": query, "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in headers]}
+        head, answer = await self.channel.call(head | ({"path": path} if path else {}), body)
         return (
             head["status"],
             [(k.encode("latin-1"), v.encode("latin-1")) for k, v in head["headers"]],
@@ -316,6 +316,45 @@ class FrontEnd:
             if slots is not None:
                 self.arena.give_back(slots)
         return await self._reroute_or(response, raw_target, headers, started_header, body)
+
+    async def _explain(self, scope: dict, receive: Callable, headers: list, target: bytes) -> Answer:
+        """`POST /v1/explain`: its one image decoded and cropped here, the crop sent over the channel in the
+        message (one image, and one explanation at a time: no arena slot) for the engine to check, route,
+        run and draw. An error met here goes with it, answered there after the checks that come first."""
+        deadline = time.monotonic() + self.request_timeout_s
+        started_header = (FRONTEND_STARTED.encode(), repr(deadline - self.request_timeout_s).encode())
+        query = scope["query_string"].decode("latin-1")
+        plan = await self._current_plan()
+        model = plan.model_for({k: v for k, v in parse_qsl(query) if k == "model"})  # no experiments
+        body, crop, error = b"", b"", None
+        try:
+            body = await read_limited(receive, header(scope["headers"], b"content-length"),
+                                      plan.max_body_bytes, self.request_timeout_s)
+            if model is not None:
+                payloads, _ = image_payloads(header(headers, b"content-type"), body, 1)
+                (opened,) = open_all([payloads[0][1]], plan.max_pixels, plan.max_request_pixels,
+                                     plan.decoders[model][0])
+                assert self.pixels is not None
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())), \
+                        self.pixels.hold(pixels_of(opened)):
+                    (crop,) = await run_all_in_pool(self.pool, decode_crop,
+                                                    [(plan.decoders[model], opened, 0)])
+        except TimeoutError:
+            error = timeout(f"no answer within the request timeout of {self.request_timeout_s:g} s "
+                            "(its image was still being decoded)")
+        except ApiError as exc:
+            error = exc
+        except Exception as exc:  # the engine answers it as a 500, counted like any other
+            log.exception("decoding an explain request failed")
+            error = internal(f"{type(exc).__name__}: {exc}")
+        if error is None and model is None:  # not decodable here: the engine decodes
+            return await self._engine("POST", target, [*headers, started_header], body)
+        kept = [(k, v) for k, v in headers if k != b"content-type"]
+        internal_headers = [started_header, *_internal((FRONTEND_IMAGES, "1"), (FRONTEND_MODEL, model or ""))]
+        if error is not None:
+            internal_headers.append((FRONTEND_ERROR.encode(), error.to_json()))
+            crop = b""
+        return await self._decoded(query, kept + internal_headers, crop, path="/v1/explain")
 
     async def _reroute_or(self, response: Answer, raw_target: bytes, headers: list, started_header: tuple,
                           body: bytes) -> Answer:

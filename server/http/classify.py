@@ -72,6 +72,7 @@ class Engine:
     pixels: PixelBudget = field(default_factory=lambda: PixelBudget(40_000_000))
     # front-ends' requests admitted before their decoding: token -> (route, places held)
     admitted: dict[str, tuple[Assignment, Reservation]] = field(default_factory=dict)
+    explaining: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))  # one at a time
 
 
 @dataclass(frozen=True)
