@@ -46,6 +46,7 @@ from server.wire.protocol import (
     FRONTEND_ADMIT,
     FRONTEND_CLIENT,
     FRONTEND_CROPS_AT,
+    FRONTEND_DECODING_ERROR,
     FRONTEND_ERROR,
     FRONTEND_IMAGES,
     FRONTEND_MODEL,
@@ -64,6 +65,7 @@ Answer = tuple[int, list[tuple[bytes, bytes]], bytes]  # status, headers, body
 _NOT_FORWARDED = {b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer", b"upgrade",
                   b"proxy-connection", b"content-length", b"x-request-id", b"date", b"server"}
 PASS_THROUGH_MAX_BYTES = ADMIN_MAX_BODY_BYTES  # other passed-on bodies than classify, /v2 infer (admin JSON)
+ADMIT_FIRST_S = 1.0  # after an `overloaded` answer: requests ask for admission before decoding, this long
 PLAN_MAX_AGE_S = 5.0  # how stale the engine's experiments may be here (a stale one costs a re-send, no error)
 LOADING_RECHECK_S = 0.5
 PROBES = ("/healthz", "/readyz")
@@ -128,6 +130,7 @@ class FrontEnd:
         self.pixels: PixelBudget | None = None  # pixels decoded at once here (the plan's limit)
         self.plan: Plan | None = None
         self._plan_lock = asyncio.Lock()
+        self._admit_first_until = 0.0  # time.monotonic(): until then, admission before decoding (overload)
         self.engine: httpx.AsyncClient | None = None
         # the engine's: it started this process (read at start, as there)
         self.admin_token = admin_token_from_env()
@@ -257,6 +260,7 @@ class FrontEnd:
         plan = await self._current_plan()
         model = plan.model_for(dict(parse_qsl(query, keep_blank_values=True)))
         body, error, n_images, slots, crops, reservation = b"", None, 0, None, [], None
+        admit_first, decoding = started < self._admit_first_until, False
         started_header = (FRONTEND_STARTED.encode(), repr(started).encode())  # the deadline runs from here
         raw_target = b"/v1/classify?" + scope["query_string"]
         kept = [(k, v) for k, v in headers if k != b"content-type"]
@@ -270,14 +274,20 @@ class FrontEnd:
             payloads, multipart = image_payloads(header(headers, b"content-type"), body, plan.max_images)
             n_images = len(payloads)
             if model is not None:
-                # Admission before work: the headers (pixel limits), then the engine's queue, then decoding.
+                # Admission before work: the headers (pixel limits) here; the engine's queue before decoding
+                # while it refuses requests, else with the decoded request (one message, not two).
                 opened = open_all([data for _, data in payloads], plan.max_pixels, plan.max_request_pixels,
                                   plan.decoders[model][0])
-                admitted = await self._decoded(query, [*kept, started_header, *_internal(
-                    (FRONTEND_ADMIT, "1"), (FRONTEND_IMAGES, str(n_images)), (FRONTEND_MODEL, model))], b"")
-                if admitted[0] != 202:  # refused (counted there), or routed to another model (409 reroute)
-                    return await self._reroute_or(admitted, raw_target, headers, started_header, body)
-                reservation = json.loads(admitted[2])["reservation"]
+                if admit_first:  # the engine refused requests lately: no decoding for a refusal
+                    asking = _internal((FRONTEND_ADMIT, "1"), (FRONTEND_IMAGES, str(n_images)),
+                                       (FRONTEND_MODEL, model))
+                    admitted = await self._decoded(query, [*kept, started_header, *asking], b"")
+                    # refused (counted there), or routed to another model (409 reroute)
+                    if admitted[0] != 202:
+                        self._note_overload(admitted)
+                        return await self._reroute_or(admitted, raw_target, headers, started_header, body)
+                    reservation = json.loads(admitted[2])["reservation"]
+                decoding = not admit_first  # an error from here on comes after admission
                 slots = self.arena.take(len(payloads)) if self.arena is not None else None
                 arena = self.arena if slots is not None else None
                 assert self.pixels is not None
@@ -302,6 +312,8 @@ class FrontEnd:
             internal_headers.append((FRONTEND_RESERVATION.encode(), reservation.encode()))
         if error is not None:
             internal_headers.append((FRONTEND_ERROR.encode(), error.to_json()))
+            if decoding:
+                internal_headers.append((FRONTEND_DECODING_ERROR.encode(), b"1"))
             crops, model, multipart = [], model or "", False
         elif slots is not None:
             assert self.arena is not None
@@ -315,7 +327,14 @@ class FrontEnd:
             # the engine has answered: it has copied the crops into a batch (or given up)
             if slots is not None:
                 self.arena.give_back(slots)
+        self._note_overload(response)
         return await self._reroute_or(response, raw_target, headers, started_header, body)
+
+    def _note_overload(self, answer: Answer) -> None:
+        """An `overloaded` answer: for ADMIT_FIRST_S, requests ask for admission before they are decoded,
+        so that the front-end decodes nothing the engine refuses."""
+        if answer[0] == 503 and json.loads(answer[2]).get("error") == "overloaded":
+            self._admit_first_until = time.monotonic() + ADMIT_FIRST_S
 
     async def _explain(self, scope: dict, receive: Callable, headers: list, target: bytes) -> Answer:
         """`POST /v1/explain`: its one image decoded and cropped here, the crop sent over the channel in the
