@@ -194,6 +194,19 @@ def test_metric_names_follow_prometheus_conventions() -> None:
     assert len(docs_queries()) >= 12  # the docs' queries are read: they are checked with the others
 
 
+def test_metric_table_is_every_metric_the_server_exports() -> None:
+    """docs/api.md's table names each metric of the server's registry (a new one, e.g. explain's, is
+    documented), and no other."""
+    from server.engine.metrics import Metrics
+
+    contract = (REPO / "docs/api.md").read_text()
+    documented = {name for name, _ in re.findall(r"^\| `(mame_\w+)` \| (histogram|counter|gauge)", contract,
+                                                 re.MULTILINE)}
+    exported = {family.name + ("_total" if family.type == "counter" else "")
+                for family in Metrics().registry.collect()}
+    assert documented == exported
+
+
 def test_every_query_names_only_contract_metrics() -> None:
     unknown = {name: where for name, where in raw_metric_names(every_query()).items()
                if name not in contract_series_names()}

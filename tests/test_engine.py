@@ -16,7 +16,7 @@ from server.engine.batching import QueueFull, Scheduler, SchedulerClosed, WorkIt
 from server.engine.devices import place_model
 from server.engine.metrics import Metrics
 from server.engine.models import load_model
-from server.engine.worker import DeviceWorker, ImageResult, infer, stack_batch
+from server.engine.worker import DeviceWorker, ImageResult, by_input_kind, infer, stack_batch
 from server.wire.errors import ApiError
 
 NONE = MergeSettings()
@@ -251,11 +251,33 @@ def test_normalising_on_the_device_equals_timms_own_eval_transform(tiny_model):
     assert torch.allclose(scores, reference.values, atol=1e-6)
 
 
-def test_worker_input_must_be_uint8_and_one_shape(tiny_model):
-    with pytest.raises(TypeError, match="uint8"):
-        infer(tiny_model, NONE, torch.zeros(1, 3, 64, 64), top_k=1)
+def test_worker_input_is_uint8_crops_or_float32_normalised_images_of_one_shape(tiny_model):
+    crop = torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8, generator=torch.manual_seed(0))
+    as_crop = infer(tiny_model, MAME, crop, top_k=3)
+    # float32: a client's normalised pixels, taken as they are (not normalised again)
+    as_float = infer(tiny_model, MAME, (crop.float() / 255 - tiny_model.mean) / tiny_model.std, top_k=3)
+    assert as_float[1].tolist() == as_crop[1].tolist() and as_float[2].tolist() == as_crop[2].tolist()
+    assert torch.allclose(as_float[0], as_crop[0], atol=1e-6)
+    with pytest.raises(TypeError, match="uint8 crops or float32"):
+        infer(tiny_model, NONE, torch.zeros(1, 3, 64, 64, dtype=torch.float64), top_k=1)
     with pytest.raises(RuntimeError):
         stack_batch([pixels(3, 64, 64), pixels(3, 32, 32)], pin=False)
+
+
+def test_a_batch_of_crops_and_float_images_runs_as_one_batch_of_each(loop, tiny_model):
+    """The queue takes uint8 crops and float32 images alike; each kind runs as a batch of its own, and
+    every item gets its own image's answer."""
+    scheduler = Scheduler({"m": BatchingConfig(max_batch_size=8, max_wait_ms=1, max_queue=64)})
+    worker = DeviceWorker(torch.device("cpu"), {"m": tiny_model}, scheduler, Metrics(), torch_threads=1)
+    crops = [torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8) for _ in range(3)]
+    floats = [(c.float().unsqueeze(0) / 255 - tiny_model.mean).div(tiny_model.std)[0] for c in crops[:2]]
+    items = [item(loop, image=image, settings=MAME) for image in [crops[0], floats[0], crops[1], floats[1],
+                                                                   crops[2]]]
+    assert [len(run) for run in by_input_kind(items)] == [3, 2]
+    worker._run(items)
+    results = loop.run_until_complete(asyncio.gather(*(i.future for i in items)))
+    assert [r.batch_size for r in results] == [3, 2, 3, 2, 3]
+    assert results[1].indices == results[0].indices and results[3].indices == results[2].indices
 
 
 def test_split_on_oom_halves_until_batches_fit():

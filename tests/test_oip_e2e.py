@@ -5,18 +5,26 @@
 from __future__ import annotations
 
 import base64
+import io
+import json
 
 import httpx
 import numpy as np
 import pytest
 import timm
+import torch
 import tritonclient.http as triton
+from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from serverproc import TINY_MODEL, running_server, sample_images, tiny_config
 from tritonclient.utils import InferenceServerException
 
+from server.config import parse_config
 from server.decode.imaging import decode_image
 from server.decode.transforms import preprocessing
+from server.engine.devices import place_model
+from server.engine.models import load_model
+from server.engine.worker import infer as infer_on_host
 
 pytestmark = pytest.mark.e2e
 
@@ -137,9 +145,72 @@ def test_infer_fp32_normalised_crops_match_v1(server, client, photos, crop_of):
     crops = np.stack([crop_of(photos["text"])])
     values = ((crops.transpose(0, 3, 1, 2) / np.float32(255) - mean) / std).astype(np.float32)
     assert_same_as_v1(infer(client, "pixel_values", "FP32", values), [v1_answer(server, photos["text"])])
-    # Floats that are not such crops are refused, with the reason, in the protocol's error body.
-    with pytest.raises(InferenceServerException, match="invalid_request: input 'pixel_values' must be uint8"):
-        infer(client, "pixel_values", "FP32", values + np.float32(0.01))
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    """The tiny model as the server loads it (random weights from a fixed seed), in this process."""
+    cfg = parse_config(tiny_config()).models["tiny"]
+    loaded = load_model("tiny", cfg)
+    dm = place_model("tiny", loaded.model, torch.device("cpu"), torch.float32, loaded.input_size,
+                     copy_weights=False, mean=loaded.transform.mean, std=loaded.transform.std)
+    return dm, cfg
+
+
+def float_pipeline(photos: dict[str, bytes], names: list[str], mean: np.ndarray,
+                   std: np.ndarray) -> np.ndarray:
+    """Another client's preprocessing, in float: the whole picture resized bilinearly (antialiased) to the
+    input size and normalised; nothing a uint8 crop can give."""
+    pictures = torch.stack([torch.from_numpy(np.array(Image.open(io.BytesIO(photos[n])).convert("RGB")))
+                            for n in names]).permute(0, 3, 1, 2).float() / 255
+    resized = torch.nn.functional.interpolate(pictures, size=(64, 64), mode="bilinear", antialias=True)
+    return ((resized.numpy() - mean) / std).astype(np.float32)
+
+
+def test_infer_fp32_from_another_pipeline_is_what_the_model_says(server, client, photos, tiny_model):
+    """Float pixels that no uint8 crop makes are served: the model's own answer on exactly those values."""
+    meta = client.get_model_metadata("tiny")
+    mean = np.array(meta["parameters"]["mean"].split(","), dtype=np.float32).reshape(1, 3, 1, 1)
+    std = np.array(meta["parameters"]["std"].split(","), dtype=np.float32).reshape(1, 3, 1, 1)
+    values = float_pipeline(photos, ["shapes", "gradient"], mean, std)
+    levels = (values * std + mean) * 255
+    assert np.abs(levels - np.rint(levels)).max() > 0.1  # not a normalised uint8 crop
+    result = infer(client, "pixel_values", "FP32", values)
+    dm, cfg = tiny_model
+    scores, indices, tokens, _, input_tokens = infer_on_host(dm, cfg.variants[VARIANT],
+                                                             torch.from_numpy(values), 5)
+    for row in range(len(values)):
+        triples = [text.decode().split(":", 2) for text in result.as_numpy("probabilities")[row]]
+        assert [int(index) for _, index, _ in triples] == indices[row].tolist()
+        assert [float(score) for score, _, _ in triples] == pytest.approx(scores[row].tolist(), abs=2e-6)
+        assert result.as_numpy("tokens_per_block")[row].tolist() == tokens[row].tolist()
+        assert result.as_numpy("input_tokens")[row] == input_tokens
+    # The server did not quantise them: the same pictures as uint8 crops answer other scores.
+    crops = np.rint(np.clip(levels, 0, 255)).astype(np.uint8).transpose(0, 2, 3, 1)
+    as_crops = infer(client, "pixels", "UINT8", np.ascontiguousarray(crops))
+    assert not np.array_equal(as_crops.as_numpy("probabilities"), result.as_numpy("probabilities"))
+
+
+@pytest.mark.parametrize("bad,expected", [
+    ("nan", "holds NaN or infinite values"), ("inf", "holds NaN or infinite values"),
+    ("huge", "beyond +-65504"), ("shape", "has shape [1, 3, 32, 32]; model 'tiny' takes ['N', 3, 64, 64]"),
+])
+def test_infer_fp32_refuses_non_finite_values_and_wrong_shapes(server, client, bad, expected):
+    values = np.zeros((1, 3, 64, 64), np.float32)
+    if bad == "shape":
+        values = np.zeros((1, 3, 32, 32), np.float32)
+    else:
+        values[0, 1, 5, 7] = {"nan": np.nan, "inf": -np.inf, "huge": 1e6}[bad]
+    with pytest.raises(InferenceServerException, match="invalid_request") as refused:
+        infer(client, "pixel_values", "FP32", values)
+    assert refused.value.status() == "400" and expected in str(refused.value)
+    # The protocol's error body, as it comes over the wire (JSON data this time; Python writes NaN as NaN).
+    document = {"inputs": [{"name": "pixel_values", "datatype": "FP32", "shape": list(values.shape),
+                            "data": values.ravel().tolist()}]}
+    answer = httpx.post(f"{server.url}/v2/models/tiny/infer", content=json.dumps(document).encode(),
+                        headers={"content-type": "application/json"}, timeout=60)
+    assert answer.status_code == 400 and list(answer.json()) == ["error"], answer.text
+    assert answer.json()["error"].startswith("invalid_request: ") and expected in answer.json()["error"]
 
 
 def test_full_probabilities_and_server_choice(server, client, photos):

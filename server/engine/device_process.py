@@ -22,6 +22,7 @@ import tempfile
 import threading
 import time
 import traceback
+from concurrent.futures import Future
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from queue import SimpleQueue
@@ -36,10 +37,13 @@ from server.decode.transforms import HostTransform
 from server.engine.batching import Scheduler, WorkItem
 from server.engine.devices import place_model, resolve_dtype
 from server.engine.metrics import Metrics
-from server.engine.models import load_model
+from server.engine.models import LoadedModel, load_model
 from server.engine.worker import (
+    Explanation,
     batch_view,
+    by_input_kind,
     drop_expired,
+    explain_image,
     fail_batch,
     infer,
     resolve_batch,
@@ -63,6 +67,14 @@ class ModelDescription:
     labels: list[str]
     transform: HostTransform
     input_size: tuple[int, int, int]
+    depth: int  # blocks
+    patch_grid: tuple[int, int]  # patches per column and row
+
+    @classmethod
+    def of(cls, loaded: LoadedModel) -> ModelDescription:
+        model = loaded.model
+        return cls(loaded.weights, loaded.labels, loaded.transform, loaded.input_size, len(model.blocks),
+                   tuple(model.patch_embed.grid_size))
 
 
 class DeviceProcessError(RuntimeError):
@@ -98,7 +110,7 @@ def _load(device: torch.device, models: dict[str, ModelConfig], warm_up: WarmUp 
         placed[name] = place_model(name, loaded.model, device, resolve_dtype(cfg.dtype, device),
                                    loaded.input_size, copy_weights=False, mean=loaded.transform.mean,
                                    std=loaded.transform.std)
-        described[name] = ModelDescription(loaded.weights, loaded.labels, loaded.transform, loaded.input_size)
+        described[name] = ModelDescription.of(loaded)
     slab_bytes = max(cfg.batching.max_batch_size * math.prod(described[name].input_size)
                      for name, cfg in models.items())
     slabs = [torch.empty(slab_bytes, dtype=torch.uint8).share_memory_() for _ in range(SLABS)]
@@ -115,8 +127,10 @@ def _load(device: torch.device, models: dict[str, ModelConfig], warm_up: WarmUp 
 
 def _run_batch(device: torch.device, dm, slabs: list[torch.Tensor], message: tuple) -> tuple:
     """One batch from the parent: its answer for the pipe."""
-    _, slab, _, settings, size, top_k, channels_last = message
-    x = batch_view(slabs[slab], size, dm.input_size, channels_last)  # as the parent stacked it
+    _, slab, _, settings, size, top_k, channels_last, floats = message
+    # as the parent stacked it; float32 images (rare) come in the message
+    x = batch_view(slabs[slab], size, dm.input_size, channels_last) if floats is None \
+        else torch.from_numpy(floats)
 
     def run(start: int, stop: int) -> tuple[Any, float]:
         started = time.monotonic()
@@ -175,7 +189,20 @@ def _child_main(device_name: str, models: dict[str, ModelConfig], torch_threads:
         if message[0] == "stop":
             send(("stopped",))
             return
+        if message[0] == "explain":
+            send(_explain(placed, message))
+            continue
         send(_run_batch(device, placed[message[2]], slabs, message))
+
+
+def _explain(placed: dict, message: tuple) -> tuple:
+    """One image's explanation (server/http/explain.py) between batches: its answer for the pipe."""
+    _, number, model, settings, crop, blocks = message
+    try:
+        return "explained", number, explain_image(placed[model], settings, torch.from_numpy(crop), blocks)
+    except Exception as exc:
+        log.exception("device process: an explanation failed")
+        return "explained", number, f"{type(exc).__name__}: {exc}"
 
 
 class ProcessWorker:
@@ -193,6 +220,9 @@ class ProcessWorker:
         self._slabs: list[torch.Tensor] = []
         self._free: SimpleQueue[int] = SimpleQueue()
         self._in_flight: dict[int, list[WorkItem]] = {}
+        self._explaining: dict[int, Future[Explanation]] = {}  # explanations asked of the child, by number
+        self._explanations = 0
+        self._send_lock = threading.Lock()  # the feeder and explain() both send commands
         self._progress_at = 0.0  # when the device last finished a batch, or was given one while idle
         self._lock = threading.Lock()
         self._stopping = False
@@ -287,46 +317,68 @@ class ProcessWorker:
         # (torch's thread count is per thread, from OMP_NUM_THREADS) would spin on cores the decoding needs.
         torch.set_num_threads(1)
         while (batch := self.scheduler.next_batch(self.models.keys())) is not None:
-            items = drop_expired(batch)
-            if not items:
-                continue
-            slab = self._free.get()  # waits while SLABS batches are in flight
-            first = items[0]
-            try:
-                if tuple(first.image.shape) != self.described[first.model].input_size:
-                    raise ValueError(f"image of shape {tuple(first.image.shape)} for a model of input size "
-                                     f"{self.described[first.model].input_size}")
-                _, channels_last = stack_into([item.image for item in items], self._slabs[slab])
-            except Exception as exc:  # noqa: BLE001 - e.g. an image of the wrong shape: only this batch fails
-                fail_batch(items, exc, self.device)
-                self._free.put(slab)
-                continue
-            # "Dead?" and "in flight" under one lock: a batch recorded after the receiver swept would wait for
-            # its deadline, and its slab would be lost (the drain below would then wait for ever).
-            with self._lock:
-                dead = self._dead
-                if dead is None:
-                    if not self._in_flight:
-                        self._progress_at = time.monotonic()
-                    self._in_flight[slab] = items
-            if dead is not None:
-                fail_batch(items, dead if isinstance(dead, ApiError) else str(dead), self.device)
-                self._free.put(slab)
-                continue
-            try:
-                self._commands.send(("run", slab, first.model, first.settings, len(items),
-                                     max(item.top_k for item in items), channels_last))
-            except (OSError, ValueError):  # the child is gone: the receiver fails what is in flight
-                pass
+            for items in by_input_kind(drop_expired(batch)):
+                self._send_batch(items)
         for _ in range(len(self._slabs)):  # every batch sent has been answered
             self._free.get()
-        self._stopping = True
-        try:
-            self._commands.send(("stop",))
-        except (OSError, ValueError):
-            pass
+        with self._lock:  # no explanation is sent after the stop (explain() refuses from now)
+            self._stopping = True
+        self._send(("stop",))
         self.end(STOP_TIMEOUT_S)
         log.info("worker %s: queue drained, device process stopped", self.device)
+
+    def _send(self, command: tuple) -> None:
+        try:
+            with self._send_lock:
+                self._commands.send(command)
+        except (OSError, ValueError):  # the child is gone: the receiver fails what is in flight
+            pass
+
+    def _send_batch(self, items: list[WorkItem]) -> None:
+        """One batch of one input dtype to the child: uint8 crops through a slab, float32 images (the
+        protocol's normalised pixel_values, rare) by value in the message."""
+        slab = self._free.get()  # waits while SLABS batches are in flight
+        first, floats, channels_last = items[0], None, False
+        try:
+            if tuple(first.image.shape) != self.described[first.model].input_size:
+                raise ValueError(f"image of shape {tuple(first.image.shape)} for a model of input size "
+                                 f"{self.described[first.model].input_size}")
+            if first.image.dtype == torch.uint8:
+                _, channels_last = stack_into([item.image for item in items], self._slabs[slab])
+            else:
+                floats = torch.stack([item.image for item in items]).numpy()
+        except Exception as exc:  # noqa: BLE001 - e.g. an image of the wrong shape: only this batch fails
+            fail_batch(items, exc, self.device)
+            self._free.put(slab)
+            return
+        # "Dead?" and "in flight" under one lock: a batch recorded after the receiver swept would wait for
+        # its deadline, and its slab would be lost (the drain in _feed would then wait for ever).
+        with self._lock:
+            dead = self._dead
+            if dead is None:
+                if not self._in_flight:
+                    self._progress_at = time.monotonic()
+                self._in_flight[slab] = items
+        if dead is not None:
+            fail_batch(items, dead if isinstance(dead, ApiError) else str(dead), self.device)
+            self._free.put(slab)
+            return
+        self._send(("run", slab, first.model, first.settings, len(items), max(item.top_k for item in items),
+                    channels_last, floats))
+
+    def explain(self, model: str, settings: MergeSettings, crop: torch.Tensor,
+                blocks: list[int]) -> Future[Explanation]:
+        """One image's explanation, run by the child between two batches."""
+        answer: Future[Explanation] = Future()
+        with self._lock:
+            if self._dead is not None or self._stopping:
+                answer.set_exception(DeviceProcessError(f"the device process for {self.device} has stopped"))
+                return answer
+            self._explanations += 1
+            number = self._explanations
+            self._explaining[number] = answer
+        self._send(("explain", number, model, settings, crop.contiguous().numpy(), blocks))
+        return answer
 
     def _receive(self) -> None:
         device = str(self.device)
@@ -336,7 +388,11 @@ class ProcessWorker:
             except (EOFError, OSError):
                 break
             if message[0] == "stopped":
+                self._fail_explanations(DeviceProcessError(f"the device process for {self.device} stopped"))
                 return
+            if message[0] == "explained":
+                self._explained(message[1], message[2])
+                continue
             slab = message[1]
             with self._lock:
                 items = self._in_flight.pop(slab)
@@ -361,8 +417,25 @@ class ProcessWorker:
         for slab, items in lost:
             fail_batch(items, error if stalled else str(error), self.device)
             self._free.put(slab)
+        self._fail_explanations(error)
         if not self._stopping and not stalled:
             self.on_death(error)
+
+    def _explained(self, number: int, outcome: Explanation | str) -> None:
+        with self._lock:
+            answer = self._explaining.pop(number, None)
+        if answer is None:
+            return
+        if isinstance(outcome, str):
+            answer.set_exception(RuntimeError(f"the explanation failed on {self.device}: {outcome}"))
+        else:
+            answer.set_result(outcome)
+
+    def _fail_explanations(self, error: BaseException) -> None:
+        with self._lock:
+            pending, self._explaining = list(self._explaining.values()), {}
+        for answer in pending:
+            answer.set_exception(error)
 
     def busy_for(self, now: float) -> float:
         """Seconds the device process has had batches without finishing one (0: idle). Read by the

@@ -59,6 +59,12 @@ class Metrics:
             "mame_requests", "Classify requests by HTTP status", (*mve, "status"), registry=r)
         self.images = Counter(
             "mame_images", "Images by HTTP status", (*mve, "status"), registry=r)
+        self.explain_requests = Counter(
+            "mame_explain_requests", "Explain requests by HTTP status", ("model", "variant", "status"),
+            registry=r)
+        self.explain_duration = Histogram(
+            "mame_explain_duration_seconds", "Time from explain request arrival to answer",
+            ("model", "variant"), buckets=LATENCY_BUCKETS, registry=r)
         self.final_tokens = Histogram(
             "mame_final_tokens", "Tokens left after the last block", mve, buckets=TOKEN_BUCKETS, registry=r)
         self.gflops = Histogram(
@@ -91,6 +97,8 @@ class Metrics:
         self.final_tokens_of = LabelCache(self.final_tokens)
         self.gflops_of = LabelCache(self.gflops)
         self.in_flight_of = LabelCache(self.in_flight)
+        self.explain_requests_of = LabelCache(self.explain_requests)
+        self.explain_duration_of = LabelCache(self.explain_duration)
         self.shadow_comparisons_of = LabelCache(self.shadow_comparisons)
         self.shadow_agreements_of = LabelCache(self.shadow_agreements)
         self.shadow_top1_prob_abs_diff_of = LabelCache(self.shadow_top1_prob_abs_diff)

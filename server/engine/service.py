@@ -6,6 +6,7 @@ import asyncio
 import logging
 import threading
 import time
+from concurrent.futures import Executor, Future
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -21,7 +22,7 @@ from server.engine.device_process import ModelDescription, ProcessWorker, WarmUp
 from server.engine.devices import DeviceModel, place_model, resolve_devices, resolve_dtype
 from server.engine.metrics import Metrics
 from server.engine.models import LoadedModel, load_model
-from server.engine.worker import DeviceWorker
+from server.engine.worker import DeviceWorker, Explanation
 from server.wire.errors import ApiError, device_stalled
 
 log = logging.getLogger("mame.server")
@@ -38,6 +39,8 @@ class ModelInfo:
     dtype: str
     input_size: tuple[int, int, int]
     labels: list[str]
+    depth: int  # blocks
+    patch_grid: tuple[int, int]  # patches per column and row
 
     @property
     def device_label(self) -> str:
@@ -139,7 +142,7 @@ class InferenceService:
             devices, d = devices_of[name], described[name]
             dtypes = {str(resolve_dtype(cfg.dtype, device)).removeprefix("torch.") for device in devices}
             info = ModelInfo(name, cfg.arch, d.weights, [str(device) for device in devices],
-                             ",".join(sorted(dtypes)), d.input_size, d.labels)
+                             ",".join(sorted(dtypes)), d.input_size, d.labels, d.depth, d.patch_grid)
             self.models[name] = info
             self.transforms[name] = d.transform
             self.metrics.model_info.labels(name, cfg.arch, info.weights, info.device_label, info.dtype).set(1)
@@ -187,8 +190,7 @@ class InferenceService:
             if not here:
                 continue
             loaded: LoadedModel = load_model(name, cfg)
-            described.setdefault(name, ModelDescription(loaded.weights, loaded.labels, loaded.transform,
-                                                        loaded.input_size))
+            described.setdefault(name, ModelDescription.of(loaded))
             for i, device in enumerate(here):
                 dm = place_model(
                     name,
@@ -264,6 +266,17 @@ class InferenceService:
     def preprocess_opened(self, model: str, image: Image.Image) -> torch.Tensor:
         """An image opened by `open_image` (header read, JPEG draft set) -> the model's uint8 crop."""
         return self.transforms[model](decode_opened(image))
+
+    def explain(self, model: str, settings: MergeSettings, crop: torch.Tensor, blocks: list[int],
+                executor: Executor) -> Future[Explanation]:
+        """One image's forward with its source maps (`POST /v1/explain`), on a device of `model` that is not
+        stalled: in `executor` on the weights this process holds, or in the device's process."""
+        if (stalled := self.stalled_error(model)) is not None:
+            raise stalled
+        worker = next(w for w in self.workers if model in w.models and str(w.device) not in self.stalled)
+        if isinstance(worker, DeviceWorker):
+            return worker.explain(model, settings, crop, blocks, executor)
+        return worker.explain(model, settings, crop, blocks)
 
     def submit(self, model: str, variant: str, images: list[torch.Tensor], top_k: int,
                deadline: float, reservation: Reservation | None = None) -> list[WorkItem]:

@@ -6,9 +6,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from typing import TypeVar
 
+import numpy as np
 import torch
 
 from mame_core import MergeSettings
@@ -76,20 +78,61 @@ def channels_last_view(image: torch.Tensor) -> bool:
     return image.dim() == 3 and image.shape[0] == 3 and image.permute(1, 2, 0).is_contiguous()
 
 
+def model_input(dm: DeviceModel, x: torch.Tensor) -> torch.Tensor:
+    """Images [B, 3, H, W] on the host -> the model's input on its device. uint8 crops are normalised here,
+    after the copy (exactly timm's ToTensor + Normalize); float32 images are a client's own normalised
+    pixels (the Open Inference Protocol's `pixel_values`) and go in as they are."""
+    if x.dtype not in (torch.uint8, torch.float32):
+        raise TypeError(f"images must be uint8 crops or float32 normalised images, got {x.dtype}")
+    x = x.to(dm.device, non_blocking=True)  # asynchronous from pinned memory; a no-op on the CPU
+    if x.dtype == torch.float32:
+        return x.contiguous().to(dm.dtype)
+    # Channels-last batches become channels-first here: on a GPU one small kernel; the model and its
+    # numerics then see exactly what they saw before.
+    return x.contiguous().float().div_(255).sub_(dm.mean).div_(dm.std).to(dm.dtype)
+
+
+def by_input_kind(items: Sequence[WorkItem]) -> list[list[WorkItem]]:
+    """A batch's items as runs of one input dtype (uint8 crops, float32 images): a batch is one tensor."""
+    kinds: dict[torch.dtype, list[WorkItem]] = {}
+    for item in items:
+        kinds.setdefault(item.image.dtype, []).append(item)
+    return list(kinds.values())
+
+
 def infer(dm: DeviceModel, settings: MergeSettings, x: torch.Tensor, top_k: int) -> BatchOutputs:
-    """uint8 images [B, 3, H, W] on the host -> top-k scores and indices, tokens per block, GFLOPs (all on
-    the CPU) and input tokens. Normalising here, after the copy, is exactly timm's ToTensor + Normalize."""
-    if x.dtype != torch.uint8:
-        raise TypeError(f"images must be uint8 [B, 3, H, W] tensors from the host transform, got {x.dtype}")
+    """Images [B, 3, H, W] on the host (model_input) -> top-k scores and indices, tokens per block, GFLOPs
+    (all on the CPU) and input tokens."""
     with torch.inference_mode():
-        x = x.to(dm.device, non_blocking=True)  # asynchronous from pinned memory; a no-op on the CPU
-        # Channels-last batches become channels-first here: on a GPU one small kernel; the model and its
-        # numerics then see exactly what they saw before.
-        x = x.contiguous().float().div_(255).sub_(dm.mean).div_(dm.std).to(dm.dtype)
-        res = dm.vit(x, settings)
+        res = dm.vit(model_input(dm, x), settings)
         probs = res.logits.float().softmax(dim=-1)
         scores, indices = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
     return scores.cpu(), indices.cpu(), res.tokens.cpu(), res.gflops.cpu(), res.input_tokens
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """One image's forward with its source maps kept (`POST /v1/explain`): the source map after each block
+    shown ([tokens, patches] float32, a row per token: how much of each patch it holds), the real tokens
+    after every block, and the tokens entering the first. numpy, so that it crosses a pipe by value."""
+
+    sources: list[np.ndarray]
+    tokens_per_block: list[int]
+    input_tokens: int
+
+
+def explain_forward(dm: DeviceModel, settings: MergeSettings, crop: torch.Tensor):
+    """One image's forward with its source maps: uint8 [3, H, W] crop -> MergeResult."""
+    with torch.inference_mode():
+        return dm.vit(model_input(dm, crop.unsqueeze(0)), settings, return_source=True)
+
+
+def explain_image(dm: DeviceModel, settings: MergeSettings, crop: torch.Tensor,
+                  blocks: list[int]) -> Explanation:
+    """The forward of explain_forward, as the Explanation of `blocks` (1-based)."""
+    result = explain_forward(dm, settings, crop)
+    sources = [result.sources[block - 1][0].float().cpu().numpy() for block in blocks]
+    return Explanation(sources, result.tokens[0].tolist(), int(result.input_tokens))
 
 
 def split_on_oom(
@@ -212,7 +255,17 @@ class DeviceWorker:
         cannot be stopped; should the forward ever end, its answers find the requests answered)."""
         fail_batch(self._running, error, self.device)
 
+    def explain(self, model: str, settings: MergeSettings, crop: torch.Tensor, blocks: list[int],
+                executor: Executor) -> Future[Explanation]:
+        """One image's explanation, run in `executor` beside this worker's batches (the weights are shared:
+        a forward only reads them)."""
+        return executor.submit(explain_image, self.models[model], settings, crop, blocks)
+
     def _run(self, items: list[WorkItem]) -> None:
+        for run in by_input_kind(items):
+            self._run_one_kind(run)
+
+    def _run_one_kind(self, items: list[WorkItem]) -> None:
         """Run items as one batch (halves on CUDA out-of-memory); a failure fails only these items."""
         first = items[0]
         dm = self.models[first.model]

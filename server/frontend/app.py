@@ -46,6 +46,7 @@ from server.wire.protocol import (
     FRONTEND_ADMIT,
     FRONTEND_CLIENT,
     FRONTEND_CROPS_AT,
+    FRONTEND_DECODING_ERROR,
     FRONTEND_ERROR,
     FRONTEND_IMAGES,
     FRONTEND_MODEL,
@@ -64,6 +65,7 @@ Answer = tuple[int, list[tuple[bytes, bytes]], bytes]  # status, headers, body
 _NOT_FORWARDED = {b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer", b"upgrade",
                   b"proxy-connection", b"content-length", b"x-request-id", b"date", b"server"}
 PASS_THROUGH_MAX_BYTES = ADMIN_MAX_BODY_BYTES  # other passed-on bodies than classify, /v2 infer (admin JSON)
+ADMIT_FIRST_S = 1.0  # after an `overloaded` answer: requests ask for admission before decoding, this long
 PLAN_MAX_AGE_S = 5.0  # how stale the engine's experiments may be here (a stale one costs a re-send, no error)
 LOADING_RECHECK_S = 0.5
 PROBES = ("/healthz", "/readyz")
@@ -128,6 +130,7 @@ class FrontEnd:
         self.pixels: PixelBudget | None = None  # pixels decoded at once here (the plan's limit)
         self.plan: Plan | None = None
         self._plan_lock = asyncio.Lock()
+        self._admit_first_until = 0.0  # time.monotonic(): until then, admission before decoding (overload)
         self.engine: httpx.AsyncClient | None = None
         # the engine's: it started this process (read at start, as there)
         self.admin_token = admin_token_from_env()
@@ -158,6 +161,8 @@ class FrontEnd:
                 raise ApiError(404, "not_found", "Not Found")
             if scope["method"] == "POST" and scope["path"] == "/v1/classify":
                 status, answer_headers, body = await self._classify(scope, receive, headers)
+            elif scope["method"] == "POST" and scope["path"] == "/v1/explain":
+                status, answer_headers, body = await self._explain(scope, receive, headers, target)
             else:
                 body = await self._pass_through_body(scope, receive)
                 ask = self._probe if scope["path"] in PROBES else self._engine
@@ -237,13 +242,11 @@ class FrontEnd:
         response = await self.engine.send(request)
         return response.status_code, response.headers.raw, response.content
 
-    async def _decoded(self, query: str, headers: list, body: bytes) -> Answer:
-        """A request whose images this front-end decoded, over the channel to the engine's
-        /internal/classify."""
-        head, answer = await self.channel.call(
-            {"query": query, "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in headers]},
-            body,
-        )
+    async def _decoded(self, query: str, headers: list, body: bytes, path: str | None = None) -> Answer:
+        """A request whose images this front-end decoded, over the channel to the engine's classify() (or,
+        with `path` /v1/explain, its explain())."""
+        head = {"query": query, "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in headers]}
+        head, answer = await self.channel.call(head | ({"path": path} if path else {}), body)
         return (
             head["status"],
             [(k.encode("latin-1"), v.encode("latin-1")) for k, v in head["headers"]],
@@ -257,6 +260,7 @@ class FrontEnd:
         plan = await self._current_plan()
         model = plan.model_for(dict(parse_qsl(query, keep_blank_values=True)))
         body, error, n_images, slots, crops, reservation = b"", None, 0, None, [], None
+        admit_first, decoding = started < self._admit_first_until, False
         started_header = (FRONTEND_STARTED.encode(), repr(started).encode())  # the deadline runs from here
         raw_target = b"/v1/classify?" + scope["query_string"]
         kept = [(k, v) for k, v in headers if k != b"content-type"]
@@ -270,14 +274,20 @@ class FrontEnd:
             payloads, multipart = image_payloads(header(headers, b"content-type"), body, plan.max_images)
             n_images = len(payloads)
             if model is not None:
-                # Admission before work: the headers (pixel limits), then the engine's queue, then decoding.
+                # Admission before work: the headers (pixel limits) here; the engine's queue before decoding
+                # while it refuses requests, else with the decoded request (one message, not two).
                 opened = open_all([data for _, data in payloads], plan.max_pixels, plan.max_request_pixels,
                                   plan.decoders[model][0])
-                admitted = await self._decoded(query, [*kept, started_header, *_internal(
-                    (FRONTEND_ADMIT, "1"), (FRONTEND_IMAGES, str(n_images)), (FRONTEND_MODEL, model))], b"")
-                if admitted[0] != 202:  # refused (counted there), or routed to another model (409 reroute)
-                    return await self._reroute_or(admitted, raw_target, headers, started_header, body)
-                reservation = json.loads(admitted[2])["reservation"]
+                if admit_first:  # the engine refused requests lately: no decoding for a refusal
+                    asking = _internal((FRONTEND_ADMIT, "1"), (FRONTEND_IMAGES, str(n_images)),
+                                       (FRONTEND_MODEL, model))
+                    admitted = await self._decoded(query, [*kept, started_header, *asking], b"")
+                    # refused (counted there), or routed to another model (409 reroute)
+                    if admitted[0] != 202:
+                        self._note_overload(admitted)
+                        return await self._reroute_or(admitted, raw_target, headers, started_header, body)
+                    reservation = json.loads(admitted[2])["reservation"]
+                decoding = not admit_first  # an error from here on comes after admission
                 slots = self.arena.take(len(payloads)) if self.arena is not None else None
                 arena = self.arena if slots is not None else None
                 assert self.pixels is not None
@@ -302,6 +312,8 @@ class FrontEnd:
             internal_headers.append((FRONTEND_RESERVATION.encode(), reservation.encode()))
         if error is not None:
             internal_headers.append((FRONTEND_ERROR.encode(), error.to_json()))
+            if decoding:
+                internal_headers.append((FRONTEND_DECODING_ERROR.encode(), b"1"))
             crops, model, multipart = [], model or "", False
         elif slots is not None:
             assert self.arena is not None
@@ -315,7 +327,53 @@ class FrontEnd:
             # the engine has answered: it has copied the crops into a batch (or given up)
             if slots is not None:
                 self.arena.give_back(slots)
+        self._note_overload(response)
         return await self._reroute_or(response, raw_target, headers, started_header, body)
+
+    def _note_overload(self, answer: Answer) -> None:
+        """An `overloaded` answer: for ADMIT_FIRST_S, requests ask for admission before they are decoded,
+        so that the front-end decodes nothing the engine refuses."""
+        if answer[0] == 503 and json.loads(answer[2]).get("error") == "overloaded":
+            self._admit_first_until = time.monotonic() + ADMIT_FIRST_S
+
+    async def _explain(self, scope: dict, receive: Callable, headers: list, target: bytes) -> Answer:
+        """`POST /v1/explain`: its one image decoded and cropped here, the crop sent over the channel in the
+        message (one image, and one explanation at a time: no arena slot) for the engine to check, route,
+        run and draw. An error met here goes with it, answered there after the checks that come first."""
+        deadline = time.monotonic() + self.request_timeout_s
+        started_header = (FRONTEND_STARTED.encode(), repr(deadline - self.request_timeout_s).encode())
+        query = scope["query_string"].decode("latin-1")
+        plan = await self._current_plan()
+        model = plan.model_for({k: v for k, v in parse_qsl(query) if k == "model"})  # no experiments
+        body, crop, error = b"", b"", None
+        try:
+            body = await read_limited(receive, header(scope["headers"], b"content-length"),
+                                      plan.max_body_bytes, self.request_timeout_s)
+            if model is not None:
+                payloads, _ = image_payloads(header(headers, b"content-type"), body, 1)
+                (opened,) = open_all([payloads[0][1]], plan.max_pixels, plan.max_request_pixels,
+                                     plan.decoders[model][0])
+                assert self.pixels is not None
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())), \
+                        self.pixels.hold(pixels_of(opened)):
+                    (crop,) = await run_all_in_pool(self.pool, decode_crop,
+                                                    [(plan.decoders[model], opened, 0)])
+        except TimeoutError:
+            error = timeout(f"no answer within the request timeout of {self.request_timeout_s:g} s "
+                            "(its image was still being decoded)")
+        except ApiError as exc:
+            error = exc
+        except Exception as exc:  # the engine answers it as a 500, counted like any other
+            log.exception("decoding an explain request failed")
+            error = internal(f"{type(exc).__name__}: {exc}")
+        if error is None and model is None:  # not decodable here: the engine decodes
+            return await self._engine("POST", target, [*headers, started_header], body)
+        kept = [(k, v) for k, v in headers if k != b"content-type"]
+        internal_headers = [started_header, *_internal((FRONTEND_IMAGES, "1"), (FRONTEND_MODEL, model or ""))]
+        if error is not None:
+            internal_headers.append((FRONTEND_ERROR.encode(), error.to_json()))
+            crop = b""
+        return await self._decoded(query, kept + internal_headers, crop, path="/v1/explain")
 
     async def _reroute_or(self, response: Answer, raw_target: bytes, headers: list, started_header: tuple,
                           body: bytes) -> Answer:

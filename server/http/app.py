@@ -21,6 +21,7 @@ from server.http import middleware
 from server.http.answers import error_response, unexpected_error
 from server.http.classify import ClassifyRequest, Engine, classify
 from server.http.docs_page import add_docs_page
+from server.http.explain import explain
 from server.http.oip import add_oip_routes
 from server.http.openapi import with_top_k_bound
 from server.http.routes import frontend_router, router, sync_weights
@@ -56,8 +57,13 @@ def build_engine(config: ServingConfig, service: InferenceService, preprocess_th
     return engine
 
 
+EXPLAIN_PATH = "/v1/explain"  # a channel request's "path": classify's when absent
+
+
 async def channel_request(engine: Engine, head: channel.Head, body: bytes) -> tuple[channel.Head, bytes]:
-    """A request a front-end decoded, from the channel (server/wire/channel.py), answered by classify()."""
+    """A request a front-end decoded, from the channel (server/wire/channel.py), answered by classify() (or
+    explain(), for the path /v1/explain)."""
+    path = head.get("path", "/v1/classify")
     raw = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in head["headers"]]
     headers = Headers(raw=raw)
     request_id = request_id_of(raw)
@@ -72,11 +78,11 @@ async def channel_request(engine: Engine, head: channel.Head, body: bytes) -> tu
             receive=None,
             crops=body,
         )
-        response = await classify(engine, request)
+        response = await (explain if path == EXPLAIN_PATH else classify)(engine, request)
     except ApiError as exc:
         response = error_response(exc, request_id)
     except Exception:  # noqa: BLE001 - logged; without an answer the front-end's request would wait for ever
-        response = unexpected_error("POST", "/v1/classify (decoded by a front-end)", request_id)
+        response = unexpected_error("POST", f"{path} (decoded by a front-end)", request_id)
     response.headers["X-Request-Id"] = request_id
     answer_headers = [
         [name.decode("latin-1"), value.decode("latin-1")] for name, value in response.headers.raw

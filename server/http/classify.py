@@ -36,6 +36,7 @@ from server.wire.pool import run_all_in_pool
 from server.wire.protocol import (
     FRONTEND_ADMIT,
     FRONTEND_CLIENT,
+    FRONTEND_DECODING_ERROR,
     FRONTEND_IMAGES,
     FRONTEND_MODEL,
     FRONTEND_MULTIPART,
@@ -72,6 +73,7 @@ class Engine:
     pixels: PixelBudget = field(default_factory=lambda: PixelBudget(40_000_000))
     # front-ends' requests admitted before their decoding: token -> (route, places held)
     admitted: dict[str, tuple[Assignment, Reservation]] = field(default_factory=dict)
+    explaining: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))  # one at a time
 
 
 @dataclass(frozen=True)
@@ -229,11 +231,15 @@ async def _images(engine: Engine, request: ClassifyRequest, route: Assignment, o
     limits, headers = engine.config.limits, request.headers
     if request.receive is None:  # decoded by a front-end
         outcome.n_images = int(headers[FRONTEND_IMAGES])
-        raise_frontend_error(headers)  # errors first: they do not depend on the model
+        decoding_error = headers.get(FRONTEND_DECODING_ERROR) == "1"
+        if not decoding_error:
+            raise_frontend_error(headers)  # errors before admission first: they do not depend on the model
         if headers.get(FRONTEND_MODEL) != route.model:
             raise Reroute(route.model)
         if outcome.reservation is None:
             outcome.reservation = _reserve(engine, route, outcome.n_images)
+        if decoding_error:
+            raise_frontend_error(headers)
         input_size = engine.service.models[route.model].input_size
         return frontend_crops(headers, request.crops, input_size, engine.arenas), headers[
             FRONTEND_MULTIPART

@@ -2,11 +2,10 @@
 protocol's `Engine` over the server's own path: the same routing and A/B assignment, queues and batching,
 metrics, experiment records and shadow runs as `POST /v1/classify` (server/http/classify.py).
 
-Images reach the batches as the uint8 crops /v1 makes: encoded files are decoded and cropped as /v1 does,
-UINT8 `pixels` are those crops already, and FP32 `pixel_values` are taken when they are such crops
-normalised (every value within 1/1000 of a level k of (k / 255 - mean) / std): the model then sees them
-to float32 rounding. Other float inputs are refused: the batches, the device processes' shared-memory slabs
-and the normalisation on the device are uint8 throughout (docs/oip.md).
+Images reach the batches as the uint8 crops /v1 makes (encoded files decoded and cropped as /v1 does;
+UINT8 `pixels` are those crops already), or, for FP32 `pixel_values` (a client's own preprocessing, already
+normalised), as float32 [3, H, W] images the model takes as they are: the workers run them in batches of
+their own (server/engine/worker.py by_input_kind; docs/oip.md).
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ from server.http.classify import (
 from server.oip.handlers import ROUTES, Reply, Route, error_reply
 from server.oip.interface import Classification, ClassifiedImage, ClassifyCall, Images, ModelSpec
 from server.wire.body import read_limited
-from server.wire.errors import ApiError, internal, invalid_request, not_ready, oip_status
+from server.wire.errors import ApiError, internal, not_ready, oip_status
 
 if TYPE_CHECKING:
     from server.experiments.registry import Assignment
@@ -43,28 +42,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mame.server")
 
-LEVEL_TOLERANCE = 1e-3  # of one uint8 level: float32 rounding of (k / 255 - mean) / std is ~1e-5 of a level
-
-
 def uint8_crops(array: np.ndarray) -> list[torch.Tensor]:
     """uint8 [N, H, W, 3] -> N uint8 [3, H, W] crops, channels-last underneath as the decoders make them."""
     return list(torch.from_numpy(array).permute(0, 3, 1, 2).unbind(0))
-
-
-def levels_of(values: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
-    """float32 [N, 3, H, W] normalised crops -> the uint8 [N, H, W, 3] crops they were made from; an
-    invalid_request when a value is not (k / 255 - mean) / std for an integer k in [0, 255]."""
-    shape = (1, 3, 1, 1)
-    scaled = (values.astype(np.float64) * np.reshape(std, shape) + np.reshape(mean, shape)) * 255.0
-    levels = np.rint(scaled)
-    off = np.abs(scaled - levels)
-    if off.max(initial=0.0) > LEVEL_TOLERANCE or levels.min(initial=0) < 0 or levels.max(initial=0) > 255:
-        raise invalid_request(
-            "input 'pixel_values' must be uint8 crops normalised with the model's mean and std "
-            "((k / 255 - mean) / std, k = 0..255; the model metadata has mean and std); other values are "
-            f"not taken (a value lies {float(off.max()):.3g} levels from the nearest): send 'pixels' (UINT8) "
-            "or 'images' instead")
-    return np.ascontiguousarray(levels.astype(np.uint8).transpose(0, 2, 3, 1))
 
 
 class ServerEngine:
@@ -149,17 +129,16 @@ class ServerEngine:
 
     async def _crops(self, route: Assignment, images: Images, outcome: _Outcome,
                      deadline: float) -> list[torch.Tensor]:
-        """The request's images as the batches' uint8 [3, H, W] crops, admitted as /v1/classify's are: the
-        queue's places are reserved before anything is decoded."""
-        parts, model = self.parts, route.model
+        """The request's images as the batches' [3, H, W] images (uint8 crops, or float32 normalised pixels),
+        admitted as /v1/classify's are: the queue's places are reserved before anything is decoded."""
+        parts = self.parts
         if images.kind == "encoded":
             return await decode_admitted(parts, route, outcome, list(images.encoded), deadline)
         assert images.array is not None
         outcome.reservation = _reserve(parts, route, outcome.n_images)
         if images.kind == "uint8_hwc":
             return uint8_crops(images.array)
-        transform = parts.service.transforms[model]
-        return uint8_crops(levels_of(images.array, transform.mean, transform.std))
+        return list(torch.from_numpy(images.array).unbind(0))  # float32 [3, H, W]: normalised already
 
 
 def _endpoint(route: Route, engine: ServerEngine) -> Callable[[Request], Any]:

@@ -119,6 +119,6 @@ EXPLAIN_ERRORS = error_responses(
     (413, "too_large: over the byte or pixel limit, or more than one file"),
     (415, "unsupported_media_type: not an image type"),
     (422, "invalid_parameter: blocks outside the model"),
-    (501, "not_implemented: the frontends layout (the weights are in the device processes)"),
-    (503, "overloaded (an explanation is running) or not_ready (loading); Retry-After"),
+    (500, "internal: the forward failed on the device, or its device process stopped"),
+    (503, "overloaded (an explanation is running), not_ready (loading) or device_stalled; Retry-After"),
     (504, "timeout: no answer within the request timeout"))

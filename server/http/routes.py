@@ -3,7 +3,6 @@ puts it there); `POST /v1/classify` is answered by `classify()` (server/http/cla
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
@@ -49,9 +48,6 @@ async def classify_route(request: Request) -> Response:
     )
 
 
-EXPLAIN_RUNNING = "explain_running"  # app.state: the semaphore that runs explanations one at a time
-
-
 @router.post("/v1/explain", summary="Which patches merged, as a picture (PNG); token counts in headers",
              response_model=None, openapi_extra=EXPLAIN_OPENAPI, responses={
                  200: {"description": "the input crop, then the groups after each block, side by side",
@@ -59,10 +55,9 @@ EXPLAIN_RUNNING = "explain_running"  # app.state: the semaphore that runs explan
                        "headers": EXPLAIN_HEADERS},
                  **EXPLAIN_ERRORS})
 async def explain_route(request: Request) -> Response:
-    state = request.app.state
-    if not hasattr(state, EXPLAIN_RUNNING):
-        setattr(state, EXPLAIN_RUNNING, asyncio.Semaphore(1))
-    return await explain(_engine(request), request, getattr(state, EXPLAIN_RUNNING))
+    return await explain(
+        _engine(request), http_classify_request(request, request.app.state.behind_frontends)
+    )
 
 
 @frontend_router.get("/internal/plan")

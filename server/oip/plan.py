@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from server.oip.request import InferRequest
     from server.oip.tensors import Tensor
 
+FLOAT16_MAX = 65504.0  # the largest finite float16: models may run in half precision
+
 
 @dataclass(frozen=True)
 class OutputPlan:
@@ -67,6 +69,11 @@ def read_images(tensor: Tensor, spec: ModelSpec, max_images: int) -> Images:
         return Images("uint8_hwc", array=array)
     if not np.isfinite(array).all():
         raise invalid_request(f"{what} holds NaN or infinite values")
+    # A normalised image lies within a few units of 0; past half precision's range a float16 model would
+    # turn the value into infinity, and its answer into NaN.
+    if np.abs(array).max(initial=0.0) > FLOAT16_MAX:
+        raise invalid_request(f"{what} holds values beyond +-{FLOAT16_MAX:g} (float16's range): it must be "
+                              "normalised pixels")
     return Images("float32_chw", array=array)
 
 

@@ -15,9 +15,14 @@ FRONTEND_MULTIPART = "x-mame-multipart"  # "1": a multipart request (several ima
 FRONTEND_ERROR = "x-mame-error"  # JSON {status, code, detail}: what reading or decoding the images raised
 FRONTEND_CROPS_AT = "x-mame-crops-at"  # "<arena file> <byte offset> ...": the crops are in shared memory
 # Admission before decoding: "1" asks the engine to route the request and reserve its queue places (the
-# answer, 202, names the reservation); the request then comes again, decoded, naming it.
+# answer, 202, names the reservation); the request then comes again, decoded, naming it. A front-end asks
+# first only while the engine refuses requests as overloaded; otherwise the request comes once, decoded, and
+# is admitted then (one message instead of two).
 FRONTEND_ADMIT = "x-mame-admit"
 FRONTEND_RESERVATION = "x-mame-reservation"
+# "1": the x-mame-error was met decoding a request not admitted yet: the engine admits it first (a full
+# queue answers 503, as it would have before decoding), then answers the error.
+FRONTEND_DECODING_ERROR = "x-mame-decoding-error"
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
