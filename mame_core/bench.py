@@ -18,6 +18,9 @@ the mixed batch against the whole batch unmerged (1: merging the others saved no
 
 --profile adds, per row, the aten operator counts of one forward (top-level and all, torch.profiler)
 and the top operators by self time (device time on a GPU), measured after the timed rounds.
+
+--compile runs every row a second time under torch.compile, in the same rounds as its eager twin, and
+prints each row's compiled / eager ratio (the median of the per-round ratios).
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ class Variant:
     settings: MergeSettings | None  # None: the unpatched timm model
     images: tuple[int, ...] | None = None  # which images of the batch it runs (None: all)
     tau: tuple[float, ...] | None = None  # per-image MaMe thresholds (None: settings.tau)
+    compiled: bool = False  # runs under torch.compile (--compile)
 
 
 @dataclass
@@ -75,6 +79,7 @@ class BenchRow:
     efficiency: float  # ratio / (reference GFLOPs / this row's GFLOPs)
     img_per_s_rounds: list[float]
     profile: OpProfile | None = None  # --profile
+    compiled: bool = False  # --compile: this row's forward runs under torch.compile
 
 
 def parse_list(text: str, kind: type, name: str) -> list:
@@ -149,13 +154,18 @@ def run_bench(
     """Time every variant on the batch `x` (or its images), interleaved over `rounds`. `model` is the timm
     model; the patched variants run through `patch_vit(model)`, which shares its weights. The first variant
     is the reference of the ratio and efficiency columns (make_variants puts the unpatched or unmerged
-    model first). `profile`: after the timed rounds, one profiled forward per variant (OpProfile)."""
+    model first). `profile`: after the timed rounds, one profiled forward per variant (OpProfile).
+    `compile`: every row but the mixed case also runs under torch.compile, timed in the same rounds as its
+    eager twin (rows with `compiled` set, after the eager ones)."""
     if rounds < 1 or iters < 1 or warmup < 0:
         raise ValueError(f"need rounds >= 1, iters >= 1, warmup >= 0; got {rounds}, {iters}, {warmup}")
     vit = patch_vit(model)
-    if compile:  # both sides compiled (the first, untimed pass of each row compiles it)
-        vit, model = compile_merging_vit(vit), torch.compile(model)
-    forwards = [_variant_forward(model, vit, x, v) for v in variants]
+    compiled_vit, compiled_model = vit, model
+    if compile:  # the first, untimed pass of each compiled row compiles it
+        compiled_vit, compiled_model = compile_merging_vit(vit), torch.compile(model)
+        variants = variants + [replace(v, compiled=True) for v in variants if v.method != "mixed"]
+    forwards = [_variant_forward(compiled_model, compiled_vit, x, v) if v.compiled
+                else _variant_forward(model, vit, x, v) for v in variants]
     counts = [x.shape[0] if v.images is None else len(v.images) for v in variants]
 
     device = x.device
@@ -202,6 +212,7 @@ def run_bench(
         rows.append(BenchRow(
             v.method, v.setting, counts[i], tokens[i], longest[i], gflops[i], medians[i], ratio,
             bests[i], bests[i] / bests[0], cpu[i], cpu[i] / cpu[0], efficiency, speeds[i], profiles[i],
+            v.compiled,
         ))
     return rows
 
@@ -272,6 +283,19 @@ def format_mixed(rows: list[BenchRow], summary: MixedSummary) -> str:
                  "images; above: the held image pads the others to its length)")
     lines.append(f"mixed / unmerged batch {summary.mixed_over_unmerged:.3f}x "
                  "(1: merging the others saved nothing)")
+    return "\n".join(lines)
+
+
+def format_compiled(rows: list[BenchRow]) -> str:
+    """--compile: each row compiled against the same row eager, timed in the same rounds (the median over
+    rounds of the per-round ratio: steadier than a ratio of medians on a shared machine)."""
+    eager = {(r.method, r.setting): r for r in rows if not r.compiled and r.method != "mixed"}
+    lines = ["torch.compile: each row compiled against itself eager, in the same rounds",
+             f"{'method':<7}{'setting':>10}{'eager img/s':>13}{'compiled':>10}{'compiled / eager':>18}"]
+    for r in (r for r in rows if r.compiled):
+        base = eager[(r.method, r.setting)]
+        gain = statistics.median(c / e for c, e in zip(r.img_per_s_rounds, base.img_per_s_rounds))
+        lines.append(f"{r.method:<7}{r.setting:>10}{base.img_per_s:>13.2f}{r.img_per_s:>10.2f}{gain:>17.3f}x")
     return "\n".join(lines)
 
 
@@ -389,7 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch CPU threads (default: torch's choice); 1 is steadier on a CPU shared with other jobs",
     )
     p.add_argument("--compile", action="store_true",
-                   help="run timm and the patched model under torch.compile")
+                   help="also run every row under torch.compile, in the same rounds as eager, and print "
+                   "each row's compiled / eager ratio")
     add_report_args(p)
     return p
 
@@ -464,11 +489,11 @@ def main(argv: list[str] | None = None) -> int:
         rows = run_bench(model, x, run_variants, args.rounds, args.iters, args.warmup,
                          progress=not args.no_progress, profile=args.profile,
                          compile=args.compile)
-        table_rows = [r for r in rows if r.method != "mixed"]
+        table_rows = [r for r in rows if r.method != "mixed" and not r.compiled]
         run = {
             "batch_size": batch_size,
             "num_images": min(batch_size, len(paths)),  # distinct pictures (later copies are augmented)
-            "rows": [asdict(r) for r in table_rows],
+            "rows": [asdict(r) for r in rows if r.method != "mixed"],
             "mixed": None,
         }
         summary = None
@@ -489,6 +514,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(format_mixed(rows, summary))
             elif mixed_tau is not None:
                 print("(no mixed case: it needs a batch of at least 2 images)")
+            if args.compile:
+                print()
+                print(format_compiled(rows))
             if args.profile:
                 print()
                 print(format_profile(rows))

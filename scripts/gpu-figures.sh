@@ -9,7 +9,7 @@
 #     memory     resident and GPU memory, default config
 #     bench      mame-bench ViT-B/16: fp16 at batch 256 and 1024, bf16 at 256 (efficiency, mixed case)
 #     profile    top CUDA kernels and op counts: timm, MaMe tau 0.85, ToMe r=13, fp16 batch 256
-#     compile    mame-bench fp16 batch 256 under torch.compile (not in the default list: compiling takes minutes)
+#     compile    mame-bench fp16 batch 256, each row eager and compiled (not in the default list: compiling takes minutes)
 # Each serve part takes ~1-2 minutes (model load and warm-up included); `bench profile` fit one 8-minute call.
 # SMOKE=1 runs every part on the CPU with tiny models and 1 s windows (`memory` with the sweep's ViT-Ti
 # config; tests/test_loadtest_serving.py does, so that a broken flag is found on the CPU, not on the GPU
@@ -77,7 +77,7 @@ part() {
         --rounds 1 --iters 3 --warmup 3 --no-progress --dtype float16 --profile --json "$out/profile.json" \
         "${smoke_bench[@]}" 2>&1 | tee "$out/profile.txt" ;;
     compile)
-      echo "=== mame-bench ViT-B/16 float16 batch 256 under torch.compile (against eager: the bench part)"
+      echo "=== mame-bench ViT-B/16 float16 batch 256, each row eager and under torch.compile in the same rounds"
       $py -m mame_core.bench --device cuda --batch-size 256 --taus 1.0,0.85,0.8 --tome-r 13 --compile \
         --rounds 5 --iters 10 --warmup 3 --no-progress --dtype float16 --json "$out/bench-compile.json" \
         "${smoke_bench[@]}" 2>&1 | tee "$out/bench-compile.txt" ;;

@@ -375,3 +375,23 @@ def test_hub_weights_come_from_the_cache_without_the_hub(tmp_path, monkeypatch, 
     loaded = load_model("vit_tiny_patch16_224", "hub", TINY)
     for key, value in tiny_model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
+
+
+@pytest.mark.slow  # compiling takes a minute on a shared CPU
+def test_compile_rows_run_beside_their_eager_twins():
+    from conftest import tiny_vit
+
+    from mame_core.bench import format_compiled
+
+    model = tiny_vit(depth=2)
+    x = make_batch(sample_images(), model, 2)
+    variants = make_variants([0.5], [], mame_blocks=None)
+    rows = run_bench(model, x, variants, rounds=2, iters=1, warmup=0, progress=False, compile=True)
+    eager, compiled = rows[:2], rows[2:]
+    assert [r.compiled for r in rows] == [False, False, True, True]
+    for e, c in zip(eager, compiled):  # the same forward, compiled: the same tokens
+        assert (c.method, c.setting, c.mean_final_tokens, c.max_final_tokens) == (
+            e.method, e.setting, e.mean_final_tokens, e.max_final_tokens)
+        assert len(c.img_per_s_rounds) == len(e.img_per_s_rounds) == 2
+    text = format_compiled(rows)
+    assert "compiled / eager" in text and "tau=0.5" in text
