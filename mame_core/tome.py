@@ -23,13 +23,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .merge import TokenBatch
+from .merge import TokenBatch, as_dtype, work_dtype
 
 
 def tome_scores(metric: Tensor, num_special: int) -> Tensor:
     """Cosine similarity [B, Na, Nb] of set a to set b in fp32 (so that half-precision keys do not decide
     near-ties by rounding), with -inf on the rows and columns of special tokens. A zero key gives 0."""
-    work = metric.to(torch.promote_types(metric.dtype, torch.float32))
+    work = as_dtype(metric, work_dtype(metric.dtype))
     unit = work / work.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(work.dtype).eps)
     scores = unit[:, 0::2] @ unit[:, 1::2].transpose(-1, -2)
     if num_special:
@@ -70,12 +70,13 @@ def tome_merge(batch: TokenBatch, metric: Tensor, r: int, num_special: int) -> T
 
     # Size-weighted mean with weights normalised first (size / the fused token's size): in any precision no
     # partial sum exceeds the mean itself. b tokens nothing merges into get weight exactly 1.
-    work = torch.promote_types(x.dtype, torch.float32)
-    share_b = (size_b / new_size_b).to(work).unsqueeze(-1)
-    share_moved = (size_moved / new_size_b.gather(1, target_b)).to(work).unsqueeze(-1)
+    work = work_dtype(x.dtype)
+    share_b = as_dtype(size_b / new_size_b, work).unsqueeze(-1)
+    share_moved = as_dtype(size_moved / new_size_b.gather(1, target_b), work).unsqueeze(-1)
     x_a, x_b = x[:, 0::2], x[:, 1::2]
-    moved = x_a.gather(1, along(merged_a, x)).to(work) * share_moved
-    fused_b = (x_b.to(work) * share_b).scatter_add_(1, along(target_b, moved), moved).to(x.dtype)
+    moved = as_dtype(x_a.gather(1, along(merged_a, x)), work) * share_moved
+    fused_b = (as_dtype(x_b, work) * share_b).scatter_add_(1, along(target_b, moved), moved)
+    fused_b = as_dtype(fused_b, x.dtype)
 
     a_special, b_special = (num_special + 1) // 2, num_special // 2
 
