@@ -428,8 +428,11 @@ class Judge:
         experiments = load_judged_experiments(self.config_path)
         state = self.ensure_entries(experiments)
         for name, exp in experiments.items():
+            entry = state.experiments[name]
+            if entry.changes and entry.changes[-1].action == "stop":  # stopped (the admin API): not judged
+                continue
             try:
-                self.evaluate(name, exp, state.experiments[name])
+                self.evaluate(name, exp, entry)
             except (PrometheusError, SplitStoreError) as exc:
                 self.metrics.errors.labels(name).inc()
                 log.error("experiment %s: not judged this time: %s", name, exc)

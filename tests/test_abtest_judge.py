@@ -393,3 +393,11 @@ def test_judge_ramps_step_by_step_while_guardrails_pass(tmp_path):
     assert judge.metrics.ramp_step.labels("tau-ab")._value.get() == 2
     assert judge.metrics.ramp_share.labels("tau-ab")._value.get() == 0.5
     assert judge.report("tau-ab")["guardrails"]["mame-0.9"]["shadow_agreement"]["state"] == "passing"
+
+
+def test_judge_leaves_a_stopped_experiment_alone(tmp_path):
+    store = FileSplitStore(tmp_path / "splits.yaml")
+    store.write(with_change(SplitState(), "tau-ab", EXPERIMENT["split"], action="stop", source="admin"))
+    judge = jd.Judge(write_config(tmp_path / "serving.yaml"), store, Replay(), clock=lambda: 1e9)
+    judge.evaluate_all()  # mame-0.2 fails its guardrail, but the experiment is stopped
+    assert store.read().experiments["tau-ab"].version == 1 and judge.report("tau-ab") is None

@@ -67,7 +67,7 @@ class Metrics:
             "mame_queue_depth", "Images waiting in a variant queue", ("model", "variant"), registry=r)
         self.in_flight = Gauge(
             "mame_in_flight_requests", "Requests being handled", ("model", "variant"), registry=r)
-        # A/B experiments (server/experiments.py, docs/ab_testing.md).
+        # A/B experiments (server/experiments/, docs/ab_testing.md).
         self.shadow_comparisons = Counter(
             "mame_shadow_comparisons", "Shadow comparisons against a reference variant", shadow, registry=r)
         self.shadow_agreements = Counter(
@@ -80,6 +80,10 @@ class Metrics:
         self.experiment_weight = Gauge(
             "mame_experiment_weight", "Traffic share of a variant in an experiment",
             ("experiment", "variant"), registry=r)
+        self.experiment_split_version = Gauge(
+            "mame_experiment_split_version",
+            "Version of an experiment's split in force (the fleet's split store's, when it sets the split)",
+            ("experiment",), registry=r)
         self.model_info = Gauge(
             "mame_model_info", "Loaded models (value 1)", ("model", "arch", "weights", "device", "dtype"),
             registry=r)

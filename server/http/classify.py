@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from server.engine.metrics import Metrics
     from server.engine.service import InferenceService
     from server.engine.worker import ImageResult
+    from server.experiments.fleet import SplitSync
     from server.experiments.registry import Assignment, ExperimentRegistry
     from server.http.shadow import Shadows
 
@@ -72,6 +73,8 @@ class Engine:
     pixels: PixelBudget = field(default_factory=lambda: PixelBudget(40_000_000))
     # front-ends' requests admitted before their decoding: token -> (route, places held)
     admitted: dict[str, tuple[Assignment, Reservation]] = field(default_factory=dict)
+    splits: SplitSync | None = None  # the fleet's split store, when one is configured
+    judge_url: str | None = None
 
 
 @dataclass(frozen=True)

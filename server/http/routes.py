@@ -6,10 +6,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from server.decode.crops import decode_plan
@@ -107,11 +108,16 @@ async def experiment_report(name: str, request: Request) -> dict[str, Any]:
 
 
 def sync_weights(engine: Engine) -> None:
-    """`mame_experiment_weight` shows the splits in force; a stopped experiment's series disappear."""
-    engine.metrics.experiment_weight.clear()
+    """`mame_experiment_weight` and `mame_experiment_split_version` show the splits in force; a stopped
+    experiment's series disappear."""
+    metrics = engine.metrics
+    metrics.experiment_weight.clear()
+    metrics.experiment_split_version.clear()
     for name, split in engine.registry.current_weights().items():
         for variant, weight in split.items():
-            engine.metrics.experiment_weight.labels(name, variant).set(weight)
+            metrics.experiment_weight.labels(name, variant).set(weight)
+    for name, version in engine.registry.current_versions().items():
+        metrics.experiment_split_version.labels(name).set(version)
 
 
 def _admin_change(request: Request, name: str, change: Callable[[Engine], object]) -> dict[str, Any]:
@@ -119,6 +125,17 @@ def _admin_change(request: Request, name: str, change: Callable[[Engine], object
     engine = _engine(request)
     change(engine)
     sync_weights(engine)
+    return engine.registry.report(name)
+
+
+async def _store_change(engine: Engine, name: str, split: dict[str, float] | None,
+                        action: Literal["set", "stop"]) -> dict[str, Any]:
+    """With a split store, an admin change goes there (every replica applies it, a restart keeps it); this
+    replica applies the store's new state at once. Checked here first, so a bad split never reaches it."""
+    assert engine.splits is not None
+    if split is not None:
+        engine.registry.check_split(name, split)
+    await run_in_threadpool(engine.splits.change, name, split, action=action, source="admin")
     return engine.registry.report(name)
 
 
@@ -135,10 +152,16 @@ async def create_experiment(body: NewExperiment, request: Request) -> dict[str, 
                          lambda engine: engine.registry.create(body.name, body.config(), source="admin"))
 
 
+STORE_ERROR = (503, "split_store_unavailable: the fleet's split store cannot be written")
+
+
 @router.put("/v1/admin/experiments/{name}/split", summary="Change an experiment's split",
             response_model=None,
-            responses={**answer(schemas.ExperimentReport), **error_responses(*ADMIN_ERRORS)})
+            responses={**answer(schemas.ExperimentReport), **error_responses(*ADMIN_ERRORS, STORE_ERROR)})
 async def change_split(name: str, body: SplitChange, request: Request) -> dict[str, Any]:
+    engine = _engine(request)
+    if engine.splits is not None:
+        return await _store_change(engine, name, dict(body.split), "set")
     return _admin_change(
         request, name, lambda engine: engine.registry.update_split(name, body.split, source="admin")
     )
@@ -146,9 +169,11 @@ async def change_split(name: str, body: SplitChange, request: Request) -> dict[s
 
 @router.delete(
     "/v1/admin/experiments/{name}", summary="Stop an experiment", response_model=None,
-    responses={**answer(schemas.ExperimentReport), **error_responses(*ADMIN_ERRORS)},
+    responses={**answer(schemas.ExperimentReport), **error_responses(*ADMIN_ERRORS, STORE_ERROR)},
 )
 async def stop_experiment(name: str, request: Request) -> dict[str, Any]:
+    if _engine(request).splits is not None:
+        return await _store_change(_engine(request), name, None, "stop")
     return _admin_change(request, name, lambda engine: engine.registry.stop(name, source="admin"))
 
 

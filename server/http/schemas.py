@@ -136,17 +136,22 @@ class VariantReport(BaseModel):
 
 class ExperimentReport(ExperimentSummary):
     running_s: float
+    version: int = Field(description="the split's version: one higher with every change (the split store's)")
+    control: str | None = Field(description="the variant the others are compared with")
     ranges: list[tuple[float, float, str]] = Field(description="[start, end, variant] in [0, 1)")
     variants: dict[str, VariantReport]
 
 
 class Change(BaseModel):
     time: float = Field(description="seconds since the epoch")
-    action: Literal["create", "update", "stop"]
+    action: Literal["create", "update", "stop", "rollback", "ramp"]
     experiment: str
-    source: str
+    source: str = Field(description="config, admin, or store/<who> for a change read from the split store "
+                        "(store/judge, store/admin, store/operator)")
     split_before: dict[str, float] | None
     split_after: dict[str, float] | None
+    reason: str
+    version: int = Field(description="the experiment's split version after the change")
 
 
 class ChangesAnswer(BaseModel):
