@@ -84,6 +84,13 @@ class Metrics:
             "mame_experiment_split_version",
             "Version of an experiment's split in force (the fleet's split store's, when it sets the split)",
             ("experiment",), registry=r)
+        # True labels posted after the answer (POST /v1/labels); names as abtest.judge.METRICS reads them.
+        self.labelled_images = Counter(
+            "mame_labelled_images", "Answered images whose true label was posted", mve, registry=r)
+        self.label_top1_correct = Counter(
+            "mame_label_top1_correct", "Labelled images whose top-1 was the label", mve, registry=r)
+        self.label_top5_correct = Counter(
+            "mame_label_top5_correct", "Labelled images with the label among the top 5", mve, registry=r)
         self.model_info = Gauge(
             "mame_model_info", "Loaded models (value 1)", ("model", "arch", "weights", "device", "dtype"),
             registry=r)

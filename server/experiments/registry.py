@@ -343,6 +343,16 @@ class ExperimentRegistry:
                 gflops=gflops,
             )
 
+    def record_labels(self, assignment: Assignment, images: int, top1_correct: int,
+                      top5_correct: int) -> None:
+        """Count labelled images of an answered request (POST /v1/labels); no-op outside experiments."""
+        if assignment.experiment is None:
+            return
+        with self._lock:
+            exp = self._experiments.get(assignment.experiment)
+            if exp is not None:
+                exp.stats_of(assignment.variant).record_labels(images, top1_correct, top5_correct)
+
     def record_shadow(self, assignment: Assignment, comparison: ShadowComparison) -> None:
         if assignment.experiment is None:
             return

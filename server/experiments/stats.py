@@ -62,6 +62,9 @@ class VariantStats:
     shadow_comparisons: int = 0
     shadow_agreements: int = 0
     shadow_prob_abs_diff_sum: float = 0.0
+    labelled: int = 0
+    top1_correct: int = 0
+    top5_correct: int = 0
     latencies_s: deque[float] = field(init=False)
     image_bins: deque[list[float]] = field(init=False)  # [second, images] pairs, oldest first
 
@@ -105,6 +108,11 @@ class VariantStats:
         self.shadow_agreements += comparison.agree
         self.shadow_prob_abs_diff_sum += comparison.prob_abs_diff
 
+    def record_labels(self, images: int, top1_correct: int, top5_correct: int) -> None:
+        self.labelled += images
+        self.top1_correct += top1_correct
+        self.top5_correct += top5_correct
+
     def _expire(self, now: float) -> None:
         while self.image_bins and self.image_bins[0][0] <= now - self.rate_window_s - 1:
             self.image_bins.popleft()
@@ -147,5 +155,12 @@ class VariantStats:
                 "mean_top1_prob_abs_diff": self.shadow_prob_abs_diff_sum / comparisons
                 if comparisons
                 else None,
+            },
+            "labels": {
+                "images": self.labelled,
+                "top1_correct": self.top1_correct,
+                "top5_correct": self.top5_correct,
+                "top1_accuracy": self.top1_correct / self.labelled if self.labelled else None,
+                "top5_accuracy": self.top5_correct / self.labelled if self.labelled else None,
             },
         }

@@ -17,6 +17,7 @@ from starlette.datastructures import Headers, QueryParams
 
 from server.decode.budget import PixelBudget
 from server.experiments.fleet import FleetOptions, SplitSync
+from server.experiments.labels import RecentAnswers
 from server.experiments.registry import ExperimentRegistry, ModelVariants
 from server.http import middleware
 from server.http.answers import error_response, unexpected_error
@@ -45,6 +46,11 @@ def build_registry(config: ServingConfig) -> ExperimentRegistry:
     return ExperimentRegistry(models, config.default_model_name, config.experiments)
 
 
+def recent_answers(config: ServingConfig) -> RecentAnswers | None:
+    labels = config.labels
+    return RecentAnswers(labels.max_answers, labels.ttl_s) if labels.max_answers else None
+
+
 def build_engine(config: ServingConfig, service: InferenceService, preprocess_threads: int,
                  fleet: FleetOptions | None = None) -> Engine:
     registry, metrics = build_registry(config), service.metrics
@@ -59,7 +65,7 @@ def build_engine(config: ServingConfig, service: InferenceService, preprocess_th
                               initializer=torch.set_num_threads, initargs=(1,))
     engine = Engine(config, service, registry, metrics, pool, shadows=Shadows(service, registry, metrics),
                     pixels=PixelBudget(config.limits.max_decoding_pixels), splits=splits,
-                    judge_url=fleet.judge_url)
+                    judge_url=fleet.judge_url, answers=recent_answers(config))
     if splits is not None:
         splits.on_change = lambda: sync_weights(engine)
     sync_weights(engine)

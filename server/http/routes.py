@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from server.decode.crops import decode_plan
 from server.experiments.config import NewExperiment, SplitChange
+from server.experiments.labels import LabelsBody, unknown_request
 from server.http import schemas
 from server.http.classify import classify, http_classify_request
 from server.http.explain import explain
@@ -105,6 +106,33 @@ async def list_experiments(request: Request) -> dict[str, Any]:
                                                               (422, "invalid_parameter"))})
 async def experiment_report(name: str, request: Request) -> dict[str, Any]:
     return _engine(request).registry.report(name)
+
+
+LABELS_ERRORS = error_responses(
+    (404, "unknown_request: no recent answer has that id"),
+    (409, "already_labelled: the request has its labels already"),
+    (422, "invalid_parameter: not one label per image, or a class index out of range"),
+)
+
+
+@router.post("/v1/labels", summary="The true labels of an answered request, by its request id",
+             response_model=None,
+             responses={**answer(schemas.LabelsAnswer), **LABELS_ERRORS})
+async def post_labels(body: LabelsBody, request: Request) -> dict[str, Any]:
+    engine = _engine(request)
+    if engine.answers is None:
+        raise unknown_request(body.request_id)  # labels.max_answers: 0 keeps no answers
+    models = engine.service.models
+    scored = engine.answers.score(body.request_id, body.labels, lambda model: len(models[model].labels))
+    route, metrics = scored.route, engine.metrics
+    labels = (route.model, route.variant, route.experiment or "")
+    metrics.labelled_images.labels(*labels).inc(scored.images)
+    metrics.label_top1_correct.labels(*labels).inc(scored.top1_correct)
+    metrics.label_top5_correct.labels(*labels).inc(scored.top5_correct)
+    engine.registry.record_labels(route, scored.images, scored.top1_correct, scored.top5_correct)
+    return {"request_id": body.request_id, "model": route.model, "variant": route.variant,
+            "experiment": route.experiment, "images": scored.images, "top1_correct": scored.top1_correct,
+            "top5_correct": scored.top5_correct}
 
 
 def sync_weights(engine: Engine) -> None:

@@ -132,6 +132,25 @@ class VariantReport(BaseModel):
     mean_final_tokens: float | None
     mean_gflops: float | None
     shadow: ShadowFigures
+    labels: LabelFigures
+
+
+class LabelFigures(BaseModel):
+    images: int = Field(description="labelled images (POST /v1/labels)")
+    top1_correct: int
+    top5_correct: int
+    top1_accuracy: float | None
+    top5_accuracy: float | None
+
+
+class LabelsAnswer(BaseModel):
+    request_id: str
+    model: str
+    variant: str
+    experiment: str | None
+    images: int = Field(ge=1)
+    top1_correct: int = Field(ge=0)
+    top5_correct: int = Field(ge=0)
 
 
 class ExperimentReport(ExperimentSummary):
