@@ -216,7 +216,7 @@ def test_judge_rolls_back_a_bad_variant_from_real_prometheus(prometheus_scraping
     for key in labels.values():  # every series exists at 0 before traffic: increase() needs a first sample
         metrics.requests.labels(*key, "200").inc(0)
         metrics.requests.labels(*key, "500").inc(0)
-        metrics.request_duration.labels(*key)
+        metrics.successful_request_duration.labels(*key)
     for key in shadow.values():
         metrics.shadow_comparisons.labels(*key).inc(0)
         metrics.shadow_agreements.labels(*key).inc(0)
@@ -227,7 +227,7 @@ def test_judge_rolls_back_a_bad_variant_from_real_prometheus(prometheus_scraping
     for key in labels.values():
         metrics.requests.labels(*key, "200").inc(400)
         for i in range(400):
-            metrics.request_duration.labels(*key).observe(0.02 + 0.001 * (i % 10))
+            metrics.successful_request_duration.labels(*key).observe(0.02 + 0.001 * (i % 10))
     wait_for(lambda: series_scraped(url, "sum(mame_shadow_comparisons_total)", 800), what="traffic scraped")
     time.sleep(1.5)  # a few more scrapes, so that increase() has points after the change
 

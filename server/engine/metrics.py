@@ -47,6 +47,9 @@ class Metrics:
         self.request_duration = Histogram(
             "mame_request_duration_seconds", "Time from request arrival to answer",
             mve, buckets=LATENCY_BUCKETS, registry=r)
+        self.successful_request_duration = Histogram(
+            "mame_successful_request_duration_seconds", "Time from request arrival to a successful answer",
+            mve, buckets=LATENCY_BUCKETS, registry=r)
         self.queue_wait = Histogram(
             "mame_queue_wait_seconds", "Time an image waited in its variant queue",
             mve, buckets=LATENCY_BUCKETS, registry=r)
@@ -96,6 +99,7 @@ class Metrics:
             registry=r)
         # The per-request series, labelled children cached (experiment_weight is cleared: never cached).
         self.request_duration_of = LabelCache(self.request_duration)
+        self.successful_request_duration_of = LabelCache(self.successful_request_duration)
         self.queue_wait_of = LabelCache(self.queue_wait)
         self.requests_of = LabelCache(self.requests)
         self.images_of = LabelCache(self.images)

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from abtest.judge import ExperimentData, finite, variant_report
 from server.experiments.buckets import (
     SCALE,
     BucketRange,
@@ -405,8 +406,19 @@ class ExperimentRegistry:
                 raise UnknownExperiment(f"experiment {echo(name)} does not exist")
             return exp.ranges
 
-    def report(self, name: str) -> dict[str, Any]:
-        """The body of `GET /v1/experiments/{name}`."""
+    def report(self, name: str, confidence: float = 0.95) -> dict[str, Any]:
+        """The body of `GET /v1/experiments/{name}`: the figures, and each variant's intervals at
+        `confidence` computed from this replica's counts as the judge computes the fleet's from Prometheus
+        (abtest.judge.variant_report), against the control when there is one."""
+        body, data = self._report(name)
+        control = body["control"]
+        for variant, figures in body["variants"].items():
+            intervals = variant_report(data, variant, control or variant, confidence)
+            figures["intervals"] = finite(intervals)
+        body["confidence"] = confidence
+        return body
+
+    def _report(self, name: str) -> tuple[dict[str, Any], ExperimentData]:
         with self._lock:
             exp = self._experiments.get(name)
             if exp is None:
@@ -415,6 +427,12 @@ class ExperimentRegistry:
             variants = list(exp.config.split) + sorted(v for v in exp.stats if v not in exp.config.split)
             empty = VariantStats()
             shadow = exp.config.shadow
+            data = ExperimentData()
+            for v in variants:
+                stats = exp.stats.get(v, empty)
+                for series, value in stats.judged_counts().items():
+                    data.counts.setdefault(series, {})[v] = value
+                data.latency[v] = stats.latency_le()
             return {
                 "name": exp.name,
                 "model": exp.config.model,
@@ -433,4 +451,4 @@ class ExperimentRegistry:
                     }
                     for v in variants
                 },
-            }
+            }, data

@@ -339,6 +339,8 @@ def _count(engine: Engine, outcome: _Outcome, elapsed: float) -> None:
                                    gflops=outcome.gflops if ok else [])
     # Cached children: the label values are configured names, a bounded set.
     metrics.request_duration_of(*labels).observe(elapsed)
+    if ok:
+        metrics.successful_request_duration_of(*labels).observe(elapsed)
     metrics.requests_of(*labels, status).inc()
     if outcome.n_images:
         metrics.images_of(*labels, status).inc(outcome.n_images)

@@ -4,11 +4,14 @@ puts it there); `POST /v1/classify` is answered by `classify()` (server/http/cla
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import quote
 
-from fastapi import APIRouter, Request
+import httpx
+from fastapi import APIRouter, Query, Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -33,6 +36,7 @@ from server.http.openapi import (
 if TYPE_CHECKING:
     from server.http.classify import Engine
 
+log = logging.getLogger("mame.server")
 router = APIRouter()
 frontend_router = APIRouter(include_in_schema=False)  # what front-end processes ask the engine
 
@@ -104,8 +108,30 @@ async def list_experiments(request: Request) -> dict[str, Any]:
             response_model=None, responses={**answer(schemas.ExperimentReport),
                                             **error_responses((404, "unknown_experiment"),
                                                               (422, "invalid_parameter"))})
-async def experiment_report(name: str, request: Request) -> dict[str, Any]:
-    return _engine(request).registry.report(name)
+async def experiment_report(
+    name: str, request: Request,
+    confidence: float = Query(0.95, gt=0, lt=1, description="of the intervals (e.g. 0.95, 0.99)"),
+) -> dict[str, Any]:
+    engine = _engine(request)
+    report = engine.registry.report(name, confidence)
+    report["fleet"] = await fleet_view(engine.judge_url, name) if engine.judge_url else None
+    return report
+
+
+FLEET_TIMEOUT_S = 1.0
+
+
+async def fleet_view(judge_url: str, name: str) -> dict[str, Any] | None:
+    """The judge's last evaluation of an experiment (fleet-wide intervals from Prometheus, guardrail states,
+    ramp step, verdict); None when the judge does not answer in FLEET_TIMEOUT_S or has no evaluation."""
+    url = f"{judge_url.rstrip('/')}/v1/experiments/{quote(name, safe='')}"
+    try:
+        async with httpx.AsyncClient(timeout=FLEET_TIMEOUT_S) as client:
+            answer = await client.get(url)
+        return answer.json() if answer.status_code == 200 else None
+    except (httpx.HTTPError, ValueError) as exc:
+        log.warning("judge at %s did not answer for experiment %s: %s", judge_url, name, exc)
+        return None
 
 
 LABELS_ERRORS = error_responses(

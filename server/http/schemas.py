@@ -5,7 +5,7 @@ server, so these models and the answers cannot drift apart unnoticed."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -133,6 +133,12 @@ class VariantReport(BaseModel):
     mean_gflops: float | None
     shadow: ShadowFigures
     labels: LabelFigures
+    intervals: dict[str, Any] = Field(
+        description="at the report's confidence, from this replica's whole-life counts: error_rate, "
+        "shadow_agreement, top1_accuracy, top5_accuracy ({estimate, low, high}; Wilson), "
+        "p50/p95/p99_latency_s (order statistics of the latency buckets); against the control: "
+        "error_rate_diff (Newcombe), p50/p95/p99_latency_ratio, final_tokens_saved, gflops_saved. An "
+        "unbounded end is null")
 
 
 class LabelFigures(BaseModel):
@@ -155,6 +161,10 @@ class LabelsAnswer(BaseModel):
 
 class ExperimentReport(ExperimentSummary):
     running_s: float
+    confidence: float
+    fleet: dict[str, Any] | None = Field(
+        description="the judge's last evaluation of the fleet (with --judge-url; null without one, or when "
+        "it does not answer)")
     version: int = Field(description="the split's version: one higher with every change (the split store's)")
     control: str | None = Field(description="the variant the others are compared with")
     ranges: list[tuple[float, float, str]] = Field(description="[start, end, variant] in [0, 1)")
