@@ -158,9 +158,12 @@ def test_a_bad_variant_is_rolled_back_across_two_replicas(tmp_path):
                 judge(config_path, prom, store, judge_port), \
                 Traffic(replicas, noise_images(40)) as traffic:
             # the judge puts the experiment into the store (version 1, the config's split), then rolls back
+            flowing = time.monotonic()
             wait_for(lambda: all(metric_values(metrics_of(url), "mame_experiment_weight").get(LOW) == 0.0
                                  for url in replicas), 90, "the rollback on both replicas")
             served = len(traffic.answers)
+            print(f"rolled back on both replicas after {time.monotonic() - flowing:.1f} s of traffic "
+                  f"({served} answers)")
             judged = metrics_of(f"http://127.0.0.1:{judge_port}")
             assert metric_values(judged, "mame_judge_rollbacks_total")[
                 '{experiment="tau-ab",guardrail="shadow_agreement",variant="mame-low"}'] == 1
