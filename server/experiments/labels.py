@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -30,7 +30,7 @@ class LabelsBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     request_id: str = Field(min_length=1, max_length=64)
-    labels: list[int] = Field(min_length=1, max_length=4096)
+    labels: list[Annotated[int, Field(ge=0)]] = Field(min_length=1, max_length=4096)
 
 
 @dataclass(frozen=True)
