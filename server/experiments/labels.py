@@ -1,16 +1,18 @@
 """True labels that arrive after the answer: a bounded map of recent answers by request id (what each image's
 top-5 was, and where the request went), against which `POST /v1/labels` scores top-1 and top-5.
 
-The map is written once per answered request on the event loop, so it is a plain dict in insertion order:
-the oldest entry is the first, which makes both bounds O(1) per request (evict the first when full, drop
-expired ones from the front). A general cache (cachetools' TTLCache) keeps a linked list and a timer per
-entry in Python; this map needs neither, since entries are never refreshed. Only the event loop touches it
-(the classify path and the labels route), so it takes no lock.
+The map is written once per answered request on the event loop, in answer order, so the oldest entry is
+always the first in a deque beside the dict: both bounds are O(1) per request (evict the oldest when full,
+drop expired ones from the front). Finding a plain dict's first entry instead skips every slot deleted from
+the front until the next resize (about 70 us per answer with a full map of 100,000); an OrderedDict costs
+about twice the dict and deque; a general cache (cachetools' TTLCache) keeps its order and timers in
+Python. Only the event loop touches it (the classify path and the labels route), so it takes no lock.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated
@@ -59,28 +61,32 @@ class RecentAnswers:
         self.ttl_s = ttl_s
         self.clock = clock
         self._entries: dict[str, list] = {}
+        self._order: deque[tuple[str, list]] = deque()  # (id, entry), oldest first
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def remember(self, request_id: str, route: Assignment, top: Sequence[Sequence[int]]) -> None:
         """Keep an answered request (its images' top indices, best first; the first LABEL_TOP_K count)."""
-        entries, now = self._entries, self.clock()
-        entries.pop(request_id, None)  # an id a client sent again: the newest answer, last in the order
-        entries[request_id] = [now, route, top, False]
-        if len(entries) > self.capacity:
-            del entries[next(iter(entries))]
-        oldest = next(iter(entries.values()))
-        if oldest[0] < now - self.ttl_s:
+        now = self.clock()
+        entry = [now, route, top, False]
+        self._entries[request_id] = entry  # an id a client sent again: the newest answer counts
+        order = self._order
+        order.append((request_id, entry))
+        if len(order) > self.capacity:
+            self._drop_oldest()
+        if order[0][1][0] < now - self.ttl_s:
             self._expire(now)
 
+    def _drop_oldest(self) -> None:
+        request_id, entry = self._order.popleft()
+        if self._entries.get(request_id) is entry:  # not replaced by a newer answer under the same id
+            del self._entries[request_id]
+
     def _expire(self, now: float) -> None:
-        entries, horizon = self._entries, now - self.ttl_s
-        while entries:
-            key = next(iter(entries))
-            if entries[key][0] >= horizon:
-                break
-            del entries[key]
+        order, horizon = self._order, now - self.ttl_s
+        while order and order[0][1][0] < horizon:
+            self._drop_oldest()
 
     def score(self, request_id: str, labels: Sequence[int], classes: Callable[[str], int]) -> Scored:
         """Score the labels of an answered request, once: 404 `unknown_request` (never seen, or expired),
