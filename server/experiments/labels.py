@@ -3,10 +3,9 @@ top-5 was, and where the request went), against which `POST /v1/labels` scores t
 
 The map is written once per answered request on the event loop, in answer order, so the oldest entry is
 always the first in a deque beside the dict: both bounds are O(1) per request (evict the oldest when full,
-drop expired ones from the front). Finding a plain dict's first entry instead skips every slot deleted from
-the front until the next resize (about 70 us per answer with a full map of 100,000); an OrderedDict costs
-about twice the dict and deque; a general cache (cachetools' TTLCache) keeps its order and timers in
-Python. Only the event loop touches it (the classify path and the labels route), so it takes no lock.
+drop expired ones from the front). Finding a plain dict's first entry instead scans every slot deleted
+from the front since its last resize, and a general cache (cachetools' TTLCache) keeps its order and
+timers in Python. Only the event loop touches it (the classify path and the labels route), so it takes no lock.
 """
 
 from __future__ import annotations
