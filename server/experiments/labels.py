@@ -5,7 +5,8 @@ The map is written once per answered request on the event loop, in answer order,
 always the first in a deque beside the dict: both bounds are O(1) per request (evict the oldest when full,
 drop expired ones from the front). Finding a plain dict's first entry instead scans every slot deleted
 from the front since its last resize, and a general cache (cachetools' TTLCache) keeps its order and
-timers in Python. Only the event loop touches it (the classify path and the labels route), so it takes no lock.
+timers in Python. Only the event loop touches it (the classify path and the labels route), so it takes no
+lock.
 """
 
 from __future__ import annotations
