@@ -55,12 +55,13 @@ METRICS: dict[str, tuple[str, str]] = {
     "shadow_agreements": ("mame_shadow_agreements_total", ""),
     "errors": ("mame_requests_total", 'status=~"5..", status!="503"'),
     "requests": ("mame_requests_total", 'status!~"4..|503"'),
-    "latency_bucket": ("mame_request_duration_seconds_bucket", ""),
+    # successful answers only: a fast 503 or error would make a variant's latency look better than it is
+    "latency_bucket": ("mame_successful_request_duration_seconds_bucket", ""),
     "final_tokens_sum": ("mame_final_tokens_sum", ""),
     "final_tokens_count": ("mame_final_tokens_count", ""),
     "gflops_sum": ("mame_gflops_sum", ""),
     "gflops_count": ("mame_gflops_count", ""),
-    # Labelled requests (a client posts the true label by request id): not exported by the server yet.
+    # Labelled images (a client posts the true labels by request id: POST /v1/labels).
     "labelled": ("mame_labelled_images_total", ""),
     "top1_correct": ("mame_label_top1_correct_total", ""),
     "top5_correct": ("mame_label_top5_correct_total", ""),
@@ -428,8 +429,11 @@ class Judge:
         experiments = load_judged_experiments(self.config_path)
         state = self.ensure_entries(experiments)
         for name, exp in experiments.items():
+            entry = state.experiments[name]
+            if entry.changes and entry.changes[-1].action == "stop":  # stopped (the admin API): not judged
+                continue
             try:
-                self.evaluate(name, exp, state.experiments[name])
+                self.evaluate(name, exp, entry)
             except (PrometheusError, SplitStoreError) as exc:
                 self.metrics.errors.labels(name).inc()
                 log.error("experiment %s: not judged this time: %s", name, exc)
@@ -614,16 +618,17 @@ class _FiniteEncoder(json.JSONEncoder):
     """JSON has no Infinity: an unbounded interval end is written as null."""
 
     def iterencode(self, o: Any, _one_shot: bool = False) -> Any:
-        return super().iterencode(_finite(o), _one_shot)
+        return super().iterencode(finite(o), _one_shot)
 
 
-def _finite(o: Any) -> Any:
+def finite(o: Any) -> Any:
+    """`o` with every infinite or NaN float made None (JSON has no Infinity: an unbounded interval end)."""
     if isinstance(o, float) and not math.isfinite(o):
         return None
     if isinstance(o, dict):
-        return {k: _finite(v) for k, v in o.items()}
+        return {k: finite(v) for k, v in o.items()}
     if isinstance(o, (list, tuple)):
-        return [_finite(v) for v in o]
+        return [finite(v) for v in o]
     return o
 
 
@@ -656,7 +661,7 @@ def main(argv: list[str] | None = None) -> None:
     judge = Judge(args.config, store, PrometheusClient(args.prometheus), confidence=args.confidence)
     if args.once:
         judge.evaluate_all()
-        print(json.dumps(_finite(judge.report()), indent=2, default=str))
+        print(json.dumps(finite(judge.report()), indent=2, default=str))
         return
     if args.port:
         serve(judge, args.host, args.port)

@@ -27,7 +27,7 @@ Backends:
 Replicas read a file either way: the ConfigMap is mounted into every pod, and `SplitWatcher.poll()`, called
 every second or two, returns the new state only when the file changed (a cheap stat first, then a content
 hash). The kubelet refreshes a mounted ConfigMap within about a minute (its sync period plus its cache's
-delay; never for a subPath mount). See docs/ab_fleet.md for making that faster.
+delay; never for a subPath mount). See docs/ab_testing.md for making that faster.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from server.engine.devices import resolve_devices
 from server.engine.metrics import Metrics
 from server.engine.models import check_models
 from server.engine.service import InferenceService
+from server.experiments.fleet import FleetOptions
 from server.frontend.sockets import port_socket
 from server.frontend.supervisor import FrontEndProcesses
 from server.http.app import create_app
@@ -155,6 +156,11 @@ def uvicorn_options(settings: ServerSettings, config: ServingConfig) -> dict:
             "access_log": settings.log_level == "debug"}
 
 
+def fleet_options(settings: ServerSettings) -> FleetOptions:
+    return FleetOptions(settings.split_store, settings.split_store_write, settings.split_poll_s,
+                        settings.judge_url)
+
+
 def build_service(
     settings: ServerSettings, config: ServingConfig, device_processes: bool
 ) -> InferenceService:
@@ -169,7 +175,8 @@ def serve_single(
 ) -> FastAPI:
     """One process: HTTP, decoding, batching and the device workers (threads)."""
     app = create_app(config, build_service(settings, config, device_processes=False),
-                     preprocess_threads=settings.preprocess_threads, on_fatal=fatal)
+                     preprocess_threads=settings.preprocess_threads, on_fatal=fatal,
+                     fleet=fleet_options(settings))
     fatal.server = uvicorn.Server(uvicorn.Config(
         app, host=settings.host, port=settings.port, **uvicorn_options(settings, config),
         timeout_keep_alive=config.connections.idle_timeout_s,
@@ -199,6 +206,7 @@ def serve_frontends(
         preprocess_threads=settings.preprocess_threads,
         on_fatal=fatal,
         frontend_channel=channel_socket,
+        fleet=fleet_options(settings),
     )
     options = uvicorn_options(settings, config)
     processes = FrontEndProcesses(resolve_http_processes(settings.http_processes), public, engine_socket,

@@ -123,12 +123,20 @@ class ConnectionsConfig(_Strict):
         description="a connection with no request under way (new, or kept alive) is closed after this long")
 
 
+class LabelsConfig(_Strict):
+    max_answers: int = Field(
+        100_000, ge=0,
+        description="recent answers kept for POST /v1/labels (each image's top-5 and its route); 0: off")
+    ttl_s: float = Field(3600.0, gt=0, le=7 * 86400, description="how long an answer can be labelled")
+
+
 class ServingConfig(_Strict):
     models: dict[str, ModelConfig] = Field(min_length=1)
     default_model: str | None = None
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     health: HealthConfig = Field(default_factory=HealthConfig)
     connections: ConnectionsConfig = Field(default_factory=ConnectionsConfig)
+    labels: LabelsConfig = Field(default_factory=LabelsConfig)
     experiments: dict[str, ExperimentConfig] = Field(default_factory=dict)
 
     @model_validator(mode="after")

@@ -43,6 +43,17 @@ class ServerSettings(BaseSettings):
     crop_arena_slots: int | None = Field(
         None, ge=0, description="crops each front-end can hold in shared memory (/dev/shm) for this process "
         "(default: 4 x max_images_per_request, at least 256; 0: crops travel in the messages)")
+    split_store: Path | None = Field(
+        None, description="the fleet's split document (a file, e.g. a mounted ConfigMap), polled: every "
+        "replica takes its experiments' splits from it, and admin split changes are written there "
+        "(docs/ab_testing.md)")
+    split_store_write: str | None = Field(
+        None, description="where admin split changes are written when split_store is a read-only mount: "
+        "configmap:NAMESPACE/NAME[:KEY] or file:PATH (default: the split_store file)")
+    split_poll_s: float = Field(1.0, gt=0, le=60, description="seconds between looks at split_store")
+    judge_url: str | None = Field(
+        None, description="mame-judge's HTTP address (e.g. http://mame-judge:9180): experiment reports add "
+        "its fleet-wide view")
 
 
 def parse_settings(argv: Sequence[str] | None = None) -> ServerSettings:

@@ -216,7 +216,7 @@ def test_judge_rolls_back_a_bad_variant_from_real_prometheus(prometheus_scraping
     for key in labels.values():  # every series exists at 0 before traffic: increase() needs a first sample
         metrics.requests.labels(*key, "200").inc(0)
         metrics.requests.labels(*key, "500").inc(0)
-        metrics.request_duration.labels(*key)
+        metrics.successful_request_duration.labels(*key)
     for key in shadow.values():
         metrics.shadow_comparisons.labels(*key).inc(0)
         metrics.shadow_agreements.labels(*key).inc(0)
@@ -227,7 +227,7 @@ def test_judge_rolls_back_a_bad_variant_from_real_prometheus(prometheus_scraping
     for key in labels.values():
         metrics.requests.labels(*key, "200").inc(400)
         for i in range(400):
-            metrics.request_duration.labels(*key).observe(0.02 + 0.001 * (i % 10))
+            metrics.successful_request_duration.labels(*key).observe(0.02 + 0.001 * (i % 10))
     wait_for(lambda: series_scraped(url, "sum(mame_shadow_comparisons_total)", 800), what="traffic scraped")
     time.sleep(1.5)  # a few more scrapes, so that increase() has points after the change
 
@@ -393,3 +393,11 @@ def test_judge_ramps_step_by_step_while_guardrails_pass(tmp_path):
     assert judge.metrics.ramp_step.labels("tau-ab")._value.get() == 2
     assert judge.metrics.ramp_share.labels("tau-ab")._value.get() == 0.5
     assert judge.report("tau-ab")["guardrails"]["mame-0.9"]["shadow_agreement"]["state"] == "passing"
+
+
+def test_judge_leaves_a_stopped_experiment_alone(tmp_path):
+    store = FileSplitStore(tmp_path / "splits.yaml")
+    store.write(with_change(SplitState(), "tau-ab", EXPERIMENT["split"], action="stop", source="admin"))
+    judge = jd.Judge(write_config(tmp_path / "serving.yaml"), store, Replay(), clock=lambda: 1e9)
+    judge.evaluate_all()  # mame-0.2 fails its guardrail, but the experiment is stopped
+    assert store.read().experiments["tau-ab"].version == 1 and judge.report("tau-ab") is None

@@ -23,6 +23,7 @@ import yaml
 
 from server.config import load_config
 from server.engine.models import check_models
+from server.settings import ServerSettings
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
@@ -98,8 +99,10 @@ def dashboard() -> dict:
 
 
 def dashboard_queries() -> list[str]:
-    """Every PromQL expression of the dashboard's panels."""
-    return [target["expr"] for panel in dashboard()["panels"] for target in panel.get("targets", [])]
+    """Every PromQL expression of the dashboard's panels and annotations."""
+    board = dashboard()
+    return [*(target["expr"] for panel in board["panels"] for target in panel.get("targets", [])),
+            *(a["expr"] for a in board["annotations"]["list"] if "expr" in a)]
 
 
 def dashboard_variable_metrics() -> set[str]:
@@ -182,6 +185,14 @@ def contract_series_names() -> set[str]:
     return names
 
 
+def judge_series_names() -> set[str]:
+    """Series names mame-judge exposes (abtest/judge.py's JudgeMetrics), as prometheus_client writes them."""
+    from abtest.judge import JudgeMetrics
+
+    return {f"{family.name}_total" if family.type == "counter" else family.name
+            for family in JudgeMetrics().registry.collect()}
+
+
 def test_metric_names_follow_prometheus_conventions() -> None:
     """No suffix Prometheus gives a meaning to (_sum, _count, _bucket, _total) inside a base name: a counter
     `x_sum` is scraped as `x_sum_total` and reads as a histogram's part. Durations are in seconds."""
@@ -208,10 +219,22 @@ def test_metric_table_is_every_metric_the_server_exports() -> None:
 
 
 def test_every_query_names_only_contract_metrics() -> None:
-    unknown = {name: where for name, where in raw_metric_names(every_query()).items()
-               if name not in contract_series_names()}
+    known = contract_series_names() | judge_series_names()
+    unknown = {name: where for name, where in raw_metric_names(every_query()).items() if name not in known}
     unknown |= {name: "template variable" for name in dashboard_variable_metrics() - contract_series_names()}
-    assert not unknown, f"queries name metrics that docs/api.md does not define: {unknown}"
+    assert not unknown, f"queries name metrics that neither docs/api.md nor mame-judge define: {unknown}"
+
+
+def test_dashboard_shows_the_judges_guardrails_ramps_and_rollbacks() -> None:
+    board = dashboard()
+    exprs = " ".join(dashboard_queries())
+    for series in ("mame_judge_guardrail_state", "mame_judge_guardrail_value", "mame_judge_ramp_share",
+                   "mame_judge_ramp_step", "mame_experiment_split_version"):
+        assert series in exprs, f"no panel shows {series}"
+    bounds = {t["expr"] for p in board["panels"] for t in p["targets"]
+              if "mame_judge_guardrail_value" in t["expr"]}
+    assert {f'mame_judge_guardrail_value{{bound="{b}"}}' for b in ("estimate", "low", "high")} <= bounds
+    assert any("mame_judge_rollbacks_total" in a.get("expr", "") for a in board["annotations"]["list"])
 
 
 # --- container -----------------------------------------------------------------------------------------
@@ -441,6 +464,20 @@ def test_compose_stack_wiring() -> None:
     assert "9090:9090" in services["prometheus"]["ports"] and "3000:3000" in services["grafana"]["ports"]
     grace = int(services["server"]["stop_grace_period"].rstrip("s"))
     assert grace > max_drain_s(DEPLOY / "serving.yaml"), "docker would kill the server mid-drain"
+    # the judge: the server's split file on a volume both mount, scraped, its alert rules loaded
+    server, judge = services["server"]["command"], services["judge"]["command"]
+    store = server[server.index("--split-store") + 1]
+    assert judge[judge.index("--store") + 1] == f"file:{store}"
+    shared = {v.split(":")[0] for v in services["server"]["volumes"]} & {
+        v.split(":")[0] for v in services["judge"]["volumes"]}
+    assert any(store.startswith(v.split(":")[1]) for v in services["judge"]["volumes"]
+               if v.split(":")[0] in shared and not v.startswith("."))
+    judge_port = judge[judge.index("--port") + 1]
+    assert server[server.index("--judge-url") + 1] == f"http://judge:{judge_port}"
+    prometheus = yaml.safe_load((DEPLOY / "prometheus/prometheus.yml").read_text())
+    assert "rules/judge.yml" in prometheus["rule_files"]
+    targets = [c["static_configs"][0]["targets"] for c in prometheus["scrape_configs"]]
+    assert [f"judge:{judge_port}"] in targets
 
 
 # --- Kubernetes ----------------------------------------------------------------------------------------
@@ -469,19 +506,31 @@ def validate_manifest(doc: dict) -> None:
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
 
 
+JUDGE_OBJECTS = {"mame-judge", "mame-experiment-splits"}  # the judge component's (deploy/k8s/judge/)
+
+
+def server_objects(docs: list[dict]) -> list[dict]:
+    """The server's objects of a build, less the judge component's (tests/test_abtest_deploy.py has those)."""
+    return [doc for doc in docs if doc["metadata"]["name"] not in JUDGE_OBJECTS]
+
+
 @pytest.fixture(scope="module", params=OVERLAYS)
 def overlay(request: pytest.FixtureRequest) -> tuple[str, dict[str, dict]]:
-    docs = kustomize_build(K8S / "overlays" / request.param)
+    docs = server_objects(kustomize_build(K8S / "overlays" / request.param))
     by_kind = {doc["kind"]: doc for doc in docs}
     assert len(by_kind) == len(docs), "one object of each kind expected"
     return request.param, by_kind
 
 
+SERVER_KINDS = {"Namespace", "ConfigMap", "Deployment", "Service", "PodDisruptionBudget", "ScaledObject",
+                "ServiceMonitor", "PrometheusRule"}
+
+
 @pytest.mark.parametrize("directory", ["base", *(f"overlays/{o}" for o in OVERLAYS)])
 def test_every_manifest_validates_offline(directory: str) -> None:
     docs = kustomize_build(K8S / directory)
-    assert {"Namespace", "ConfigMap", "Deployment", "Service", "PodDisruptionBudget", "ScaledObject",
-            "ServiceMonitor", "PrometheusRule"} == {doc["kind"] for doc in docs}
+    judge = {"ServiceAccount", "Role", "RoleBinding"} if directory.startswith("overlays/") else set()
+    assert SERVER_KINDS | judge == {doc["kind"] for doc in docs}
     for doc in docs:
         try:
             validate_manifest(doc)
@@ -507,7 +556,7 @@ def test_every_manifest_validates_offline(directory: str) -> None:
     ],
 )
 def test_validation_rejects_typos(kind: str, path: list, bad_value: Any) -> None:
-    doc = {d["kind"]: d for d in kustomize_build(K8S / "overlays/gpu")}[kind]
+    doc = {d["kind"]: d for d in server_objects(kustomize_build(K8S / "overlays/gpu"))}[kind]
     target = doc
     for key in path[:-1]:
         target = target[key]
@@ -537,7 +586,8 @@ def test_probes_and_config_mount(overlay: tuple[str, dict[str, dict]]) -> None:
     config_arg = container["args"][container["args"].index("--config") + 1]
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in objs["Deployment"]["spec"]["template"]["spec"]["volumes"]}
-    config_volume = next(name for name, v in volumes.items() if "configMap" in v)
+    config_volume = next(name for name, v in volumes.items()
+                         if v.get("configMap", {}).get("name", "").startswith("mame-serving-config"))
     assert volumes[config_volume]["configMap"]["name"] == objs["ConfigMap"]["metadata"]["name"]
     assert config_arg == f"{mounts[config_volume]}/serving.yaml"
     assert container["resources"]["requests"] and container["resources"]["limits"]
@@ -612,7 +662,8 @@ def test_autoscaler_query_selects_this_deployment(
 @pytest.mark.parametrize("directory", ["base", *(f"overlays/{o}" for o in OVERLAYS)])
 def test_prometheusrule_groups_are_the_rule_files(directory: str) -> None:
     """The cluster's Prometheus gets the compose stack's recording and alert rules, unchanged."""
-    (rule,) = [doc for doc in kustomize_build(K8S / directory) if doc["kind"] == "PrometheusRule"]
+    (rule,) = [doc for doc in server_objects(kustomize_build(K8S / directory))
+               if doc["kind"] == "PrometheusRule"]
     expected = [group for path in RULE_FILES for group in yaml.safe_load(path.read_text())["groups"]]
     assert rule["spec"]["groups"] == expected, (
         "deploy/k8s/base/prometheusrule.yaml differs from deploy/prometheus/rules/*.yml: copy their groups")
@@ -643,3 +694,19 @@ def test_pods_are_scraped_once(overlay: tuple[str, dict[str, dict]]) -> None:
     assert "ServiceMonitor" in objs
     annotations = objs["Deployment"]["spec"]["template"]["metadata"].get("annotations", {})
     assert not [key for key in annotations if key.startswith("prometheus.io/")], annotations
+
+
+def test_overlays_run_the_judge_and_the_servers_follow_its_split_store(
+    overlay: tuple[str, dict[str, dict]],
+) -> None:
+    name, objs = overlay
+    docs = {(d["kind"], d["metadata"]["name"]) for d in kustomize_build(K8S / "overlays" / name)}
+    assert {("Deployment", "mame-judge"), ("ConfigMap", "mame-experiment-splits"),
+            ("PrometheusRule", "mame-judge")} <= docs
+    container = pod_container(objs)
+    env = {e["name"]: e["value"] for e in container["env"]}
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "experiment-splits")
+    assert env["MAME_SPLIT_STORE"] == f"{mount['mountPath']}/splits.yaml"
+    assert env["MAME_JUDGE_URL"].startswith("http://mame-judge.")
+    settings = {f"MAME_{name.upper()}" for name in ServerSettings.model_fields}
+    assert {"MAME_SPLIT_STORE", "MAME_JUDGE_URL"} <= settings

@@ -139,6 +139,52 @@ def test_config_forbids_extra_keys_and_bad_shadow():
         ab({"baseline": 1.0}, shadow={"variant": "baseline", "rate": 0.1, "prio": 1})
 
 
+JUDGED = {
+    "control": "baseline",
+    "level": 0.05,
+    "guardrails": [
+        {"metric": "shadow_agreement", "min": 0.98},
+        {"metric": "p95_latency_ratio", "max": 1.1},
+        {"metric": "error_rate_diff", "max": 0.005},
+    ],
+    "ramp": {"steps": [0.01, 0.05, 0.25, 0.5], "min_samples": 2000},
+    "on_fail": "rollback",
+}
+
+
+def test_config_accepts_the_judges_keys_with_the_judges_schema():
+    from abtest.guardrails import JUDGE_KEYS, JudgedExperiment
+
+    cfg = ab({"baseline": 0.99, "mame-0.8": 0.01}, shadow={"variant": "baseline", "rate": 0.05}, **JUDGED)
+    assert set(JUDGE_KEYS) <= set(ExperimentConfig.model_fields)
+    judged = JudgedExperiment.model_validate(cfg.model_dump())  # what the judge reads, round-tripped
+    assert judged.guardrails == cfg.guardrails and judged.ramp == cfg.ramp
+    assert cfg.control_variant == "baseline" and cfg.ramp.steps[-1] == 0.5
+    # no control named: the shadow's reference is the control
+    assert ab({"a": 0.5, "b": 0.5}, shadow={"variant": "b", "rate": 0.1}).control_variant == "b"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"control": "nope"}, "control 'nope' is not in the split"),
+        ({"guardrails": [{"metric": "shadow_agreement", "min": 1.5}]}, "rate limit must be in"),
+        ({"guardrails": [{"metric": "latency", "max": 1}]}, "unknown guardrail metric"),
+        ({"ramp": {"steps": [0.5, 0.1]}}, "ramp steps must increase"),
+        ({"on_fail": "panic"}, "on_fail"),
+        ({"level": 1.5}, "level"),
+        ({"shadow": None}, "shadow_agreement guardrail needs shadow"),
+        ({"control": None, "shadow": None, "guardrails": [{"metric": "error_rate", "max": 0.01}]},
+         "compare against a control"),
+    ],
+)
+def test_config_refuses_bad_judge_keys_with_specific_errors(change, message):
+    body = {"split": {"baseline": 0.99, "mame-0.8": 0.01}, "shadow": {"variant": "baseline", "rate": 0.05},
+            **JUDGED, **change}
+    with pytest.raises(ValidationError, match=message):
+        ExperimentConfig(model="vit", **body)
+
+
 def test_config_check_variants_names_the_unknown_one():
     cfg = ab({"baseline": 0.5, "mame-0.7": 0.5}, shadow={"variant": "base", "rate": 0.1})
     with pytest.raises(ValueError, match=r"unknown variant\(s\) \['mame-0.7'\]"):

@@ -239,7 +239,7 @@ def test_admin_auth_over_http(admin_server):
     assert changes.status_code == 200
     assert changes.json()["changes"][0] | {"time": 0} == {
         "time": 0, "action": "create", "experiment": "burst", "source": "config",
-        "split_before": None, "split_after": {"mame-0.5": 1.0}}
+        "split_before": None, "split_after": {"mame-0.5": 1.0}, "reason": "", "version": 1}
     refusals = [
         (httpx.post(url, headers=auth, json={**body, "split": {"baseline": 0.9}}), 422, "invalid_parameter"),
         (

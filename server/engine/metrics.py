@@ -47,6 +47,9 @@ class Metrics:
         self.request_duration = Histogram(
             "mame_request_duration_seconds", "Time from request arrival to answer",
             mve, buckets=LATENCY_BUCKETS, registry=r)
+        self.successful_request_duration = Histogram(
+            "mame_successful_request_duration_seconds", "Time from request arrival to a successful answer",
+            mve, buckets=LATENCY_BUCKETS, registry=r)
         self.queue_wait = Histogram(
             "mame_queue_wait_seconds", "Time an image waited in its variant queue",
             mve, buckets=LATENCY_BUCKETS, registry=r)
@@ -73,7 +76,7 @@ class Metrics:
             "mame_queue_depth", "Images waiting in a variant queue", ("model", "variant"), registry=r)
         self.in_flight = Gauge(
             "mame_in_flight_requests", "Requests being handled", ("model", "variant"), registry=r)
-        # A/B experiments (server/experiments.py, docs/ab_testing.md).
+        # A/B experiments (server/experiments/, docs/ab_testing.md).
         self.shadow_comparisons = Counter(
             "mame_shadow_comparisons", "Shadow comparisons against a reference variant", shadow, registry=r)
         self.shadow_agreements = Counter(
@@ -86,11 +89,23 @@ class Metrics:
         self.experiment_weight = Gauge(
             "mame_experiment_weight", "Traffic share of a variant in an experiment",
             ("experiment", "variant"), registry=r)
+        self.experiment_split_version = Gauge(
+            "mame_experiment_split_version",
+            "Version of an experiment's split in force (the fleet's split store's, when it sets the split)",
+            ("experiment",), registry=r)
+        # True labels posted after the answer (POST /v1/labels); names as abtest.judge.METRICS reads them.
+        self.labelled_images = Counter(
+            "mame_labelled_images", "Answered images whose true label was posted", mve, registry=r)
+        self.label_top1_correct = Counter(
+            "mame_label_top1_correct", "Labelled images whose top-1 was the label", mve, registry=r)
+        self.label_top5_correct = Counter(
+            "mame_label_top5_correct", "Labelled images with the label among the top 5", mve, registry=r)
         self.model_info = Gauge(
             "mame_model_info", "Loaded models (value 1)", ("model", "arch", "weights", "device", "dtype"),
             registry=r)
         # The per-request series, labelled children cached (experiment_weight is cleared: never cached).
         self.request_duration_of = LabelCache(self.request_duration)
+        self.successful_request_duration_of = LabelCache(self.successful_request_duration)
         self.queue_wait_of = LabelCache(self.queue_wait)
         self.requests_of = LabelCache(self.requests)
         self.images_of = LabelCache(self.images)

@@ -1,5 +1,7 @@
 """The config of an A/B experiment (in the serving config, or sent to the admin API): its model, split,
-sticky key and shadow, validated by pydantic; and experiment names."""
+sticky key and shadow, and the judge's keys (control, level, guardrails, ramp, on_fail: the schema of
+`abtest.guardrails`, so the server and `mame-judge` read one config alike), validated by pydantic; and
+experiment names."""
 
 from __future__ import annotations
 
@@ -8,7 +10,17 @@ import re
 from collections.abc import Collection, Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from abtest.guardrails import GuardrailConfig, JudgedExperiment, RampConfig
 
 WEIGHT_SUM_TOLERANCE = 1e-6
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # fullmatch: "$" would let a final "\n" in
@@ -83,6 +95,30 @@ class ExperimentConfig(BaseModel):
     split: Split
     sticky: str | None = None
     shadow: ShadowConfig | None = None
+    # Read by the judge (docs/ab_testing.md); the types and the checks are abtest.guardrails' own.
+    control: str | None = None
+    level: float = Field(default=0.05, gt=0, lt=1)
+    guardrails: list[GuardrailConfig] = Field(default_factory=list)
+    ramp: RampConfig | None = None
+    on_fail: Literal["rollback", "alert"] = "rollback"
+
+    @model_validator(mode="after")
+    def _check_judged(self) -> ExperimentConfig:
+        if self.control is not None and self.control not in self.split:
+            raise ValueError(f"control {self.control!r} is not in the split {sorted(self.split)}")
+        if self.guardrails or self.ramp is not None:
+            # the checks across keys (a shadow for an agreement guardrail, a ramp within 100 %, ...)
+            try:
+                JudgedExperiment.model_validate(self.model_dump())
+            except ValidationError as exc:  # its message, not a nested error report
+                raise ValueError("; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())) \
+                    from None
+        return self
+
+    @property
+    def control_variant(self) -> str | None:
+        """The variant the others are compared with: `control`, else the shadow's reference."""
+        return self.control or (self.shadow.variant if self.shadow else None)
 
     @field_validator("sticky")
     @classmethod

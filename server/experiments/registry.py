@@ -13,10 +13,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from abtest.judge import ExperimentData, finite, variant_report
 from server.experiments.buckets import (
     SCALE,
     BucketRange,
     bucket_point,
+    check_ranges,
     initial_ranges,
     key_for_request,
     random_point,
@@ -78,14 +80,19 @@ class Assignment:
     shadow_variant: str | None = None  # run on this reference variant too (off the latency path)
 
 
+ChangeAction = Literal["create", "update", "stop", "rollback", "ramp"]
+
+
 @dataclass(frozen=True)
 class ChangeRecord:
     time: float  # wall clock, seconds since the epoch
-    action: Literal["create", "update", "stop"]
+    action: ChangeAction
     experiment: str
-    source: str  # "config", "admin", ...
+    source: str  # "config", "admin", "store/judge" (a change read from the split store, and who made it)...
     split_before: dict[str, float] | None
     split_after: dict[str, float] | None
+    reason: str = ""
+    version: int = 0  # the experiment's split version after the change (the split store's, when it has one)
 
 
 @dataclass
@@ -95,6 +102,7 @@ class _Experiment:
     ranges: tuple[BucketRange, ...]
     started: float  # monotonic clock
     stopped: float | None = None
+    version: int = 1  # one higher with every change; the split store's version once it sets the split
     stats: dict[str, VariantStats] = field(default_factory=dict)
 
     def stats_of(self, variant: str) -> VariantStats:
@@ -160,29 +168,87 @@ class ExperimentRegistry:
             if current is not None and current.stopped is None:
                 raise ExperimentExists(f"experiment {name!r} is already running; change its split or stop it")
             self._experiments.pop(name, None)  # re-insert: dict order is creation order (default experiment)
-            self._experiments[name] = _Experiment(name, config, initial_ranges(config.split), self._clock())
-            return self._log("create", name, source, None, dict(config.split))
+            exp = self._experiments[name] = _Experiment(
+                name, config, initial_ranges(config.split), self._clock()
+            )
+            return self._log("create", exp, source, None, dict(config.split))
 
     def update_split(self, name: str, split: Mapping[str, float], *, source: str = "admin") -> ChangeRecord:
         """Change the weights of a running experiment, moving the fewest keys (see `rebalance`)."""
         with self._lock:
             exp = self._running(name)
-            try:
-                config = ExperimentConfig(**{**exp.config.model_dump(), "split": dict(split)})
-            except ValueError as e:  # pydantic's ValidationError is a ValueError
-                raise ExperimentError(f"experiment {name!r}: {e}") from None
-            self._validated(name, config)
+            config = self._with_split(exp, split)
             before = dict(exp.config.split)
             exp.ranges = rebalance(exp.ranges, config.split)
             exp.config = config
-            return self._log("update", name, source, before, dict(config.split))
+            exp.version += 1
+            return self._log("update", exp, source, before, dict(config.split))
 
-    def stop(self, name: str, *, source: str = "admin") -> ChangeRecord:
-        """Stop assigning; the report stays readable until the name is reused."""
+    def check_split(self, name: str, split: Mapping[str, float]) -> None:
+        """Raise the ExperimentError `update_split` would for this split, changing nothing."""
+        with self._lock:
+            self._with_split(self._running(name), split)
+
+    def set_ranges(
+        self,
+        name: str,
+        split: Mapping[str, float],
+        ranges: Sequence[tuple[int, int, str]],
+        *,
+        version: int,
+        action: ChangeAction = "update",
+        source: str = "store",
+        reason: str = "",
+    ) -> ChangeRecord | None:
+        """Take a split and its bucket ranges as they are (from the fleet's split store, whose writer computed
+        them: a replica never rebalances them itself, so every replica assigns a key alike). A stopped
+        experiment starts again (its report restarts). None when `version` is the one in force already."""
+        new_ranges = tuple(BucketRange(int(start), int(end), variant) for start, end, variant in ranges)
+        try:
+            check_ranges(new_ranges)
+        except ValueError as e:
+            raise ExperimentError(f"experiment {name!r}: {e}") from None
+        owners = {r.variant for r in new_ranges}
+        if owners - {v for v, w in split.items() if w > 0}:
+            raise ExperimentError(f"experiment {name!r}: ranges of {sorted(owners)} do not match the split")
+        with self._lock:
+            exp = self._experiments.get(name)
+            if exp is None:
+                raise UnknownExperiment(f"experiment {echo(name)} does not exist")
+            config = self._with_split(exp, split)
+            if exp.stopped is None and exp.version == version and exp.ranges == new_ranges:
+                return None
+            before = dict(exp.config.split) if exp.stopped is None else None
+            if exp.stopped is not None:
+                self._experiments.pop(name)
+                exp = self._experiments[name] = _Experiment(name, config, new_ranges, self._clock())
+                action = "create"
+            exp.config, exp.ranges, exp.version = config, new_ranges, version
+            return self._log(action, exp, source, before, dict(config.split), reason)
+
+    def _with_split(self, exp: _Experiment, split: Mapping[str, float]) -> ExperimentConfig:
+        try:
+            config = ExperimentConfig(**{**exp.config.model_dump(), "split": dict(split)})
+        except ValueError as e:  # pydantic's ValidationError is a ValueError
+            raise ExperimentError(f"experiment {exp.name!r}: {e}") from None
+        return self._validated(exp.name, config)
+
+    def stop(self, name: str, *, source: str = "admin", reason: str = "",
+             version: int | None = None) -> ChangeRecord:
+        """Stop assigning; the report stays readable until the name is reused. `version`: the store's."""
         with self._lock:
             exp = self._running(name)
             exp.stopped = self._clock()
-            return self._log("stop", name, source, dict(exp.config.split), None)
+            exp.version = exp.version + 1 if version is None else version
+            return self._log("stop", exp, source, dict(exp.config.split), None, reason)
+
+    def version(self, name: str) -> tuple[int, bool]:
+        """(split version, running) of an experiment; UnknownExperiment when there is none of that name."""
+        with self._lock:
+            exp = self._experiments.get(name)
+            if exp is None:
+                raise UnknownExperiment(f"experiment {echo(name)} does not exist")
+            return exp.version, exp.stopped is None
 
     def _running(self, name: str) -> _Experiment:
         exp = self._experiments.get(name)
@@ -191,10 +257,13 @@ class ExperimentRegistry:
             raise UnknownExperiment(f"experiment {echo(name)} {state}")
         return exp
 
-    def _log(self, action: Any, name: str, source: str, before: Any, after: Any) -> ChangeRecord:
-        record = ChangeRecord(self._wall_clock(), action, name, source, before, after)
+    def _log(self, action: Any, exp: _Experiment, source: str, before: Any, after: Any,
+             reason: str = "") -> ChangeRecord:
+        record = ChangeRecord(self._wall_clock(), action, exp.name, source, before, after, reason,
+                              exp.version)
         self._changes.append(record)
-        log.info("experiment %s %s by %s: split %s -> %s", name, action, source, before, after)
+        log.info("experiment %s %s by %s: split %s -> %s (version %d)%s", exp.name, action, source, before,
+                 after, exp.version, f": {reason}" if reason else "")
         return record
 
     # ---- routing
@@ -275,6 +344,16 @@ class ExperimentRegistry:
                 gflops=gflops,
             )
 
+    def record_labels(self, assignment: Assignment, images: int, top1_correct: int,
+                      top5_correct: int) -> None:
+        """Count labelled images of an answered request (POST /v1/labels); no-op outside experiments."""
+        if assignment.experiment is None:
+            return
+        with self._lock:
+            exp = self._experiments.get(assignment.experiment)
+            if exp is not None:
+                exp.stats_of(assignment.variant).record_labels(images, top1_correct, top5_correct)
+
     def record_shadow(self, assignment: Assignment, comparison: ShadowComparison) -> None:
         if assignment.experiment is None:
             return
@@ -295,6 +374,11 @@ class ExperimentRegistry:
         """{experiment: {variant: weight}} of the running experiments (the `mame_experiment_weight` gauge)."""
         with self._lock:
             return {n: dict(e.config.split) for n, e in self._experiments.items() if e.stopped is None}
+
+    def current_versions(self) -> dict[str, int]:
+        """{experiment: split version} of the running experiments (`mame_experiment_split_version`)."""
+        with self._lock:
+            return {n: e.version for n, e in self._experiments.items() if e.stopped is None}
 
     def summaries(self) -> list[dict[str, Any]]:
         """The body of `GET /v1/experiments`: every experiment, running or stopped, without figures."""
@@ -322,8 +406,19 @@ class ExperimentRegistry:
                 raise UnknownExperiment(f"experiment {echo(name)} does not exist")
             return exp.ranges
 
-    def report(self, name: str) -> dict[str, Any]:
-        """The body of `GET /v1/experiments/{name}`."""
+    def report(self, name: str, confidence: float = 0.95) -> dict[str, Any]:
+        """The body of `GET /v1/experiments/{name}`: the figures, and each variant's intervals at
+        `confidence` computed from this replica's counts as the judge computes the fleet's from Prometheus
+        (abtest.judge.variant_report), against the control when there is one."""
+        body, data = self._report(name)
+        control = body["control"]
+        for variant, figures in body["variants"].items():
+            intervals = variant_report(data, variant, control or variant, confidence)
+            figures["intervals"] = finite(intervals)
+        body["confidence"] = confidence
+        return body
+
+    def _report(self, name: str) -> tuple[dict[str, Any], ExperimentData]:
         with self._lock:
             exp = self._experiments.get(name)
             if exp is None:
@@ -332,12 +427,20 @@ class ExperimentRegistry:
             variants = list(exp.config.split) + sorted(v for v in exp.stats if v not in exp.config.split)
             empty = VariantStats()
             shadow = exp.config.shadow
+            data = ExperimentData()
+            for v in variants:
+                stats = exp.stats.get(v, empty)
+                for series, value in stats.judged_counts().items():
+                    data.counts.setdefault(series, {})[v] = value
+                data.latency[v] = stats.latency_le()
             return {
                 "name": exp.name,
                 "model": exp.config.model,
                 "status": "running" if exp.stopped is None else "stopped",
                 "running_s": now - exp.started,
                 "split": dict(exp.config.split),
+                "version": exp.version,
+                "control": exp.config.control_variant,
                 "sticky": exp.config.sticky,
                 "shadow": shadow.model_dump() if shadow else None,
                 "ranges": [[r.start / SCALE, r.end / SCALE, r.variant] for r in exp.ranges],
@@ -348,4 +451,4 @@ class ExperimentRegistry:
                     }
                     for v in variants
                 },
-            }
+            }, data

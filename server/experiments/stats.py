@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from server.engine.metrics import LATENCY_BUCKETS
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,12 @@ class VariantStats:
     shadow_comparisons: int = 0
     shadow_agreements: int = 0
     shadow_prob_abs_diff_sum: float = 0.0
+    labelled: int = 0
+    top1_correct: int = 0
+    top5_correct: int = 0
+    # successful requests' latencies over the experiment's whole life, per bucket of LATENCY_BUCKETS (the
+    # last: beyond them): the quantile intervals of the report, as the judge computes them from Prometheus
+    latency_buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
     latencies_s: deque[float] = field(init=False)
     image_bins: deque[list[float]] = field(init=False)  # [second, images] pairs, oldest first
 
@@ -89,6 +98,7 @@ class VariantStats:
         if not 200 <= status < 300:
             return
         self.latencies_s.append(latency_s)
+        self.latency_buckets[bisect.bisect_left(LATENCY_BUCKETS, latency_s)] += 1
         n = len(final_tokens)
         self.final_tokens_sum += math.fsum(final_tokens)
         self.gflops_sum += math.fsum(gflops)
@@ -105,6 +115,11 @@ class VariantStats:
         self.shadow_agreements += comparison.agree
         self.shadow_prob_abs_diff_sum += comparison.prob_abs_diff
 
+    def record_labels(self, images: int, top1_correct: int, top5_correct: int) -> None:
+        self.labelled += images
+        self.top1_correct += top1_correct
+        self.top5_correct += top5_correct
+
     def _expire(self, now: float) -> None:
         while self.image_bins and self.image_bins[0][0] <= now - self.rate_window_s - 1:
             self.image_bins.popleft()
@@ -116,6 +131,33 @@ class VariantStats:
         count = sum(n for second, n in self.image_bins if second + 1 > window_start)
         span = min(self.rate_window_s, now - started)
         return count / span if span > 0 else 0.0
+
+    def judged_counts(self) -> dict[str, float]:
+        """The counts the judge reads from Prometheus (abtest.judge.METRICS' series), from this replica alone.
+        Errors are server errors but 503 (an admission refusal); the requests they are a share of exclude
+        503 and client errors (4xx, 499) alike."""
+        judged = sum(n for s, n in self.statuses.items() if not (400 <= s < 500 or s == 503))
+        return {
+            "requests": judged,
+            "errors": sum(n for s, n in self.statuses.items() if s >= 500 and s != 503),
+            "shadow_comparisons": self.shadow_comparisons,
+            "shadow_agreements": self.shadow_agreements,
+            "labelled": self.labelled,
+            "top1_correct": self.top1_correct,
+            "top5_correct": self.top5_correct,
+            "final_tokens_sum": self.final_tokens_sum,
+            "final_tokens_count": self.images,
+            "gflops_sum": self.gflops_sum,
+            "gflops_count": self.images,
+        }
+
+    def latency_le(self) -> dict[str, float]:
+        """The whole-life latency buckets as Prometheus writes them: {le: cumulative count}."""
+        out, total = {}, 0
+        for bound, count in zip((*map(str, LATENCY_BUCKETS), "+Inf"), self.latency_buckets):
+            total += count
+            out[bound] = float(total)
+        return out
 
     def report(self, now: float, started: float) -> dict[str, Any]:
         ordered = sorted(self.latencies_s)
@@ -147,5 +189,12 @@ class VariantStats:
                 "mean_top1_prob_abs_diff": self.shadow_prob_abs_diff_sum / comparisons
                 if comparisons
                 else None,
+            },
+            "labels": {
+                "images": self.labelled,
+                "top1_correct": self.top1_correct,
+                "top5_correct": self.top5_correct,
+                "top1_accuracy": self.top1_correct / self.labelled if self.labelled else None,
+                "top5_accuracy": self.top5_correct / self.labelled if self.labelled else None,
             },
         }

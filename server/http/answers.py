@@ -53,7 +53,8 @@ def unexpected_error(method: str, path: str, request_id: str) -> Response:
 
 
 def image_answer(route: Assignment, weights: str, labels: list[str], request_id: str, result: ImageResult,
-                 total_s: float) -> dict[str, Any]:
+                 total_s: float, top_k: int | None = None) -> dict[str, Any]:
+    """One image's answer; `top_k`: the predictions shown, of those computed (all when None)."""
     per_block = result.tokens_per_block
     final = per_block[-1] if per_block else result.input_tokens
     return {
@@ -65,7 +66,7 @@ def image_answer(route: Assignment, weights: str, labels: list[str], request_id:
         "weights": weights,
         "predictions": [
             {"label": labels[i] if i < len(labels) else f"class_{i}", "index": i, "score": round(s, 6)}
-            for i, s in zip(result.indices, result.scores)
+            for i, s in zip(result.indices[:top_k], result.scores[:top_k])
         ],
         "tokens": {
             "input": result.input_tokens,

@@ -16,6 +16,8 @@ from fastapi import FastAPI
 from starlette.datastructures import Headers, QueryParams
 
 from server.decode.budget import PixelBudget
+from server.experiments.fleet import FleetOptions, SplitSync
+from server.experiments.labels import RecentAnswers
 from server.experiments.registry import ExperimentRegistry, ModelVariants
 from server.http import middleware
 from server.http.answers import error_response, unexpected_error
@@ -45,14 +47,28 @@ def build_registry(config: ServingConfig) -> ExperimentRegistry:
     return ExperimentRegistry(models, config.default_model_name, config.experiments)
 
 
-def build_engine(config: ServingConfig, service: InferenceService, preprocess_threads: int) -> Engine:
+def recent_answers(config: ServingConfig) -> RecentAnswers | None:
+    labels = config.labels
+    return RecentAnswers(labels.max_answers, labels.ttl_s) if labels.max_answers else None
+
+
+def build_engine(config: ServingConfig, service: InferenceService, preprocess_threads: int,
+                 fleet: FleetOptions | None = None) -> Engine:
     registry, metrics = build_registry(config), service.metrics
+    fleet = fleet or FleetOptions()
+    splits = None
+    if fleet.split_store is not None:
+        splits = SplitSync(registry, fleet.split_store, writer=fleet.split_store_write, poll_s=fleet.poll_s)
+        splits.poll()  # before serving: a restart keeps the fleet's split
     # One torch thread per preprocessing thread: their tensors are small, and nested OpenMP pools in many
     # threads oversubscribe the cores.
     pool = ThreadPoolExecutor(preprocess_threads, thread_name_prefix="preprocess",
                               initializer=torch.set_num_threads, initargs=(1,))
     engine = Engine(config, service, registry, metrics, pool, shadows=Shadows(service, registry, metrics),
-                    pixels=PixelBudget(config.limits.max_decoding_pixels))
+                    pixels=PixelBudget(config.limits.max_decoding_pixels), splits=splits,
+                    judge_url=fleet.judge_url, answers=recent_answers(config))
+    if splits is not None:
+        splits.on_change = lambda: sync_weights(engine)
     sync_weights(engine)
     return engine
 
@@ -92,12 +108,13 @@ async def channel_request(engine: Engine, head: channel.Head, body: bytes) -> tu
 
 def create_app(config: ServingConfig, service: InferenceService, *, preprocess_threads: int = 4,
                on_fatal: Callable[[BaseException], None] | None = None,
-               frontend_channel: str | None = None) -> FastAPI:
+               frontend_channel: str | None = None, fleet: FleetOptions | None = None) -> FastAPI:
     """The engine's application around `service` (which it starts and stops with its lifespan).
     `frontend_channel`: the path of a Unix socket on which it takes the requests that HTTP front-end
     processes (server/frontend/) have decoded; the app then serves the front-ends on a private Unix socket
-    and trusts their `x-mame-*` headers (client address, start time)."""
-    engine = build_engine(config, service, preprocess_threads)
+    and trusts their `x-mame-*` headers (client address, start time). `fleet`: the split store and the judge
+    (docs/ab_testing.md)."""
+    engine = build_engine(config, service, preprocess_threads, fleet)
     metrics = service.metrics
 
     @asynccontextmanager
@@ -108,6 +125,8 @@ def create_app(config: ServingConfig, service: InferenceService, *, preprocess_t
         gc.collect()
         gc.freeze()
         service.start(on_failure=on_fatal)
+        if engine.splits is not None:
+            engine.splits.start()
         channel_server = None
         if frontend_channel is not None:
             channel_server = await channel.serve(
@@ -118,6 +137,8 @@ def create_app(config: ServingConfig, service: InferenceService, *, preprocess_t
         # front-ends have stopped: each answered what it accepted).
         if channel_server is not None:
             channel_server.close()
+        if engine.splits is not None:
+            engine.splits.stop()
         await asyncio.get_running_loop().run_in_executor(None, service.stop)
         engine.pool.shutdown(wait=True)
         gc.unfreeze()

@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse, Response
 from server.decode.budget import PixelBudget
 from server.decode.imaging import open_all, pixels_of
 from server.engine.batching import QueueFull, Reservation, SchedulerClosed
+from server.experiments.labels import LABEL_TOP_K
 from server.http.answers import image_answer, json_response, query_int
 from server.http.frontend_requests import CropArenas, Reroute, frontend_crops, raise_frontend_error
 from server.http.openapi import DEFAULT_TOP_K
@@ -51,6 +52,8 @@ if TYPE_CHECKING:
     from server.engine.metrics import Metrics
     from server.engine.service import InferenceService
     from server.engine.worker import ImageResult
+    from server.experiments.fleet import SplitSync
+    from server.experiments.labels import RecentAnswers
     from server.experiments.registry import Assignment, ExperimentRegistry
     from server.http.shadow import Shadows
 
@@ -74,6 +77,9 @@ class Engine:
     # front-ends' requests admitted before their decoding: token -> (route, places held)
     admitted: dict[str, tuple[Assignment, Reservation]] = field(default_factory=dict)
     explaining: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))  # one at a time
+    splits: SplitSync | None = None  # the fleet's split store, when one is configured
+    answers: RecentAnswers | None = None  # for labels posted later (None: labels.max_answers is 0)
+    judge_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -181,13 +187,17 @@ async def _answer(engine: Engine, request: ClassifyRequest, outcome: _Outcome) -
     if request.receive is None and request.headers.get(FRONTEND_ADMIT) == "1":
         return _admit(engine, request, route, outcome, deadline)
     images, multipart = await _images(engine, request, route, outcome, deadline)
-    results = await _results(engine, route, images, top_k, deadline, outcome)
+    # the top 5 at least, for labels posted later (the answer shows top_k)
+    computed_k = max(top_k, LABEL_TOP_K) if engine.answers is not None else top_k
+    results = await _results(engine, route, images, computed_k, deadline, outcome)
     info = service.models[route.model]
     total_s = time.monotonic() - request.started
     answers = [
-        image_answer(route, info.weights, info.labels, request.request_id, r, total_s) for r in results
+        image_answer(route, info.weights, info.labels, request.request_id, r, total_s, top_k) for r in results
     ]
     _observe(engine, outcome, results, answers)
+    if engine.answers is not None:  # a reference to each image's top-5: a dict insert, no copy
+        engine.answers.remember(request.request_id, route, [r.indices for r in results])
     if route.shadow_variant is not None and engine.shadows is not None:
         # Crops in a front-end's arena are its to reuse once this request is answered: copied.
         engine.shadows.start(route, [image.clone() for image in images] if request.receive is None
@@ -335,6 +345,8 @@ def _count(engine: Engine, outcome: _Outcome, elapsed: float) -> None:
                                    gflops=outcome.gflops if ok else [])
     # Cached children: the label values are configured names, a bounded set.
     metrics.request_duration_of(*labels).observe(elapsed)
+    if ok:
+        metrics.successful_request_duration_of(*labels).observe(elapsed)
     metrics.requests_of(*labels, status).inc()
     if outcome.n_images:
         metrics.images_of(*labels, status).inc(outcome.n_images)

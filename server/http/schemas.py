@@ -5,7 +5,7 @@ server, so these models and the answers cannot drift apart unnoticed."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -132,21 +132,55 @@ class VariantReport(BaseModel):
     mean_final_tokens: float | None
     mean_gflops: float | None
     shadow: ShadowFigures
+    labels: LabelFigures
+    intervals: dict[str, Any] = Field(
+        description="at the report's confidence, from this replica's whole-life counts: error_rate, "
+        "shadow_agreement, top1_accuracy, top5_accuracy ({estimate, low, high}; Wilson), "
+        "p50/p95/p99_latency_s (order statistics of the latency buckets); against the control: "
+        "error_rate_diff (Newcombe), p50/p95/p99_latency_ratio, final_tokens_saved, gflops_saved. An "
+        "unbounded end is null")
+
+
+class LabelFigures(BaseModel):
+    images: int = Field(description="labelled images (POST /v1/labels)")
+    top1_correct: int
+    top5_correct: int
+    top1_accuracy: float | None
+    top5_accuracy: float | None
+
+
+class LabelsAnswer(BaseModel):
+    request_id: str
+    model: str
+    variant: str
+    experiment: str | None
+    images: int = Field(ge=1)
+    top1_correct: int = Field(ge=0)
+    top5_correct: int = Field(ge=0)
 
 
 class ExperimentReport(ExperimentSummary):
     running_s: float
+    confidence: float
+    fleet: dict[str, Any] | None = Field(
+        description="the judge's last evaluation of the fleet (with --judge-url; null without one, or when "
+        "it does not answer)")
+    version: int = Field(description="the split's version: one higher with every change (the split store's)")
+    control: str | None = Field(description="the variant the others are compared with")
     ranges: list[tuple[float, float, str]] = Field(description="[start, end, variant] in [0, 1)")
     variants: dict[str, VariantReport]
 
 
 class Change(BaseModel):
     time: float = Field(description="seconds since the epoch")
-    action: Literal["create", "update", "stop"]
+    action: Literal["create", "update", "stop", "rollback", "ramp"]
     experiment: str
-    source: str
+    source: str = Field(description="config, admin, or store/<who> for a change read from the split store "
+                        "(store/judge, store/admin, store/operator)")
     split_before: dict[str, float] | None
     split_after: dict[str, float] | None
+    reason: str
+    version: int = Field(description="the experiment's split version after the change")
 
 
 class ChangesAnswer(BaseModel):
