@@ -122,3 +122,16 @@ def test_component_wires_the_judge_the_store_and_the_servers(built):
     assert "subPath" not in mount, "a subPath mount is never refreshed by the kubelet"
     assert any(m["name"] == "serving-config" for m in server["containers"][0]["volumeMounts"])  # base kept
     assert judge["containers"][0]["image"] == server["containers"][0]["image"]  # the tagged server image
+
+
+def test_servers_write_admin_split_changes_to_the_configmap(built):
+    # The mount is read-only: admin changes go through the API, as a ServiceAccount the Role allows.
+    objs = {(d["kind"], d["metadata"]["name"]): d for d in built}
+    server = objs[("Deployment", "mame-serve")]["spec"]["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in server["containers"][0]["env"]}
+    assert env["MAME_SPLIT_STORE_WRITE"] == "configmap:mame/mame-experiment-splits"
+    account = server["serviceAccountName"]
+    assert ("ServiceAccount", account) in objs
+    bindings = [d for (k, _), d in objs.items() if k == "RoleBinding"
+                and {"kind": "ServiceAccount", "name": account, "namespace": "mame"} in d["subjects"]]
+    assert [b["roleRef"]["name"] for b in bindings] == ["mame-judge"]
