@@ -250,6 +250,11 @@ def _channel_basis(device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Te
     return _cached_basis(device, dtype)
 
 
+def _bias_in_channels(x: Tensor) -> bool:
+    """Carry the key bias in extra head channels (see _Layout.bias_channels) rather than as masks: on CUDA."""
+    return x.is_cuda
+
+
 def _attend(qkv: Tensor, layout: _Layout, scale: float) -> Tensor:
     """softmax(q k^T * scale + key bias) v within each image, for packed rows qkv [N, 3, H, D] -> [..., H, D]
     whose leading dims flatten to N.
@@ -442,7 +447,7 @@ class MergingViT(nn.Module):
                 # While nothing merged, every size is 1 and attention needs no bias.
                 if merged_yet and settings.prop_attn:
                     layout.bias_size = tokens.size
-                    layout.channels = tokens.x.is_cuda
+                    layout.channels = _bias_in_channels(tokens.x)
                 if not layout.uniform and tokens.x.is_cuda:  # varlen attention runs on CUDA only
                     layout.cu_seqlens = cu_seqlens(tokens.lengths, tokens.x.device)
             merge_pairs.append(pairs)

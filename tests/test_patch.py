@@ -312,3 +312,17 @@ def test_compiled_forward_equals_eager(images):
             eager, fast = vit(x, s), compiled(x, s)
             assert torch.equal(eager.tokens, fast.tokens)
             torch.testing.assert_close(fast.logits, eager.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_bias_in_channels_or_masks_gives_the_same_forward(images, monkeypatch):
+    # CUDA carries proportional attention's bias in extra head channels, the CPU in SDPA masks: one model.
+    from mame_core import patch as patch_module
+
+    vit = patch_vit(tiny_vit())
+    taus = torch.tensor([0.6, 0.8, 1.0, 0.5])
+    with torch.inference_mode():
+        masks = vit(images, MAME, tau=taus)
+        monkeypatch.setattr(patch_module, "_bias_in_channels", lambda x: True)
+        channels = vit(images, MAME, tau=taus)
+    assert torch.equal(masks.tokens, channels.tokens)
+    torch.testing.assert_close(masks.logits, channels.logits, atol=1e-5, rtol=1e-5)
