@@ -337,6 +337,15 @@ class _Stages:
     fuse: Callable[..., Any] = mame_fuse
 
 
+def _last_merge_block(settings: MergeSettings, merge_blocks: int, per_image_tau: bool, sources: bool) -> int:
+    """The last block that runs a merge step (-1: none). Past the last block whose tau can merge (< 1), a MaMe
+    step would only reorder tokens, which attention and pooling do not see: skipped, unless the source maps
+    (which show the order) are wanted."""
+    if settings.method != "mame" or per_image_tau or sources:
+        return merge_blocks - 1
+    return max((j for j in range(merge_blocks) if settings.tau_at(j) < 1), default=-1)
+
+
 def _linear_macs(module: nn.Module) -> int:
     """Multiply-accumulates per token of all Linear layers in a module."""
     return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
@@ -409,17 +418,14 @@ class MergingViT(nn.Module):
         tokens = PackedBatch.from_padded(TokenBatch(h, size, source))
         layout = _Layout([first_len] * bsz)
         merged_yet = False  # has any image of the batch merged a token so far?
-        # Past the last block whose tau can merge, a MaMe step would only reorder tokens, which attention and
-        # pooling do not see: skipped, unless the source maps (which show the order) are wanted.
-        last_mame = max((j for j in range(merge_blocks) if tau is not None or settings.tau_at(j) < 1),
-                        default=-1) if settings.method == "mame" and not return_source else merge_blocks - 1
+        last_merge = _last_merge_block(settings, merge_blocks, tau is not None, return_source)
 
         # Per block and image, on the host: tokens entering, tokens leaving, similarity pairs of the merge.
         counts_in, counts_out, merge_pairs, sources = [], [], [], []
         for i, blk in enumerate(m.blocks):
             lengths = layout.lengths
             counts_in.append(lengths)
-            merging = i <= last_mame if settings.method == "mame" else i < merge_blocks
+            merging = i <= last_merge
             channels = layout.bias_channels(blk.attn.num_heads, blk.attn.head_dim, blk.attn.scale,
                                             tokens.x.dtype)
             qkv, metric, normed = self._stages.project(blk, tokens.x, channels, merging)
