@@ -18,7 +18,7 @@ from server.config import parse_config
 from server.decode.imaging import decode_image
 from server.engine.metrics import Metrics
 from server.engine.service import InferenceService
-from server.http.app import create_app
+from server.http.app import create_app, first_values
 from server.http.classify import ClassifyRequest, classify
 from server.wire.errors import ApiError
 from server.wire.protocol import FRONTEND_IMAGES, FRONTEND_MODEL, FRONTEND_MULTIPART
@@ -136,3 +136,14 @@ def test_requests_before_the_models_load_are_not_ready():
             assert (await client.get("/readyz")).json() == {"status": "loading"}
 
     asyncio.run(check())
+
+
+def test_a_channel_requests_headers_read_as_starlette_reads_them():
+    """Names in any case, a repeated header's first value: what Starlette's Headers.get gives."""
+    pairs = [["X-Variant-Key", "first"], ["accept", "*/*"], ["x-variant-key", "second"],
+             ["X-Mame-Images", "2"]]
+    starlette = Headers(raw=[(name.lower().encode(), value.encode()) for name, value in pairs])
+    headers = first_values(pairs)
+    for name in ("x-variant-key", "accept", "x-mame-images", "missing"):
+        assert headers.get(name) == starlette.get(name)
+    assert list(headers.items()) == [("x-variant-key", "first"), ("accept", "*/*"), ("x-mame-images", "2")]

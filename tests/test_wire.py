@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from server.wire.channel import Channel, FrameReader, frame, serve
 from server.wire.head_timeout import HeadTimeoutProtocol, head_timeout_protocol
 from server.wire.protocol import request_id_of, without_reserved
 
@@ -40,3 +43,48 @@ def test_wire_and_front_ends_import_no_torch():
         "server.frontend.__main__; sys.exit('torch' in sys.modules or 'timm' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO, check=False).returncode == 0
+
+
+def test_frames_split_or_run_together_are_read_whole():
+    """A read may bring part of a frame or several frames: each comes out whole, in order, once."""
+    sent = [({"id": n, "query": "top_k=3"}, bytes([n]) * n) for n in range(5)]
+    big = ({"id": 99}, bytes(range(256)) * 4096)  # 1 MiB: more than one read
+    stream = b"".join(frame(head, body) for head, body in [*sent, big])
+
+    async def read_all() -> list:
+        reader = asyncio.StreamReader(limit=1 << 20)
+        frames = FrameReader(reader)
+        got = []
+        reader.feed_data(stream[:5])  # not even a whole frame header
+        reader.feed_data(stream[5:40])
+        got += await frames.frames()
+        reader.feed_data(stream[40:])
+        while len(got) < len(sent) + 1:
+            got += await frames.frames()
+        reader.feed_data(frame({"id": 7})[:3])
+        reader.feed_eof()
+        with pytest.raises(asyncio.IncompleteReadError):
+            await frames.frames()
+        return got
+
+    assert asyncio.run(read_all()) == [*sent, big]
+
+
+def test_a_channel_answers_each_call_with_its_own_answer(tmp_path):
+    """Many calls in flight on one connection, small and large, answered out of order: each caller gets its
+    own answer."""
+    async def run() -> None:
+        async def handler(head: dict, body: bytes) -> tuple[dict, bytes]:
+            await asyncio.sleep(0.001 * (head["n"] % 3))  # answers leave out of order
+            return {"status": 200, "n": head["n"]}, body[::-1]
+
+        path = str(tmp_path / "channel.sock")
+        server = await serve(path, handler)
+        channel = Channel(path)
+        bodies = [bytes([n % 256]) * (n * 997 if n % 10 else 1 << 19) for n in range(40)]
+        answers = await asyncio.gather(*(channel.call({"n": n}, body) for n, body in enumerate(bodies)))
+        assert [(head["n"], body) for head, body in answers] == [(n, b[::-1]) for n, b in enumerate(bodies)]
+        await channel.close()
+        server.close()
+
+    asyncio.run(run())

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from fastapi import FastAPI
-from starlette.datastructures import Headers, QueryParams
+from starlette.datastructures import QueryParams
 
 from server.decode.budget import PixelBudget
 from server.experiments.fleet import FleetOptions, SplitSync
@@ -80,9 +80,9 @@ async def channel_request(engine: Engine, head: channel.Head, body: bytes) -> tu
     """A request a front-end decoded, from the channel (server/wire/channel.py), answered by classify() (or
     explain(), for the path /v1/explain)."""
     path = head.get("path", "/v1/classify")
-    raw = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in head["headers"]]
-    headers = Headers(raw=raw)
-    request_id = request_id_of(raw)
+    headers = first_values(head["headers"])
+    given_id = headers.get("x-request-id")
+    request_id = request_id_of([(b"x-request-id", given_id.encode("latin-1"))] if given_id else [])
     try:
         given_start = headers.get(FRONTEND_STARTED)
         request = ClassifyRequest(
@@ -99,11 +99,20 @@ async def channel_request(engine: Engine, head: channel.Head, body: bytes) -> tu
         response = error_response(exc, request_id)
     except Exception:  # noqa: BLE001 - logged; without an answer the front-end's request would wait for ever
         response = unexpected_error("POST", f"{path} (decoded by a front-end)", request_id)
-    response.headers["X-Request-Id"] = request_id
-    answer_headers = [
-        [name.decode("latin-1"), value.decode("latin-1")] for name, value in response.headers.raw
-    ]
+    answer_headers = [[name.decode("latin-1"), value.decode("latin-1")]
+                      for name, value in response.raw_headers if name != b"x-request-id"]
+    answer_headers.append(["x-request-id", request_id])
     return {"status": response.status_code, "headers": answer_headers}, bytes(response.body)
+
+
+def first_values(pairs: list[list[str]]) -> dict[str, str]:
+    """A channel request's headers by lower-case name, the first of a repeated one: what Starlette's
+    Headers.get gives, at a dict's cost per lookup (Headers scans the list on every one, and a request
+    takes a dozen lookups)."""
+    headers: dict[str, str] = {}
+    for name, value in pairs:
+        headers.setdefault(name.lower(), value)
+    return headers
 
 
 def create_app(config: ServingConfig, service: InferenceService, *, preprocess_threads: int = 4,
