@@ -115,18 +115,25 @@ class ShadowRef(BaseModel):
     variant: str
 
 
-class JudgedExperiment(BaseModel):
+class JudgeKeys(BaseModel):
+    """The keys of a serving-config experiment that only the judge acts on (JUDGE_KEYS); the server's
+    ExperimentConfig declares them through this class too, so both read one schema."""
+
+    model_config = ConfigDict(frozen=True)
+    control: str | None = None
+    level: float = Field(default=0.05, gt=0, lt=1)
+    guardrails: list[GuardrailConfig] = Field(default_factory=list)
+    ramp: RampConfig | None = None
+    on_fail: Literal["rollback", "alert"] = "rollback"
+
+
+class JudgedExperiment(JudgeKeys):
     """The parts of a serving-config experiment the judge uses."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
     model: str
     split: dict[str, float]
     shadow: ShadowRef | None = None
-    control: str | None = None
-    level: float = Field(default=0.05, gt=0, lt=1)
-    guardrails: list[GuardrailConfig] = Field(default_factory=list)
-    ramp: RampConfig | None = None
-    on_fail: Literal["rollback", "alert"] = "rollback"
 
     @model_validator(mode="after")
     def _check(self) -> JudgedExperiment:

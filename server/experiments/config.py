@@ -20,7 +20,7 @@ from pydantic import (
     model_validator,
 )
 
-from abtest.guardrails import GuardrailConfig, JudgedExperiment, RampConfig
+from abtest.guardrails import JudgedExperiment, JudgeKeys
 
 WEIGHT_SUM_TOLERANCE = 1e-6
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # fullmatch: "$" would let a final "\n" in
@@ -87,20 +87,15 @@ class ShadowConfig(BaseModel):
     rate: float = Field(ge=0.0, le=1.0)
 
 
-class ExperimentConfig(BaseModel):
-    """One experiment of the serving config's `experiments:` key (the name is the key)."""
+class ExperimentConfig(JudgeKeys):
+    """One experiment of the serving config's `experiments:` key (the name is the key). The judge's keys
+    (control, level, guardrails, ramp, on_fail: docs/ab_testing.md) and their checks are abtest's."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     model: str = Field(min_length=1)
     split: Split
     sticky: str | None = None
     shadow: ShadowConfig | None = None
-    # Read by the judge (docs/ab_testing.md); the types and the checks are abtest.guardrails' own.
-    control: str | None = None
-    level: float = Field(default=0.05, gt=0, lt=1)
-    guardrails: list[GuardrailConfig] = Field(default_factory=list)
-    ramp: RampConfig | None = None
-    on_fail: Literal["rollback", "alert"] = "rollback"
 
     @model_validator(mode="after")
     def _check_judged(self) -> ExperimentConfig:
