@@ -183,7 +183,7 @@ def test_command_json(tmp_path, capsys):
         assert set(rows[0]) == {
             "method", "setting", "images", "mean_final_tokens", "max_final_tokens", "gflops", "img_per_s",
             "ratio", "best_img_per_s", "best_ratio", "img_per_cpu_s", "cpu_ratio", "efficiency",
-            "img_per_s_rounds", "profile",
+            "img_per_s_rounds", "profile", "compiled",
         }
         assert rows[0]["ratio"] == 1.0 and rows[4]["mean_final_tokens"] == 65 - 4 * 3
         assert all(r["images"] == run["batch_size"] and r["profile"] is None for r in rows)
