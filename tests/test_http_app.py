@@ -136,3 +136,30 @@ def test_requests_before_the_models_load_are_not_ready():
             assert (await client.get("/readyz")).json() == {"status": "loading"}
 
     asyncio.run(check())
+
+
+def test_healthz_fails_while_the_event_loop_is_blocked_and_says_where(caplog):
+    """A call that blocks the event loop (time.sleep in a callback on it, as a blocking call in a handler
+    would) past health.loop_stall_s: the probes that waited through it answer 503 `unresponsive`, the log says
+    where the loop was stuck, and the next tick makes them 200 again."""
+    app = app_of(parse_config(tiny_config(health={"loop_stall_s": 0.4})), preprocess_threads=1)
+
+    def a_blocking_call() -> None:
+        time.sleep(1.2)
+
+    async def check(client: httpx.AsyncClient) -> None:
+        assert (await client.get("/healthz")).json() == {"status": "ok"}
+        asyncio.get_running_loop().call_soon(a_blocking_call)
+        probes = await asyncio.gather(client.get("/healthz"), client.get("/readyz"))
+        for probe in probes:
+            assert probe.status_code == 503, probe.text
+            assert probe.json()["status"] == "unresponsive" and "did not run for" in probe.json()["detail"]
+        await asyncio.sleep(0.5)  # the next tick, on time
+        assert (await client.get("/healthz")).json() == {"status": "ok"}
+        assert (await client.get("/readyz")).status_code == 200
+        lag = metric_values((await client.get("/metrics")).text, "mame_event_loop_lag_seconds_bucket")
+        assert lag['{le="0.5"}'] < lag['{le="2.0"}'], lag  # the late tick, in the histogram
+
+    with caplog.at_level("ERROR", logger="mame.server"):
+        asyncio.run(running(app, check))
+    assert any("a_blocking_call" in record.getMessage() for record in caplog.records), caplog.text

@@ -21,6 +21,7 @@ from server.http import middleware
 from server.http.answers import error_response, unexpected_error
 from server.http.classify import ClassifyRequest, Engine, classify
 from server.http.docs_page import add_docs_page
+from server.http.heartbeat import LoopHeartbeat
 from server.http.oip import add_oip_routes
 from server.http.openapi import with_top_k_bound
 from server.http.routes import frontend_router, router, sync_weights
@@ -44,14 +45,19 @@ def build_registry(config: ServingConfig) -> ExperimentRegistry:
     return ExperimentRegistry(models, config.default_model_name, config.experiments)
 
 
-def build_engine(config: ServingConfig, service: InferenceService, preprocess_threads: int) -> Engine:
+def build_engine(config: ServingConfig, service: InferenceService, preprocess_threads: int,
+                 large_image_threads: int = 1) -> Engine:
     registry, metrics = build_registry(config), service.metrics
     # One torch thread per preprocessing thread: their tensors are small, and nested OpenMP pools in many
     # threads oversubscribe the cores.
     pool = ThreadPoolExecutor(preprocess_threads, thread_name_prefix="preprocess",
                               initializer=torch.set_num_threads, initargs=(1,))
+    # Large images (a second of a core each at 36 Mpx) in a lane of their own: however many arrive, they
+    # leave the other threads to small images and cores to the event loop and the forward passes.
+    large_pool = ThreadPoolExecutor(large_image_threads, thread_name_prefix="decode-large",
+                                    initializer=torch.set_num_threads, initargs=(1,))
     engine = Engine(config, service, registry, metrics, pool, shadows=Shadows(service, registry, metrics),
-                    pixels=PixelBudget(config.limits.max_decoding_pixels))
+                    pixels=PixelBudget(config.limits.max_decoding_pixels), large_pool=large_pool)
     sync_weights(engine)
     return engine
 
@@ -85,14 +91,15 @@ async def channel_request(engine: Engine, head: channel.Head, body: bytes) -> tu
 
 
 def create_app(config: ServingConfig, service: InferenceService, *, preprocess_threads: int = 4,
-               on_fatal: Callable[[BaseException], None] | None = None,
+               large_image_threads: int = 1, on_fatal: Callable[[BaseException], None] | None = None,
                frontend_channel: str | None = None) -> FastAPI:
     """The engine's application around `service` (which it starts and stops with its lifespan).
     `frontend_channel`: the path of a Unix socket on which it takes the requests that HTTP front-end
     processes (server/frontend/) have decoded; the app then serves the front-ends on a private Unix socket
     and trusts their `x-mame-*` headers (client address, start time)."""
-    engine = build_engine(config, service, preprocess_threads)
+    engine = build_engine(config, service, preprocess_threads, large_image_threads)
     metrics = service.metrics
+    heartbeat = LoopHeartbeat(config.health.loop_stall_s, observe_lag=metrics.event_loop_lag.observe)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -101,6 +108,7 @@ def create_app(config: ServingConfig, service: InferenceService, *, preprocess_t
         # (every thread, the event loop included, stalls) for a time that grows with the objects it walks.
         gc.collect()
         gc.freeze()
+        heartbeat.start()
         service.start(on_failure=on_fatal)
         channel_server = None
         if frontend_channel is not None:
@@ -113,13 +121,17 @@ def create_app(config: ServingConfig, service: InferenceService, *, preprocess_t
         if channel_server is not None:
             channel_server.close()
         await asyncio.get_running_loop().run_in_executor(None, service.stop)
+        heartbeat.stop()
         engine.pool.shutdown(wait=True)
+        if engine.large_pool is not None:
+            engine.large_pool.shutdown(wait=True)
         gc.unfreeze()
 
     app = FastAPI(title="MaMe inference server", version="0.1.0", lifespan=lifespan,
                   summary="Image classification with timm ViTs accelerated by MaMe token merging",
                   docs_url=None, redoc_url=None)  # /docs: add_docs_page, with no other host
     app.state.engine = engine
+    app.state.heartbeat = heartbeat
     app.state.behind_frontends = frontend_channel is not None
     app.state.service = service
     app.state.metrics = metrics
