@@ -102,8 +102,8 @@ async def pixel_flood(url: str, pid: int, seconds: float, clients: int) -> dict:
     big = png(6000, 6000, "I;16")  # 36 Mpx, under the 40 Mpx limit
     at_limit = png(6324, 6324, "L")  # 39.99 Mpx
     async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=clients + 4)) as client:
-        alone: list = []
-        await loop_sending(client, url, SMALL, {}, time.monotonic() + 5, 0.1, alone)
+        alone: list = []  # as long as the flood: as many samples for either p99
+        await loop_sending(client, url, SMALL, {}, time.monotonic() + seconds, 0.1, alone)
         warm = rss_bytes(pid)
         peak = [warm]
         trickle: list = []

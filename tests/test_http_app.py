@@ -5,12 +5,14 @@ contract against real server processes."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import time
 
 import httpx
 import numpy as np
 import pytest
+from PIL import Image
 from serverproc import metric_values, sample_images, tiny_config
 from starlette.datastructures import Headers, QueryParams
 
@@ -163,3 +165,22 @@ def test_healthz_fails_while_the_event_loop_is_blocked_and_says_where(caplog):
     with caplog.at_level("ERROR", logger="mame.server"):
         asyncio.run(running(app, check))
     assert any("a_blocking_call" in record.getMessage() for record in caplog.records), caplog.text
+
+
+def test_a_small_image_is_not_decoded_behind_a_large_one():
+    """Large images decode in a lane of their own: with one decoding thread for small images, a small request
+    sent while a 36 Mpx PNG decodes is answered before it."""
+    app = app_of(parse_config(tiny_config()), preprocess_threads=1)
+    buffer = io.BytesIO()
+    Image.new("I;16", (6000, 6000)).save(buffer, "PNG")
+    large = buffer.getvalue()
+
+    async def check(client: httpx.AsyncClient) -> None:
+        sent = asyncio.create_task(client.post("/v1/classify", content=large))
+        while app.state.engine.pixels.in_use == 0:  # the large image is being decoded
+            await asyncio.sleep(0.005)
+        small = await client.post("/v1/classify", content=sample_images()["flat"])
+        assert small.status_code == 200 and not sent.done()
+        assert (await sent).status_code == 200
+
+    asyncio.run(running(app, check))
