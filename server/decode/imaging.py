@@ -36,21 +36,22 @@ def reduce_factor(size: tuple[int, int], needed_edge: int | None) -> int:
 
 
 def _reduced(img: Image.Image, factor: int) -> Image.Image:
-    """Each `factor` x `factor` block averaged (PIL's reduce: one pass, the GIL released), as a JPEG's
-    reduced-scale decoding averages in the DCT. The columns and rows short of a whole block (fewer than
-    `factor`) are left out evenly on both sides, so every pixel left is a whole block's average."""
+    """Each `factor` x `factor` block averaged, as a JPEG's reduced-scale decoding averages in the DCT: a box
+    filter at a whole ratio, in the image's own mode (16-bit too), into a small image, the GIL released.
+    The columns and rows short of a whole block (fewer than `factor`) are left out evenly on both sides, so
+    every pixel left is a whole block's average."""
     if factor <= 1:
         return img
     width, height = img.size
     left, top = width % factor // 2, height % factor // 2
-    return img.reduce(factor, (left, top, left + width - width % factor, top + height - height % factor))
+    box = (left, top, left + width - width % factor, top + height - height % factor)
+    return img.resize((width // factor, height // factor), Image.Resampling.BOX, box=box)
 
 
 def _to_8bit(img: Image.Image, reduce_by: int = 1) -> Image.Image:
     """16-bit and 32-bit grey (modes I, I;16*, F) scaled down to 8-bit grey, reduced by `reduce_by` first."""
     sixteen_bit = img.mode.startswith("I;16")
-    if reduce_by > 1:  # reduce has no 16-bit mode; 32-bit integers hold the averages
-        img = _reduced(img.convert("I") if sixteen_bit else img, reduce_by)
+    img = _reduced(img, reduce_by)
     arr = np.array(img, dtype=np.float32)  # one copy, then worked in place: a 36 Mpx image is 144 MB of it
     # I;16 is known to be 16-bit: always scaled, or a dark picture (max <= 255) would come out bright. I and F
     # say nothing of their range: scaled as 16-bit when they pass 8 bits.
@@ -62,8 +63,8 @@ def _to_8bit(img: Image.Image, reduce_by: int = 1) -> Image.Image:
 
 def to_rgb(img: Image.Image, reduce_by: int = 1) -> Image.Image:
     """Any PIL mode to RGB; transparency is composited over white. Reduced by `reduce_by` (`_reduced`): before
-    converting where averaging and converting commute (grey, RGB, 16-bit: far less to convert), after it
-    otherwise (a palette, 1-bit, CMYK, alpha)."""
+    converting where averaging and converting commute (grey, RGB, 16-bit: far less to convert, and no
+    full-size copy allocated), after it otherwise (a palette, 1-bit, CMYK, alpha)."""
     if img.mode in ("I", "F") or img.mode.startswith("I;16"):
         img, reduce_by = _to_8bit(img, reduce_by), 1
     elif img.mode in ("L", "RGB"):
