@@ -174,12 +174,15 @@ def variant_fairness(layout: str, clients: int, seconds: float) -> dict:
 
 
 def wait_status(url: str, status: int, timeout_s: float) -> float | None:
-    """Seconds until /readyz answers `status` (None: not within timeout_s, or the server is gone)."""
+    """Seconds until /readyz answers `status` (None: not within timeout_s, or the server stopped listening).
+    A probe that times out (a loaded machine) is sent again."""
     started = time.monotonic()
     while time.monotonic() - started < timeout_s:
         try:
             if httpx.get(f"{url}/readyz", timeout=2).status_code == status:
                 return time.monotonic() - started
+        except httpx.TimeoutException:
+            continue
         except httpx.TransportError:
             return None
         time.sleep(0.02)
