@@ -102,8 +102,8 @@ async def pixel_flood(url: str, pid: int, seconds: float, clients: int) -> dict:
     big = png(6000, 6000, "I;16")  # 36 Mpx, under the 40 Mpx limit
     at_limit = png(6324, 6324, "L")  # 39.99 Mpx
     async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=clients + 4)) as client:
-        alone: list = []
-        await loop_sending(client, url, SMALL, {}, time.monotonic() + 5, 0.1, alone)
+        alone: list = []  # as long as the flood: as many samples for either p99
+        await loop_sending(client, url, SMALL, {}, time.monotonic() + seconds, 0.1, alone)
         warm = rss_bytes(pid)
         peak = [warm]
         trickle: list = []
@@ -127,17 +127,21 @@ async def pixel_flood(url: str, pid: int, seconds: float, clients: int) -> dict:
             "peak growth MiB": (peak[0] - warm) / mib,
             "36 Mpx PNG statuses": dict(Counter(s for s, _ in flood)),
             "small p99 ms alone": p99_ms(alone), "small p99 ms in the flood": p99_ms(trickle),
+            "small p99 in the flood / alone": p99_ms(trickle) / p99_ms(alone),
             "small statuses in the flood": dict(Counter(s for s, _ in trickle)),
             "lone image at the limit": lone.status_code}
 
 
-def measure(root: Path, layout: str, seconds: float) -> dict:
+def measure(root: Path, layout: str, seconds: float, parts: set[str]) -> dict:
     args = ["--layout", layout, *(["--http-processes", "1"] if layout == "frontends" else [])]
-    with running_server(config(max_queue=32), args=args, root=root) as server:
-        variants = asyncio.run(variant_flood(server.url, seconds, clients=128))  # 4x the queue
-    with running_server(config(max_queue=256), args=args, root=root) as server:
-        pixels = asyncio.run(pixel_flood(server.url, server.proc.pid, seconds, clients=4))
-    return {**variants, **pixels}
+    figures: dict = {}
+    if "variants" in parts:
+        with running_server(config(max_queue=32), args=args, root=root) as server:
+            figures.update(asyncio.run(variant_flood(server.url, seconds, clients=128)))  # 4x the queue
+    if "pixels" in parts:
+        with running_server(config(max_queue=256), args=args, root=root) as server:
+            figures.update(asyncio.run(pixel_flood(server.url, server.proc.pid, seconds, clients=4)))
+    return figures
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,12 +150,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--before", type=Path, help="another checkout, measured first for comparison")
     parser.add_argument("--layout", choices=["single", "frontends"], default="single")
     parser.add_argument("--seconds", type=float, default=15.0, help="length of each flood")
+    parser.add_argument("--only", choices=["variants", "pixels"], action="append",
+                        help="run only this flood (repeatable; default: both)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure the checkouts this many times, alternating (noisy machines)")
     args = parser.parse_args(argv)
-    runs = {**({"before": args.before} if args.before else {}), "this checkout": REPO_ROOT}
-    figures = {name: measure(root, args.layout, args.seconds) for name, root in runs.items()}
+    parts = set(args.only or ["variants", "pixels"])
+    checkouts = {**({"before": args.before} if args.before else {}), "this checkout": REPO_ROOT}
+    runs = {f"{name} #{n + 1}" if args.rounds > 1 else name: root
+            for n in range(args.rounds) for name, root in checkouts.items()}
+    figures = {name: measure(root, args.layout, args.seconds, parts) for name, root in runs.items()}
     names = list(figures)
     print(f"layout {args.layout}, floods of {args.seconds:g} s; "
-          + ", ".join(f"{name}: {runs[name]}" for name in names))
+          + ", ".join(f"{name}: {root}" for name, root in checkouts.items()))
     for key in figures[names[0]]:
         cells = []
         for name in names:

@@ -24,12 +24,19 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import psutil
 from PIL import Image
 
-from loadtest.launch import running_server
+from loadtest.launch import REPO_ROOT, running_server
+
+_server_root = REPO_ROOT  # the checkout whose server runs (--root)
+
+
+def serve(config: dict, args: list[str]):
+    return running_server(config, args=args, root=_server_root)
 
 TINY_MODEL = {
     "arch": "vit_tiny_patch16_224",
@@ -115,8 +122,8 @@ def memory_under_flood(layout: str, max_pixels: int, clients: int, seconds: floa
     side = int(max_pixels ** 0.5)
     big, small = png(side), small_png()
     config = serving_config(limits={"max_pixels": max_pixels, "request_timeout_s": 10})
-    with running_server(config, args=LAYOUTS[layout]) as server:
-        alone_end = time.monotonic() + seconds / 2
+    with serve(config, LAYOUTS[layout]) as server:
+        alone_end = time.monotonic() + seconds  # as long as the flood: as many samples for either p99
         alone = trickle(server.url, small, lambda: time.monotonic() > alone_end, 0.1)
         warm = rss_mib(server.proc.pid)
         peak, flooding = warm, True
@@ -156,7 +163,7 @@ def variant_fairness(layout: str, clients: int, seconds: float) -> dict:
     small = small_png()
     model = copy.deepcopy(TINY_MODEL)
     model["batching"] = {"max_batch_size": 4, "max_wait_ms": 10, "max_queue": 8}
-    with running_server(serving_config(model), args=LAYOUTS[layout]) as server, ThreadPoolExecutor(1) as pool:
+    with serve(serving_config(model), LAYOUTS[layout]) as server, ThreadPoolExecutor(1) as pool:
         flooded = pool.submit(flood, server.url, small, clients, seconds, {"variant": "a"})
         quiet = trickle(server.url, small, flooded.done, 0.05, {"variant": "b"})
         loud = flooded.result()
@@ -167,12 +174,15 @@ def variant_fairness(layout: str, clients: int, seconds: float) -> dict:
 
 
 def wait_status(url: str, status: int, timeout_s: float) -> float | None:
-    """Seconds until /readyz answers `status` (None: not within timeout_s, or the server is gone)."""
+    """Seconds until /readyz answers `status` (None: not within timeout_s, or the server stopped listening).
+    A probe that times out (a loaded machine) is sent again."""
     started = time.monotonic()
     while time.monotonic() - started < timeout_s:
         try:
             if httpx.get(f"{url}/readyz", timeout=2).status_code == status:
                 return time.monotonic() - started
+        except httpx.TimeoutException:
+            continue
         except httpx.TransportError:
             return None
         time.sleep(0.02)
@@ -192,7 +202,7 @@ def stall_frontends(stall_s: float) -> dict:
     supervisor would, once it has exited with status 1) is ready."""
     config = serving_config(health={"device_stall_s": stall_s})
     small = small_png()
-    with running_server(config, args=LAYOUTS["frontends"]) as server:
+    with serve(config, LAYOUTS["frontends"]) as server:
         httpx.post(f"{server.url}/v1/classify", content=small, timeout=30)
         device = device_process(server.proc.pid)
         held: list[int] = []
@@ -204,7 +214,7 @@ def stall_frontends(stall_s: float) -> dict:
         to_503 = wait_status(server.url, 503, stall_s + 30)
         sender.join(60)
         code = server.proc.wait(timeout=60)
-    with running_server(config, args=LAYOUTS["frontends"]) as _restarted:
+    with serve(config, LAYOUTS["frontends"]) as _restarted:
         recovered = time.monotonic() - stopped_at
     return {"layout": "frontends", "stall_s": stall_s, "to_readyz_503_s": _round(to_503),
             "held_request": held[0] if held else None, "exit_status": code,
@@ -220,7 +230,7 @@ def stall_single(stall_s: float) -> dict:
     small = small_png()
     files = [("file", (f"{i}.png", small, "image/png")) for i in range(32)]
     config = serving_config(model, health={"device_stall_s": stall_s})
-    with running_server(config, args=[*LAYOUTS["single"], "--torch-threads", "1", "--no-warmup"]) as server:
+    with serve(config, [*LAYOUTS["single"], "--torch-threads", "1", "--no-warmup"]) as server:
         httpx.post(f"{server.url}/v1/classify", content=small, timeout=30)
         answer: list[int] = []
         sender = threading.Thread(target=lambda: answer.append(httpx.post(
@@ -260,7 +270,7 @@ def fault_under_load(layout: str, fault: str, clients: int, load_s: float) -> di
                     failures[type(exc).__name__] = failures.get(type(exc).__name__, 0) + 1
                     time.sleep(0.05)
 
-    with running_server(serving_config(model), args=[*LAYOUTS[layout], "--log-level", "debug"]) as server:
+    with serve(serving_config(model), [*LAYOUTS[layout], "--log-level", "debug"]) as server:
         threads = [threading.Thread(target=client, args=(n, server.url)) for n in range(clients)]
         for thread in threads:
             thread.start()
@@ -324,7 +334,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--faults", type=int, default=1, help="runs of each fault per layout")
     parser.add_argument("--fault-clients", type=int, default=8, help="keep-alive clients during a fault")
     parser.add_argument("--load-s", type=float, default=1.5, help="seconds of load before a fault")
+    parser.add_argument("--root", type=Path, default=REPO_ROOT,
+                        help="the checkout whose server runs (another one: its figures, measured alike)")
     args = parser.parse_args(argv)
+    global _server_root
+    _server_root = args.root
     parts = set(args.only or ["memory", "fairness", "stall", "faults"])
     results: dict[str, object] = {}
     if "memory" in parts:

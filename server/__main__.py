@@ -86,6 +86,12 @@ def resolve_http_processes(setting: str | int) -> int:
     return min(8, max(1, available_cpus() // 4)) if setting == "auto" else int(setting)
 
 
+def large_image_threads(preprocess_threads: int) -> int:
+    """Threads that decode large images: at most half the cores, so that large images never take the cores
+    the event loop and the forward passes need (on two cores: one)."""
+    return max(1, min(preprocess_threads, available_cpus() // 2))
+
+
 def available_cpus() -> int:
     """CPUs this process may use: its affinity, and a container's CPU quota (cgroup v2) when lower."""
     cpus = len(os.sched_getaffinity(0))
@@ -175,7 +181,8 @@ def serve_single(
 ) -> FastAPI:
     """One process: HTTP, decoding, batching and the device workers (threads)."""
     app = create_app(config, build_service(settings, config, device_processes=False),
-                     preprocess_threads=settings.preprocess_threads, on_fatal=fatal,
+                     preprocess_threads=settings.preprocess_threads,
+                     large_image_threads=large_image_threads(settings.preprocess_threads), on_fatal=fatal,
                      fleet=fleet_options(settings))
     fatal.server = uvicorn.Server(uvicorn.Config(
         app, host=settings.host, port=settings.port, **uvicorn_options(settings, config),
@@ -204,6 +211,7 @@ def serve_frontends(
         config,
         build_service(settings, config, device_processes=True),
         preprocess_threads=settings.preprocess_threads,
+        large_image_threads=large_image_threads(settings.preprocess_threads),
         on_fatal=fatal,
         frontend_channel=channel_socket,
         fleet=fleet_options(settings),

@@ -112,6 +112,10 @@ class HealthConfig(_Strict):
     engine_timeout_s: float = Field(
         2.0, gt=0, le=3600,
         description="front-ends answer /healthz and /readyz 503 when the engine does not answer within this")
+    loop_stall_s: float = Field(
+        2.0, gt=0, le=3600,
+        description="an event loop that has not run for this long (a call blocks it) answers /healthz and "
+        "/readyz 503 (docs/server.md)")
 
 
 class ConnectionsConfig(_Strict):

@@ -348,12 +348,14 @@ def test_models_health_readiness_docs(server):
     top_k = next(p for p in classify["parameters"] if p["name"] == "top_k")["schema"]
     assert (top_k["minimum"], top_k["maximum"]) == (1, 20)  # limits.max_top_k
     assert set(classify["responses"]["200"]["content"]["application/json"]["schema"]["anyOf"][0]) == {"$ref"}
-    readyz = openapi["paths"]["/readyz"]["get"]["responses"]
-    assert readyz["503"]["content"]["application/json"]["schema"]["$ref"].endswith("/Readiness")
+    for probe in ("/readyz", "/healthz"):
+        answers = openapi["paths"][probe]["get"]["responses"]
+        assert answers["503"]["content"]["application/json"]["schema"]["$ref"].endswith("/Readiness")
     # Every documented error is the contract's body (FastAPI's HTTPValidationError is not what 422s are).
     assert "ValidationError" not in json.dumps(openapi)
-    # The contract's error body everywhere but /readyz's 503 (its own answer) and /v2 (the protocol's).
-    errors = [answer for name, path in openapi["paths"].items() if not name.startswith(("/v2", "/readyz"))
+    # The contract's error body everywhere but the probes' 503 (their own answer) and /v2 (the protocol's).
+    errors = [answer for name, path in openapi["paths"].items()
+              if not name.startswith(("/v2", "/readyz", "/healthz"))
               for operation in path.values() for status, answer in operation["responses"].items()
               if status >= "4"]
     assert errors and all(

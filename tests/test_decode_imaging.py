@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from server.decode.imaging import decode_image
+from server.decode.resize import ResizeCrop
 from server.wire.body import check_content_type
 from server.wire.errors import ApiError
 
@@ -163,9 +164,35 @@ def test_large_jpeg_is_decoded_at_reduced_scale_but_no_smaller_than_twice_the_ne
     assert np.abs(np.asarray(reduced, dtype=np.int16) - same_view).mean() < 2  # the same picture
 
 
-def test_small_jpegs_and_other_formats_are_decoded_whole():
+def test_small_images_are_decoded_whole():
     assert decode_image(encode(photo(300, 200), "JPEG"), LIMIT, needed_edge=140).size == (300, 200)
-    assert decode_image(encode(photo(1600, 1200), "PNG"), LIMIT, needed_edge=140).size == (1600, 1200)
+    assert decode_image(encode(photo(559, 600), "PNG"), LIMIT, needed_edge=140).size == (559, 600)
+
+
+def textured(w: int, h: int, mode: str) -> Image.Image:
+    """Detail a few output pixels across once resized, in `mode` (16-bit: the full range used)."""
+    rng = np.random.default_rng(0)
+    picture = Image.fromarray(rng.integers(0, 255, (h // 40, w // 40, 3), dtype=np.uint8)).resize(
+        (w, h), Image.BICUBIC)
+    if mode == "I;16":
+        return Image.fromarray(np.asarray(picture.convert("L"), dtype=np.uint16) * 257)
+    return picture.convert(mode)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "I;16", "RGBA", "P", "1"])
+def test_other_large_images_are_reduced_by_a_whole_factor_to_the_same_picture(mode):
+    """Any format other than JPEG is averaged down by a whole factor after decoding (before converting where
+    the mode allows it), its shorter side kept at least twice the needed edge; the model's crop differs
+    from a whole decode's by a fraction of a grey level."""
+    img = textured(2400, 1800, mode)
+    data = encode(img, "PNG")
+    reduced = decode_image(data, LIMIT, needed_edge=248)
+    assert reduced.size == (800, 600) and reduced.mode == "RGB"  # by 3: 1800 // (2 x 248)
+    resize_crop = ResizeCrop(248, (224, 224), Image.Resampling.BICUBIC)
+    crop = np.asarray(resize_crop(reduced), dtype=np.int16)
+    whole = np.asarray(resize_crop(decode_image(data, LIMIT)), dtype=np.int16)
+    # 1-bit: a dithered picture, whose dots average to greys either way
+    assert np.abs(crop - whole).mean() < (2.5 if mode == "1" else 0.75), np.abs(crop - whole).mean()
 
 
 def test_reduced_decoding_keeps_exif_orientation_and_the_pixel_limit():

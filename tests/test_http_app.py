@@ -5,12 +5,14 @@ contract against real server processes."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import time
 
 import httpx
 import numpy as np
 import pytest
+from PIL import Image
 from serverproc import metric_values, sample_images, tiny_config
 from starlette.datastructures import Headers, QueryParams
 
@@ -147,3 +149,49 @@ def test_a_channel_requests_headers_read_as_starlette_reads_them():
     for name in ("x-variant-key", "accept", "x-mame-images", "missing"):
         assert headers.get(name) == starlette.get(name)
     assert list(headers.items()) == [("x-variant-key", "first"), ("accept", "*/*"), ("x-mame-images", "2")]
+
+
+def test_healthz_fails_while_the_event_loop_is_blocked_and_says_where(caplog):
+    """A call that blocks the event loop (time.sleep in a callback on it, as a blocking call in a handler
+    would) past health.loop_stall_s: the probes that waited through it answer 503 `unresponsive`, the log says
+    where the loop was stuck, and the next tick makes them 200 again."""
+    app = app_of(parse_config(tiny_config(health={"loop_stall_s": 0.4})), preprocess_threads=1)
+
+    def a_blocking_call() -> None:
+        time.sleep(1.2)
+
+    async def check(client: httpx.AsyncClient) -> None:
+        assert (await client.get("/healthz")).json() == {"status": "ok"}
+        asyncio.get_running_loop().call_soon(a_blocking_call)
+        probes = await asyncio.gather(client.get("/healthz"), client.get("/readyz"))
+        for probe in probes:
+            assert probe.status_code == 503, probe.text
+            assert probe.json()["status"] == "unresponsive" and "did not run for" in probe.json()["detail"]
+        await asyncio.sleep(0.5)  # the next tick, on time
+        assert (await client.get("/healthz")).json() == {"status": "ok"}
+        assert (await client.get("/readyz")).status_code == 200
+        lag = metric_values((await client.get("/metrics")).text, "mame_event_loop_lag_seconds_bucket")
+        assert lag['{le="0.5"}'] < lag['{le="2.0"}'], lag  # the late tick, in the histogram
+
+    with caplog.at_level("ERROR", logger="mame.server"):
+        asyncio.run(running(app, check))
+    assert any("a_blocking_call" in record.getMessage() for record in caplog.records), caplog.text
+
+
+def test_a_small_image_is_not_decoded_behind_a_large_one():
+    """Large images decode in a lane of their own: with one decoding thread for small images, a small request
+    sent while a 36 Mpx PNG decodes is answered before it."""
+    app = app_of(parse_config(tiny_config()), preprocess_threads=1)
+    buffer = io.BytesIO()
+    Image.new("I;16", (6000, 6000)).save(buffer, "PNG")
+    large = buffer.getvalue()
+
+    async def check(client: httpx.AsyncClient) -> None:
+        sent = asyncio.create_task(client.post("/v1/classify", content=large))
+        while app.state.engine.pixels.in_use == 0:  # the large image is being decoded
+            await asyncio.sleep(0.005)
+        small = await client.post("/v1/classify", content=sample_images()["flat"])
+        assert small.status_code == 200 and not sent.done()
+        assert (await sent).status_code == 200
+
+    asyncio.run(running(app, check))

@@ -81,8 +81,10 @@ def test_a_stopped_device_process_is_seen_fails_its_requests_and_stops_the_serve
 
 def test_a_stalled_forward_in_one_process_fails_its_requests_and_recovers():
     """One process: a batch that runs past the stall time makes /readyz 503, its requests and those that
-    come answer 503 `device_stalled`; once the forward ends the server is ready and answers again."""
-    config = tiny_config(health={"device_stall_s": 0.8}, batching={"max_batch_size": 32, "max_wait_ms": 300})
+    come answer 503 `device_stalled`; once the forward ends the server is ready and answers again. The
+    event loop's heartbeat (its stall time shorter still) goes on meanwhile: /healthz stays 200."""
+    config = tiny_config(health={"device_stall_s": 0.8, "loop_stall_s": 0.5},
+                         batching={"max_batch_size": 32, "max_wait_ms": 300})
     config["models"]["tiny"]["model_kwargs"] = SLOW_BATCH_MODEL
     image = sample_images()["flat"]
     with running_server(config, args=["--layout", "single", "--torch-threads", "1", "--no-warmup"]) as server:
@@ -93,6 +95,7 @@ def test_a_stalled_forward_in_one_process_fails_its_requests_and_recovers():
         thread.start()
         readyz = wait_for_readyz(server.url, 503, 20)
         assert readyz.status_code == 503 and readyz.json()["status"] == "stalled", readyz.text
+        assert httpx.get(f"{server.url}/healthz", timeout=10).json() == {"status": "ok"}
         refused = httpx.post(f"{server.url}/v1/classify", content=image, timeout=30)
         thread.join(60)
         assert big and big[0].status_code == 503 and big[0].json()["error"] == "device_stalled", big
@@ -154,6 +157,31 @@ def test_healthz_fails_when_the_engine_is_wedged():
             assert probe.status_code == 503 and probe.json()["status"] == "unresponsive", probe.text
         assert elapsed < 8
         assert httpx.get(f"{server.url}/healthz", timeout=10).status_code == 200
+
+
+@pytest.mark.parametrize("layout", ["single", "frontends"])
+def test_a_probe_that_waited_for_the_engines_event_loop_fails(layout):
+    """The engine's event loop does not run for 1.5 s (its process stopped), past health.loop_stall_s: a
+    probe sent meanwhile is answered once it runs again, 503 `unresponsive` from its heartbeat, in one
+    process and passed on by a front-end alike; the next probes are 200."""
+    config = tiny_config(health={"loop_stall_s": 0.5, "engine_timeout_s": 20})
+    args = FRONTENDS if layout == "frontends" else ["--layout", "single"]
+    with running_server(config, args=args) as server:
+        assert httpx.get(f"{server.url}/healthz", timeout=10).status_code == 200
+        engine, probe = psutil.Process(server.proc.pid), []
+        engine.suspend()
+        try:
+            asker = threading.Thread(
+                target=lambda: probe.append(httpx.get(f"{server.url}/healthz", timeout=30)))
+            asker.start()
+            time.sleep(1.5)
+        finally:
+            engine.resume()
+        asker.join(30)
+        assert probe and probe[0].status_code == 503, probe
+        assert probe[0].json()["status"] == "unresponsive" and "event loop did not run" in probe[0].text
+        time.sleep(1.0)  # two ticks on time
+        assert httpx.get(f"{server.url}/healthz", timeout=10).json() == {"status": "ok"}
 
 
 @pytest.mark.parametrize(("layout", "fault"), [("single", "SIGTERM"), ("frontends", "SIGTERM"),

@@ -15,6 +15,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 TRIM_AFTER_PIXELS = 8_000_000  # decoded since the last trim, before the heap is trimmed again
+# An image of this many pixels or more (as decoded: after a JPEG's draft scaling) takes a tenth of a second or
+# more of a core to decode: it decodes in the lane of large images (server/http/app.py).
+LARGE_IMAGE_PIXELS = 4_000_000
 
 
 def _find_malloc_trim():

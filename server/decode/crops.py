@@ -31,7 +31,7 @@ def crop_bytes(decoder: Decoder, data: bytes | Image.Image, max_pixels: int) -> 
     [H, W, 3] bytes."""
     resize_edge, resize_crop = decoder
     image = data if isinstance(data, Image.Image) else open_image(data, max_pixels, needed_edge=resize_edge)
-    return resize_crop(decode_opened(image)).tobytes()
+    return resize_crop(decode_opened(image, resize_edge)).tobytes()
 
 
 def decode_plan(transform: Any, input_size: Sequence[int]) -> list | None:

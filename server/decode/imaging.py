@@ -19,7 +19,8 @@ from server.wire.errors import ApiError, bad_image, too_large
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 # A JPEG is decoded at 1/2, 1/4 or 1/8 scale (in the DCT, far cheaper than decoding it whole) while it
-# stays at least this many times the size the model's resize step needs. Pillow's thumbnail() uses the same
+# stays at least this many times the size the model's resize step needs; any other image is reduced by box
+# averages to the same bound right after decoding, before it is converted. Pillow's thumbnail() uses the same
 # gap: the crop then differs from a full decode by a fraction of a grey level on average.
 DRAFT_GAP = 2
 
@@ -28,28 +29,53 @@ DRAFT_GAP = 2
 Image.MAX_IMAGE_PIXELS = None
 
 
-def _to_8bit(img: Image.Image) -> Image.Image:
-    """16-bit and 32-bit grey (modes I, I;16*, F) scaled down to 8-bit grey."""
+def reduce_factor(size: tuple[int, int], needed_edge: int | None) -> int:
+    """The whole factor a decoded image of `size` can shrink by while its shorter side stays at least
+    DRAFT_GAP x `needed_edge` (1: not at all)."""
+    return max(1, min(size) // (DRAFT_GAP * needed_edge)) if needed_edge else 1
+
+
+def _reduced(img: Image.Image, factor: int) -> Image.Image:
+    """Each `factor` x `factor` block averaged, as a JPEG's reduced-scale decoding averages in the DCT: a box
+    filter at a whole ratio, in the image's own mode (16-bit too), into a small image, the GIL released.
+    The columns and rows short of a whole block (fewer than `factor`) are left out evenly on both sides, so
+    every pixel left is a whole block's average."""
+    if factor <= 1:
+        return img
+    width, height = img.size
+    left, top = width % factor // 2, height % factor // 2
+    box = (left, top, left + width - width % factor, top + height - height % factor)
+    return img.resize((width // factor, height // factor), Image.Resampling.BOX, box=box)
+
+
+def _to_8bit(img: Image.Image, reduce_by: int = 1) -> Image.Image:
+    """16-bit and 32-bit grey (modes I, I;16*, F) scaled down to 8-bit grey, reduced by `reduce_by` first."""
+    sixteen_bit = img.mode.startswith("I;16")
+    img = _reduced(img, reduce_by)
     arr = np.array(img, dtype=np.float32)  # one copy, then worked in place: a 36 Mpx image is 144 MB of it
     # I;16 is known to be 16-bit: always scaled, or a dark picture (max <= 255) would come out bright. I and F
     # say nothing of their range: scaled as 16-bit when they pass 8 bits.
-    if img.mode.startswith("I;16") or (arr.size and float(arr.max()) > 255.0):
+    if sixteen_bit or (arr.size and float(arr.max()) > 255.0):
         arr *= 255.0 / 65535.0
     np.clip(arr, 0, 255, out=arr)
     return Image.fromarray(arr.astype(np.uint8), mode="L")
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode to RGB; transparency is composited over white."""
+def to_rgb(img: Image.Image, reduce_by: int = 1) -> Image.Image:
+    """Any PIL mode to RGB; transparency is composited over white. Reduced by `reduce_by` (`_reduced`): before
+    converting where averaging and converting commute (grey, RGB, 16-bit: far less to convert, and no
+    full-size copy allocated), after it otherwise (a palette, 1-bit, CMYK, alpha)."""
     if img.mode in ("I", "F") or img.mode.startswith("I;16"):
-        img = _to_8bit(img)
+        img, reduce_by = _to_8bit(img, reduce_by), 1
+    elif img.mode in ("L", "RGB"):
+        img, reduce_by = _reduced(img, reduce_by), 1
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img if img.mode == "RGB" else img.convert("RGB")
+        return _reduced(Image.alpha_composite(background, rgba).convert("RGB"), reduce_by)
+    return _reduced(img if img.mode == "RGB" else img.convert("RGB"), reduce_by)
 
 
 def open_image(data: bytes, max_pixels: int, needed_edge: int | None = None) -> Image.Image:
@@ -72,18 +98,20 @@ def open_image(data: bytes, max_pixels: int, needed_edge: int | None = None) -> 
         return img
 
 
-def decode_opened(img: Image.Image) -> Image.Image:
-    """An image from `open_image` decoded to RGB, EXIF orientation applied."""
+def decode_opened(img: Image.Image, needed_edge: int | None = None) -> Image.Image:
+    """An image from `open_image` decoded to RGB, EXIF orientation applied; one much larger than
+    `needed_edge` reduced by a whole factor (`reduce_factor`: its shorter side at least DRAFT_GAP x
+    `needed_edge`), as a JPEG's draft decoding does."""
     with _pil_errors():
         img.load()
         ImageOps.exif_transpose(img, in_place=True)  # without in_place it copies even unrotated images
-        return to_rgb(img)
+        return to_rgb(img, reduce_factor(img.size, needed_edge))
 
 
 def decode_image(data: bytes, max_pixels: int, needed_edge: int | None = None) -> Image.Image:
-    """Bytes -> RGB image: first frame of an animation, EXIF orientation applied, pixel limit before decoding
-    (`open_image`, then `decode_opened`)."""
-    return decode_opened(open_image(data, max_pixels, needed_edge))
+    """Bytes -> RGB image: first frame of an animation, EXIF orientation applied, pixel limit before decoding,
+    reduced towards `needed_edge` (`open_image`, then `decode_opened`)."""
+    return decode_opened(open_image(data, max_pixels, needed_edge), needed_edge)
 
 
 @contextmanager

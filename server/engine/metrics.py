@@ -13,6 +13,7 @@ disable_created_metrics()
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 50, 64, 100, 128, 150, 197, 256, 400, 577, 1024, 2048)
+LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0)
 GFLOPS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 12, 17.6, 25, 50, 100, 200)
 
 
@@ -100,6 +101,9 @@ class Metrics:
             "mame_label_top1_correct", "Labelled images whose top-1 was the label", mve, registry=r)
         self.label_top5_correct = Counter(
             "mame_label_top5_correct", "Labelled images with the label among the top 5", mve, registry=r)
+        self.event_loop_lag = Histogram(
+            "mame_event_loop_lag_seconds", "How late the event loop's heartbeat woke up (every 0.5 s)",
+            buckets=LAG_BUCKETS, registry=r)
         self.model_info = Gauge(
             "mame_model_info", "Loaded models (value 1)", ("model", "arch", "weights", "device", "dtype"),
             registry=r)

@@ -265,7 +265,8 @@ class InferenceService:
 
     def preprocess_opened(self, model: str, image: Image.Image) -> torch.Tensor:
         """An image opened by `open_image` (header read, JPEG draft set) -> the model's uint8 crop."""
-        return self.transforms[model](decode_opened(image))
+        transform = self.transforms[model]
+        return transform(decode_opened(image, transform.resize_edge))
 
     def explain(self, model: str, settings: MergeSettings, crop: torch.Tensor, blocks: list[int],
                 executor: Executor) -> Future[Explanation]:

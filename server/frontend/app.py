@@ -33,7 +33,7 @@ from urllib.parse import parse_qsl
 import httpx
 from starlette.datastructures import URL
 
-from server.decode.budget import PixelBudget
+from server.decode.budget import LARGE_IMAGE_PIXELS, PixelBudget
 from server.decode.crops import Decoder, decoder_from_list
 from server.decode.imaging import open_all, pixels_of
 from server.frontend.arena import ARENA_MIN_SLOTS, CropArena, decode_crop
@@ -127,6 +127,9 @@ class FrontEnd:
         self.arena_slots = arena_slots
         self.arena: CropArena | None = None
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="decode")
+        # Images of LARGE_IMAGE_PIXELS or more in a lane of one thread: small ones never wait behind them
+        # for a thread, and the large ones of all front-ends together take at most a quarter of the cores.
+        self.large_pool = ThreadPoolExecutor(1, thread_name_prefix="decode-large")
         self.pixels: PixelBudget | None = None  # pixels decoded at once here (the plan's limit)
         self.plan: Plan | None = None
         self._plan_lock = asyncio.Lock()
@@ -134,6 +137,9 @@ class FrontEnd:
         self.engine: httpx.AsyncClient | None = None
         # the engine's: it started this process (read at start, as there)
         self.admin_token = admin_token_from_env()
+
+    def _decoding_pool(self, call: tuple) -> ThreadPoolExecutor:
+        return self.large_pool if pixels_of(call[1]) >= LARGE_IMAGE_PIXELS else self.pool
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] == "lifespan":
@@ -296,7 +302,7 @@ class FrontEnd:
                             self.pixels.hold(sum(map(pixels_of, opened))):
                         crops = await run_all_in_pool(self.pool, decode_crop, [
                             (plan.decoders[model], image, 0, arena, slots[i] if slots else 0)
-                            for i, image in enumerate(opened)])
+                            for i, image in enumerate(opened)], pool_for=self._decoding_pool)
                 except TimeoutError:
                     raise timeout(f"no answer within the request timeout of {self.request_timeout_s:g} s "
                                   "(its images were still being decoded)") from None
@@ -431,6 +437,7 @@ class FrontEnd:
                     await self.engine.aclose()
                 await self.channel.close()
                 self.pool.shutdown(wait=True)
+                self.large_pool.shutdown(wait=True)
                 if self.arena is not None:
                     self.arena.close()
                 await send({"type": "lifespan.shutdown.complete"})

@@ -24,6 +24,7 @@ from server.http.answers import error_response, unexpected_error
 from server.http.classify import ClassifyRequest, Engine, classify
 from server.http.docs_page import add_docs_page
 from server.http.explain import explain
+from server.http.heartbeat import LoopHeartbeat
 from server.http.oip import add_oip_routes
 from server.http.openapi import with_top_k_bound
 from server.http.routes import frontend_router, router, sync_weights
@@ -53,7 +54,7 @@ def recent_answers(config: ServingConfig) -> RecentAnswers | None:
 
 
 def build_engine(config: ServingConfig, service: InferenceService, preprocess_threads: int,
-                 fleet: FleetOptions | None = None) -> Engine:
+                 large_image_threads: int = 1, fleet: FleetOptions | None = None) -> Engine:
     registry, metrics = build_registry(config), service.metrics
     fleet = fleet or FleetOptions()
     splits = None
@@ -64,9 +65,13 @@ def build_engine(config: ServingConfig, service: InferenceService, preprocess_th
     # threads oversubscribe the cores.
     pool = ThreadPoolExecutor(preprocess_threads, thread_name_prefix="preprocess",
                               initializer=torch.set_num_threads, initargs=(1,))
+    # Large images (a second of a core each at 36 Mpx) in a lane of their own: however many arrive, they
+    # leave the other threads to small images and cores to the event loop and the forward passes.
+    large_pool = ThreadPoolExecutor(large_image_threads, thread_name_prefix="decode-large",
+                                    initializer=torch.set_num_threads, initargs=(1,))
     engine = Engine(config, service, registry, metrics, pool, shadows=Shadows(service, registry, metrics),
-                    pixels=PixelBudget(config.limits.max_decoding_pixels), splits=splits,
-                    judge_url=fleet.judge_url, answers=recent_answers(config))
+                    pixels=PixelBudget(config.limits.max_decoding_pixels), large_pool=large_pool,
+                    splits=splits, judge_url=fleet.judge_url, answers=recent_answers(config))
     if splits is not None:
         splits.on_change = lambda: sync_weights(engine)
     sync_weights(engine)
@@ -116,15 +121,16 @@ def first_values(pairs: list[list[str]]) -> dict[str, str]:
 
 
 def create_app(config: ServingConfig, service: InferenceService, *, preprocess_threads: int = 4,
-               on_fatal: Callable[[BaseException], None] | None = None,
+               large_image_threads: int = 1, on_fatal: Callable[[BaseException], None] | None = None,
                frontend_channel: str | None = None, fleet: FleetOptions | None = None) -> FastAPI:
     """The engine's application around `service` (which it starts and stops with its lifespan).
     `frontend_channel`: the path of a Unix socket on which it takes the requests that HTTP front-end
     processes (server/frontend/) have decoded; the app then serves the front-ends on a private Unix socket
     and trusts their `x-mame-*` headers (client address, start time). `fleet`: the split store and the judge
     (docs/ab_testing.md)."""
-    engine = build_engine(config, service, preprocess_threads, fleet)
+    engine = build_engine(config, service, preprocess_threads, large_image_threads, fleet)
     metrics = service.metrics
+    heartbeat = LoopHeartbeat(config.health.loop_stall_s, observe_lag=metrics.event_loop_lag.observe)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -133,6 +139,7 @@ def create_app(config: ServingConfig, service: InferenceService, *, preprocess_t
         # (every thread, the event loop included, stalls) for a time that grows with the objects it walks.
         gc.collect()
         gc.freeze()
+        heartbeat.start()
         service.start(on_failure=on_fatal)
         if engine.splits is not None:
             engine.splits.start()
@@ -149,13 +156,17 @@ def create_app(config: ServingConfig, service: InferenceService, *, preprocess_t
         if engine.splits is not None:
             engine.splits.stop()
         await asyncio.get_running_loop().run_in_executor(None, service.stop)
+        heartbeat.stop()
         engine.pool.shutdown(wait=True)
+        if engine.large_pool is not None:
+            engine.large_pool.shutdown(wait=True)
         gc.unfreeze()
 
     app = FastAPI(title="MaMe inference server", version="0.1.0", lifespan=lifespan,
                   summary="Image classification with timm ViTs accelerated by MaMe token merging",
                   docs_url=None, redoc_url=None)  # /docs: add_docs_page, with no other host
     app.state.engine = engine
+    app.state.heartbeat = heartbeat
     app.state.behind_frontends = frontend_channel is not None
     app.state.service = service
     app.state.metrics = metrics

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from starlette.responses import JSONResponse, Response
 
-from server.decode.budget import PixelBudget
+from server.decode.budget import LARGE_IMAGE_PIXELS, PixelBudget
 from server.decode.imaging import open_all, pixels_of
 from server.engine.batching import QueueFull, Reservation, SchedulerClosed, WorkItem
 from server.experiments.labels import LABEL_TOP_K
@@ -46,6 +46,7 @@ from server.wire.protocol import (
 )
 
 if TYPE_CHECKING:
+    from PIL import Image
     from starlette.requests import Request
 
     from server.config import ServingConfig
@@ -74,6 +75,8 @@ class Engine:
     shadows: Shadows | None = None
     # pixels decoded at once in this process (limits.max_decoding_pixels)
     pixels: PixelBudget = field(default_factory=lambda: PixelBudget(40_000_000))
+    # the lane of large images (LARGE_IMAGE_PIXELS and more): None, they decode in `pool` too
+    large_pool: ThreadPoolExecutor | None = None
     # front-ends' requests admitted before their decoding: token -> (route, places held)
     admitted: dict[str, tuple[Assignment, Reservation]] = field(default_factory=dict)
     explaining: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))  # one at a time
@@ -273,9 +276,17 @@ async def decode_admitted(engine: Engine, route: Assignment, outcome: _Outcome, 
     try:
         async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
             async with engine.pixels.hold(sum(map(pixels_of, opened))):
-                return await run_all_in_pool(engine.pool, engine.service.preprocess_opened, calls)
+                return await run_all_in_pool(engine.pool, engine.service.preprocess_opened, calls,
+                                             pool_for=lambda call: _decoding_pool(engine, call[1]))
     except TimeoutError:
         raise _deadline_passed(engine) from None
+
+
+def _decoding_pool(engine: Engine, image: Image.Image) -> ThreadPoolExecutor:
+    """Large images decode in a lane of their own, so small ones never wait behind them for a thread."""
+    if engine.large_pool is not None and pixels_of(image) >= LARGE_IMAGE_PIXELS:
+        return engine.large_pool
+    return engine.pool
 
 
 def _reserve(engine: Engine, route: Assignment, n_images: int) -> Reservation:

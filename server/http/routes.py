@@ -234,18 +234,28 @@ async def experiment_changes(request: Request) -> dict[str, Any]:
     return {"changes": [asdict(record) for record in _engine(request).registry.changes()]}
 
 
-@router.get("/healthz", summary="Liveness: the process answers", response_model=None,
-            responses=answer(schemas.Health))
-async def healthz() -> dict[str, str]:
-    return {"status": "ok"}
+def _unresponsive(request: Request) -> JSONResponse | None:
+    """503 `unresponsive` while the event loop is not live (server/http/heartbeat.py)."""
+    why = request.app.state.heartbeat.stalled()
+    return None if why is None else JSONResponse({"status": "unresponsive", "detail": why}, status_code=503)
+
+
+@router.get("/healthz", summary="Liveness: the process answers and its event loop runs", response_model=None,
+            responses={**answer(schemas.Health),
+                       503: {"model": schemas.Readiness,
+                             "description": "the event loop did not run for health.loop_stall_s"}})
+async def healthz(request: Request) -> Response:
+    return _unresponsive(request) or JSONResponse({"status": "ok"})
 
 
 @router.get("/readyz", summary="Readiness: models loaded and warmed up, no device stalled",
             response_model=None, responses={**answer(schemas.Readiness, "ready"),
                        503: {"model": schemas.Readiness,
-                             "description": "loading, stalled or failed (with the reason in detail)"}})
+                             "description": "loading, stalled, failed or unresponsive (why in detail)"}})
 async def readyz(request: Request) -> JSONResponse:
     service = _engine(request).service
+    if (unresponsive := _unresponsive(request)) is not None:
+        return unresponsive
     if service.stalled:
         return JSONResponse({"status": "stalled", "detail": "; ".join(service.stalled.values())},
                             status_code=503)

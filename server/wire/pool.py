@@ -12,9 +12,11 @@ T = TypeVar("T")
 
 
 async def run_all_in_pool(
-    pool: ThreadPoolExecutor, function: Callable[..., T], calls: list[tuple]
+    pool: ThreadPoolExecutor, function: Callable[..., T], calls: list[tuple],
+    pool_for: Callable[[tuple], ThreadPoolExecutor] | None = None,
 ) -> list[T]:
-    """`function(*args)` for each of `calls`, in parallel in `pool`; raises the first call's error, if any.
+    """`function(*args)` for each of `calls`, in parallel in `pool` (or in `pool_for(args)`, each call in the
+    pool it names); raises the first call's error, if any.
 
     The event loop is woken once, when the last call is done: asyncio's run_in_executor wakes it once per
     call, and those wake-ups held the GIL longer than anything else on the host path (py-spy)."""
@@ -45,7 +47,8 @@ async def run_all_in_pool(
             except RuntimeError:  # the loop has closed: nobody is waiting
                 pass
 
-    started = [pool.submit(call, i, args) for i, args in enumerate(calls)]
+    started = [(pool if pool_for is None else pool_for(args)).submit(call, i, args)
+               for i, args in enumerate(calls)]
     try:
         await all_done
     except BaseException:  # the request gave up (its deadline): calls not yet begun never run
