@@ -156,6 +156,9 @@ def test_healthz_fails_when_the_engine_is_wedged():
         for probe in probes:
             assert probe.status_code == 503 and probe.json()["status"] == "unresponsive", probe.text
         assert elapsed < 8
+        # Resumed: healthy again once its event loop's heartbeat ticks on time (the stopped seconds count as
+        # a late tick, past health.loop_stall_s when both probes waited their full timeout).
+        time.sleep(1.0)
         assert httpx.get(f"{server.url}/healthz", timeout=10).status_code == 200
 
 
