@@ -98,7 +98,8 @@ class LimitsConfig(_Strict):
     max_request_pixels: int = Field(160_000_000, ge=1, description="pixels of all the images of one request")
     max_decoding_pixels: int = Field(
         40_000_000, ge=1,
-        description="pixels being decoded at once in a process (an image over it is decoded alone)")
+        description="pixels of large images (4 Mpx or more) being decoded at once in a process (an image "
+                    "over it is decoded alone)")
     max_images_per_request: int = Field(32, ge=1)
     request_timeout_s: float = Field(30.0, gt=0, le=3600)
     max_top_k: int = Field(20, ge=1)

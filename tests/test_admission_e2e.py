@@ -138,17 +138,18 @@ def test_a_deadline_holds_while_decoding_is_busy(layout):
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_a_small_image_is_not_decoded_behind_large_ones(layout, images):
-    """With one decoding thread for small images, a small request sent while a request of eight 5 Mpx PNGs
-    decodes is answered first: large images decode in a lane of their own, in either layout."""
+    """With one decoding thread for small images, a small request sent while a request of four 36 Mpx PNGs
+    decodes (seconds: one at a time, within the pixels decoded at once) is answered first: large images
+    decode in a lane of their own, in either layout."""
     buffer = io.BytesIO()
-    Image.new("I;16", (2236, 2236)).save(buffer, "PNG")
-    files = [("file", (f"{i}.png", buffer.getvalue(), "image/png")) for i in range(8)]
+    Image.new("I;16", (6000, 6000)).save(buffer, "PNG")
+    files = [("file", (f"{i}.png", buffer.getvalue(), "image/png")) for i in range(4)]
     with running_server(tiny_config(), args=[*LAYOUTS[layout], "--preprocess-threads", "1"]) as server:
         done: list[str] = []
         sender = threading.Thread(target=lambda: done.append(
             f"large {httpx.post(f'{server.url}/v1/classify', files=files, timeout=60).status_code}"))
         sender.start()
-        time.sleep(0.1)
+        time.sleep(0.3)
         done.append(f"small {post(server.url, images['flat']).status_code}")
         sender.join(60)
     assert done == ["small 200", "large 200"], done

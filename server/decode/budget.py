@@ -11,13 +11,20 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 
 TRIM_AFTER_PIXELS = 8_000_000  # decoded since the last trim, before the heap is trimmed again
 # An image of this many pixels or more (as decoded: after a JPEG's draft scaling) takes a tenth of a second or
 # more of a core to decode: it decodes in the lane of large images (server/http/app.py).
 LARGE_IMAGE_PIXELS = 4_000_000
+
+
+def held_pixels(pixel_counts: Iterable[int]) -> int:
+    """The pixels a request holds in the budget while its images decode: its large images' (LARGE_IMAGE_PIXELS
+    or more). Small images are not counted: they decode in their own lane, whose threads bound their memory
+    (each image under LARGE_IMAGE_PIXELS), so a small image never waits for pixels that large ones hold."""
+    return sum(n for n in pixel_counts if n >= LARGE_IMAGE_PIXELS)
 
 
 def _find_malloc_trim():

@@ -33,7 +33,7 @@ from urllib.parse import parse_qsl
 import httpx
 from starlette.datastructures import URL
 
-from server.decode.budget import LARGE_IMAGE_PIXELS, PixelBudget
+from server.decode.budget import LARGE_IMAGE_PIXELS, PixelBudget, held_pixels
 from server.decode.crops import Decoder, decoder_from_list
 from server.decode.imaging import open_all, pixels_of
 from server.frontend.arena import ARENA_MIN_SLOTS, CropArena, decode_crop
@@ -299,7 +299,7 @@ class FrontEnd:
                 assert self.pixels is not None
                 try:
                     async with asyncio.timeout(max(0.0, deadline - time.monotonic())), \
-                            self.pixels.hold(sum(map(pixels_of, opened))):
+                            self.pixels.hold(held_pixels(map(pixels_of, opened))):
                         crops = await run_all_in_pool(self.pool, decode_crop, [
                             (plan.decoders[model], image, 0, arena, slots[i] if slots else 0)
                             for i, image in enumerate(opened)], pool_for=self._decoding_pool)
@@ -361,7 +361,7 @@ class FrontEnd:
                                      plan.decoders[model][0])
                 assert self.pixels is not None
                 async with asyncio.timeout(max(0.0, deadline - time.monotonic())), \
-                        self.pixels.hold(pixels_of(opened)):
+                        self.pixels.hold(held_pixels([pixels_of(opened)])):
                     (crop,) = await run_all_in_pool(self.pool, decode_crop,
                                                     [(plan.decoders[model], opened, 0)])
         except TimeoutError:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from starlette.responses import JSONResponse, Response
 
-from server.decode.budget import LARGE_IMAGE_PIXELS, PixelBudget
+from server.decode.budget import LARGE_IMAGE_PIXELS, PixelBudget, held_pixels
 from server.decode.imaging import open_all, pixels_of
 from server.engine.batching import QueueFull, Reservation, SchedulerClosed, WorkItem
 from server.experiments.labels import LABEL_TOP_K
@@ -275,7 +275,7 @@ async def decode_admitted(engine: Engine, route: Assignment, outcome: _Outcome, 
     calls = [(route.model, image) for image in opened]
     try:
         async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-            async with engine.pixels.hold(sum(map(pixels_of, opened))):
+            async with engine.pixels.hold(held_pixels(map(pixels_of, opened))):
                 return await run_all_in_pool(engine.pool, engine.service.preprocess_opened, calls,
                                              pool_for=lambda call: _decoding_pool(engine, call[1]))
     except TimeoutError:
