@@ -12,6 +12,7 @@ import functools
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -85,26 +86,24 @@ def mame_fuse(
     return as_dtype(fused, x_dst.dtype), new_size_dst, column_sums, weights
 
 
-def _positions(length: int, num_special: int, stride: int, device: torch.device) -> tuple[Tensor, ...]:
-    """Positions of the destinations (every `stride`-th non-special token) and of the sources (the rest),
-    and an all-true [1, num_special] mask (the special tokens are always kept). Arithmetic only, no
-    data-dependent op, so that it traces under torch.compile."""
-    rest = max(length - num_special, 0)
-    n_dst = -(-rest // stride)
-    src = torch.arange(rest - n_dst, device=device)
-    src_pos = num_special + src // (stride - 1) * stride + src % (stride - 1) + 1
-    dst_pos = torch.arange(num_special, length, stride, device=device)
-    return dst_pos, src_pos, torch.ones(1, num_special, dtype=torch.bool, device=device)
+def eager_cached(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """fn (small constant tensors from hashable arguments), its results cached in eager mode and computed
+    afresh while torch.compile traces."""
+    cached = functools.lru_cache(maxsize=16)(fn)
+
+    @functools.wraps(fn)
+    def call(*args: Any) -> Tensor:
+        return fn(*args) if torch.compiler.is_compiling() else cached(*args)
+
+    return call
 
 
-_cached_positions = functools.lru_cache(maxsize=256)(_positions)
-
-
-def _split_positions(length: int, num_special: int, stride: int, device: torch.device) -> tuple[Tensor, ...]:
-    """_positions, cached in eager mode: the same few lengths recur."""
-    if torch.compiler.is_compiling():
-        return _positions(length, num_special, stride, device)
-    return _cached_positions(length, num_special, stride, device)
+def _partition_rows(n_dst: int, n_src: int, num_special: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions in an image of its first n_dst destinations (every `stride`-th non-special token) and its
+    first n_src sources (the rest)."""
+    dst = num_special + np.arange(n_dst) * stride
+    k = np.arange(n_src)
+    return dst, num_special + k // (stride - 1) * stride + k % (stride - 1) + 1
 
 
 def work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -234,11 +233,9 @@ class _MergePlan:
 def _merge_plan(lengths: tuple[int, ...], num_special: int, stride: int) -> _MergePlan:
     rest = np.maximum(np.asarray(lengths) - num_special, 0)
     n_dst = -(-rest // stride)
-    dst_row = num_special + np.arange(int(n_dst.max())) * stride
-    k = np.arange(int((rest - n_dst).max()))
-    src_row = num_special + k // (stride - 1) * stride + k % (stride - 1) + 1
-    dst_real = dst_row[None, :] < (num_special + rest)[:, None]
-    src_real = k[None, :] < (rest - n_dst)[:, None]
+    dst_row, src_row = _partition_rows(int(n_dst.max()), int((rest - n_dst).max()), num_special, stride)
+    dst_real = np.arange(len(dst_row))[None, :] < n_dst[:, None]
+    src_real = np.arange(len(src_row))[None, :] < (rest - n_dst)[:, None]
     starts = np.asarray(_starts(lengths))[:, None]
     dst = starts + np.where(dst_real, dst_row[None, :], 0)
     src = starts + np.where(src_real, src_row[None, :], 0)
@@ -261,18 +258,10 @@ def _pair_bias(plan: _MergePlan, device: torch.device, dtype: torch.dtype) -> Te
     return _to_device(bias_dst, device) + _to_device(bias_src, device)
 
 
-def _zero_tensor(device: torch.device, dtype: torch.dtype) -> Tensor:
-    return torch.zeros((), device=device, dtype=dtype)
-
-
-_cached_zero = functools.lru_cache(maxsize=16)(_zero_tensor)
-
-
+@eager_cached
 def _zero(device: torch.device, dtype: torch.dtype) -> Tensor:
-    """A 0-dim zero, cached in eager mode."""
-    if torch.compiler.is_compiling():
-        return _zero_tensor(device, dtype)
-    return _cached_zero(device, dtype)
+    """A 0-dim zero."""
+    return torch.zeros((), device=device, dtype=dtype)
 
 
 def _output_rows(plan: _MergePlan, merges: np.ndarray, total: int, num_special: int,
@@ -343,8 +332,10 @@ def cu_seqlens(lengths: tuple[int, ...], device: torch.device) -> Tensor:
 def mame_order(batch: TokenBatch, num_special: int, stride: int = 2) -> TokenBatch:
     """What mame_merge returns when nothing merges in an unpadded batch (tau >= 1): the same tokens in the
     order special, destinations, sources. A cheap path that keeps later partitions exactly as mame_merge's."""
-    dst_pos, src_pos, _ = _split_positions(batch.x.shape[1], num_special, stride, batch.x.device)
-    order = torch.cat([torch.arange(num_special, device=batch.x.device), dst_pos, src_pos])
+    rest = max(batch.x.shape[1] - num_special, 0)
+    n_dst = -(-rest // stride)
+    dst, src = _partition_rows(n_dst, rest - n_dst, num_special, stride)
+    order = _to_device(np.concatenate([np.arange(num_special), dst, src]), batch.x.device)
     source = batch.source[:, order] if batch.source is not None else None
     return TokenBatch(batch.x[:, order], batch.size[:, order], source)
 

@@ -7,7 +7,6 @@ copy of the weights serves unmerged, MaMe at any tau and ToMe at any r, with no 
 
 from __future__ import annotations
 
-import functools
 import inspect
 import math
 from collections.abc import Callable, Sequence
@@ -26,6 +25,7 @@ from .merge import (
     TokenBatch,
     as_dtype,
     cu_seqlens,
+    eager_cached,
     mame_fuse,
     mame_merge_packed,
     mame_order,
@@ -234,20 +234,11 @@ class _Layout:
         return self._cache[key]
 
 
-def _basis(device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+@eager_cached
+def _channel_basis(device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """[1, 0, 0] and [0, 1, 0] as [3, 1, 1] tensors: the q and k rows of the bias channels."""
     eye = torch.eye(3, dtype=dtype, device=device)
     return eye[0].view(3, 1, 1), eye[1].view(3, 1, 1)
-
-
-_cached_basis = functools.lru_cache(maxsize=16)(_basis)
-
-
-def _channel_basis(device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """_basis, cached in eager mode."""
-    if torch.compiler.is_compiling():
-        return _basis(device, dtype)
-    return _cached_basis(device, dtype)
 
 
 def _bias_in_channels(x: Tensor) -> bool:
