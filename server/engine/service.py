@@ -15,7 +15,7 @@ from PIL import Image
 
 from mame_core import MergeSettings
 from server.config import ConfigError, ServingConfig
-from server.decode.imaging import decode_image, decode_opened
+from server.decode.imaging import decode_opened
 from server.decode.transforms import HostTransform
 from server.engine.batching import Reservation, Scheduler, WorkItem
 from server.engine.device_process import ModelDescription, ProcessWorker, WarmUp
@@ -256,12 +256,6 @@ class InferenceService:
             self.failed = exc
         if self._on_failure is not None:
             self._on_failure(exc)
-
-    def preprocess(self, model: str, data: bytes, max_pixels: int) -> torch.Tensor:
-        """Image bytes -> the uint8 [3, H, W] tensor the model's batches are made of (runs in a thread
-        pool)."""
-        transform = self.transforms[model]
-        return transform(decode_image(data, max_pixels, needed_edge=transform.resize_edge))
 
     def preprocess_opened(self, model: str, image: Image.Image) -> torch.Tensor:
         """An image opened by `open_image` (header read, JPEG draft set) -> the model's uint8 crop."""

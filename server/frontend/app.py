@@ -141,6 +141,19 @@ class FrontEnd:
     def _decoding_pool(self, call: tuple) -> ThreadPoolExecutor:
         return self.large_pool if pixels_of(call[1]) >= LARGE_IMAGE_PIXELS else self.pool
 
+    async def _decode(self, opened: list, calls: list[tuple], deadline: float, which: str) -> list[bytes]:
+        """decode_crop(*call) for each call, within the pixels decoded at once and the deadline, large
+        images in their own lane; past the deadline, 504 saying that `which` (e.g. "its image was") still
+        being decoded."""
+        assert self.pixels is not None
+        try:
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())), \
+                    self.pixels.hold(held_pixels(map(pixels_of, opened))):
+                return await run_all_in_pool(self.pool, decode_crop, calls, pool_for=self._decoding_pool)
+        except TimeoutError:
+            raise timeout(f"no answer within the request timeout of {self.request_timeout_s:g} s "
+                          f"({which} still being decoded)") from None
+
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
@@ -296,16 +309,9 @@ class FrontEnd:
                 decoding = not admit_first  # an error from here on comes after admission
                 slots = self.arena.take(len(payloads)) if self.arena is not None else None
                 arena = self.arena if slots is not None else None
-                assert self.pixels is not None
-                try:
-                    async with asyncio.timeout(max(0.0, deadline - time.monotonic())), \
-                            self.pixels.hold(held_pixels(map(pixels_of, opened))):
-                        crops = await run_all_in_pool(self.pool, decode_crop, [
-                            (plan.decoders[model], image, 0, arena, slots[i] if slots else 0)
-                            for i, image in enumerate(opened)], pool_for=self._decoding_pool)
-                except TimeoutError:
-                    raise timeout(f"no answer within the request timeout of {self.request_timeout_s:g} s "
-                                  "(its images were still being decoded)") from None
+                crops = await self._decode(opened, [
+                    (plan.decoders[model], image, 0, arena, slots[i] if slots else 0)
+                    for i, image in enumerate(opened)], deadline, "its images were")
         except ApiError as exc:
             error = exc
         except Exception as exc:  # the engine answers it as a 500, counted like any other
@@ -359,14 +365,8 @@ class FrontEnd:
                 payloads, _ = image_payloads(header(headers, b"content-type"), body, 1)
                 (opened,) = open_all([payloads[0][1]], plan.max_pixels, plan.max_request_pixels,
                                      plan.decoders[model][0])
-                assert self.pixels is not None
-                async with asyncio.timeout(max(0.0, deadline - time.monotonic())), \
-                        self.pixels.hold(held_pixels([pixels_of(opened)])):
-                    (crop,) = await run_all_in_pool(self.pool, decode_crop,
-                                                    [(plan.decoders[model], opened, 0)])
-        except TimeoutError:
-            error = timeout(f"no answer within the request timeout of {self.request_timeout_s:g} s "
-                            "(its image was still being decoded)")
+                (crop,) = await self._decode([opened], [(plan.decoders[model], opened, 0)], deadline,
+                                             "its image was")
         except ApiError as exc:
             error = exc
         except Exception as exc:  # the engine answers it as a 500, counted like any other

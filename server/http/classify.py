@@ -268,11 +268,23 @@ async def decode_admitted(engine: Engine, route: Assignment, outcome: _Outcome, 
                           deadline: float) -> list[torch.Tensor]:
     """Admission before work: the images' headers (pixel limits), then the queue's places (held in
     `outcome.reservation`); decoding comes last, within the pixels decoded at once and the deadline."""
-    limits = engine.config.limits
-    opened = open_all(encoded, limits.max_pixels, limits.max_request_pixels,
-                      engine.service.transforms[route.model].resize_edge)
+    opened = open_images(engine, route.model, encoded)
     outcome.reservation = _reserve(engine, route, outcome.n_images)
-    calls = [(route.model, image) for image in opened]
+    return await decode_opened(engine, route.model, opened, deadline)
+
+
+def open_images(engine: Engine, model: str, encoded: list[bytes]) -> list[Image.Image]:
+    """The images' headers read, within the pixel limits (O(header) work; a JPEG's draft set)."""
+    limits = engine.config.limits
+    return open_all(encoded, limits.max_pixels, limits.max_request_pixels,
+                    engine.service.transforms[model].resize_edge)
+
+
+async def decode_opened(engine: Engine, model: str, opened: list[Image.Image],
+                        deadline: float) -> list[torch.Tensor]:
+    """The model's crops of opened images, within the pixels decoded at once and the deadline, large images
+    in their own lane."""
+    calls = [(model, image) for image in opened]
     try:
         async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
             async with engine.pixels.hold(held_pixels(map(pixels_of, opened))):

@@ -27,11 +27,10 @@ from starlette.responses import Response
 
 from mame_core import MergeSettings
 from mame_core.vis import draw_groups, parse_blocks, source_map_to_groups
-from server.http.classify import _asked_labels
+from server.http.classify import _asked_labels, decode_opened, open_images
 from server.http.frontend_requests import frontend_crops, raise_frontend_error
 from server.wire.body import image_payloads, read_limited
 from server.wire.errors import ApiError, internal, invalid_parameter, not_ready, overloaded, timeout
-from server.wire.pool import run_all_in_pool
 from server.wire.protocol import FRONTEND_MODEL
 
 if TYPE_CHECKING:
@@ -131,6 +130,5 @@ async def _crop(engine: Engine, request: ClassifyRequest, model: str, deadline: 
     body = await read_limited(request.receive, headers.get("content-length", ""), limits.max_body_bytes,
                               max(0.0, deadline - time.monotonic()))
     payloads, _ = image_payloads(headers.get("content-type", ""), body, 1)
-    (crop,) = await run_all_in_pool(engine.pool, engine.service.preprocess,
-                                    [(model, payloads[0][1], limits.max_pixels)])
+    (crop,) = await decode_opened(engine, model, open_images(engine, model, [payloads[0][1]]), deadline)
     return crop
