@@ -165,8 +165,8 @@ class Scheduler:
 
     def submit(self, items: list[WorkItem], shadow: bool = False,
                reservation: Reservation | None = None) -> None:
-        """Queue all items or none (a request's images are accepted together); `shadow`: low-priority runs;
-        `reservation`: places reserved for them (used up here)."""
+        """Queue all items (of one variant of one model) or none: a request's images are accepted together.
+        `shadow`: low-priority runs; `reservation`: places reserved for them (used up here)."""
         if not items:
             return
         model, variant = items[0].model, items[0].variant
@@ -183,16 +183,17 @@ class Scheduler:
                 reservation.count = 0
                 self._reserved -= reserved
             self._hold(model, variant, len(items) - reserved)
-            wake = False
+            now = time.monotonic()
             for item in items:
-                item.enqueued_at = time.monotonic()
-                queue = self._queues.setdefault((item.model, item.variant), deque())
-                wake = wake or not queue  # a new head: a waiting worker's next due time changes
-                queue.append(item)
-            for key in {(item.model, item.variant) for item in items}:
-                depth = len(self._queues[key])
-                self._on_depth(*key, depth)
-                wake = wake or depth >= self._batching[model].max_batch_size  # a full batch is due now
+                item.enqueued_at = now
+            queue = self._queues.get((model, variant))
+            if queue is None:
+                queue = self._queues[model, variant] = deque()
+            wake = not queue  # a new head: a waiting worker's next due time changes
+            queue.extend(items)
+            depth = len(queue)
+            self._on_depth(model, variant, depth)
+            wake = wake or depth >= self._batching[model].max_batch_size  # a full batch is due now
             # Otherwise a waiting worker already sleeps until this queue's head is due: waking it for every
             # request would spend the server process's GIL on wake-ups that find no batch to take.
             if wake or self._closed:

@@ -244,7 +244,10 @@ class InferenceService:
 
     def stalled_error(self, model: str) -> ApiError | None:
         """503 `device_stalled` when every device of `model` is stalled."""
-        devices, stalled = (self.models[model].devices if model in self.models else []), self.stalled
+        stalled = self.stalled
+        if not stalled:
+            return None
+        devices = self.models[model].devices if model in self.models else []
         if devices and all(device in stalled for device in devices):
             return device_stalled("; ".join(stalled[device] for device in devices))
         return None

@@ -10,10 +10,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
+from urllib.parse import parse_qsl
 
 import torch
 from fastapi import FastAPI
-from starlette.datastructures import QueryParams
 
 from server.decode.budget import PixelBudget
 from server.experiments.fleet import FleetOptions, SplitSync
@@ -92,7 +92,7 @@ async def channel_request(engine: Engine, head: channel.Head, body: bytes) -> tu
         given_start = headers.get(FRONTEND_STARTED)
         request = ClassifyRequest(
             request_id,
-            QueryParams(head["query"]),
+            query_dict(head["query"]),
             headers,
             headers.get(FRONTEND_CLIENT),
             float(given_start) if given_start else time.monotonic(),
@@ -108,6 +108,13 @@ async def channel_request(engine: Engine, head: channel.Head, body: bytes) -> tu
                       for name, value in response.raw_headers if name != b"x-request-id"]
     answer_headers.append(["x-request-id", request_id])
     return {"status": response.status_code, "headers": answer_headers}, bytes(response.body)
+
+
+def query_dict(query: str) -> dict[str, str]:
+    """A query string's parameters, the last of a repeated one: what Starlette's QueryParams.get gives, at a
+    dict's cost (its Mapping.get raises and catches KeyError for each absent parameter, and a request asks
+    for several)."""
+    return dict(parse_qsl(query, keep_blank_values=True)) if query else {}
 
 
 def first_values(pairs: list[list[str]]) -> dict[str, str]:
