@@ -28,6 +28,7 @@ import httpx
 import psutil
 import timm
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from loadtest.launch import running_server
 from loadtest.server_probes import (
@@ -183,6 +184,8 @@ class Load:
     # which stage is saturated on a many-core host
     children_ms_per_image: tuple[tuple[str, float], ...] = ()
     busy_cores: float = 0.0
+    # images per batch over the window: the server's per-batch work is shared by this many images
+    mean_batch: float = 0.0
     # medians over sampled answers, ms: round trip at the client, and the server's total, queue and inference
     timings_ms: tuple[float, ...] = ()
     failed: int = 0  # requests that got no 200 (counted and shown, so one reset does not void a run)
@@ -225,6 +228,7 @@ def saturate(url: str, server_pid: int, bodies: list[tuple[bytes, str]], concurr
     processes = max(1, min(processes, concurrency))
     server = psutil.Process(server_pid)
     server_cpu: list[dict[str, float]] = []
+    batching: list[tuple[float, float]] = []
     # Client processes start in ~1 s (without torch); the window starts once all of them have warmed up.
     begin = time.monotonic() + warmup_s + (1.5 if processes > 1 else 0.0)
     profiler: list[subprocess.Popen] = []
@@ -233,6 +237,7 @@ def saturate(url: str, server_pid: int, bodies: list[tuple[bytes, str]], concurr
         for at in (begin, begin + seconds):
             time.sleep(max(0.0, at - time.monotonic()))
             server_cpu.append(cpu_seconds(server))
+            batching.append(batched_so_far(url))
             if gil_profile_to is not None and not profiler:
                 profiler.append(gil_profile(server_pid, seconds, gil_profile_to))
 
@@ -267,9 +272,24 @@ def saturate(url: str, server_pid: int, bodies: list[tuple[bytes, str]], concurr
             if kind in server_cpu[1]
         ),
         busy_cores=(server_cpu[1]["total"] - server_cpu[0]["total"]) / seconds,
+        mean_batch=(batching[1][0] - batching[0][0]) / max(1.0, batching[1][1] - batching[0][1]),
         failed=len(failures),
         first_failure=failures[0] if failures else "",
     )
+
+
+def batched_so_far(url: str) -> tuple[float, float]:
+    """Images batched and batches run by the server so far (its mame_batch_size histogram)."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    images = batches = 0.0
+    for family in text_string_to_metric_families(text):
+        if family.name == "mame_batch_size":
+            for sample in family.samples:
+                if sample.name.endswith("_sum"):
+                    images += sample.value
+                elif sample.name.endswith("_count"):
+                    batches += sample.value
+    return images, batches
 
 
 def cmd_throughput(args) -> None:
@@ -321,8 +341,10 @@ def cmd_throughput(args) -> None:
     print(f"  event loop      {loop_ms:9.2f} ms CPU per request ({1000 / loop_ms:.0f} requests/s at most)")
     own_ms = statistics.median(load.own_cpu_ms_per_image for load in served)
     # The one interpreter every image passes through (with --http-processes: the engine, not the front-ends).
+    mean_batch = statistics.median(load.mean_batch for load in served)
     print(f"  server process  {own_ms:9.3f} ms CPU per image without its child processes "
-          f"(~{1000 / own_ms:.0f} img/s at most in one interpreter)")
+          f"(~{1000 / own_ms:.0f} img/s at most in one interpreter, at a mean batch of {mean_batch:.1f} "
+          "images: python -m loadtest.engine measures it at full batches)")
     kinds = {kind for load in served for kind, _ in load.children_ms_per_image}
     by_kind = [(kind, statistics.median(dict(load.children_ms_per_image).get(kind, 0.0) for load in served))
                for kind in sorted(kinds)]

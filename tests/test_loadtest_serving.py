@@ -39,6 +39,25 @@ def test_throughput_with_multi_image_requests_from_client_processes(layout):
     assert float(re.search(r"event loop\s+([\d.]+) ms CPU per request", out).group(1)) > 0
     trip, server = map(float, re.search(r"round trip ([\d.]+) = server ([\d.]+)", out).groups())
     assert 0 < server <= trip
+    # each image of 4 in a request, batch 8: 4 or 8 images per batch
+    assert 4 <= float(re.search(r"at a mean batch of ([\d.]+) images", out).group(1)) <= 8
+
+
+def test_the_engine_alone_is_measured_with_a_front_end_process():
+    done = subprocess.run([sys.executable, "-m", "loadtest.engine", "--images-per-request", "2",
+                           "--concurrency", "8", "--seconds", "1", "--batch", "8"],
+                          cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=False,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    print(out)
+    requests = int(re.search(r"engine alone: (\d+) requests of 2 image\(s\)", out).group(1))
+    assert requests > 0
+    assert 2 <= float(re.search(r"mean batch ([\d.]+) images", out).group(1)) <= 8
+    per_request, per_image = map(float, re.search(
+        r"engine CPU\s+([\d.]+) ms per request, ([\d.]+) ms per image", out).groups())
+    assert per_request > 0 and per_image == pytest.approx(per_request / 2, abs=0.002)
+    assert re.search(r"MainThread\s+[\d.]+ ms per request", out)
 
 
 def test_gil_profile_of_the_server_is_summarised(tmp_path):

@@ -116,6 +116,8 @@ class Metrics:
         self.final_tokens_of = LabelCache(self.final_tokens)
         self.gflops_of = LabelCache(self.gflops)
         self.in_flight_of = LabelCache(self.in_flight)
+        self.batch_inference_of = LabelCache(self.batch_inference)  # per batch, from a worker's thread
+        self.batch_size_of = LabelCache(self.batch_size)
         self.explain_requests_of = LabelCache(self.explain_requests)
         self.explain_duration_of = LabelCache(self.explain_duration)
         self.shadow_comparisons_of = LabelCache(self.shadow_comparisons)

@@ -169,8 +169,8 @@ def resolve_batch(items: Sequence[WorkItem], outputs: BatchOutputs, inference_s:
     scores, indices, tokens, gflops, input_tokens = outputs
     first = items[0]
     labels = (first.model, first.variant, device)
-    metrics.batch_inference.labels(*labels).observe(inference_s)
-    metrics.batch_size.labels(*labels).observe(len(items))
+    metrics.batch_inference_of(*labels).observe(inference_s)
+    metrics.batch_size_of(*labels).observe(len(items))
     # whole arrays to lists once: indexing a tensor or an array per image costs more than its answer
     rows = zip(items, indices.tolist(), scores.tolist(), tokens.tolist(), gflops.tolist())
     input_tokens, size = int(input_tokens), len(items)
