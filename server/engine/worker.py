@@ -58,7 +58,9 @@ def stack_into(images: Sequence[torch.Tensor], memory: torch.Tensor) -> tuple[to
     the batch channels-first on the device."""
     channels_last = all(channels_last_view(image) for image in images)
     batch = batch_view(memory, len(images), tuple(images[0].shape), channels_last)
-    torch.stack(images, out=batch)  # the views' strides match the batch's: a plain copy either way
+    # channels-last: stacked as [B, H, W, 3] (contiguous out: torch's fastest copy)
+    sources = [image.permute(1, 2, 0) for image in images] if channels_last else list(images)
+    torch.stack(sources, out=batch.permute(0, 2, 3, 1) if channels_last else batch)
     return batch, channels_last
 
 

@@ -335,14 +335,23 @@ async def _results(engine: Engine, route: Assignment, images: list[torch.Tensor]
     # The deadline fails the items' futures: a timer handle, cheaper than asyncio.timeout per request.
     expiry = asyncio.get_running_loop().call_at(_loop_time(deadline), _expire_items, items)
     try:
-        if len(items) == 1:
-            return [await items[0].future]
-        return list(await asyncio.gather(*(item.future for item in items)))
-    except TimeoutError:
-        service.scheduler.discard(items)
-        raise _deadline_passed(engine) from None
+        # One after the other: a request's images are answered together (one batch, or the deadline), so the
+        # task wakes once; asyncio.gather would schedule a callback per image.
+        return [await item.future for item in items]
+    except BaseException as exc:
+        for item in items:  # the other images' errors are this one's: none is left "never retrieved"
+            item.future.add_done_callback(_retrieve_error)
+        if isinstance(exc, TimeoutError):
+            service.scheduler.discard(items)
+            raise _deadline_passed(engine) from None
+        raise
     finally:
         expiry.cancel()
+
+
+def _retrieve_error(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _expire_items(items: list[WorkItem]) -> None:
