@@ -70,7 +70,8 @@ def test_gil_profile_of_the_server_is_summarised(tmp_path):
     assert re.search(r"%\s+\S+ \(server/[\w/]+\.py:\d+\)", out), "no frame of the server's own code was seen"
 
 
-PARTS = ("serve16", "fe8", "serve1", "latency", "memory", "bench", "profile")  # all but compile (minutes)
+# all but compile (minutes)
+PARTS = ("serve16", "fe8", "serve1", "engine", "latency", "memory", "bench", "profile")
 
 
 @pytest.mark.slow  # ~90 s: every part, the default ViT-B config's memory among them
@@ -91,10 +92,12 @@ def test_the_gpu_figures_script_runs_every_part_on_the_cpu(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for part in PARTS:
         assert f"--- part {part} took" in done.stdout, part
-    assert done.stdout.count("ratio served/offline = ") == 4
+    assert done.stdout.count("ratio served/offline = ") == 5
+    assert done.stdout.count("engine alone: ") == 2
     assert "requests failed" not in done.stdout
     written = {path.name for path in tmp_path.iterdir()}
-    assert {"serve-vitb-16.txt", "serve-vitb-16-fe8.txt", "serve-vitb-1.txt", "latency.txt", "memory.txt",
+    assert {"serve-vitb-16.txt", "serve-vitb-16-mame.txt", "engine-1.txt", "engine-16.txt",
+            "serve-vitb-16-fe8.txt", "serve-vitb-1.txt", "latency.txt", "memory.txt",
             "bench-float16.json", "bench-bfloat16.json", "profile.json"} <= written
     profiled = json.loads((tmp_path / "profile.json").read_text())["runs"][0]["rows"]
     assert [r["method"] for r in profiled] == ["timm", "none", "mame", "tome"]
