@@ -50,6 +50,8 @@ def test_tiny_config_is_valid():
         (lambda c: c["models"]["tiny"].update(weights="/no/such/file.pth"), "/no/such/file.pth"),
         (lambda c: c["models"]["tiny"].update(dtype="float64"), "models.tiny.dtype"),
         (lambda c: c.update(limits={"max_pixelz": 5}), "limits.max_pixelz"),
+        (lambda c: c.update(limits={"large_image_nice": -1}), "limits.large_image_nice"),
+        (lambda c: c.update(limits={"large_image_nice": 20}), "limits.large_image_nice"),
     ],
 )
 def test_bad_config_gives_an_error_naming_the_key(mutate, expected):
