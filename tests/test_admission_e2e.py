@@ -161,7 +161,7 @@ def test_a_small_image_is_not_decoded_behind_large_ones(layout, images):
             p for p in server_process.children() if "server.frontend" in " ".join(p.cmdline()))
         nice_values = sorted(os.getpriority(os.PRIO_PROCESS, t.id) for t in decoding.threads())
     assert done == ["small 200", "large 200"], done
-    # one thread in the lane of large images (one per front-end; one for --preprocess-threads 1 in one process)
+    # one thread in the lane of large images (one per front-end; for --preprocess-threads 1 in one process)
     assert nice_values == sorted([base] * (len(nice_values) - 1) + [min(19, base + 10)]), nice_values
 
 
