@@ -81,3 +81,11 @@ def test_timeouts_must_be_finite_and_bounded(limits):
     # .inf passed gt=0 and crashed the start (int(inf) for uvicorn's graceful shutdown)
     with pytest.raises(ConfigError, match="limits.request_timeout_s"):
         parse_config(tiny_config(limits=limits), "serving.yaml")
+
+
+def test_the_large_image_lanes_nice_value_is_bounded_as_linux_bounds_it():
+    assert parse_config(tiny_config()).limits.large_image_nice == 10
+    for nice in (0, 19):
+        assert parse_config(tiny_config(limits={"large_image_nice": nice})).limits.large_image_nice == nice
+    with pytest.raises(ConfigError, match=r"limits.large_image_nice[\s\S]*less than or equal to 19"):
+        parse_config(tiny_config(limits={"large_image_nice": 20}), "serving.yaml")
