@@ -224,7 +224,8 @@ def serve_frontends(
                                   request_timeout_s=config.limits.request_timeout_s,
                                   max_connections=config.connections.max_connections,
                                   idle_timeout_s=config.connections.idle_timeout_s,
-                                  health_timeout_s=config.health.engine_timeout_s)
+                                  health_timeout_s=config.health.engine_timeout_s,
+                                  large_image_nice=config.limits.large_image_nice)
     fatal.server = EngineServer(uvicorn.Config(app, uds=engine_socket, **options), processes, workdir)
     processes.start()
     try:

@@ -100,6 +100,10 @@ class LimitsConfig(_Strict):
         40_000_000, ge=1,
         description="pixels of large images (4 Mpx or more) being decoded at once in a process (an image "
                     "over it is decoded alone)")
+    large_image_nice: int = Field(
+        10, ge=0, le=19,
+        description="how much the nice value (Linux) of the threads that decode large images is raised: the "
+                    "cores go first to small requests and the forward passes (0: the same CPU priority)")
     max_images_per_request: int = Field(32, ge=1)
     request_timeout_s: float = Field(30.0, gt=0, le=3600)
     max_top_k: int = Field(20, ge=1)

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import socket
 import threading
 import time
 
 import httpx
+import psutil
 import pytest
 from PIL import Image
 from serverproc import metric_values, running_server, sample_images, tiny_config
@@ -140,10 +142,12 @@ def test_a_deadline_holds_while_decoding_is_busy(layout):
 def test_a_small_image_is_not_decoded_behind_large_ones(layout, images):
     """With one decoding thread for small images, a small request sent while a request of four 36 Mpx PNGs
     decodes (seconds: one at a time, within the pixels decoded at once) is answered first: large images
-    decode in a lane of their own, in either layout."""
+    decode in a lane of their own, in either layout, whose thread runs niced (limits.large_image_nice,
+    default 10) while the process's other threads keep its priority."""
     buffer = io.BytesIO()
     Image.new("I;16", (6000, 6000)).save(buffer, "PNG")
     files = [("file", (f"{i}.png", buffer.getvalue(), "image/png")) for i in range(4)]
+    base = os.getpriority(os.PRIO_PROCESS, 0)
     with running_server(tiny_config(), args=[*LAYOUTS[layout], "--preprocess-threads", "1"]) as server:
         done: list[str] = []
         sender = threading.Thread(target=lambda: done.append(
@@ -152,7 +156,13 @@ def test_a_small_image_is_not_decoded_behind_large_ones(layout, images):
         time.sleep(0.3)
         done.append(f"small {post(server.url, images['flat']).status_code}")
         sender.join(60)
+        server_process = psutil.Process(server.proc.pid)
+        decoding = server_process if layout == "single" else next(
+            p for p in server_process.children() if "server.frontend" in " ".join(p.cmdline()))
+        nice_values = sorted(os.getpriority(os.PRIO_PROCESS, t.id) for t in decoding.threads())
     assert done == ["small 200", "large 200"], done
+    # one thread in the lane of large images (one per front-end; for --preprocess-threads 1 in one process)
+    assert nice_values == sorted([base] * (len(nice_values) - 1) + [min(19, base + 10)]), nice_values
 
 
 def exchange(port: int, data: bytes, timeout_s: float = 10) -> tuple[bytes, bool]:

@@ -50,6 +50,8 @@ def test_tiny_config_is_valid():
         (lambda c: c["models"]["tiny"].update(weights="/no/such/file.pth"), "/no/such/file.pth"),
         (lambda c: c["models"]["tiny"].update(dtype="float64"), "models.tiny.dtype"),
         (lambda c: c.update(limits={"max_pixelz": 5}), "limits.max_pixelz"),
+        (lambda c: c.update(limits={"large_image_nice": -1}), "limits.large_image_nice"),
+        (lambda c: c.update(limits={"large_image_nice": 20}), "limits.large_image_nice"),
     ],
 )
 def test_bad_config_gives_an_error_naming_the_key(mutate, expected):
@@ -79,3 +81,11 @@ def test_timeouts_must_be_finite_and_bounded(limits):
     # .inf passed gt=0 and crashed the start (int(inf) for uvicorn's graceful shutdown)
     with pytest.raises(ConfigError, match="limits.request_timeout_s"):
         parse_config(tiny_config(limits=limits), "serving.yaml")
+
+
+def test_the_large_image_lanes_nice_value_is_bounded_as_linux_bounds_it():
+    assert parse_config(tiny_config()).limits.large_image_nice == 10
+    for nice in (0, 19):
+        assert parse_config(tiny_config(limits={"large_image_nice": nice})).limits.large_image_nice == nice
+    with pytest.raises(ConfigError, match=r"limits.large_image_nice[\s\S]*less than or equal to 19"):
+        parse_config(tiny_config(limits={"large_image_nice": 20}), "serving.yaml")

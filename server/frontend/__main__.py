@@ -42,6 +42,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="the serving config's connections.idle_timeout_s")
     parser.add_argument("--health-timeout-s", type=float, default=2.0,
                         help="the serving config's health.engine_timeout_s")
+    parser.add_argument("--large-image-nice", type=int, default=10,
+                        help="the serving config's limits.large_image_nice")
     parser.add_argument("--crops-dir", help="where to put the shared-memory file for crops (default: none)")
     parser.add_argument("--arena-slots", type=int, help="crops in shared memory (default: from the limits)")
     args = parser.parse_args(argv)
@@ -53,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     sock = port_socket(args.host, args.port, listen=True)
     server = uvicorn.Server(uvicorn.Config(
         FrontEnd(args.engine_socket, args.channel_socket, args.threads, args.crops_dir, args.arena_slots,
-                 args.request_timeout_s, args.health_timeout_s),
+                 args.request_timeout_s, args.health_timeout_s, args.large_image_nice),
         log_level=args.log_level, lifespan="on", timeout_keep_alive=args.idle_timeout_s,
         http=head_timeout_protocol(args.request_timeout_s, args.max_connections, args.idle_timeout_s),
         timeout_graceful_shutdown=int(args.graceful_s), access_log=args.log_level == "debug"))

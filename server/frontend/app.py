@@ -36,6 +36,7 @@ from starlette.datastructures import URL
 from server.decode.budget import LARGE_IMAGE_PIXELS, PixelBudget, held_pixels
 from server.decode.crops import Decoder, decoder_from_list
 from server.decode.imaging import open_all, pixels_of
+from server.decode.lane import large_image_pool
 from server.frontend.arena import ARENA_MIN_SLOTS, CropArena, decode_crop
 from server.wire.admin import ADMIN_MAX_BODY_BYTES, admin_token_from_env, check_admin
 from server.wire.body import image_payloads, read_limited
@@ -118,7 +119,7 @@ class FrontEnd:
 
     def __init__(self, engine_socket: str, channel_socket: str, threads: int, crops_dir: str | None = None,
                  arena_slots: int | None = None, request_timeout_s: float = 30.0,
-                 health_timeout_s: float = 2.0):
+                 health_timeout_s: float = 2.0, large_image_nice: int = 10):
         self.engine_socket = engine_socket
         self.request_timeout_s = request_timeout_s  # the serving config's: heads and bodies arrive within it
         self.health_timeout_s = health_timeout_s  # the serving config's health.engine_timeout_s
@@ -127,9 +128,10 @@ class FrontEnd:
         self.arena_slots = arena_slots
         self.arena: CropArena | None = None
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="decode")
-        # Images of LARGE_IMAGE_PIXELS or more in a lane of one thread: small ones never wait behind them
-        # for a thread, and the large ones of all front-ends together take at most a quarter of the cores.
-        self.large_pool = ThreadPoolExecutor(1, thread_name_prefix="decode-large")
+        # Images of LARGE_IMAGE_PIXELS or more in a lane of one thread, at a lower CPU priority (the serving
+        # config's limits.large_image_nice): small ones never wait behind them for a thread, and get the
+        # cores first.
+        self.large_pool = large_image_pool(1, large_image_nice)
         self.pixels: PixelBudget | None = None  # pixels decoded at once here (the plan's limit)
         self.plan: Plan | None = None
         self._plan_lock = asyncio.Lock()

@@ -37,8 +37,10 @@ class FrontEndProcesses:
         max_connections: int | None = None,
         idle_timeout_s: float = 5.0,
         health_timeout_s: float = 2.0,
+        large_image_nice: int = 10,
     ):
         self.health_timeout_s = health_timeout_s
+        self.large_image_nice = large_image_nice
         self.max_connections = max_connections  # each front-end's (docs/server.md)
         self.idle_timeout_s = idle_timeout_s
         self.on_fatal = on_fatal or (lambda exc: None)
@@ -100,6 +102,8 @@ class FrontEndProcesses:
                 str(self.idle_timeout_s),
                 "--health-timeout-s",
                 str(self.health_timeout_s),
+                "--large-image-nice",
+                str(self.large_image_nice),
                 *(["--crops-dir", self.crops_dir] if self.crops_dir else []),
                 *(["--arena-slots", str(self.arena_slots)] if self.arena_slots is not None else []),
             ],

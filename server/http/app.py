@@ -16,6 +16,7 @@ import torch
 from fastapi import FastAPI
 
 from server.decode.budget import PixelBudget
+from server.decode.lane import large_image_pool
 from server.experiments.fleet import FleetOptions, SplitSync
 from server.experiments.labels import RecentAnswers
 from server.experiments.registry import ExperimentRegistry, ModelVariants
@@ -65,10 +66,11 @@ def build_engine(config: ServingConfig, service: InferenceService, preprocess_th
     # threads oversubscribe the cores.
     pool = ThreadPoolExecutor(preprocess_threads, thread_name_prefix="preprocess",
                               initializer=torch.set_num_threads, initargs=(1,))
-    # Large images (a second of a core each at 36 Mpx) in a lane of their own: however many arrive, they
-    # leave the other threads to small images and cores to the event loop and the forward passes.
-    large_pool = ThreadPoolExecutor(large_image_threads, thread_name_prefix="decode-large",
-                                    initializer=torch.set_num_threads, initargs=(1,))
+    # Large images (a second of a core each at 36 Mpx) in a lane of their own, at a lower CPU priority:
+    # however many arrive, they leave the other threads to small images and the cores to the event loop
+    # and the forward passes first.
+    large_pool = large_image_pool(large_image_threads, config.limits.large_image_nice,
+                                  initializer=lambda: torch.set_num_threads(1))
     engine = Engine(config, service, registry, metrics, pool, shadows=Shadows(service, registry, metrics),
                     pixels=PixelBudget(config.limits.max_decoding_pixels), large_pool=large_pool,
                     splits=splits, judge_url=fleet.judge_url, answers=recent_answers(config))
