@@ -205,3 +205,19 @@ def test_reduced_decoding_keeps_exif_orientation_and_the_pixel_limit():
     with pytest.raises(ApiError) as err:
         decode_image(encode(img, "JPEG"), 1600 * 800 - 1, needed_edge=100)
     assert err.value.status == 413
+
+
+@pytest.mark.parametrize("mode", ["RGB", "I;16"])
+def test_an_opened_image_lets_go_of_its_pixels_once_its_crop_is_made(mode):
+    """The crop is made in a decoding thread: the full-size pixels go there and then, not when the request
+    is answered (its pixel budget is given back as decoding ends)."""
+    from server.decode.crops import crop_bytes
+    from server.decode.imaging import open_image
+
+    decoder = (64, ResizeCrop(64, (64, 64), Image.Resampling.BICUBIC))
+    data = encode(textured(900, 700, mode), "PNG")
+    opened = open_image(data, LIMIT, needed_edge=64)
+    expected = crop_bytes(decoder, data, LIMIT)
+    assert crop_bytes(decoder, opened, LIMIT) == expected and len(expected) == 64 * 64 * 3
+    with pytest.raises(ValueError, match="closed image"):
+        opened.getpixel((0, 0))

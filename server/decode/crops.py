@@ -8,7 +8,7 @@ from typing import Any
 
 from PIL import Image
 
-from server.decode.imaging import decode_opened, open_image
+from server.decode.imaging import decode_opened, open_image, release_pixels
 from server.decode.resize import ResizeCrop
 
 # the edge the resize aims for (decoding may draft down to it), resize + crop
@@ -31,7 +31,10 @@ def crop_bytes(decoder: Decoder, data: bytes | Image.Image, max_pixels: int) -> 
     [H, W, 3] bytes."""
     resize_edge, resize_crop = decoder
     image = data if isinstance(data, Image.Image) else open_image(data, max_pixels, needed_edge=resize_edge)
-    return resize_crop(decode_opened(image, resize_edge)).tobytes()
+    try:
+        return resize_crop(decode_opened(image, resize_edge)).tobytes()
+    finally:
+        release_pixels(image)
 
 
 def decode_plan(transform: Any, input_size: Sequence[int]) -> list | None:

@@ -120,6 +120,13 @@ def decode_opened(img: Image.Image, needed_edge: int | None = None) -> Image.Ima
         return to_rgb(img, reduce_factor(img.size, needed_edge))
 
 
+def release_pixels(img: Image.Image) -> None:
+    """Let go of an image's decoded pixels once its crop is made, in the decoding thread: the pixels decoded
+    at once are then bounded by the budget that decoding held, not held until the request is answered (a
+    36 Mpx image's hundreds of MB), and they are not unmapped on the event loop."""
+    img.close()
+
+
 def decode_image(data: bytes, max_pixels: int, needed_edge: int | None = None) -> Image.Image:
     """Bytes -> RGB image: first frame of an animation, EXIF orientation applied, pixel limit before decoding,
     reduced towards `needed_edge` (`open_image`, then `decode_opened`)."""

@@ -15,7 +15,7 @@ from PIL import Image
 
 from mame_core import MergeSettings
 from server.config import ConfigError, ServingConfig
-from server.decode.imaging import decode_opened
+from server.decode.imaging import decode_opened, release_pixels
 from server.decode.transforms import HostTransform
 from server.engine.batching import Reservation, Scheduler, WorkItem
 from server.engine.device_process import ModelDescription, ProcessWorker, WarmUp
@@ -263,7 +263,10 @@ class InferenceService:
     def preprocess_opened(self, model: str, image: Image.Image) -> torch.Tensor:
         """An image opened by `open_image` (header read, JPEG draft set) -> the model's uint8 crop."""
         transform = self.transforms[model]
-        return transform(decode_opened(image, transform.resize_edge))
+        try:
+            return transform(decode_opened(image, transform.resize_edge))
+        finally:
+            release_pixels(image)
 
     def explain(self, model: str, settings: MergeSettings, crop: torch.Tensor, blocks: list[int],
                 executor: Executor) -> Future[Explanation]:
