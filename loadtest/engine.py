@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import psutil
 
+from loadtest.server_probes import batch_totals
+
 NEAR_FREE_KWARGS = {"img_size": 224, "patch_size": 32, "embed_dim": 16, "depth": 1, "num_heads": 1}
 EDGE = 224
 
@@ -153,11 +155,11 @@ def measure(images_per_request: int, concurrency: int, seconds: float, batch: in
             try:
                 if await loop.run_in_executor(None, results.get, True, 300) != "warm":
                     raise RuntimeError("the front-end did not warm up")
-                batches_before = _batch_counts(metrics)
+                batches_before = batch_totals(metrics.batch_size.collect())
                 before = thread_cpu_ms()
                 requests, window = await loop.run_in_executor(None, results.get, True, seconds + 300)
                 after = thread_cpu_ms()
-                batches_after = _batch_counts(metrics)
+                batches_after = batch_totals(metrics.batch_size.collect())
             finally:
                 await loop.run_in_executor(None, sender.join, 30)
                 # the front-end has gone: its connection's handler ends on the end of the stream
@@ -177,18 +179,6 @@ def measure(images_per_request: int, concurrency: int, seconds: float, batch: in
         engine.pool.shutdown()
         if engine.large_pool is not None:
             engine.large_pool.shutdown()
-
-
-def _batch_counts(metrics) -> tuple[float, float]:
-    """Images batched and batches run so far (the mame_batch_size histogram's sum and count)."""
-    images = batches = 0.0
-    for family in metrics.batch_size.collect():
-        for sample in family.samples:
-            if sample.name.endswith("_sum"):
-                images += sample.value
-            elif sample.name.endswith("_count"):
-                batches += sample.value
-    return images, batches
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,9 +6,14 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
 
 CHILD_KINDS = (("server.frontend", "front-ends"), ("multiprocessing.spawn", "device processes"))
 
@@ -109,3 +114,17 @@ def gpu_memory_mib(pid: int) -> float | None:
     used = [float(mem) for p, mem in (line.split(",") for line in out.strip().splitlines() if "," in line)
             if int(p) in pids]
     return sum(used) if used else None
+
+
+def batch_totals(families: Iterable[Metric]) -> tuple[float, float]:
+    """Images batched and batches run, from the server's `mame_batch_size` histogram among metric families
+    (parsed from /metrics, or collected from the metric itself)."""
+    images = batches = 0.0
+    for family in families:
+        if family.name == "mame_batch_size":
+            for sample in family.samples:
+                if sample.name.endswith("_sum"):
+                    images += sample.value
+                elif sample.name.endswith("_count"):
+                    batches += sample.value
+    return images, batches

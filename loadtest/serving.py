@@ -33,6 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from loadtest.launch import running_server
 from loadtest.server_probes import (
     CHILD_KINDS,
+    batch_totals,
     cpu_seconds,
     gil_profile,
     gpu_memory_mib,
@@ -280,16 +281,7 @@ def saturate(url: str, server_pid: int, bodies: list[tuple[bytes, str]], concurr
 
 def batched_so_far(url: str) -> tuple[float, float]:
     """Images batched and batches run by the server so far (its mame_batch_size histogram)."""
-    text = httpx.get(f"{url}/metrics", timeout=30).text
-    images = batches = 0.0
-    for family in text_string_to_metric_families(text):
-        if family.name == "mame_batch_size":
-            for sample in family.samples:
-                if sample.name.endswith("_sum"):
-                    images += sample.value
-                elif sample.name.endswith("_count"):
-                    batches += sample.value
-    return images, batches
+    return batch_totals(text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=30).text))
 
 
 def cmd_throughput(args) -> None:
