@@ -17,8 +17,9 @@ pytestmark = pytest.mark.e2e
 
 FRONTENDS = ["--layout", "frontends", "--http-processes", "1"]
 # A model whose full batch takes seconds on a CPU core while one image takes tens of milliseconds: a batch
-# of 32 is a real stall for a watchdog of 0.8 s (the one-process layout's forward cannot be stopped).
-SLOW_BATCH_MODEL = {"img_size": 64, "patch_size": 2, "embed_dim": 64, "depth": 4, "num_heads": 2}
+# of 32 (about 2.7 s alone on one thread) is a real stall for a watchdog of 0.8 s, long enough that a
+# request sent once /readyz says so still finds it (the one-process layout's forward cannot be stopped).
+SLOW_BATCH_MODEL = {"img_size": 64, "patch_size": 2, "embed_dim": 64, "depth": 12, "num_heads": 2}
 
 
 def device_process(server_pid: int) -> psutil.Process:
