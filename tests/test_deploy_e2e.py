@@ -151,12 +151,19 @@ def traffic(server, prometheus: Prometheus) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def shadow_traffic(server, prometheus: Prometheus, traffic: dict[str, int]) -> None:
-    """Experiment requests (every one shadowed) until Prometheus has a shadow agreement ratio (bounded: 60
-    s)."""
+    """Experiment requests (every one shadowed) until Prometheus has a shadow agreement ratio and a request
+    rate for each of the experiment's variants (bounded: 60 s). A variant whose counter was first scraped
+    with all its requests in it has a rate of 0, and a ratio over it no value."""
     images = list(sample_images(64).values())
     deadline = time.monotonic() + 60
+    rates = f'sum by (variant) (rate(mame_requests_total{{experiment="{EXPERIMENT}"}}[5m])) > 0'
+
+    def rated() -> bool:
+        return bool(prometheus.query("model_experiment_variant:mame_shadow_agreement:ratio_rate5m")) and \
+            set(prometheus.by_variant(rates)) == {"baseline", "mame-0.5"}
+
     with httpx.Client(base_url=server.url, timeout=30) as client:
-        while not prometheus.query("model_experiment_variant:mame_shadow_agreement:ratio_rate5m"):
+        while not rated():
             assert time.monotonic() < deadline, "no shadow agreement ratio in Prometheus after 60 s"
             for image in images:
                 classify(client, image, experiment=EXPERIMENT)
