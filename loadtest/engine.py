@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import psutil
 
 from loadtest.server_probes import batch_totals
+from loadtest.serving import NEAR_FREE_KWARGS
 
-NEAR_FREE_KWARGS = {"img_size": 224, "patch_size": 32, "embed_dim": 16, "depth": 1, "num_heads": 1}
-EDGE = 224
+EDGE = NEAR_FREE_KWARGS["img_size"]
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ def frontend(channel_path: str, images_per_request: int, concurrency: int, secon
 
     async def run() -> None:
         channel = Channel(channel_path)
-        arena = CropArena(tempfile.gettempdir() if not os.path.isdir("/dev/shm") else "/dev/shm",
+        arena = CropArena("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir(),
                           3 * EDGE * EDGE, concurrency * images_per_request)
         multipart = "1" if images_per_request > 1 else "0"
         answered = 0

@@ -9,12 +9,22 @@ a nice value needs no privilege.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+from PIL import Image
+
+from server.decode.budget import LARGE_IMAGE_PIXELS, PixelBudget, held_pixels
+from server.decode.imaging import pixels_of
+from server.wire.pool import run_all_in_pool
+
+T = TypeVar("T")
 
 log = logging.getLogger("mame.decode")
 
@@ -44,3 +54,24 @@ def large_image_pool(threads: int, nice: int, initializer: Callable[[], None] | 
             initializer()
 
     return ThreadPoolExecutor(threads, thread_name_prefix="decode-large", initializer=start_thread)
+
+
+def lane_for(image: Image.Image, pool: ThreadPoolExecutor,
+             large_pool: ThreadPoolExecutor | None) -> ThreadPoolExecutor:
+    """The pool an opened image decodes in: `large_pool` for a large one (LARGE_IMAGE_PIXELS or more, as it
+    will be decoded), so small ones never wait behind it for a thread; `pool` otherwise."""
+    if large_pool is not None and pixels_of(image) >= LARGE_IMAGE_PIXELS:
+        return large_pool
+    return pool
+
+
+async def decode_in_lanes(function: Callable[..., T], calls: list[tuple], budget: PixelBudget,
+                          pool: ThreadPoolExecutor, large_pool: ThreadPoolExecutor | None,
+                          timeout_s: float) -> list[T]:
+    """`function(*call)` for each call, whose second argument is the opened image it decodes: each in its
+    image's lane (`lane_for`), within the pixels decoded at once (`budget`: the large images hold it) and
+    `timeout_s` (TimeoutError past it)."""
+    async with asyncio.timeout(max(0.0, timeout_s)), \
+            budget.hold(held_pixels(pixels_of(call[1]) for call in calls)):
+        return await run_all_in_pool(pool, function, calls,
+                                     pool_for=lambda call: lane_for(call[1], pool, large_pool))

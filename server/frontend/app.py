@@ -33,16 +33,15 @@ from urllib.parse import parse_qsl
 import httpx
 from starlette.datastructures import URL
 
-from server.decode.budget import LARGE_IMAGE_PIXELS, PixelBudget, held_pixels
+from server.decode.budget import PixelBudget
 from server.decode.crops import Decoder, decoder_from_list
-from server.decode.imaging import open_all, pixels_of
-from server.decode.lane import large_image_pool
+from server.decode.imaging import open_all
+from server.decode.lane import decode_in_lanes, large_image_pool
 from server.frontend.arena import ARENA_MIN_SLOTS, CropArena, decode_crop
 from server.wire.admin import ADMIN_MAX_BODY_BYTES, admin_token_from_env, check_admin
 from server.wire.body import image_payloads, read_limited
 from server.wire.channel import Channel, ChannelError
 from server.wire.errors import ApiError, error_body, internal, not_ready, oip_status, timeout
-from server.wire.pool import run_all_in_pool
 from server.wire.protocol import (
     FRONTEND_ADMIT,
     FRONTEND_CLIENT,
@@ -140,18 +139,14 @@ class FrontEnd:
         # the engine's: it started this process (read at start, as there)
         self.admin_token = admin_token_from_env()
 
-    def _decoding_pool(self, call: tuple) -> ThreadPoolExecutor:
-        return self.large_pool if pixels_of(call[1]) >= LARGE_IMAGE_PIXELS else self.pool
-
-    async def _decode(self, opened: list, calls: list[tuple], deadline: float, which: str) -> list[bytes]:
+    async def _decode(self, calls: list[tuple], deadline: float, which: str) -> list[bytes]:
         """decode_crop(*call) for each call, within the pixels decoded at once and the deadline, large
         images in their own lane; past the deadline, 504 saying that `which` (e.g. "its image was") still
         being decoded."""
         assert self.pixels is not None
         try:
-            async with asyncio.timeout(max(0.0, deadline - time.monotonic())), \
-                    self.pixels.hold(held_pixels(map(pixels_of, opened))):
-                return await run_all_in_pool(self.pool, decode_crop, calls, pool_for=self._decoding_pool)
+            return await decode_in_lanes(decode_crop, calls, self.pixels, self.pool, self.large_pool,
+                                         deadline - time.monotonic())
         except TimeoutError:
             raise timeout(f"no answer within the request timeout of {self.request_timeout_s:g} s "
                           f"({which} still being decoded)") from None
@@ -311,7 +306,7 @@ class FrontEnd:
                 decoding = not admit_first  # an error from here on comes after admission
                 slots = self.arena.take(len(payloads)) if self.arena is not None else None
                 arena = self.arena if slots is not None else None
-                crops = await self._decode(opened, [
+                crops = await self._decode([
                     (plan.decoders[model], image, 0, arena, slots[i] if slots else 0)
                     for i, image in enumerate(opened)], deadline, "its images were")
         except ApiError as exc:
@@ -367,8 +362,7 @@ class FrontEnd:
                 payloads, _ = image_payloads(header(headers, b"content-type"), body, 1)
                 (opened,) = open_all([payloads[0][1]], plan.max_pixels, plan.max_request_pixels,
                                      plan.decoders[model][0])
-                (crop,) = await self._decode([opened], [(plan.decoders[model], opened, 0)], deadline,
-                                             "its image was")
+                (crop,) = await self._decode([(plan.decoders[model], opened, 0)], deadline, "its image was")
         except ApiError as exc:
             error = exc
         except Exception as exc:  # the engine answers it as a 500, counted like any other

@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from starlette.responses import JSONResponse, Response
 
-from server.decode.budget import LARGE_IMAGE_PIXELS, PixelBudget, held_pixels
-from server.decode.imaging import open_all, pixels_of
+from server.decode.budget import PixelBudget
+from server.decode.imaging import open_all
+from server.decode.lane import decode_in_lanes
 from server.engine.batching import QueueFull, Reservation, SchedulerClosed, WorkItem
 from server.experiments.labels import LABEL_TOP_K
 from server.http.answers import image_answer, json_response, query_int
@@ -33,7 +34,6 @@ from server.wire.errors import (
     timeout,
     too_large,
 )
-from server.wire.pool import run_all_in_pool
 from server.wire.protocol import (
     FRONTEND_ADMIT,
     FRONTEND_CLIENT,
@@ -284,21 +284,12 @@ async def decode_opened(engine: Engine, model: str, opened: list[Image.Image],
                         deadline: float) -> list[torch.Tensor]:
     """The model's crops of opened images, within the pixels decoded at once and the deadline, large images
     in their own lane."""
-    calls = [(model, image) for image in opened]
     try:
-        async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-            async with engine.pixels.hold(held_pixels(map(pixels_of, opened))):
-                return await run_all_in_pool(engine.pool, engine.service.preprocess_opened, calls,
-                                             pool_for=lambda call: _decoding_pool(engine, call[1]))
+        return await decode_in_lanes(engine.service.preprocess_opened, [(model, image) for image in opened],
+                                     engine.pixels, engine.pool, engine.large_pool,
+                                     deadline - time.monotonic())
     except TimeoutError:
         raise _deadline_passed(engine) from None
-
-
-def _decoding_pool(engine: Engine, image: Image.Image) -> ThreadPoolExecutor:
-    """Large images decode in a lane of their own, so small ones never wait behind them for a thread."""
-    if engine.large_pool is not None and pixels_of(image) >= LARGE_IMAGE_PIXELS:
-        return engine.large_pool
-    return engine.pool
 
 
 def _reserve(engine: Engine, route: Assignment, n_images: int) -> Reservation:
