@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import tempfile
 import threading
 import time
 
@@ -374,3 +376,92 @@ def test_channels_last_crops_are_stacked_as_such_and_infer_the_same(tiny_model):
     assert torch.equal(batch, reference)
     for a, b in zip(infer(tiny_model, MAME, batch, top_k=3), infer(tiny_model, MAME, reference, top_k=3)):
         assert torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+
+
+def arena_file(directory, crops: list[torch.Tensor]) -> str:
+    """A front-end's crop arena as the engine finds it: [H, W, 3] crops back to back in a file."""
+    fd, path = tempfile.mkstemp(prefix="crops-", dir=directory)
+    with os.fdopen(fd, "wb") as file:
+        file.writelines(crop.permute(1, 2, 0).contiguous().numpy().tobytes() for crop in crops)
+    return path
+
+
+def shared_items(loop, variant: str, path: str, count: int) -> list[WorkItem]:
+    from server.http.frontend_requests import CropArenas
+
+    crop = 3 * 64 * 64
+    views = CropArenas().crops(" ".join([path, *(str(i * crop) for i in range(count))]), (3, 64, 64))
+    return [WorkItem("m", variant, MAME, view, 3, time.monotonic() + 60, loop.create_future(), loop,
+                     shared_at=(path, i * crop)) for i, view in enumerate(views)]
+
+
+def test_crops_in_shared_memory_are_copied_by_the_device_process_not_the_server(loop, tiny_model, tmp_path,
+                                                                                monkeypatch):
+    """A front-end's crops reach the forward without a copy in the server process: the device process
+    reads them in the arena file. Where it cannot (the file is gone: its front-end ended before the device
+    process first mapped it), the server stacks them from its own mapping, and nothing fails."""
+    from server.engine import device_process
+
+    cfg = parse_config(tiny_config()).models["tiny"]
+    s = scheduler(max_batch_size=4, max_wait_ms=0)
+    worker = device_process.ProcessWorker(torch.device("cpu"), {"m": cfg}, s, Metrics(), torch_threads=1)
+    worker.launch(None)
+    stacked = []
+    real_stack = device_process.stack_into
+    monkeypatch.setattr(device_process, "stack_into", lambda images, memory: (
+        stacked.append(len(images)), real_stack(images, memory))[1])
+    xs, ys = images(3), images(2, seed=1)
+    readable = shared_items(loop, "a", arena_file(tmp_path, xs), 3)
+    gone_path = arena_file(tmp_path, ys)
+    gone = shared_items(loop, "b", gone_path, 2)  # mapped here, then its file is removed
+    os.unlink(gone_path)
+    out = run_worker(worker, loop, [readable, gone])
+    for x, result in zip(xs + ys, out):
+        assert isinstance(result, ImageResult), result
+        scores, indices, tokens, _, _ = infer(tiny_model, MAME, x[None], top_k=3)
+        assert result.indices == indices[0].tolist() and result.tokens_per_block == tokens[0].tolist()
+        assert result.scores == pytest.approx(scores[0].tolist(), abs=1e-5)
+    assert stacked == [2]  # only the batch whose file was gone
+    assert worker._process.exitcode == 0
+
+
+def test_a_batch_is_taken_when_the_device_can_have_it_so_it_fills_while_the_device_is_busy(loop):
+    """While both slabs are in flight, requests that come keep queueing: the batch taken when a slab comes
+    back holds all of them, not only those that were due first."""
+    from server.engine.device_process import ProcessWorker
+
+    cfg = parse_config(tiny_config()).models["tiny"]
+    s = scheduler(max_batch_size=4, max_wait_ms=0)
+    worker = ProcessWorker(torch.device("cpu"), {"m": cfg}, s, Metrics(), torch_threads=1)
+    worker.launch(None)
+    busy = [worker._free.get(), worker._free.get()]  # as if two batches were running
+    worker.start()
+    first = [item(loop, "a", x) for x in images(1)]
+    s.submit(first)
+    time.sleep(0.3)  # due at once (max_wait_ms 0), but no slab is free
+    later = [item(loop, "a", x) for x in images(2, seed=1)]
+    s.submit(later)
+    for slab in busy:
+        worker._free.put(slab)
+    s.close()
+    worker.join(60)
+    out = loop.run_until_complete(asyncio.gather(*(i.future for i in first + later)))
+    assert [result.batch_size for result in out] == [3, 3, 3]
+
+
+def test_shared_crops_are_read_within_their_files(tmp_path):
+    from server.engine.shared_crops import SharedCrops
+
+    crops = images(2)
+    path = arena_file(tmp_path, crops)
+    shared, slab, crop = SharedCrops(), torch.zeros(4 * 3 * 64 * 64, dtype=torch.uint8), 3 * 64 * 64
+    shared.gather([(path, crop), (path, 0)], crop, slab)
+    batch = slab[:2 * crop].view(2, 64, 64, 3).permute(0, 3, 1, 2)
+    assert torch.equal(batch[0], crops[1]) and torch.equal(batch[1], crops[0])
+    with pytest.raises(ValueError, match="outside"):
+        shared.gather([(path, crop + 1)], crop, slab)
+    with pytest.raises(OSError):
+        shared.gather([(str(tmp_path / "gone"), 0)], crop, slab)
+    os.unlink(path)  # its front-end ended: the mapping goes when another file is first read
+    shared.gather([(arena_file(tmp_path, crops), 0)], crop, slab)
+    assert path not in shared._mapped

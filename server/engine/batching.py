@@ -65,6 +65,9 @@ class WorkItem:
     loop: asyncio.AbstractEventLoop
     enqueued_at: float = field(default_factory=time.monotonic)
     taken_at: float = 0.0
+    # Where the image's pixels lie in shared memory ([H, W, 3] in a front-end's crop arena): (file, byte
+    # offset). A device process then reads them there itself, and this process copies nothing.
+    shared_at: tuple[str, int] | None = None
 
     def fail(self, exc: BaseException) -> None:  # answers come in batches: resolve_all
         self._complete(lambda: self.future.set_exception(exc))

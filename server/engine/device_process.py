@@ -7,8 +7,10 @@ process the forward has an interpreter to itself.
 
 The parent keeps everything else (HTTP, decoding, scheduling, metrics); its worker threads only move
 batches. Images cross as uint8 in shared memory slabs (page-locked on a GPU, so the copy to the device is
-asynchronous), answers come back as small arrays through a pipe. Two slabs per device: the parent fills
-the next batch while the child runs the current one, so the device does not wait for the host.
+asynchronous), answers come back as small arrays through a pipe. Two slabs per device: the next batch is
+filled while the child runs the current one, so the device does not wait for the host. Crops that the
+front-ends left in their shared-memory arenas are copied into the slab by the child's stager thread (the
+parent's one interpreter serves every request and copies none of them); others, the parent stacks there.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from server.engine.batching import Scheduler, WorkItem
 from server.engine.devices import place_model, resolve_dtype
 from server.engine.metrics import Metrics
 from server.engine.models import LoadedModel, load_model
+from server.engine.shared_crops import SharedCrops
 from server.engine.worker import (
     Explanation,
     batch_view,
@@ -127,7 +130,7 @@ def _load(device: torch.device, models: dict[str, ModelConfig], warm_up: WarmUp 
 
 def _run_batch(device: torch.device, dm, slabs: list[torch.Tensor], message: tuple) -> tuple:
     """One batch from the parent: its answer for the pipe."""
-    _, slab, _, settings, size, top_k, channels_last, floats = message
+    _, slab, _, settings, size, top_k, channels_last, floats, _ = message
     # as the parent stacked it; float32 images (rare) come in the message
     x = batch_view(slabs[slab], size, dm.input_size, channels_last) if floats is None \
         else torch.from_numpy(floats)
@@ -181,10 +184,13 @@ def _child_main(device_name: str, models: dict[str, ModelConfig], torch_threads:
     except Exception as exc:  # noqa: BLE001 - any load failure is reported to the parent, which refuses to start
         send(("failed", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
         return
+    staged: SimpleQueue[tuple | None] = SimpleQueue()
+    crop_bytes = {name: math.prod(dm.input_size) for name, dm in placed.items()}
+    threading.Thread(target=_stage, args=(commands, staged, slabs, crop_bytes), name="stager",
+                     daemon=True).start()
     while True:
-        try:
-            message = commands.recv()
-        except EOFError:  # the parent is gone
+        message = staged.get()
+        if message is None:  # the parent is gone
             _exit_orphaned(tempdir)
         if message[0] == "stop":
             send(("stopped",))
@@ -192,7 +198,34 @@ def _child_main(device_name: str, models: dict[str, ModelConfig], torch_threads:
         if message[0] == "explain":
             send(_explain(placed, message))
             continue
+        if message[0] == "unreadable":
+            send(message)
+            continue
         send(_run_batch(device, placed[message[2]], slabs, message))
+
+
+def _stage(commands: Connection, staged: SimpleQueue, slabs: list[torch.Tensor],
+           crop_bytes: dict[str, int]) -> None:
+    """The parent's commands, read ahead of the forward: a batch whose crops lie in shared memory is copied
+    into its slab here while the device runs the batch before it. A crop that cannot be read (its
+    front-end has ended, and its file is gone) makes the batch "unreadable": the parent stacks it."""
+    shared = SharedCrops()
+    while True:
+        try:
+            message = commands.recv()
+        except EOFError:
+            staged.put(None)
+            return
+        if message[0] == "run" and message[8] is not None:
+            try:
+                shared.gather(message[8], crop_bytes[message[2]], slabs[message[1]])
+            except (OSError, ValueError) as exc:
+                log.warning("device process: a batch's crops could not be read in shared memory (%s); "
+                            "the server copies them", exc)
+                message = ("unreadable", message[1])
+        staged.put(message)
+        if message[0] == "stop":
+            return
 
 
 def _explain(placed: dict, message: tuple) -> tuple:
@@ -316,9 +349,18 @@ class ProcessWorker:
         # The stack into the slab is a memory copy that overlaps with the device's work: an OpenMP pool here
         # (torch's thread count is per thread, from OMP_NUM_THREADS) would spin on cores the decoding needs.
         torch.set_num_threads(1)
-        while (batch := self.scheduler.next_batch(self.models.keys())) is not None:
+        while True:
+            # A batch is taken once the device can have it: while both slabs are in flight, it fills up.
+            slab: int | None = self._free.get()
+            batch = self.scheduler.next_batch(self.models.keys())
+            if batch is None:
+                self._free.put(slab)
+                break
             for items in by_input_kind(drop_expired(batch)):
-                self._send_batch(items)
+                self._send_batch(items, self._free.get() if slab is None else slab)
+                slab = None
+            if slab is not None:  # every image of the batch had expired
+                self._free.put(slab)
         for _ in range(len(self._slabs)):  # every batch sent has been answered
             self._free.get()
         with self._lock:  # no explanation is sent after the stop (explain() refuses from now)
@@ -334,18 +376,23 @@ class ProcessWorker:
         except (OSError, ValueError):  # the child is gone: the receiver fails what is in flight
             pass
 
-    def _send_batch(self, items: list[WorkItem]) -> None:
-        """One batch of one input dtype to the child: uint8 crops through a slab, float32 images (the
-        protocol's normalised pixel_values, rare) by value in the message."""
-        slab = self._free.get()  # waits while SLABS batches are in flight
+    def _send_batch(self, items: list[WorkItem], slab: int) -> None:
+        """One batch of one input dtype to the child in `slab`: uint8 crops in shared memory by where they lie
+        (the child copies them into the slab), other uint8 crops stacked into the slab here, float32 images
+        (the protocol's normalised pixel_values, rare) by value in the message."""
         first, floats, channels_last = items[0], None, False
+        shared_at = [item.shared_at for item in items]
         try:
             if tuple(first.image.shape) != self.described[first.model].input_size:
                 raise ValueError(f"image of shape {tuple(first.image.shape)} for a model of input size "
                                  f"{self.described[first.model].input_size}")
-            if first.image.dtype == torch.uint8:
+            if first.image.dtype == torch.uint8 and None not in shared_at:
+                channels_last = True  # an arena's crops are [H, W, 3]
+            elif first.image.dtype == torch.uint8:
+                shared_at = None
                 _, channels_last = stack_into([item.image for item in items], self._slabs[slab])
             else:
+                shared_at = None
                 floats = torch.stack([item.image for item in items]).numpy()
         except Exception as exc:  # noqa: BLE001 - e.g. an image of the wrong shape: only this batch fails
             fail_batch(items, exc, self.device)
@@ -363,8 +410,30 @@ class ProcessWorker:
             fail_batch(items, dead if isinstance(dead, ApiError) else str(dead), self.device)
             self._free.put(slab)
             return
-        self._send(("run", slab, first.model, first.settings, len(items), max(item.top_k for item in items),
-                    channels_last, floats))
+        self._send(self._run_command(slab, items, channels_last, floats, shared_at))
+
+    @staticmethod
+    def _run_command(slab: int, items: list[WorkItem], channels_last: bool, floats, shared_at) -> tuple:
+        first = items[0]
+        return ("run", slab, first.model, first.settings, len(items), max(item.top_k for item in items),
+                channels_last, floats, shared_at)
+
+    def _send_stacked(self, slab: int) -> None:
+        """The child could not read a batch's crops in shared memory: this process stacks them (its views of
+        the arenas stay valid after their files are gone) and sends the batch again in the same slab."""
+        with self._lock:
+            items = self._in_flight.get(slab)
+        if items is None:  # swept: the child has died or stalled meanwhile
+            return
+        try:
+            _, channels_last = stack_into([item.image for item in items], self._slabs[slab])
+        except Exception as exc:  # noqa: BLE001 - only this batch fails
+            with self._lock:
+                self._in_flight.pop(slab, None)
+            fail_batch(items, exc, self.device)
+            self._free.put(slab)
+            return
+        self._send(self._run_command(slab, items, channels_last, None, None))
 
     def explain(self, model: str, settings: MergeSettings, crop: torch.Tensor,
                 blocks: list[int]) -> Future[Explanation]:
@@ -394,6 +463,9 @@ class ProcessWorker:
                 self._explained(message[1], message[2])
                 continue
             slab = message[1]
+            if message[0] == "unreadable":
+                self._send_stacked(slab)
+                continue
             with self._lock:
                 items = self._in_flight.pop(slab)
                 self._progress_at = time.monotonic()

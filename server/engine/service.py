@@ -280,15 +280,18 @@ class InferenceService:
         return worker.explain(model, settings, crop, blocks)
 
     def submit(self, model: str, variant: str, images: list[torch.Tensor], top_k: int,
-               deadline: float, reservation: Reservation | None = None) -> list[WorkItem]:
+               deadline: float, reservation: Reservation | None = None,
+               shared_at: list[tuple[str, int]] | None = None) -> list[WorkItem]:
         """Queue a request's images (all or none: raises QueueFull or SchedulerClosed), in the places
-        `reservation` holds for them if given."""
+        `reservation` holds for them if given. `shared_at`: where each image lies in shared memory, if it
+        does (WorkItem.shared_at)."""
         if (stalled := self.stalled_error(model)) is not None:
             raise stalled
         loop = asyncio.get_running_loop()
         settings = self.config.models[model].variants[variant]
-        items = [WorkItem(model, variant, settings, image, top_k, deadline, loop.create_future(), loop)
-                 for image in images]
+        items = [WorkItem(model, variant, settings, image, top_k, deadline, loop.create_future(), loop,
+                          shared_at=shared_at[i] if shared_at is not None else None)
+                 for i, image in enumerate(images)]
         self.scheduler.submit(items, reservation=reservation)
         return items
 

@@ -22,7 +22,13 @@ from server.decode.lane import decode_in_lanes
 from server.engine.batching import QueueFull, Reservation, SchedulerClosed, WorkItem
 from server.experiments.labels import LABEL_TOP_K
 from server.http.answers import image_answer, json_response, query_int
-from server.http.frontend_requests import CropArenas, Reroute, frontend_crops, raise_frontend_error
+from server.http.frontend_requests import (
+    CropArenas,
+    Reroute,
+    frontend_crops,
+    raise_frontend_error,
+    shared_crops_at,
+)
 from server.http.openapi import DEFAULT_TOP_K
 from server.wire.body import image_payloads, read_limited
 from server.wire.errors import (
@@ -192,7 +198,8 @@ async def _answer(engine: Engine, request: ClassifyRequest, outcome: _Outcome) -
     images, multipart = await _images(engine, request, route, outcome, deadline)
     # the top 5 at least, for labels posted later (the answer shows top_k)
     computed_k = max(top_k, LABEL_TOP_K) if engine.answers is not None else top_k
-    results = await _results(engine, route, images, computed_k, deadline, outcome)
+    shared_at = shared_crops_at(request.headers) if request.receive is None else None
+    results = await _results(engine, route, images, computed_k, deadline, outcome, shared_at)
     info = service.models[route.model]
     total_s = time.monotonic() - request.started
     answers = [
@@ -314,10 +321,12 @@ def _deadline_passed(engine: Engine) -> ApiError:
 
 
 async def _results(engine: Engine, route: Assignment, images: list[torch.Tensor], top_k: int,
-                   deadline: float, outcome: _Outcome) -> list[ImageResult]:
+                   deadline: float, outcome: _Outcome,
+                   shared_at: list[tuple[str, int]] | None = None) -> list[ImageResult]:
     service = engine.service
     try:
-        items = service.submit(route.model, route.variant, list(images), top_k, deadline, outcome.reservation)
+        items = service.submit(route.model, route.variant, list(images), top_k, deadline, outcome.reservation,
+                               shared_at)
     except QueueFull as exc:
         raise overloaded(str(exc)) from None
     except SchedulerClosed as exc:

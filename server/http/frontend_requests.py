@@ -55,6 +55,15 @@ class CropArenas:
         return [self._views[path, start, input_size] for start in offsets]
 
 
+def shared_crops_at(headers: Mapping[str, str]) -> list[tuple[str, int]] | None:
+    """Where a front-end's crops lie in its arena, (file, byte offset) each; None: they came in the body."""
+    at = headers.get(FRONTEND_CROPS_AT)
+    if at is None:
+        return None
+    path, *offsets = at.split(" ")
+    return [(path, int(offset)) for offset in offsets]
+
+
 def frontend_crops(headers: Mapping[str, str], body: bytes, input_size: tuple[int, int, int],
                    arenas: CropArenas) -> list[torch.Tensor]:
     """The uint8 crops a front-end process made: in its shared-memory arena, or else in the body ([H, W, 3]
