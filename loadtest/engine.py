@@ -1,6 +1,7 @@
 """The engine's capacity: what one engine interpreter spends per request when it is the bottleneck.
 
   python -m loadtest.engine --images-per-request 1 --concurrency 64
+  python -m loadtest.engine --images-per-request 1 --concurrency 64 --rate 500 --floor
 
 The front-ends layout's engine process (its event loop, its feeding and receiving threads, its device
 process) is built in this process from the same code as `python -m server`, on a nearly free ViT at 224 px.
@@ -9,6 +10,11 @@ shared-memory arena, as server/frontend/app.py does. There is no HTTP client, no
 a small machine those take most of the cores, so the engine sees a trickle of small batches, and its CPU
 per request then measures the cost of being woken for them. Here the engine is kept busy, as a fast GPU
 keeps it: the figures are its capacity in requests per second of one interpreter.
+
+With --rate, requests come at that rate instead (at most --concurrency in flight), as they come to the engine
+of a server that its clients do not saturate; --floor measures, in the same run, what the same traffic costs
+an event loop that answers each request at once on the same channel, with no engine behind it: the part of
+the engine's CPU per request that no engine work can remove at that rate.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import psutil
 
@@ -78,8 +85,9 @@ def thread_cpu_ms() -> dict[str, float]:
 
 
 def frontend(channel_path: str, images_per_request: int, concurrency: int, seconds: float,
-             results: multiprocessing.Queue) -> None:
-    """A front-end's traffic: `concurrency` decoded requests in flight for a warm-up, then for `seconds`."""
+             results: multiprocessing.Queue, rate: float = 0.0) -> None:
+    """A front-end's traffic: `concurrency` decoded requests in flight (or `rate` requests per second, at
+    most `concurrency` in flight) for a warm-up, then for `seconds`."""
     from server.frontend.arena import CropArena
     from server.wire.channel import Channel
     from server.wire.protocol import (
@@ -97,28 +105,50 @@ def frontend(channel_path: str, images_per_request: int, concurrency: int, secon
         multipart = "1" if images_per_request > 1 else "0"
         answered = 0
 
-        async def client(until: float) -> None:
+        async def request() -> None:
             nonlocal answered
+            slots = arena.take(images_per_request)
+            at = " ".join([arena.path, *(str(slot * arena.slot_bytes) for slot in slots)])
+            head = {"query": "", "headers": [
+                ["user-agent", "loadtest.engine"], [FRONTEND_STARTED, repr(time.monotonic())],
+                [FRONTEND_IMAGES, str(images_per_request)], [FRONTEND_CROPS_AT, at],
+                [FRONTEND_MODEL, "bench"], [FRONTEND_MULTIPART, multipart]]}
+            try:
+                answer, body = await channel.call(head)
+            finally:
+                arena.give_back(slots)
+            if answer["status"] != 200:
+                raise RuntimeError(f"the engine answered {answer['status']}: {body[:200]!r}")
+            answered += 1
+
+        async def client(until: float) -> None:
             while time.monotonic() < until:
-                slots = arena.take(images_per_request)
-                at = " ".join([arena.path, *(str(slot * arena.slot_bytes) for slot in slots)])
-                head = {"query": "", "headers": [
-                    ["user-agent", "loadtest.engine"], [FRONTEND_STARTED, repr(time.monotonic())],
-                    [FRONTEND_IMAGES, str(images_per_request)], [FRONTEND_CROPS_AT, at],
-                    [FRONTEND_MODEL, "bench"], [FRONTEND_MULTIPART, multipart]]}
-                try:
-                    answer, body = await channel.call(head)
-                finally:
-                    arena.give_back(slots)
-                if answer["status"] != 200:
-                    raise RuntimeError(f"the engine answered {answer['status']}: {body[:200]!r}")
-                answered += 1
+                await request()
+
+        async def paced(until: float) -> None:
+            """`rate` requests a second (those due while `concurrency` are in flight are skipped)."""
+            started, due_so_far, in_flight = time.monotonic(), 0, set()
+            while (now := time.monotonic()) < until:
+                due = int((now - started) * rate) - due_so_far
+                due_so_far += due
+                for _ in range(min(due, concurrency - len(in_flight))):
+                    task = asyncio.create_task(request())
+                    in_flight.add(task)
+                    task.add_done_callback(in_flight.discard)
+                await asyncio.sleep(1 / rate)
+            await asyncio.gather(*in_flight)
+
+        async def traffic(until: float) -> None:
+            if rate:
+                await paced(until)
+            else:
+                await asyncio.gather(*(client(until) for _ in range(concurrency)))
 
         try:
-            await asyncio.gather(*(client(time.monotonic() + 1.0) for _ in range(concurrency)))
+            await traffic(time.monotonic() + 1.0)
             results.put("warm")
             answered, started = 0, time.monotonic()
-            await asyncio.gather(*(client(started + seconds) for _ in range(concurrency)))
+            await traffic(started + seconds)
             results.put((answered, time.monotonic() - started))
         finally:
             arena.close()
@@ -127,12 +157,61 @@ def frontend(channel_path: str, images_per_request: int, concurrency: int, secon
     asyncio.run(run())
 
 
+async def _drive(handler, images_per_request: int, concurrency: int, seconds: float, rate: float,
+                 on_window=None) -> tuple[int, float, dict[str, float], Any]:
+    """Serve a front-end process's traffic on a channel with `handler`: the requests answered in the
+    measured window, its length, the CPU each thread of this process spent in it, and what `on_window`
+    made at its start (closed at its end)."""
+    from server.wire import channel
+
+    spawn = multiprocessing.get_context("spawn")
+    results = spawn.Queue()
+    loop = asyncio.get_running_loop()
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "engine.sock")
+        server = await channel.serve(path, handler)
+        sender = spawn.Process(target=frontend,
+                               args=(path, images_per_request, concurrency, seconds, results, rate))
+        sender.start()
+        try:
+            if await loop.run_in_executor(None, results.get, True, 300) != "warm":
+                raise RuntimeError("the front-end did not warm up")
+            window = on_window() if on_window is not None else None
+            before = thread_cpu_ms()
+            requests, seconds_measured = await loop.run_in_executor(None, results.get, True, seconds + 300)
+            after = thread_cpu_ms()
+            if window is not None:
+                window.close()
+        finally:
+            await loop.run_in_executor(None, sender.join, 30)
+            # the front-end has gone: its connection's handler ends on the end of the stream
+            handlers = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+            if handlers:
+                await asyncio.wait(handlers, timeout=5)
+            server.close()
+    spent = {name: ms - before.get(name, 0.0) for name, ms in after.items()}
+    return requests, seconds_measured, {name: ms for name, ms in spent.items() if ms >= 1.0}, window
+
+
+def measure_floor(images_per_request: int, concurrency: int, seconds: float, rate: float = 0.0) -> float:
+    """CPU milliseconds per request of an event loop that answers each request of the same traffic at once,
+    on the same channel, with no engine behind it."""
+
+    async def answer_at_once(head, body):
+        return {"status": 200, "headers": []}, b""
+
+    async def serve() -> float:
+        requests, _, spent, _ = await _drive(answer_at_once, images_per_request, concurrency, seconds, rate)
+        return sum(spent.values()) / max(1, requests)
+
+    return asyncio.run(serve())
+
+
 def measure(images_per_request: int, concurrency: int, seconds: float, batch: int = 64,
-            max_wait_ms: float = 5.0, torch_threads: int = 1) -> EngineFigures:
+            max_wait_ms: float = 5.0, torch_threads: int = 1, rate: float = 0.0) -> EngineFigures:
     from server.engine.metrics import Metrics
     from server.engine.service import InferenceService
     from server.http.app import build_engine, channel_request
-    from server.wire import channel
 
     config = engine_config(batch, max_wait_ms)
     metrics = Metrics()
@@ -141,36 +220,23 @@ def measure(images_per_request: int, concurrency: int, seconds: float, batch: in
     if not service.ready.wait(300):
         raise RuntimeError(f"the engine did not load: {service.failed}")
     engine = build_engine(config, service, preprocess_threads=1)
-    spawn = multiprocessing.get_context("spawn")
-    results = spawn.Queue()
+
+    class BatchWindow:
+        """The batches run in the measured window."""
+
+        def __init__(self) -> None:
+            self.before = batch_totals(metrics.batch_size.collect())
+
+        def close(self) -> None:
+            self.images, self.batches = (a - b for a, b in zip(batch_totals(metrics.batch_size.collect()),
+                                                               self.before))
 
     async def serve() -> EngineFigures:
-        with tempfile.TemporaryDirectory() as directory:
-            path = os.path.join(directory, "engine.sock")
-            server = await channel.serve(path, lambda head, body: channel_request(engine, head, body))
-            sender = spawn.Process(target=frontend,
-                                   args=(path, images_per_request, concurrency, seconds, results))
-            sender.start()
-            loop = asyncio.get_running_loop()
-            try:
-                if await loop.run_in_executor(None, results.get, True, 300) != "warm":
-                    raise RuntimeError("the front-end did not warm up")
-                batches_before = batch_totals(metrics.batch_size.collect())
-                before = thread_cpu_ms()
-                requests, window = await loop.run_in_executor(None, results.get, True, seconds + 300)
-                after = thread_cpu_ms()
-                batches_after = batch_totals(metrics.batch_size.collect())
-            finally:
-                await loop.run_in_executor(None, sender.join, 30)
-                # the front-end has gone: its connection's handler ends on the end of the stream
-                handlers = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
-                if handlers:
-                    await asyncio.wait(handlers, timeout=5)
-                server.close()
-        spent = {name: ms - before.get(name, 0.0) for name, ms in after.items()}
-        images, batches = (a - b for a, b in zip(batches_after, batches_before))
-        return EngineFigures(requests, images_per_request, window,
-                             {name: ms for name, ms in spent.items() if ms >= 1.0}, images / max(1, batches))
+        requests, seconds_measured, spent, batches = await _drive(
+            lambda head, body: channel_request(engine, head, body), images_per_request, concurrency, seconds,
+            rate, on_window=BatchWindow)
+        return EngineFigures(requests, images_per_request, seconds_measured, spent,
+                             batches.images / max(1, batches.batches))
 
     try:
         return asyncio.run(serve())
@@ -189,9 +255,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="the measured window")
     parser.add_argument("--batch", type=int, default=64, help="max_batch_size")
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--rate", type=float, default=0.0,
+                        help="requests per second (0: as many as the engine answers)")
+    parser.add_argument("--floor", action="store_true",
+                        help="also measure the same traffic answered at once by a bare event loop")
     args = parser.parse_args(argv)
-    figures = measure(args.images_per_request, args.concurrency, args.seconds, args.batch, args.max_wait_ms)
+    figures = measure(args.images_per_request, args.concurrency, args.seconds, args.batch, args.max_wait_ms,
+                      rate=args.rate)
     print(figures.report())
+    if args.floor:
+        floor = measure_floor(args.images_per_request, args.concurrency, args.seconds, args.rate)
+        print(f"bare channel: {floor:.3f} ms CPU per request answered at once with no engine, the same "
+              f"traffic; the engine spends {figures.cpu_ms_per_request / floor:.2f}x that, "
+              f"{figures.cpu_ms_per_request - floor:.3f} ms per request above it")
 
 
 if __name__ == "__main__":

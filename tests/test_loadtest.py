@@ -6,6 +6,7 @@ import itertools
 import json
 import os
 import random
+import re
 import shutil
 import socket
 import subprocess
@@ -549,3 +550,21 @@ def test_locust_variant_weights_are_positive_finite_numbers_and_names_are_trimme
     for bad in ("a:nan", "a:inf", "a:0", "a:-1", ":2", "a:x"):  # nan and inf passed, then every task failed
         with pytest.raises(ValueError):
             parse_weighted_variants(bad)
+
+
+def test_the_engine_benchmark_paces_its_traffic_and_measures_the_bare_channel_beside_it() -> None:
+    """`python -m loadtest.engine --rate R --floor`: R requests a second reach the engine, and the same
+    traffic answered at once by a bare event loop gives the floor the engine's figure is read against."""
+    done = subprocess.run(
+        [sys.executable, "-m", "loadtest.engine", "--images-per-request", "1", "--concurrency", "16",
+         "--rate", "150", "--seconds", "2", "--floor"],
+        check=False, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert done.returncode == 0, done.stderr[-2000:]
+    rate = float(re.search(r"in [\d.]+ s \((\d+) requests/s\)", done.stdout).group(1))
+    assert 100 <= rate <= 160, done.stdout  # paced, not as fast as the engine answers
+    engine = float(re.search(r"engine CPU\s+([\d.]+) ms per request", done.stdout).group(1))
+    floor = float(re.search(r"bare channel: ([\d.]+) ms CPU per request", done.stdout).group(1))
+    assert 0 < floor < engine, done.stdout
+    ratio = float(re.search(r"the engine spends ([\d.]+)x that", done.stdout).group(1))
+    assert ratio == pytest.approx(engine / floor, rel=0.05)
