@@ -211,7 +211,7 @@ def measure(images_per_request: int, concurrency: int, seconds: float, batch: in
             max_wait_ms: float = 5.0, torch_threads: int = 1, rate: float = 0.0) -> EngineFigures:
     from server.engine.metrics import Metrics
     from server.engine.service import InferenceService
-    from server.http.app import build_engine, channel_request
+    from server.http.app import build_engine, channel_request, freeze_startup_heap
 
     config = engine_config(batch, max_wait_ms)
     metrics = Metrics()
@@ -220,6 +220,7 @@ def measure(images_per_request: int, concurrency: int, seconds: float, batch: in
     if not service.ready.wait(300):
         raise RuntimeError(f"the engine did not load: {service.failed}")
     engine = build_engine(config, service, preprocess_threads=1)
+    freeze_startup_heap()  # as the server does before it serves
 
     class BatchWindow:
         """The batches run in the measured window."""

@@ -129,6 +129,14 @@ def first_values(pairs: list[list[str]]) -> dict[str, str]:
     return headers
 
 
+def freeze_startup_heap() -> None:
+    """What is alive now (imported modules: torch, timm, FastAPI, pydantic; ~400k objects) lives as long as
+    the process. Frozen, the cyclic collector stops walking it: a full collection holds the GIL (every
+    thread, the event loop included, stalls) for a time that grows with the objects it walks."""
+    gc.collect()
+    gc.freeze()
+
+
 def create_app(config: ServingConfig, service: InferenceService, *, preprocess_threads: int = 4,
                large_image_threads: int = 1, on_fatal: Callable[[BaseException], None] | None = None,
                frontend_channel: str | None = None, fleet: FleetOptions | None = None) -> FastAPI:
@@ -143,11 +151,7 @@ def create_app(config: ServingConfig, service: InferenceService, *, preprocess_t
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        # What is alive now (imported modules: torch, timm, FastAPI, pydantic; ~400k objects) lives as long
-        # as the process. Frozen, the cyclic collector stops walking it: a full collection holds the GIL
-        # (every thread, the event loop included, stalls) for a time that grows with the objects it walks.
-        gc.collect()
-        gc.freeze()
+        freeze_startup_heap()
         heartbeat.start()
         service.start(on_failure=on_fatal)
         if engine.splits is not None:
