@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass, field
 import aiohttp
 
 # aiohttp rather than httpx (which the other benchmarks use): a load generator must cost the machine little
-# beside the server it measures, and against a server that answers at once httpx spent 0.96-0.99 ms of CPU
-# per 30 kB POST and aiohttp 0.13-0.18 (8 connections, one process). The load is spread over `processes`
-# processes so that on a many-core machine the client is not the limit either.
+# beside the server it measures, and httpx cost about nine times aiohttp's CPU per request here (the client
+# CPU that `throughput` prints; docs/benchmarks.md). The load is spread over `processes` processes so that on
+# a many-core machine the client is not the limit either.
 
 SAMPLE_EVERY = 8  # one answer in this many is parsed for the server's own timings (parsing costs the client)
 
