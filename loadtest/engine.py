@@ -26,6 +26,7 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -158,10 +159,10 @@ def frontend(channel_path: str, images_per_request: int, concurrency: int, secon
 
 
 async def _drive(handler, images_per_request: int, concurrency: int, seconds: float, rate: float,
-                 on_window=None) -> tuple[int, float, dict[str, float], Any]:
+                 sample: Callable[[], Any] = lambda: None) -> tuple[int, float, dict[str, float], Any, Any]:
     """Serve a front-end process's traffic on a channel with `handler`: the requests answered in the
-    measured window, its length, the CPU each thread of this process spent in it, and what `on_window`
-    made at its start (closed at its end)."""
+    measured window, its length, the CPU each thread of this process spent in it, and `sample()` at its
+    start and at its end."""
     from server.wire import channel
 
     spawn = multiprocessing.get_context("spawn")
@@ -176,12 +177,11 @@ async def _drive(handler, images_per_request: int, concurrency: int, seconds: fl
         try:
             if await loop.run_in_executor(None, results.get, True, 300) != "warm":
                 raise RuntimeError("the front-end did not warm up")
-            window = on_window() if on_window is not None else None
+            first = sample()
             before = thread_cpu_ms()
             requests, seconds_measured = await loop.run_in_executor(None, results.get, True, seconds + 300)
             after = thread_cpu_ms()
-            if window is not None:
-                window.close()
+            last = sample()
         finally:
             await loop.run_in_executor(None, sender.join, 30)
             # the front-end has gone: its connection's handler ends on the end of the stream
@@ -190,7 +190,7 @@ async def _drive(handler, images_per_request: int, concurrency: int, seconds: fl
                 await asyncio.wait(handlers, timeout=5)
             server.close()
     spent = {name: ms - before.get(name, 0.0) for name, ms in after.items()}
-    return requests, seconds_measured, {name: ms for name, ms in spent.items() if ms >= 1.0}, window
+    return requests, seconds_measured, {name: ms for name, ms in spent.items() if ms >= 1.0}, first, last
 
 
 def measure_floor(images_per_request: int, concurrency: int, seconds: float, rate: float = 0.0) -> float:
@@ -201,7 +201,7 @@ def measure_floor(images_per_request: int, concurrency: int, seconds: float, rat
         return {"status": 200, "headers": []}, b""
 
     async def serve() -> float:
-        requests, _, spent, _ = await _drive(answer_at_once, images_per_request, concurrency, seconds, rate)
+        requests, _, spent, *_ = await _drive(answer_at_once, images_per_request, concurrency, seconds, rate)
         return sum(spent.values()) / max(1, requests)
 
     return asyncio.run(serve())
@@ -222,22 +222,12 @@ def measure(images_per_request: int, concurrency: int, seconds: float, batch: in
     engine = build_engine(config, service, preprocess_threads=1)
     freeze_startup_heap()  # as the server does before it serves
 
-    class BatchWindow:
-        """The batches run in the measured window."""
-
-        def __init__(self) -> None:
-            self.before = batch_totals(metrics.batch_size.collect())
-
-        def close(self) -> None:
-            self.images, self.batches = (a - b for a, b in zip(batch_totals(metrics.batch_size.collect()),
-                                                               self.before))
-
     async def serve() -> EngineFigures:
-        requests, seconds_measured, spent, batches = await _drive(
+        requests, seconds_measured, spent, first, last = await _drive(
             lambda head, body: channel_request(engine, head, body), images_per_request, concurrency, seconds,
-            rate, on_window=BatchWindow)
-        return EngineFigures(requests, images_per_request, seconds_measured, spent,
-                             batches.images / max(1, batches.batches))
+            rate, sample=lambda: batch_totals(metrics.batch_size.collect()))
+        images, batches = (a - b for a, b in zip(last, first))
+        return EngineFigures(requests, images_per_request, seconds_measured, spent, images / max(1, batches))
 
     try:
         return asyncio.run(serve())

@@ -390,7 +390,7 @@ def shared_items(loop, variant: str, path: str, count: int) -> list[WorkItem]:
     from server.http.frontend_requests import CropArenas
 
     crop = 3 * 64 * 64
-    views = CropArenas().crops(" ".join([path, *(str(i * crop) for i in range(count))]), (3, 64, 64))
+    views = CropArenas().crops([(path, i * crop) for i in range(count)], (3, 64, 64))
     return [WorkItem("m", variant, MAME, view, 3, time.monotonic() + 60, loop.create_future(), loop,
                      shared_at=(path, i * crop)) for i, view in enumerate(views)]
 

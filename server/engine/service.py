@@ -290,8 +290,7 @@ class InferenceService:
         loop = asyncio.get_running_loop()
         settings = self.config.models[model].variants[variant]
         items = [WorkItem(model, variant, settings, image, top_k, deadline, loop.create_future(), loop,
-                          shared_at=shared_at[i] if shared_at is not None else None)
-                 for i, image in enumerate(images)]
+                          shared_at=at) for image, at in zip(images, shared_at or [None] * len(images))]
         self.scheduler.submit(items, reservation=reservation)
         return items
 

@@ -195,10 +195,11 @@ async def _answer(engine: Engine, request: ClassifyRequest, outcome: _Outcome) -
     outcome.in_flight.inc()
     if request.receive is None and request.headers.get(FRONTEND_ADMIT) == "1":
         return _admit(engine, request, route, outcome, deadline)
-    images, multipart = await _images(engine, request, route, outcome, deadline)
+    # where a front-end left the crops: read once, for their views here and for the device process
+    shared_at = shared_crops_at(request.headers) if request.receive is None else None
+    images, multipart = await _images(engine, request, route, outcome, deadline, shared_at)
     # the top 5 at least, for labels posted later (the answer shows top_k)
     computed_k = max(top_k, LABEL_TOP_K) if engine.answers is not None else top_k
-    shared_at = shared_crops_at(request.headers) if request.receive is None else None
     results = await _results(engine, route, images, computed_k, deadline, outcome, shared_at)
     info = service.models[route.model]
     total_s = time.monotonic() - request.started
@@ -246,8 +247,10 @@ def _expire(engine: Engine, token: str) -> None:
 
 
 async def _images(engine: Engine, request: ClassifyRequest, route: Assignment, outcome: _Outcome,
-                  deadline: float) -> tuple[list[torch.Tensor], bool]:
-    """The request's uint8 crops, and whether it was multipart (several images answer as a list)."""
+                  deadline: float,
+                  shared_at: list[tuple[str, int]] | None) -> tuple[list[torch.Tensor], bool]:
+    """The request's uint8 crops, and whether it was multipart (several images answer as a list);
+    `shared_at`: where a front-end left them (`shared_crops_at`)."""
     limits, headers = engine.config.limits, request.headers
     if request.receive is None:  # decoded by a front-end
         outcome.n_images = int(headers[FRONTEND_IMAGES])
@@ -261,7 +264,7 @@ async def _images(engine: Engine, request: ClassifyRequest, route: Assignment, o
         if decoding_error:
             raise_frontend_error(headers)
         input_size = engine.service.models[route.model].input_size
-        return frontend_crops(headers, request.crops, input_size, engine.arenas), headers[
+        return frontend_crops(headers, request.crops, input_size, engine.arenas, shared_at), headers[
             FRONTEND_MULTIPART
         ] == "1"
     body = await read_limited(request.receive, headers.get("content-length", ""), limits.max_body_bytes,

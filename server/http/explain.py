@@ -28,7 +28,7 @@ from starlette.responses import Response
 from mame_core import MergeSettings
 from mame_core.vis import draw_groups, parse_blocks, source_map_to_groups
 from server.http.classify import _asked_labels, decode_opened, open_images
-from server.http.frontend_requests import frontend_crops, raise_frontend_error
+from server.http.frontend_requests import frontend_crops, raise_frontend_error, shared_crops_at
 from server.wire.body import image_payloads, read_limited
 from server.wire.errors import ApiError, internal, invalid_parameter, not_ready, overloaded, timeout
 from server.wire.protocol import FRONTEND_MODEL
@@ -125,7 +125,7 @@ async def _crop(engine: Engine, request: ClassifyRequest, model: str, deadline: 
             raise internal(f"a front-end made the crop for model {headers.get(FRONTEND_MODEL)!r}, "
                            f"the route's is {model!r}")
         input_size = engine.service.models[model].input_size
-        (crop,) = frontend_crops(headers, request.crops, input_size, engine.arenas)
+        (crop,) = frontend_crops(headers, request.crops, input_size, engine.arenas, shared_crops_at(headers))
         return crop.clone()  # its own memory: the message's bytes are gone once this returns
     body = await read_limited(request.receive, headers.get("content-length", ""), limits.max_body_bytes,
                               max(0.0, deadline - time.monotonic()))

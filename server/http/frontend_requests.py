@@ -31,14 +31,23 @@ class CropArenas:
     def __init__(self) -> None:
         self._mapped: dict[str, torch.Tensor] = {}
         # A view per slot, made once: three tensor operations per image cost more than the rest of its path.
-        self._views: dict[tuple[str, str, tuple[int, int, int]], torch.Tensor] = {}
+        self._views: dict[tuple[str, int, tuple[int, int, int]], torch.Tensor] = {}
 
-    def crops(self, at: str, input_size: tuple[int, int, int]) -> list[torch.Tensor]:
-        """The crops at "<arena file> <offset> ..." as channels-last [3, H, W] views of the arena."""
-        path, *offsets = at.split(" ")
-        views = [self._views.get((path, start, input_size)) for start in offsets]
+    def crops(self, shared_at: list[tuple[str, int]], input_size: tuple[int, int, int]) -> list[torch.Tensor]:
+        """The crops at (arena file, byte offset) each (`shared_crops_at`) as channels-last [3, H, W] views
+        of the arena."""
+        views = [self._views.get((path, offset, input_size)) for path, offset in shared_at]
         if all(view is not None for view in views):
             return views
+        channels, height, width = input_size
+        size = channels * height * width
+        for (path, offset), view in zip(shared_at, views):
+            if view is None:
+                self._views[path, offset, input_size] = \
+                    self._memory(path)[offset:offset + size].view(height, width, channels).permute(2, 0, 1)
+        return [self._views[path, offset, input_size] for path, offset in shared_at]
+
+    def _memory(self, path: str) -> torch.Tensor:
         memory = self._mapped.get(path)
         if memory is None:
             # A front-end that died left its file, which its supervisor deleted: let go of those mappings
@@ -47,16 +56,12 @@ class CropArenas:
             self._views = {key: view for key, view in self._views.items() if key[0] in self._mapped}
             with open(path, "r+b") as file:
                 memory = self._mapped[path] = torch.frombuffer(mmap.mmap(file.fileno(), 0), dtype=torch.uint8)
-        channels, height, width = input_size
-        size = channels * height * width
-        for start in offsets:
-            self._views[path, start, input_size] = \
-                memory[int(start):int(start) + size].view(height, width, channels).permute(2, 0, 1)
-        return [self._views[path, start, input_size] for start in offsets]
+        return memory
 
 
 def shared_crops_at(headers: Mapping[str, str]) -> list[tuple[str, int]] | None:
-    """Where a front-end's crops lie in its arena, (file, byte offset) each; None: they came in the body."""
+    """Where a front-end's crops lie in its arena, (file, byte offset) each, read from the request's
+    "<arena file> <offset> ..." header; None: they came in the body."""
     at = headers.get(FRONTEND_CROPS_AT)
     if at is None:
         return None
@@ -65,12 +70,12 @@ def shared_crops_at(headers: Mapping[str, str]) -> list[tuple[str, int]] | None:
 
 
 def frontend_crops(headers: Mapping[str, str], body: bytes, input_size: tuple[int, int, int],
-                   arenas: CropArenas) -> list[torch.Tensor]:
-    """The uint8 crops a front-end process made: in its shared-memory arena, or else in the body ([H, W, 3]
-    each, back to back); as channels-last [3, H, W] views."""
-    at = headers.get(FRONTEND_CROPS_AT)
-    if at is not None:
-        return arenas.crops(at, input_size)
+                   arenas: CropArenas, shared_at: list[tuple[str, int]] | None) -> list[torch.Tensor]:
+    """The uint8 crops a front-end process made: in its shared-memory arena where `shared_at` (the request's
+    `shared_crops_at`) says, or else in the body ([H, W, 3] each, back to back); as channels-last [3, H, W]
+    views."""
+    if shared_at is not None:
+        return arenas.crops(shared_at, input_size)
     channels, height, width = input_size
     crop = channels * height * width
     expected = int(headers[FRONTEND_IMAGES]) * crop
