@@ -30,11 +30,14 @@ $(VENV)/.installed: pyproject.toml
 serve: install
 	$(VENV)/bin/mame-serve
 
+# Two workers: most tests wait on server processes they start, and the suite then takes about half the
+# time on two cores. `--dist worksteal` keeps the few long tests from ending up queued behind each other.
+PYTEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist worksteal
 
 test-fast: install
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist worksteal -m "not slow"
 
 bench: install
 	$(VENV)/bin/mame-bench

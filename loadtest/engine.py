@@ -15,6 +15,8 @@ With --rate, requests come at that rate instead (at most --concurrency in flight
 of a server that its clients do not saturate; --floor measures, in the same run, what the same traffic costs
 an event loop that answers each request at once on the same channel, with no engine behind it: the part of
 the engine's CPU per request that no engine work can remove at that rate.
+
+Every event loop here is the one the server's processes run on: uvicorn's choice (uvloop where installed).
 """
 
 from __future__ import annotations
@@ -26,14 +28,16 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 
 from loadtest.server_probes import batch_totals
 from loadtest.serving import NEAR_FREE_KWARGS
+
+T = TypeVar("T")
 
 EDGE = NEAR_FREE_KWARGS["img_size"]
 
@@ -83,6 +87,15 @@ def thread_cpu_ms() -> dict[str, float]:
     names = {thread.native_id: thread.name for thread in threading.enumerate()}
     return {names.get(t.id, f"thread {t.id}"): 1000 * (t.user_time + t.system_time)
             for t in psutil.Process().threads()}
+
+
+def run_on_server_loop(main: Coroutine[Any, Any, T]) -> T:
+    """`main` run to its end on the event loop uvicorn gives the server and its front-ends (`loop="auto"`:
+    uvloop where it is installed), so that the figures are those of the server's loop."""
+    import uvicorn
+
+    with asyncio.Runner(loop_factory=uvicorn.Config(app=None).get_loop_factory()) as runner:
+        return runner.run(main)
 
 
 def frontend(channel_path: str, images_per_request: int, concurrency: int, seconds: float,
@@ -155,7 +168,7 @@ def frontend(channel_path: str, images_per_request: int, concurrency: int, secon
             arena.close()
             await channel.close()
 
-    asyncio.run(run())
+    run_on_server_loop(run())
 
 
 async def _drive(handler, images_per_request: int, concurrency: int, seconds: float, rate: float,
@@ -204,7 +217,7 @@ def measure_floor(images_per_request: int, concurrency: int, seconds: float, rat
         requests, _, spent, *_ = await _drive(answer_at_once, images_per_request, concurrency, seconds, rate)
         return sum(spent.values()) / max(1, requests)
 
-    return asyncio.run(serve())
+    return run_on_server_loop(serve())
 
 
 def measure(images_per_request: int, concurrency: int, seconds: float, batch: int = 64,
@@ -230,7 +243,7 @@ def measure(images_per_request: int, concurrency: int, seconds: float, batch: in
         return EngineFigures(requests, images_per_request, seconds_measured, spent, images / max(1, batches))
 
     try:
-        return asyncio.run(serve())
+        return run_on_server_loop(serve())
     finally:
         service.stop()
         engine.pool.shutdown()

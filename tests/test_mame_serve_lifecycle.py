@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -76,6 +78,16 @@ def device_process(pid: int, timeout_s: float = 60) -> psutil.Process:
     raise TimeoutError("no device process")
 
 
+@pytest.fixture
+def short_tmp():
+    """A server's TMPDIR, short: the device process shares its slabs over a Unix socket there
+    (multiprocessing's resource sharer), and a socket's path holds at most 107 bytes, which pytest-xdist's
+    tmp_path leaves too little of."""
+    path = Path(tempfile.mkdtemp(prefix="mame-tmp-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def leftovers(tmp: Path) -> list[Path]:
     return [p for p in tmp.rglob("*") if p.name.startswith("pymp-")]
 
@@ -94,12 +106,11 @@ def test_ctrl_c_drains_and_exits_by_sigint_without_a_traceback(layout):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["INT", "TERM", "KILL"])
-def test_a_signal_while_loading_ends_the_device_process_too(tmp_path, sig):
+def test_a_signal_while_loading_ends_the_device_process_too(tmp_path, short_tmp, sig):
     """The device process ignores SIGINT/SIGTERM (the server drains through it); while it is still loading,
     the server stops it, and if the server is gone (kill -9) it notices and exits: no orphan loading on,
     holding its device, nor a BrokenPipe traceback from it when it is done."""
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
+    tmp = short_tmp
     with started(
         tmp_path,
         tiny_config(),
@@ -205,9 +216,8 @@ def test_the_device_process_logs_as_the_server_does(tmp_path, level):
     ), log
 
 
-def test_a_killed_device_process_leaves_nothing_in_the_temp_dir(tmp_path):
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
+def test_a_killed_device_process_leaves_nothing_in_the_temp_dir(short_tmp):
+    tmp = short_tmp
     with running_server(
         tiny_config(), args=["--layout", "frontends", "--http-processes", "1"], env={"TMPDIR": str(tmp)}
     ) as server:
