@@ -32,6 +32,7 @@ from server.wire.protocol import (
     FRONTEND_MULTIPART,
     FRONTEND_STARTED,
 )
+from server.wire.results import render_results
 
 
 def plan(**overrides) -> Plan:
@@ -39,7 +40,7 @@ def plan(**overrides) -> Plan:
     values = {"ready": True, "max_body_bytes": 1 << 20, "max_pixels": 10**6, "max_images": 4,
               "max_request_pixels": 4 * 10**6, "max_decoding_pixels": 10**6,
               "default_model": "tiny", "experiment_models": {"ab": "other"},
-              "decoders": {"tiny": decoder, "other": decoder}, "fetched_at": 0.0}
+              "decoders": {"tiny": decoder, "other": decoder}, "answers": {}, "fetched_at": 0.0}
     return Plan(**{**values, **overrides})
 
 
@@ -114,7 +115,10 @@ def over_channel(server, calls: list[tuple[dict[str, str], bytes]], query: str =
         finally:
             await channel.close()
 
-    return [httpx.Response(head["status"], headers=head["headers"], content=body)
+    with engine_http(server) as engine:  # a classification's results are rendered as a front-end does
+        answers = Plan.from_json(engine.get("/internal/plan").json(), fetched_at=0.0).answers
+    return [httpx.Response(head["status"], headers=head["headers"],
+                           content=render_results(body, answers) if head.get("results") else body)
             for head, body in asyncio.run(send())]
 
 

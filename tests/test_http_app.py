@@ -21,9 +21,10 @@ from server.decode.imaging import decode_image
 from server.engine.metrics import Metrics
 from server.engine.service import InferenceService
 from server.http.app import create_app, first_values
-from server.http.classify import ClassifyRequest, classify
+from server.http.classify import ClassifyRequest, FrontendResults, classify
 from server.wire.errors import ApiError
 from server.wire.protocol import FRONTEND_IMAGES, FRONTEND_MODEL, FRONTEND_MULTIPART
+from server.wire.results import render_results
 
 
 def app_of(config, **options):
@@ -113,7 +114,9 @@ def test_classify_answers_a_decoded_request_as_the_http_route_answers_the_image(
         engine = app.state.engine
         over_http = (await client.post("/v1/classify", params={"top_k": 2}, content=images["shapes"])).json()
         answer = await classify(engine, decoded_request([crop_of(app, images["shapes"])]))
-        decoded = json.loads(answer.body)
+        assert isinstance(answer, FrontendResults)  # rendered by the front-end, with the plan's labels
+        answers_of = {name: (info.weights, info.labels) for name, info in engine.service.models.items()}
+        decoded = json.loads(render_results(answer.message, answers_of))
         assert decoded["predictions"] == over_http["predictions"] and decoded["request_id"] == "decoded-1"
         # Crops made for another model than the route's: a re-route (409), not an answer, not counted.
         before = metric_values((await client.get("/metrics")).text, "mame_requests_total")

@@ -8,11 +8,20 @@ import sys
 from pathlib import Path
 
 import pytest
+from pydantic_core import from_json
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from server.wire.channel import Channel, FrameReader, frame, serve
 from server.wire.head_timeout import HeadTimeoutProtocol, head_timeout_protocol
 from server.wire.protocol import request_id_of, without_reserved
+from server.wire.results import (
+    ImageResult,
+    RouteNames,
+    final_tokens,
+    image_answer,
+    render_results,
+    results_message,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -88,3 +97,20 @@ def test_a_channel_answers_each_call_with_its_own_answer(tmp_path):
         server.close()
 
     asyncio.run(run())
+
+
+def test_a_front_end_renders_results_into_the_answer_the_engine_would_write():
+    """results_message -> render_results gives image_answer's JSON: one image as its answer, several as
+    {request_id, results}; labels it has not (random weights) as class_<i>."""
+    route = RouteNames("tiny", "mame-0.9", "ab", "assigned")
+    results = [ImageResult([3, 1, 0], [0.5, 0.25, 0.125], [197, 150, 120], 197, 17.5, 0.004, 0.011, 3, "cpu"),
+               ImageResult([2, 0, 1], [0.75, 0.2, 0.05], [], 197, 17.6, 0.004, 0.011, 3, "cpu")]
+    labels = ["cat", "dog", "owl"]
+    answers = {"tiny": ("random", labels)}
+    one = render_results(results_message(route, "r1", results[:1], 0.02, 2, False), answers)
+    assert from_json(one) == image_answer(route, "random", labels, "r1", results[0], 0.02, 2)
+    assert [p["label"] for p in from_json(one)["predictions"]] == ["class_3", "dog"]
+    several = from_json(render_results(results_message(route, "r2", results, 0.02, 3, True), answers))
+    assert several == {"request_id": "r2",
+                       "results": [image_answer(route, "random", labels, "r2", r, 0.02, 3) for r in results]}
+    assert several["results"][1]["tokens"]["final"] == final_tokens(results[1]) == 197  # no blocks: the input

@@ -18,6 +18,7 @@ from server.engine.batching import Scheduler, WorkItem, resolve_all
 from server.engine.devices import DeviceModel
 from server.engine.metrics import Metrics
 from server.wire.errors import ApiError, internal, timeout
+from server.wire.results import ImageResult
 
 log = logging.getLogger("mame.server")
 T = TypeVar("T")
@@ -25,21 +26,6 @@ T = TypeVar("T")
 # the
 # number of input tokens
 BatchOutputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]
-
-
-@dataclass(frozen=True)
-class ImageResult:
-    """What one forward pass says about one image."""
-
-    indices: list[int]
-    scores: list[float]
-    tokens_per_block: list[int]
-    input_tokens: int
-    gflops: float
-    queue_s: float
-    inference_s: float
-    batch_size: int
-    device: str
 
 
 def stack_batch(images: Sequence[torch.Tensor], pin: bool) -> torch.Tensor:

@@ -56,6 +56,7 @@ from server.wire.protocol import (
     request_id_of,
     without_reserved,
 )
+from server.wire.results import render_results
 
 log = logging.getLogger("mame.frontend")
 Answer = tuple[int, list[tuple[bytes, bytes]], bytes]  # status, headers, body
@@ -84,6 +85,7 @@ class Plan:
     default_model: str
     experiment_models: dict[str, str]  # running experiments
     decoders: dict[str, Decoder]
+    answers: dict[str, tuple[str, list[str]]]  # each model's weights and labels, for its answers
     fetched_at: float
 
     @classmethod
@@ -100,6 +102,7 @@ class Plan:
             data["default_model"],
             data["experiment_models"],
             decoders,
+            {name: (weights, labels) for name, (weights, labels) in data["answers"].items()},
             fetched_at,
         )
 
@@ -263,6 +266,9 @@ class FrontEnd:
         with `path` /v1/explain, its explain())."""
         head = {"query": query, "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in headers]}
         head, answer = await self.channel.call(head | ({"path": path} if path else {}), body)
+        if head.get("results"):  # a classification's results: the answer is rendered here
+            assert self.plan is not None  # the model's crops were made with it
+            answer = render_results(answer, self.plan.answers)
         return (
             head["status"],
             [(k.encode("latin-1"), v.encode("latin-1")) for k, v in head["headers"]],

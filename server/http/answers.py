@@ -1,20 +1,16 @@
-"""The JSON bodies the engine answers: an image's answer, errors as the contract has them, and the one query
-parameter read as a number."""
+"""The JSON bodies the engine answers: JSON content, errors as the contract has them, and the one query
+parameter read as a number (an image's answer: server/wire/results.py)."""
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 from pydantic_core import to_json
 from starlette.responses import Response
 
 from server.wire.errors import ApiError, internal, invalid_parameter
-
-if TYPE_CHECKING:
-    from server.engine.worker import ImageResult
-    from server.experiments.registry import Assignment
 
 log = logging.getLogger("mame.server")
 _INT = TypeAdapter(int)
@@ -50,36 +46,3 @@ def unexpected_error(method: str, path: str, request_id: str) -> Response:
     return error_response(
         internal(f"unexpected server error; the server log has request {request_id}"), request_id
     )
-
-
-def image_answer(route: Assignment, weights: str, labels: list[str], request_id: str, result: ImageResult,
-                 total_s: float, top_k: int | None = None) -> dict[str, Any]:
-    """One image's answer; `top_k`: the predictions shown, of those computed (all when None)."""
-    per_block = result.tokens_per_block
-    final = per_block[-1] if per_block else result.input_tokens
-    return {
-        "request_id": request_id,
-        "model": route.model,
-        "variant": route.variant,
-        "experiment": route.experiment,
-        "assignment": route.assignment,
-        "weights": weights,
-        "predictions": [
-            {"label": labels[i] if i < len(labels) else f"class_{i}", "index": i, "score": round(s, 6)}
-            for i, s in zip(result.indices[:top_k], result.scores[:top_k])
-        ],
-        "tokens": {
-            "input": result.input_tokens,
-            "per_block": per_block,
-            "final": final,
-            "reduction": round(1.0 - final / result.input_tokens, 4),
-        },
-        "gflops": round(result.gflops, 4),
-        "batch_size": result.batch_size,
-        "device": result.device,
-        "timings_ms": {
-            "queue": round(result.queue_s * 1000, 3),
-            "inference": round(result.inference_s * 1000, 3),
-            "total": round(total_s * 1000, 3),
-        },
-    }

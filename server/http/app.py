@@ -22,7 +22,7 @@ from server.experiments.labels import RecentAnswers
 from server.experiments.registry import ExperimentRegistry, ModelVariants
 from server.http import middleware
 from server.http.answers import error_response, unexpected_error
-from server.http.classify import ClassifyRequest, Engine, classify
+from server.http.classify import ClassifyRequest, Engine, FrontendResults, classify
 from server.http.docs_page import add_docs_page
 from server.http.explain import explain
 from server.http.heartbeat import LoopHeartbeat
@@ -85,7 +85,8 @@ EXPLAIN_PATH = "/v1/explain"  # a channel request's "path": classify's when abse
 
 async def channel_request(engine: Engine, head: channel.Head, body: bytes) -> tuple[channel.Head, bytes]:
     """A request a front-end decoded, from the channel (server/wire/channel.py), answered by classify() (or
-    explain(), for the path /v1/explain)."""
+    explain(), for the path /v1/explain). A classification's answer is its results: the head says "results",
+    and the front-end renders them (server/wire/results.py)."""
     path = head.get("path", "/v1/classify")
     headers = first_values(head["headers"])
     given_id = headers.get("x-request-id")
@@ -102,6 +103,9 @@ async def channel_request(engine: Engine, head: channel.Head, body: bytes) -> tu
             crops=body,
         )
         response = await (explain if path == EXPLAIN_PATH else classify)(engine, request)
+        if isinstance(response, FrontendResults):  # "results": the front-end renders the answer
+            headers_out = [["content-type", "application/json"], ["x-request-id", request_id]]
+            return {"status": 200, "results": True, "headers": headers_out}, response.message
     except ApiError as exc:
         response = error_response(exc, request_id)
     except Exception:  # noqa: BLE001 - logged; without an answer the front-end's request would wait for ever

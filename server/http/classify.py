@@ -21,7 +21,7 @@ from server.decode.imaging import open_all
 from server.decode.lane import decode_in_lanes
 from server.engine.batching import QueueFull, Reservation, SchedulerClosed, WorkItem
 from server.experiments.labels import LABEL_TOP_K
-from server.http.answers import image_answer, json_response, query_int
+from server.http.answers import json_response, query_int
 from server.http.frontend_requests import (
     CropArenas,
     Reroute,
@@ -50,6 +50,7 @@ from server.wire.protocol import (
     FRONTEND_RESERVATION,
     FRONTEND_STARTED,
 )
+from server.wire.results import ImageResult, final_tokens, image_answer, results_message
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -58,7 +59,6 @@ if TYPE_CHECKING:
     from server.config import ServingConfig
     from server.engine.metrics import Metrics
     from server.engine.service import InferenceService
-    from server.engine.worker import ImageResult
     from server.experiments.fleet import SplitSync
     from server.experiments.labels import RecentAnswers
     from server.experiments.registry import Assignment, ExperimentRegistry
@@ -89,6 +89,14 @@ class Engine:
     splits: SplitSync | None = None  # the fleet's split store, when one is configured
     answers: RecentAnswers | None = None  # for labels posted later (None: labels.max_answers is 0)
     judge_url: str | None = None
+
+
+@dataclass(frozen=True)
+class FrontendResults:
+    """The answer to a request a front-end process decoded: its results (server/wire/results.py), which the
+    front-end renders as the JSON answer. 200, application/json."""
+
+    message: bytes
 
 
 @dataclass(frozen=True)
@@ -135,8 +143,9 @@ class _Outcome:
     reservation: Reservation | None = None  # queue places held while the images decode
 
 
-async def classify(engine: Engine, request: ClassifyRequest) -> Response:
-    """The answer, or an ApiError (answered by the caller as the contract says)."""
+async def classify(engine: Engine, request: ClassifyRequest) -> Response | FrontendResults:
+    """The answer (a front-end's request answered: its results), or an ApiError (answered by the caller as the
+    contract says)."""
     outcome = _Outcome(_asked_labels(engine, request.query))
     log.debug("request %s accepted", request.request_id)
     try:
@@ -172,7 +181,7 @@ def _asked_labels(engine: Engine, query: Mapping[str, str]) -> tuple[str, str, s
     return model_label, "", experiment if experiment_model is not None else ""
 
 
-async def _answer(engine: Engine, request: ClassifyRequest, outcome: _Outcome) -> Response:
+async def _answer(engine: Engine, request: ClassifyRequest, outcome: _Outcome) -> Response | FrontendResults:
     params, limits, service = request.query, engine.config.limits, engine.service
     deadline = request.started + limits.request_timeout_s
     # First, as FastAPI's parameter validation would: a bad value is a 422 (counted like any answer).
@@ -201,12 +210,8 @@ async def _answer(engine: Engine, request: ClassifyRequest, outcome: _Outcome) -
     # the top 5 at least, for labels posted later (the answer shows top_k)
     computed_k = max(top_k, LABEL_TOP_K) if engine.answers is not None else top_k
     results = await _results(engine, route, images, computed_k, deadline, outcome, shared_at)
-    info = service.models[route.model]
     total_s = time.monotonic() - request.started
-    answers = [
-        image_answer(route, info.weights, info.labels, request.request_id, r, total_s, top_k) for r in results
-    ]
-    _observe(engine, outcome, results, answers)
+    _observe(engine, outcome, results)
     if engine.answers is not None:  # a reference to each image's top-5: a dict insert, no copy
         engine.answers.remember(request.request_id, route, [r.indices for r in results])
     if route.shadow_variant is not None and engine.shadows is not None:
@@ -214,9 +219,14 @@ async def _answer(engine: Engine, request: ClassifyRequest, outcome: _Outcome) -
         engine.shadows.start(route, [image.clone() for image in images] if request.receive is None
                              else list(images), list(results))
     outcome.status = 200
-    if multipart and len(answers) > 1:
-        return json_response({"request_id": request.request_id, "results": answers})
-    return json_response(answers[0])
+    as_list = multipart and len(results) > 1
+    if request.receive is None:  # a front-end's request: the front-end renders the answer
+        return FrontendResults(results_message(route, request.request_id, results, total_s, top_k, as_list))
+    info = service.models[route.model]
+    answers = [
+        image_answer(route, info.weights, info.labels, request.request_id, r, total_s, top_k) for r in results
+    ]
+    return json_response({"request_id": request.request_id, "results": answers} if as_list else answers[0])
 
 
 def _admit(engine: Engine, request: ClassifyRequest, route: Assignment, outcome: _Outcome,
@@ -363,15 +373,15 @@ def _expire_items(items: list[WorkItem]) -> None:
             item.future.set_exception(TimeoutError())
 
 
-def _observe(engine: Engine, outcome: _Outcome, results: list[ImageResult], answers: list[dict]) -> None:
+def _observe(engine: Engine, outcome: _Outcome, results: list[ImageResult]) -> None:
     metrics = engine.metrics
     queue_wait = metrics.queue_wait_of(*outcome.labels)
-    final_tokens = metrics.final_tokens_of(*outcome.labels)
+    final_tokens_seen = metrics.final_tokens_of(*outcome.labels)
     gflops = metrics.gflops_of(*outcome.labels)
-    for result, answer in zip(results, answers):
-        final = answer["tokens"]["final"]
+    for result in results:
+        final = final_tokens(result)
         queue_wait.observe(result.queue_s)
-        final_tokens.observe(final)
+        final_tokens_seen.observe(final)
         gflops.observe(result.gflops)
         outcome.final_tokens.append(final)
         outcome.gflops.append(result.gflops)

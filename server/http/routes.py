@@ -79,6 +79,9 @@ async def frontend_plan(request: Request) -> dict[str, Any]:
         "experiment_models": {e["name"]: e["model"] for e in running},
         "decoders": {name: decode_plan(service.transforms[name], info.input_size)
                      for name, info in service.models.items()} if ready else {},
+        # what it renders its answers with (server/wire/results.py)
+        "answers": {name: [info.weights, info.labels]
+                    for name, info in service.models.items()} if ready else {},
     }
 
 

@@ -8,7 +8,8 @@ small JSON head and the body:
   FRAME (head bytes, body bytes) + JSON head + body
   request head  {"id": n, "query": "top_k=3", "headers": [[name, value], ...]}
                 body: the crops, if not in shared memory
-  answer head   {"id": n, "status": 200, "headers": [[name, value], ...]}
+  answer head   {"id": n, "status": 200, "headers": [[name, value], ...]}, and "results": true where the body
+                is a classification's results for the front-end to render (server/wire/results.py)
                 body: the HTTP answer's body
 """
 
