@@ -116,9 +116,7 @@ class ServerEngine:
         outcome.n_images = len(call.images)
         images = await self._crops(route, call.images, outcome, deadline)
         results = await _results(parts, route, images, call.top_k, deadline, outcome)
-        finals = [{"tokens": {"final": r.tokens_per_block[-1] if r.tokens_per_block else r.input_tokens}}
-                  for r in results]
-        _observe(parts, outcome, results, finals)
+        _observe(parts, outcome, results)
         if route.shadow_variant is not None and parts.shadows is not None:
             parts.shadows.start(route, images, list(results))
         outcome.status = 200
