@@ -224,7 +224,7 @@ def measure(images_per_request: int, concurrency: int, seconds: float, batch: in
             max_wait_ms: float = 5.0, torch_threads: int = 1, rate: float = 0.0) -> EngineFigures:
     from server.engine.metrics import Metrics
     from server.engine.service import InferenceService
-    from server.http.app import build_engine, channel_request, freeze_startup_heap
+    from server.http.app import build_engine, channel_request, collector_for_serving
 
     config = engine_config(batch, max_wait_ms)
     metrics = Metrics()
@@ -233,7 +233,7 @@ def measure(images_per_request: int, concurrency: int, seconds: float, batch: in
     if not service.ready.wait(300):
         raise RuntimeError(f"the engine did not load: {service.failed}")
     engine = build_engine(config, service, preprocess_threads=1)
-    freeze_startup_heap()  # as the server does before it serves
+    collector_for_serving()  # as the server does before it serves
 
     async def serve() -> EngineFigures:
         requests, seconds_measured, spent, first, last = await _drive(

@@ -5,9 +5,11 @@ contract against real server processes."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import json
 import time
+from collections import Counter
 
 import httpx
 import numpy as np
@@ -108,6 +110,15 @@ def decoded_request(crops: list[bytes], model: str = "tiny", query: str = "top_k
     )
 
 
+def http_request(body: bytes) -> ClassifyRequest:
+    """A request whose body classify() reads and decodes itself (the HTTP route's, without a scope)."""
+    async def receive() -> dict:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    headers = Headers({"content-type": "image/png", "content-length": str(len(body))})
+    return ClassifyRequest("http-1", QueryParams(""), headers, "10.0.0.9", time.monotonic(), receive=receive)
+
+
 def test_classify_answers_a_decoded_request_as_the_http_route_answers_the_image(app, images):
     """The channel's road: classify() with a small request object, no ASGI scope."""
     async def check(client: httpx.AsyncClient) -> None:
@@ -196,5 +207,34 @@ def test_a_small_image_is_not_decoded_behind_a_large_one():
         small = await client.post("/v1/classify", content=sample_images()["flat"])
         assert small.status_code == 200 and not sent.done()
         assert (await sent).status_code == 200
+
+    asyncio.run(running(app, check))
+
+
+def test_an_answered_request_leaves_no_cyclic_garbage(app, images):
+    """The server collects its youngest generation rarely (collector_for_serving): cheap only while answering
+    a request, decoded here or by a front-end, leaves nothing that only the cyclic collector can free."""
+    async def check(client: httpx.AsyncClient) -> None:
+        engine, crop = app.state.engine, crop_of(app, images["shapes"])
+
+        async def answer_both() -> None:
+            assert isinstance(await classify(engine, decoded_request([crop])), FrontendResults)
+            request = http_request(images["shapes"])
+            assert (await classify(engine, request)).status_code == 200
+
+        await answer_both()  # first calls fill caches (label children, views)
+        gc.collect()
+        gc.disable()
+        try:
+            for _ in range(10):
+                await answer_both()
+            gc.set_debug(gc.DEBUG_SAVEALL)
+            gc.collect()
+            garbage = Counter(type(o).__qualname__ for o in gc.garbage)
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.enable()
+        assert not garbage, garbage
 
     asyncio.run(running(app, check))

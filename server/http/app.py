@@ -133,12 +133,20 @@ def first_values(pairs: list[list[str]]) -> dict[str, str]:
     return headers
 
 
-def freeze_startup_heap() -> None:
+# Net new objects that start a collection of the youngest generation while serving (CPython's default: 700).
+# An answered request leaves no cyclic garbage, so such a collection frees nothing; at 700, what the requests
+# of one batch hold at once started one every few milliseconds, and their survivors the older generations'.
+SERVING_GC_THRESHOLD = 10_000
+
+
+def collector_for_serving() -> None:
     """What is alive now (imported modules: torch, timm, FastAPI, pydantic; ~400k objects) lives as long as
     the process. Frozen, the cyclic collector stops walking it: a full collection holds the GIL (every
-    thread, the event loop included, stalls) for a time that grows with the objects it walks."""
+    thread, the event loop included, stalls) for a time that grows with the objects it walks. Then the
+    youngest generation is collected every SERVING_GC_THRESHOLD net new objects (docs/benchmarks.md)."""
     gc.collect()
     gc.freeze()
+    gc.set_threshold(SERVING_GC_THRESHOLD, *gc.get_threshold()[1:])
 
 
 def create_app(config: ServingConfig, service: InferenceService, *, preprocess_threads: int = 4,
@@ -155,7 +163,7 @@ def create_app(config: ServingConfig, service: InferenceService, *, preprocess_t
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        freeze_startup_heap()
+        collector_for_serving()
         heartbeat.start()
         service.start(on_failure=on_fatal)
         if engine.splits is not None:
