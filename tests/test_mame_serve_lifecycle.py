@@ -230,6 +230,20 @@ def test_a_killed_device_process_leaves_nothing_in_the_temp_dir(short_tmp):
     assert not leftovers(tmp), leftovers(tmp)
 
 
+def test_a_temp_dir_too_long_for_unix_sockets_still_serves(tmp_path):
+    """The device process shares its slabs over Unix sockets in its temp dir: under a TMPDIR too long a path
+    for them (107 bytes), it makes that dir in /tmp instead, and the log says so."""
+    tmp = tmp_path / ("t" * 80)
+    tmp.mkdir()
+    with running_server(
+        tiny_config(), args=["--layout", "frontends", "--http-processes", "1"], env={"TMPDIR": str(tmp)}
+    ) as server:
+        answer = httpx.post(f"{server.url}/v1/classify", content=sample_images()["flat"], timeout=30)
+        assert answer.status_code == 200, answer.text
+        log = server.log()
+    assert "too long a path for Unix sockets: the device process uses /tmp" in log, log
+
+
 def test_requests_while_the_models_load_get_not_ready_and_a_retry_after(tmp_path):
     """The port is open before the models are: a request then is a 503 `not_ready` with Retry-After, /readyz
     says loading, /v1/models lists nothing yet and says so; once ready, the same request is answered."""

@@ -91,6 +91,22 @@ class WarmUp:
     variants: dict[str, list[MergeSettings]]
 
 
+# The longest Unix socket path (sun_path less its NUL), and what multiprocessing adds to a temp dir for the
+# sockets through which the child shares its slabs ("/pymp-XXXXXXXX/listener-XXXXXXXX", 32), with room.
+UNIX_PATH_MAX = 107
+SOCKET_SUFFIX_BYTES = 40
+
+
+def socket_safe_tempdir() -> str | None:
+    """Where the child's multiprocessing temp dir goes: the system's (None: TMPDIR's), unless its sockets'
+    paths would be too long there (a long TMPDIR); then /tmp."""
+    if len(os.fsencode(tempfile.gettempdir())) + SOCKET_SUFFIX_BYTES <= UNIX_PATH_MAX:
+        return None
+    log.warning("the temp dir %s is too long a path for Unix sockets: the device process uses /tmp",
+                tempfile.gettempdir())
+    return "/tmp"
+
+
 def _exit_orphaned(tempdir: str) -> NoReturn:
     """The server is gone: exit now, removing what it would have removed (it may have been killed)."""
     shutil.rmtree(tempdir, ignore_errors=True)
@@ -275,7 +291,8 @@ class ProcessWorker:
         ctx = mp.get_context("spawn")  # never fork a process that holds threads (and maybe CUDA)
         command_in, command_out = ctx.Pipe(duplex=False)
         answer_in, answer_out = ctx.Pipe(duplex=False)
-        self._tempdir = tempfile.mkdtemp(prefix="pymp-")  # the child's multiprocessing temp dir
+        # the child's multiprocessing temp dir
+        self._tempdir = tempfile.mkdtemp(prefix="pymp-", dir=socket_safe_tempdir())
         self._process = ctx.Process(
             target=_child_main,
             name=f"mame-device-{self.device}",
