@@ -7,7 +7,8 @@ weights per device), the A/B registry, the metrics. It listens on private Unix s
 processes listen on the public port (SO_REUSEPORT) and, for `POST /v1/classify`, read the body, split
 multipart, decode and crop each image (PIL, in threads of their own), then send the uint8 crops (in shared
 memory) with the request's query and headers over a framed channel (server/wire/channel.py) to the engine,
-whose classify() answers it.
+whose classify() answers it with the results, which the front-end renders as the JSON answer
+(server/wire/results.py).
 The engine routes, batches, answers and counts exactly as for a request it decoded itself, so answers,
 errors, A/B assignment and metrics are the same; its cost per image is a memory copy. Every other request is
 passed to the engine as it came.

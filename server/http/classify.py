@@ -50,7 +50,7 @@ from server.wire.protocol import (
     FRONTEND_RESERVATION,
     FRONTEND_STARTED,
 )
-from server.wire.results import ImageResult, final_tokens, image_answer, results_message
+from server.wire.results import ImageResult, final_tokens, image_answer, request_answer, results_message
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -226,7 +226,7 @@ async def _answer(engine: Engine, request: ClassifyRequest, outcome: _Outcome) -
     answers = [
         image_answer(route, info.weights, info.labels, request.request_id, r, total_s, top_k) for r in results
     ]
-    return json_response({"request_id": request.request_id, "results": answers} if as_list else answers[0])
+    return json_response(request_answer(request.request_id, answers, as_list))
 
 
 def _admit(engine: Engine, request: ClassifyRequest, route: Assignment, outcome: _Outcome,

@@ -76,10 +76,15 @@ def image_answer(route: Any, weights: str, labels: Sequence[str], request_id: st
     }
 
 
+def request_answer(request_id: str, answers: list[dict[str, Any]], as_list: bool) -> dict[str, Any]:
+    """A request's answer from its images' (`image_answer`): {"request_id", "results": [...]} where `as_list`
+    (several images of a multipart request), else the one image's."""
+    return {"request_id": request_id, "results": answers} if as_list else answers[0]
+
+
 def results_message(route: Any, request_id: str, results: Sequence[ImageResult], total_s: float,
                     top_k: int, as_list: bool) -> bytes:
-    """A request's results for `render_results`; `as_list`: answered as {"request_id", "results": [...]}
-    (several images of a multipart request), else as the one image's answer."""
+    """A request's results for `render_results`; `as_list` as for `request_answer`."""
     return to_json([request_id, route.model, route.variant, route.experiment, route.assignment, total_s,
                     top_k, as_list, results])
 
@@ -92,4 +97,4 @@ def render_results(message: bytes, answers_of: Mapping[str, tuple[str, Sequence[
     weights, labels = answers_of[model]
     answers = [image_answer(route, weights, labels, request_id, ImageResult(*result), total_s, top_k)
                for result in results]
-    return to_json({"request_id": request_id, "results": answers} if as_list else answers[0])
+    return to_json(request_answer(request_id, answers, as_list))
