@@ -326,7 +326,7 @@ def test_a_client_that_leaves_mid_body_is_counted_as_499_not_a_server_error(serv
     assert counted("499") == before + 1 and counted("500") == errors_before
 
 
-def test_models_health_readiness_docs(server):
+def test_models_health_readiness_docs(server, images):
     models = httpx.get(f"{server.url}/v1/models").json()
     assert models["default_model"] == "tiny"
     (tiny,) = models["models"]
@@ -374,6 +374,8 @@ def test_models_health_readiness_docs(server):
     )
     missing = httpx.get(f"{server.url}/no/such/path")
     assert missing.status_code == 404 and missing.json()["error"] == "not_found"
+    # one answered request of its own: under pytest-xdist this test may be the first on its server
+    assert post(server, images["flat"]).status_code == 200
     metrics = httpx.get(f"{server.url}/metrics").text
     assert metric_values(metrics, "mame_model_info") == {
         '{arch="vit_tiny_patch16_224",device="cpu",dtype="float32",model="tiny",weights="random-init"}': 1.0}
