@@ -42,10 +42,9 @@ def item(loop, variant: str = "a", image: torch.Tensor | None = None, deadline_s
                     time.monotonic() + deadline_s, loop.create_future(), loop)
 
 
-def scheduler(max_batch_size=4, max_wait_ms=50.0, max_queue=10, depths=None) -> Scheduler:
-    on_depth = (lambda m, v, d: depths.append((v, d))) if depths is not None else None
+def scheduler(max_batch_size=4, max_wait_ms=50.0, max_queue=10) -> Scheduler:
     return Scheduler({"m": BatchingConfig(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
-                                          max_queue=max_queue)}, on_depth)
+                                          max_queue=max_queue)})
 
 
 def test_full_batch_is_taken_at_once_and_holds_one_variant(loop):
@@ -77,14 +76,13 @@ def test_oldest_head_goes_first_across_variants(loop):
 
 
 def test_bounded_queue_takes_all_of_a_request_or_none(loop):
-    depths = []
-    s = scheduler(max_queue=4, depths=depths)
+    s = scheduler(max_queue=4)
     s.submit([item(loop) for _ in range(3)])
     with pytest.raises(QueueFull):
         s.submit([item(loop), item(loop)])
-    assert s.pending("m") == 3
+    assert s.pending("m") == 3 and s.depth("m", "a") == 3
     s.submit([item(loop)])
-    assert depths[-1] == ("a", 4)
+    assert s.depth("m", "a") == 4 and s.depth("m", "b") == 0
 
 
 def test_discard_frees_the_queue(loop):
@@ -97,8 +95,7 @@ def test_discard_frees_the_queue(loop):
 
 
 def test_the_queue_of_a_stalled_device_fails_with_the_given_error_and_frees_its_places(loop):
-    depths = []
-    s = scheduler(max_queue=4, depths=depths)
+    s = scheduler(max_queue=4)
     items = [item(loop, "a"), item(loop, "b"), item(loop, "b")]
     s.submit(items[:1])
     s.submit(items[1:])
@@ -106,7 +103,7 @@ def test_the_queue_of_a_stalled_device_fails_with_the_given_error_and_frees_its_
     assert s.fail_queued({"m"}, stalled) == 3 and s.pending("m") == 0
     loop.run_until_complete(asyncio.sleep(0))  # the failures arrive through the loop
     assert all(i.future.exception() is stalled for i in items)
-    assert ("a", 0) in depths and ("b", 0) in depths
+    assert s.depth("m", "a") == 0 and s.depth("m", "b") == 0
     s.submit([item(loop) for _ in range(4)])  # the places are free again
 
 

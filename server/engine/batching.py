@@ -101,20 +101,15 @@ def resolve_all(items: list[WorkItem], values: list[Any]) -> None:
             pass
 
 
-DepthCallback = Callable[[str, str, int], None]
-
-
 class Scheduler:
     """Thread-safe queues keyed by (model, variant); workers block in `next_batch`."""
 
-    def __init__(self, batching: dict[str, BatchingConfig], on_depth: DepthCallback | None = None,
-                 guarantees: dict[str, dict[str, int]] | None = None):
+    def __init__(self, batching: dict[str, BatchingConfig], guarantees: dict[str, dict[str, int]] | None = None):
         self._batching = batching
         # places of max_queue each variant is sure to find (ModelConfig.queue_guarantees); none: shared
         self._guarantees = guarantees or {}
         self._held: dict[tuple[str, str], int] = {}  # places queued or reserved, per variant
         self._reserved = 0  # places reserved and not yet submitted: workers wait for them while draining
-        self._on_depth = on_depth or (lambda model, variant, depth: None)
         self._cond = threading.Condition()
         self._queues: dict[tuple[str, str], deque[WorkItem]] = {}
         self._pending = {model: 0 for model in batching}
@@ -194,9 +189,7 @@ class Scheduler:
                 queue = self._queues[model, variant] = deque()
             wake = not queue  # a new head: a waiting worker's next due time changes
             queue.extend(items)
-            depth = len(queue)
-            self._on_depth(model, variant, depth)
-            wake = wake or depth >= self._batching[model].max_batch_size  # a full batch is due now
+            wake = wake or len(queue) >= self._batching[model].max_batch_size  # a full batch is due now
             # Otherwise a waiting worker already sleeps until this queue's head is due: waking it for every
             # request would spend the server process's GIL on wake-ups that find no batch to take.
             if wake or self._closed:
@@ -231,7 +224,6 @@ class Scheduler:
                 if queue is not None and item in queue:
                     queue.remove(item)
                     self._hold(item.model, item.variant, -1)
-                    self._on_depth(item.model, item.variant, len(queue))
 
     def fail_queued(self, models: Collection[str], exc: BaseException) -> int:
         """Remove the queued (not yet taken) items of `models` and fail them with `exc` (their device is
@@ -243,7 +235,6 @@ class Scheduler:
                     failed.extend(queue)
                     self._pending[key[0]] -= len(queue)
                     queue.clear()
-                    self._on_depth(*key, 0)
         for item in failed:
             item.fail(exc)
         return len(failed)
@@ -301,6 +292,11 @@ class Scheduler:
         for item in dropped:
             item.fail(SchedulerClosed("the server is shutting down: shadow run dropped"))
 
+    def depth(self, model: str, variant: str) -> int:
+        """Images of `variant` waiting in its queue now (read by the queue-depth gauge at each scrape)."""
+        with self._cond:
+            return len(self._queues.get((model, variant), ()))
+
     def pending(self, model: str) -> int:
         with self._cond:
             return self._pending[model]
@@ -319,5 +315,4 @@ class Scheduler:
             self._shadow_pending[key[0]] -= len(batch)
         else:
             self._hold(*key, -len(batch))
-            self._on_depth(*key, len(queue))
         return batch

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -78,17 +79,14 @@ class InferenceService:
         self.torch_threads = torch_threads
         self.metrics = metrics
         self.warmup = warmup
-        depth_gauges: dict[tuple[str, str], Any] = {}
-
-        def on_depth(model: str, variant: str, depth: int) -> None:  # per queue change: labels() only once
-            gauge = depth_gauges.get((model, variant))
-            if gauge is None:
-                gauge = depth_gauges[model, variant] = metrics.queue_depth.labels(model, variant)
-            gauge.set(depth)
-
         models = config.models.items()
-        self.scheduler = Scheduler({name: m.batching for name, m in models}, on_depth=on_depth,
+        self.scheduler = Scheduler({name: m.batching for name, m in models},
                                    guarantees={name: m.queue_guarantees() for name, m in models})
+        # Read at each scrape: a gauge set on every queue change cost the request path a call per request.
+        for name, model_config in models:
+            for variant in model_config.variants:
+                metrics.queue_depth.labels(name, variant).set_function(
+                    functools.partial(self.scheduler.depth, name, variant))
         self.models: dict[str, ModelInfo] = {}
         self.transforms: dict[str, HostTransform] = {}
         self.workers: list[DeviceWorker | ProcessWorker] = []

@@ -240,13 +240,9 @@ def _admit(engine: Engine, request: ClassifyRequest, route: Assignment, outcome:
     outcome.reservation = _reserve(engine, route, outcome.n_images)
     token = request.request_id + f"-{id(outcome.reservation):x}"
     engine.admitted[token] = (route, outcome.reservation)
-    asyncio.get_running_loop().call_at(_loop_time(deadline) + 1.0, _expire, engine, token)
+    asyncio.get_running_loop().call_later(deadline - time.monotonic() + 1.0, _expire, engine, token)
     outcome.reservation, outcome.counted = None, False
     return JSONResponse({"reservation": token}, status_code=202)
-
-
-def _loop_time(monotonic: float) -> float:
-    return asyncio.get_running_loop().time() + (monotonic - time.monotonic())
 
 
 def _expire(engine: Engine, token: str) -> None:
@@ -269,10 +265,12 @@ async def _images(engine: Engine, request: ClassifyRequest, route: Assignment, o
             raise_frontend_error(headers)  # errors before admission first: they do not depend on the model
         if headers.get(FRONTEND_MODEL) != route.model:
             raise Reroute(route.model)
-        if outcome.reservation is None:
-            outcome.reservation = _reserve(engine, route, outcome.n_images)
-        if decoding_error:
+        if decoding_error:  # refused as it would have been before decoding (503 when the queue is full)
+            if outcome.reservation is None:
+                outcome.reservation = _reserve(engine, route, outcome.n_images)
             raise_frontend_error(headers)
+        if outcome.reservation is None:  # not admitted before: the queue's room is checked on submitting
+            _check_size(engine, route, outcome.n_images)
         input_size = engine.service.models[route.model].input_size
         return frontend_crops(headers, request.crops, input_size, engine.arenas, shared_at), headers[
             FRONTEND_MULTIPART
@@ -315,18 +313,22 @@ async def decode_opened(engine: Engine, model: str, opened: list[Image.Image],
 def _reserve(engine: Engine, route: Assignment, n_images: int) -> Reservation:
     """The request's places in its variant's share of the queue, or 413 (more than the variant can ever
     hold: a 503 would be retried for ever) or 503 `overloaded` (the share is full now)."""
-    scheduler = engine.service.scheduler
-    limit = scheduler.capacity(route.model, route.variant)
-    if n_images > limit:
-        raise too_large(f"{n_images} images in one request; variant {route.variant!r} of model "
-                        f"{route.model!r} queues at most {limit} (its batching.max_queue less the other "
-                        "variants' shares)")
+    _check_size(engine, route, n_images)
     try:
-        return scheduler.reserve(route.model, route.variant, n_images)
+        return engine.service.scheduler.reserve(route.model, route.variant, n_images)
     except QueueFull as exc:
         raise overloaded(str(exc)) from None
     except SchedulerClosed as exc:
         raise overloaded(str(exc), retry_after_s=5) from None
+
+
+def _check_size(engine: Engine, route: Assignment, n_images: int) -> None:
+    """413 for more images than the variant can ever queue: a 503 would be retried for ever."""
+    limit = engine.service.scheduler.capacity(route.model, route.variant)
+    if n_images > limit:
+        raise too_large(f"{n_images} images in one request; variant {route.variant!r} of model "
+                        f"{route.model!r} queues at most {limit} (its batching.max_queue less the other "
+                        "variants' shares)")
 
 
 def _deadline_passed(engine: Engine) -> ApiError:
@@ -345,8 +347,10 @@ async def _results(engine: Engine, route: Assignment, images: list[torch.Tensor]
     except SchedulerClosed as exc:
         raise overloaded(str(exc), retry_after_s=5) from None
     outcome.reservation = None  # the places are the queued items' now
+    if not items:
+        return []
     # The deadline fails the items' futures: a timer handle, cheaper than asyncio.timeout per request.
-    expiry = asyncio.get_running_loop().call_at(_loop_time(deadline), _expire_items, items)
+    expiry = items[0].loop.call_later(deadline - time.monotonic(), _expire_items, items)
     try:
         # One after the other: a request's images are answered together (one batch, or the deadline), so the
         # task wakes once; asyncio.gather would schedule a callback per image.

@@ -84,10 +84,12 @@ class FrameWriter:
     def __init__(self, writer: asyncio.StreamWriter):
         self.writer = writer
         self._frames: list[bytes] = []
+        # Python 3.11's get_running_loop() is a getpid() system call: looked up once
+        self._loop = asyncio.get_running_loop()
 
     def write(self, data: bytes) -> None:
         if not self._frames:
-            asyncio.get_running_loop().call_soon(self._flush)
+            self._loop.call_soon(self._flush)
         self._frames.append(data)
 
     def _flush(self) -> None:
@@ -119,11 +121,11 @@ async def serve(path: str, handler: Handler) -> asyncio.Server:
                 # whole frames: never interleaved
                 writer.write(frame({**answer_head, "id": head["id"]}, answer_body))
 
-        incoming = FrameReader(reader)
+        incoming, loop = FrameReader(reader), asyncio.get_running_loop()
         try:
             while True:
                 for head, body in await incoming.frames():
-                    task = asyncio.create_task(answer(head, body))
+                    task = loop.create_task(answer(head, body))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
         except (asyncio.IncompleteReadError, ConnectionError):
