@@ -104,7 +104,8 @@ def resolve_all(items: list[WorkItem], values: list[Any]) -> None:
 class Scheduler:
     """Thread-safe queues keyed by (model, variant); workers block in `next_batch`."""
 
-    def __init__(self, batching: dict[str, BatchingConfig], guarantees: dict[str, dict[str, int]] | None = None):
+    def __init__(self, batching: dict[str, BatchingConfig],
+                 guarantees: dict[str, dict[str, int]] | None = None):
         self._batching = batching
         # places of max_queue each variant is sure to find (ModelConfig.queue_guarantees); none: shared
         self._guarantees = guarantees or {}

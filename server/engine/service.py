@@ -9,7 +9,6 @@ import threading
 import time
 from concurrent.futures import Executor, Future
 from dataclasses import asdict, dataclass
-from typing import Any
 
 import torch
 from PIL import Image
