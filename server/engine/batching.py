@@ -23,7 +23,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -51,7 +51,7 @@ class SchedulerClosed(Exception):
     """The server is shutting down and takes no new work."""
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class WorkItem:
     """One image waiting for inference; its answer arrives through an asyncio future of the request's loop."""
 
@@ -63,7 +63,7 @@ class WorkItem:
     deadline: float  # time.monotonic()
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
-    enqueued_at: float = field(default_factory=time.monotonic)
+    enqueued_at: float = 0.0  # time.monotonic(), set when queued
     taken_at: float = 0.0
     # Where the image's pixels lie in shared memory ([H, W, 3] in a front-end's crop arena): (file, byte
     # offset). A device process then reads them there itself, and this process copies nothing.

@@ -89,8 +89,8 @@ async def channel_request(engine: Engine, head: channel.Head, body: bytes) -> tu
     and the front-end renders them (server/wire/results.py)."""
     path = head.get("path", "/v1/classify")
     headers = first_values(head["headers"])
-    given_id = headers.get("x-request-id")
-    request_id = request_id_of([(b"x-request-id", given_id.encode("latin-1"))] if given_id else [])
+    # The front-end gives every request a valid id (the client's, or a new one)
+    request_id = headers.get("x-request-id") or request_id_of([])
     try:
         given_start = headers.get(FRONTEND_STARTED)
         request = ClassifyRequest(

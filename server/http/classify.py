@@ -132,7 +132,7 @@ def http_classify_request(request: Request, behind_frontends: bool) -> ClassifyR
 class _Outcome:
     """What the request's metrics and A/B figures record once it is answered."""
 
-    labels: tuple[str, str, str]  # model, variant, experiment
+    labels: tuple[str, str, str] | None = None  # model, variant, experiment: set once routed
     status: int = 500
     route: Assignment | None = None
     n_images: int = 0
@@ -146,7 +146,7 @@ class _Outcome:
 async def classify(engine: Engine, request: ClassifyRequest) -> Response | FrontendResults:
     """The answer (a front-end's request answered: its results), or an ApiError (answered by the caller as the
     contract says)."""
-    outcome = _Outcome(_asked_labels(engine, request.query))
+    outcome = _Outcome()
     log.debug("request %s accepted", request.request_id)
     try:
         return await _answer(engine, request, outcome)
@@ -166,6 +166,8 @@ async def classify(engine: Engine, request: ClassifyRequest) -> Response | Front
         if outcome.in_flight is not None:
             outcome.in_flight.dec()
         if outcome.counted:
+            if outcome.labels is None:  # refused before routing
+                outcome.labels = _asked_labels(engine, request.query)
             _count(engine, outcome, time.monotonic() - request.started)
 
 

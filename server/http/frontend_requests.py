@@ -36,15 +36,17 @@ class CropArenas:
     def crops(self, shared_at: list[tuple[str, int]], input_size: tuple[int, int, int]) -> list[torch.Tensor]:
         """The crops at (arena file, byte offset) each (`shared_crops_at`) as channels-last [3, H, W] views
         of the arena."""
-        views = [self._views.get((path, offset, input_size)) for path, offset in shared_at]
-        if all(view is not None for view in views):
-            return views
+        try:  # after the first requests, every slot's view is made
+            return [self._views[path, offset, input_size] for path, offset in shared_at]
+        except KeyError:
+            pass
         channels, height, width = input_size
         size = channels * height * width
-        for (path, offset), view in zip(shared_at, views):
-            if view is None:
+        for path, offset in shared_at:
+            if (path, offset, input_size) not in self._views:
+                memory = self._memory(path)  # may replace self._views (a front-end gone)
                 self._views[path, offset, input_size] = \
-                    self._memory(path)[offset:offset + size].view(height, width, channels).permute(2, 0, 1)
+                    memory[offset:offset + size].view(height, width, channels).permute(2, 0, 1)
         return [self._views[path, offset, input_size] for path, offset in shared_at]
 
     def _memory(self, path: str) -> torch.Tensor:
