@@ -38,28 +38,16 @@ def frame(head: Head, body: bytes = b"") -> bytes:
 READ_BYTES = 1 << 18
 
 
-class FrameReader:
-    """The frames of a stream, every complete one that a read brought at once: no await per frame (three
-    per frame with readexactly, a share of the engine's event loop per 1-image request)."""
+class FrameBuffer:
+    """The bytes of a stream as they arrive, and the complete frames among them."""
 
-    def __init__(self, reader: asyncio.StreamReader):
-        self.reader = reader
+    def __init__(self) -> None:
         self._buffer = bytearray()
 
-    async def frames(self) -> list[tuple[Head, bytes]]:
-        """One or more frames; asyncio.IncompleteReadError when the other side has closed."""
-        while True:
-            frames, missing = self._complete()
-            if frames:
-                return frames
-            # a large frame (crops in the message): the rest of it in one read
-            data = await (self.reader.readexactly(missing) if missing > READ_BYTES
-                          else self.reader.read(READ_BYTES))
-            if not data:
-                raise asyncio.IncompleteReadError(bytes(self._buffer), None)
-            self._buffer += data
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
 
-    def _complete(self) -> tuple[list[tuple[Head, bytes]], int]:
+    def complete(self) -> tuple[list[tuple[Head, bytes]], int]:
         """The complete frames at the buffer's start (taken out of it), and the bytes the next one lacks."""
         buffer, start, frames, missing = self._buffer, 0, [], 0
         while len(buffer) - start >= FRAME.size:
@@ -76,12 +64,38 @@ class FrameReader:
             del buffer[:start]
         return frames, missing
 
+    def pending(self) -> bytes:
+        return bytes(self._buffer)
+
+
+class FrameReader:
+    """The frames of a stream, every complete one that a read brought at once: no await per frame (three
+    per frame with readexactly)."""
+
+    def __init__(self, reader: asyncio.StreamReader):
+        self.reader = reader
+        self._buffer = FrameBuffer()
+
+    async def frames(self) -> list[tuple[Head, bytes]]:
+        """One or more frames; asyncio.IncompleteReadError when the other side has closed."""
+        while True:
+            frames, missing = self._buffer.complete()
+            if frames:
+                return frames
+            # a large frame (crops in the message): the rest of it in one read
+            data = await (self.reader.readexactly(missing) if missing > READ_BYTES
+                          else self.reader.read(READ_BYTES))
+            if not data:
+                raise asyncio.IncompleteReadError(self._buffer.pending(), None)
+            self._buffer.feed(data)
+
 
 class FrameWriter:
     """Frames written in one turn of the event loop leave in one system call: the answers to a batch are
-    written together (a write per answer is a large share of the engine's GIL time, py-spy shows)."""
+    written together (a write per answer is a large share of the engine's GIL time, py-spy shows). Writes
+    to a StreamWriter or a transport."""
 
-    def __init__(self, writer: asyncio.StreamWriter):
+    def __init__(self, writer: asyncio.StreamWriter | asyncio.WriteTransport):
         self.writer = writer
         self._frames: list[bytes] = []
         # Python 3.11's get_running_loop() is a getpid() system call: looked up once
@@ -108,35 +122,43 @@ class FrameWriter:
 Handler = Callable[[Head, bytes], Awaitable[tuple[Head, bytes]]]
 
 
-async def serve(path: str, handler: Handler) -> asyncio.Server:
-    """The engine's side: answer each request frame with `handler(head, body)`, concurrently. The handler
-    answers every request, errors included: a frame left unanswered is a call that waits for ever."""
-    async def connection(reader: asyncio.StreamReader, stream: asyncio.StreamWriter) -> None:
-        tasks: set[asyncio.Task] = set()
-        writer = FrameWriter(stream)
+class _EngineSide(asyncio.Protocol):
+    """One front-end's connection, on the engine's side: a protocol that parses frames as the bytes arrive.
+    A StreamReader, and a task that awaits it, cost the engine's event loop about a third more per 1-image
+    request (docs/benchmarks.md)."""
 
-        async def answer(head: Head, body: bytes) -> None:
-            answer_head, answer_body = await handler(head, body)
-            if not writer.is_closing():
-                # whole frames: never interleaved
-                writer.write(frame({**answer_head, "id": head["id"]}, answer_body))
+    def __init__(self, handler: Handler):
+        self._handler = handler
+        self._frames = FrameBuffer()
+        self._tasks: set[asyncio.Task] = set()  # the answers being made (the loop keeps weak references)
+        self._loop = asyncio.get_running_loop()
 
-        incoming, loop = FrameReader(reader), asyncio.get_running_loop()
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._writer = FrameWriter(transport)  # type: ignore[arg-type]
+
+    def data_received(self, data: bytes) -> None:
+        self._frames.feed(data)
         try:
-            while True:
-                for head, body in await incoming.frames():
-                    task = loop.create_task(answer(head, body))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass  # the front-end has gone; what it sent is still answered (into the void)
+            frames, _ = self._frames.complete()
         except Exception:  # a frame that does not parse: this connection cannot be trusted any more
             log.exception("a bad frame from a front-end: closing its channel")
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
-        writer.close()
+            self._writer.close()
+            return
+        for head, body in frames:
+            task = self._loop.create_task(self._answer(head, body))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
-    return await asyncio.start_unix_server(connection, path=path, limit=1 << 20)
+    async def _answer(self, head: Head, body: bytes) -> None:
+        answer_head, answer_body = await self._handler(head, body)
+        if not self._writer.is_closing():  # a front-end gone: what it sent is still answered, into the void
+            self._writer.write(frame({**answer_head, "id": head["id"]}, answer_body))  # whole frames
+
+
+async def serve(path: str, handler: Handler) -> asyncio.AbstractServer:
+    """The engine's side: answer each request frame with `handler(head, body)`, concurrently. The handler
+    answers every request, errors included: a frame left unanswered is a call that waits for ever."""
+    return await asyncio.get_running_loop().create_unix_server(lambda: _EngineSide(handler), path)
 
 
 class ChannelError(ConnectionError):
