@@ -43,6 +43,7 @@ from server.engine.models import LoadedModel, load_model
 from server.engine.shared_crops import SharedCrops
 from server.engine.worker import (
     Explanation,
+    as_rows,
     batch_view,
     by_input_kind,
     drop_expired,
@@ -153,9 +154,8 @@ def _run_batch(device: torch.device, dm, slabs: list[torch.Tensor], message: tup
 
     def run(start: int, stop: int) -> tuple[Any, float]:
         started = time.monotonic()
-        scores, indices, tokens, gflops, input_tokens = infer(dm, settings, x[start:stop], top_k)
-        # numpy arrays cross the pipe by value (torch tensors would each get a shared memory file)
-        outputs = (scores.numpy(), indices.numpy(), tokens.numpy(), gflops.numpy(), input_tokens)
+        # as lists: torch tensors would each get a shared memory file
+        outputs = as_rows(infer(dm, settings, x[start:stop], top_k))
         return outputs, time.monotonic() - started
 
     try:

@@ -23,9 +23,16 @@ from server.wire.results import ImageResult
 log = logging.getLogger("mame.server")
 T = TypeVar("T")
 # top-k scores [B, k], top-k indices [B, k], tokens per block [B, blocks], GFLOPs [B] (all on the CPU), and
-# the
-# number of input tokens
+# the number of input tokens
 BatchOutputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]
+# The same as lists, a row per image: what answers are made of, and what crosses a device process's pipe
+# (plain lists pickle and unpickle in a fraction of numpy arrays' time, on the engine's busy interpreter)
+BatchRows = tuple[list[list[float]], list[list[int]], list[list[int]], list[float], int]
+
+
+def as_rows(outputs: BatchOutputs) -> BatchRows:
+    scores, indices, tokens, gflops, input_tokens = outputs
+    return scores.tolist(), indices.tolist(), tokens.tolist(), gflops.tolist(), int(input_tokens)
 
 
 def stack_batch(images: Sequence[torch.Tensor], pin: bool) -> torch.Tensor:
@@ -151,7 +158,7 @@ def drop_expired(batch: list[WorkItem]) -> list[WorkItem]:
     return live
 
 
-def resolve_batch(items: Sequence[WorkItem], outputs: BatchOutputs, inference_s: float, device: str,
+def resolve_batch(items: Sequence[WorkItem], outputs: BatchRows, inference_s: float, device: str,
                   metrics: Metrics) -> None:
     """Answer each item of a batch that ran, and record the batch's metrics."""
     scores, indices, tokens, gflops, input_tokens = outputs
@@ -159,9 +166,8 @@ def resolve_batch(items: Sequence[WorkItem], outputs: BatchOutputs, inference_s:
     labels = (first.model, first.variant, device)
     metrics.batch_inference_of(*labels).observe(inference_s)
     metrics.batch_size_of(*labels).observe(len(items))
-    # whole arrays to lists once: indexing a tensor or an array per image costs more than its answer
-    rows = zip(items, indices.tolist(), scores.tolist(), tokens.tolist(), gflops.tolist())
-    input_tokens, size = int(input_tokens), len(items)
+    rows = zip(items, indices, scores, tokens, gflops)
+    size = len(items)
     resolve_all(list(items), [ImageResult(
         indices=top[: item.top_k],
         scores=probabilities[: item.top_k],
@@ -268,6 +274,7 @@ class DeviceWorker:
 
         try:
             for start, stop, (outputs, inference_s) in split_on_oom(run, 0, len(items), self.device):
-                resolve_batch(items[start:stop], outputs, inference_s, str(self.device), self.metrics)
+                rows = as_rows(outputs)
+                resolve_batch(items[start:stop], rows, inference_s, str(self.device), self.metrics)
         except Exception as exc:  # noqa: BLE001 - a failing batch fails only its own requests
             fail_batch(items, exc, self.device)
