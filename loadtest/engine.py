@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import multiprocessing
 import os
 import tempfile
@@ -210,8 +211,8 @@ def measure_floor(images_per_request: int, concurrency: int, seconds: float, rat
     """CPU milliseconds per request of an event loop that answers each request of the same traffic at once,
     on the same channel, with no engine behind it."""
 
-    async def answer_at_once(head, body):
-        return {"status": 200, "headers": []}, b""
+    def answer_at_once(head, body, reply):
+        reply({"status": 200, "headers": []}, b"")
 
     async def serve() -> float:
         requests, _, spent, *_ = await _drive(answer_at_once, images_per_request, concurrency, seconds, rate)
@@ -237,8 +238,8 @@ def measure(images_per_request: int, concurrency: int, seconds: float, batch: in
 
     async def serve() -> EngineFigures:
         requests, seconds_measured, spent, first, last = await _drive(
-            lambda head, body: channel_request(engine, head, body), images_per_request, concurrency, seconds,
-            rate, sample=lambda: batch_totals(metrics.batch_size.collect()))
+            functools.partial(channel_request, engine), images_per_request, concurrency, seconds, rate,
+            sample=lambda: batch_totals(metrics.batch_size.collect()))
         images, batches = (a - b for a, b in zip(last, first))
         return EngineFigures(requests, images_per_request, seconds_measured, spent, images / max(1, batches))
 

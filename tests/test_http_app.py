@@ -23,7 +23,7 @@ from server.decode.imaging import decode_image
 from server.engine.metrics import Metrics
 from server.engine.service import InferenceService
 from server.http.app import create_app, first_values
-from server.http.classify import ClassifyRequest, FrontendResults, classify
+from server.http.classify import ClassifyRequest, FrontendResults, classify, classify_decoded
 from server.wire.errors import ApiError
 from server.wire.protocol import FRONTEND_IMAGES, FRONTEND_MODEL, FRONTEND_MULTIPART
 from server.wire.results import render_results
@@ -110,6 +110,24 @@ def decoded_request(crops: list[bytes], model: str = "tiny", query: str = "top_k
     )
 
 
+async def over_channel(engine, request: ClassifyRequest):
+    """classify_decoded(), as the channel calls it for a front-end's request: its one answer (an ApiError
+    raised, as classify() raises it)."""
+    answers, answered = [], asyncio.Event()
+
+    def reply(answer) -> None:
+        answers.append(answer)
+        answered.set()
+
+    classify_decoded(engine, request, reply)
+    await answered.wait()
+    await asyncio.sleep(0.05)  # time for a second answer, which must never come
+    assert len(answers) == 1, answers
+    if isinstance(answers[0], ApiError):
+        raise answers[0]
+    return answers[0]
+
+
 def http_request(body: bytes) -> ClassifyRequest:
     """A request whose body classify() reads and decodes itself (the HTTP route's, without a scope)."""
     async def receive() -> dict:
@@ -119,24 +137,45 @@ def http_request(body: bytes) -> ClassifyRequest:
     return ClassifyRequest("http-1", QueryParams(""), headers, "10.0.0.9", time.monotonic(), receive=receive)
 
 
-def test_classify_answers_a_decoded_request_as_the_http_route_answers_the_image(app, images):
-    """The channel's road: classify() with a small request object, no ASGI scope."""
+@pytest.mark.parametrize("road", ["classify_decoded", "classify"])
+def test_classify_answers_a_decoded_request_as_the_http_route_answers_the_image(app, images, road):
+    """The channel's road (classify_decoded(), answering through a callback) and classify() itself, with a
+    small request object, no ASGI scope."""
     async def check(client: httpx.AsyncClient) -> None:
         engine = app.state.engine
+        answer_of = over_channel if road == "classify_decoded" else classify
         over_http = (await client.post("/v1/classify", params={"top_k": 2}, content=images["shapes"])).json()
-        answer = await classify(engine, decoded_request([crop_of(app, images["shapes"])]))
+        answer = await answer_of(engine, decoded_request([crop_of(app, images["shapes"])]))
         assert isinstance(answer, FrontendResults)  # rendered by the front-end, with the plan's labels
         answers_of = {name: (info.weights, info.labels) for name, info in engine.service.models.items()}
         decoded = json.loads(render_results(answer.message, answers_of))
         assert decoded["predictions"] == over_http["predictions"] and decoded["request_id"] == "decoded-1"
         # Crops made for another model than the route's: a re-route (409), not an answer, not counted.
         before = metric_values((await client.get("/metrics")).text, "mame_requests_total")
-        reroute = await classify(engine, decoded_request([crop_of(app, images["flat"])], model="other"))
+        reroute = await answer_of(engine, decoded_request([crop_of(app, images["flat"])], model="other"))
         assert reroute.status_code == 409
         assert metric_values((await client.get("/metrics")).text, "mame_requests_total") == before
         with pytest.raises(ApiError) as refused:  # the caller answers it, as the contract says
-            await classify(engine, decoded_request([crop_of(app, images["flat"])], query="top_k=0"))
+            await answer_of(engine, decoded_request([crop_of(app, images["flat"])], query="top_k=0"))
         assert refused.value.status == 422
+
+    asyncio.run(running(app, check))
+
+
+def test_a_decoded_request_past_its_deadline_answers_504_and_the_next_is_answered(app, images):
+    """The deadline fails a queued request on the channel's road as on classify()'s: 504 `timeout`, its
+    places given back, and the request after it answered."""
+    async def check(client: httpx.AsyncClient) -> None:
+        engine, crop = app.state.engine, crop_of(app, images["shapes"])
+        timeout_s = engine.config.limits.request_timeout_s
+        late = decoded_request([crop])
+        late = ClassifyRequest(late.request_id, late.query, late.headers, late.client_host,
+                               time.monotonic() - timeout_s + 0.001, receive=None, crops=late.crops)
+        with pytest.raises(ApiError) as refused:
+            await over_channel(engine, late)
+        assert refused.value.status == 504 and refused.value.code == "timeout"
+        assert engine.service.scheduler.pending("tiny") == 0
+        assert isinstance(await over_channel(engine, decoded_request([crop])), FrontendResults)
 
     asyncio.run(running(app, check))
 
@@ -218,7 +257,7 @@ def test_an_answered_request_leaves_no_cyclic_garbage(app, images):
         engine, crop = app.state.engine, crop_of(app, images["shapes"])
 
         async def answer_both() -> None:
-            assert isinstance(await classify(engine, decoded_request([crop])), FrontendResults)
+            assert isinstance(await over_channel(engine, decoded_request([crop])), FrontendResults)
             request = http_request(images["shapes"])
             assert (await classify(engine, request)).status_code == 200
 

@@ -11,7 +11,7 @@ import pytest
 from pydantic_core import from_json
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from server.wire.channel import Channel, FrameReader, frame, serve
+from server.wire.channel import Channel, FrameReader, answered_by_tasks, frame, serve
 from server.wire.head_timeout import HeadTimeoutProtocol, head_timeout_protocol
 from server.wire.protocol import request_id_of, without_reserved
 from server.wire.results import (
@@ -88,7 +88,7 @@ def test_a_channel_answers_each_call_with_its_own_answer(tmp_path):
             return {"status": 200, "n": head["n"]}, body[::-1]
 
         path = str(tmp_path / "channel.sock")
-        server = await serve(path, handler)
+        server = await serve(path, answered_by_tasks(handler))
         channel = Channel(path)
         bodies = [bytes([n % 256]) * (n * 997 if n % 10 else 1 << 19) for n in range(40)]
         answers = await asyncio.gather(*(channel.call({"n": n}, body) for n, body in enumerate(bodies)))

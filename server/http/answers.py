@@ -40,9 +40,10 @@ def error_response(exc: ApiError, request_id: str) -> Response:
                     headers={**exc.headers, "X-Request-Id": request_id}, media_type="application/json")
 
 
-def unexpected_error(method: str, path: str, request_id: str) -> Response:
-    """The contract's 500 `internal` for an exception nothing else answered; the traceback goes to the log."""
-    log.exception("request %s (%s %s) failed", request_id, method, path)
+def unexpected_error(method: str, path: str, request_id: str, error: BaseException | None = None) -> Response:
+    """The contract's 500 `internal` for an exception nothing else answered (`error`, or the one being
+    handled); the traceback goes to the log."""
+    log.error("request %s (%s %s) failed", request_id, method, path, exc_info=error or True)
     return error_response(
         internal(f"unexpected server error; the server log has request {request_id}"), request_id
     )

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 import torch
@@ -22,7 +22,7 @@ from server.experiments.labels import RecentAnswers
 from server.experiments.registry import ExperimentRegistry, ModelVariants
 from server.http import middleware
 from server.http.answers import error_response, unexpected_error
-from server.http.classify import ClassifyRequest, Engine, FrontendResults, classify
+from server.http.classify import ClassifyRequest, Engine, FrontendResults, classify_decoded
 from server.http.docs_page import add_docs_page
 from server.http.explain import explain
 from server.http.heartbeat import LoopHeartbeat
@@ -36,6 +36,8 @@ from server.wire.errors import ApiError
 from server.wire.protocol import FRONTEND_CLIENT, FRONTEND_STARTED, request_id_of
 
 if TYPE_CHECKING:
+    from starlette.responses import Response
+
     from server.config import ServingConfig
     from server.engine.service import InferenceService
 
@@ -83,33 +85,56 @@ def build_engine(config: ServingConfig, service: InferenceService, preprocess_th
 EXPLAIN_PATH = "/v1/explain"  # a channel request's "path": classify's when absent
 
 
-async def channel_request(engine: Engine, head: channel.Head, body: bytes) -> tuple[channel.Head, bytes]:
-    """A request a front-end decoded, from the channel (server/wire/channel.py), answered by classify() (or
-    explain(), for the path /v1/explain). A classification's answer is its results: the head says "results",
-    and the front-end renders them (server/wire/results.py)."""
+_explaining: set[asyncio.Task] = set()  # explanations answering a front-end (the loop keeps weak references)
+
+
+def channel_request(engine: Engine, head: channel.Head, body: bytes, reply: channel.Reply) -> None:
+    """A request a front-end decoded, from the channel (server/wire/channel.py), answered through `reply` by
+    classify_decoded() (or explain(), for the path /v1/explain). A classification's answer is its results:
+    the head says "results", and the front-end renders them (server/wire/results.py)."""
     path = head.get("path", "/v1/classify")
     headers = first_values(head["headers"])
     # The front-end gives every request a valid id (the client's, or a new one)
     request_id = headers.get("x-request-id") or request_id_of([])
+
+    def answer(response: Response | FrontendResults | ApiError | BaseException) -> None:
+        reply(*_channel_answer(response, request_id, path))
+
     try:
         given_start = headers.get(FRONTEND_STARTED)
-        request = ClassifyRequest(
-            request_id,
-            query_dict(head["query"]),
-            headers,
-            headers.get(FRONTEND_CLIENT),
-            float(given_start) if given_start else time.monotonic(),
-            receive=None,
-            crops=body,
-        )
-        response = await (explain if path == EXPLAIN_PATH else classify)(engine, request)
-        if isinstance(response, FrontendResults):  # "results": the front-end renders the answer
-            headers_out = [["content-type", "application/json"], ["x-request-id", request_id]]
-            return {"status": 200, "results": True, "headers": headers_out}, response.message
-    except ApiError as exc:
-        response = error_response(exc, request_id)
-    except Exception:  # noqa: BLE001 - logged; without an answer the front-end's request would wait for ever
-        response = unexpected_error("POST", f"{path} (decoded by a front-end)", request_id)
+        request = ClassifyRequest(request_id, query_dict(head["query"]), headers,
+                                  headers.get(FRONTEND_CLIENT),
+                                  float(given_start) if given_start else time.monotonic(), receive=None,
+                                  crops=body)
+        if path != EXPLAIN_PATH:
+            classify_decoded(engine, request, answer)
+            return
+        task = asyncio.get_running_loop().create_task(explain(engine, request))
+    except Exception as exc:  # noqa: BLE001 - answered
+        answer(exc)
+        return
+    _explaining.add(task)
+    task.add_done_callback(_explaining.discard)
+    task.add_done_callback(lambda done: answer(_outcome_of(done)))
+
+
+def _outcome_of(task: asyncio.Task) -> Any:
+    """A finished task's result, or the exception it ended with."""
+    if task.cancelled():
+        return asyncio.CancelledError()
+    return task.exception() or task.result()
+
+
+def _channel_answer(response: Response | FrontendResults | ApiError | BaseException, request_id: str,
+                    path: str) -> tuple[channel.Head, bytes]:
+    """The channel's answer (head, body) to a front-end's request."""
+    if isinstance(response, FrontendResults):  # "results": the front-end renders the answer
+        headers_out = [["content-type", "application/json"], ["x-request-id", request_id]]
+        return {"status": 200, "results": True, "headers": headers_out}, response.message
+    if isinstance(response, ApiError):
+        response = error_response(response, request_id)
+    elif isinstance(response, BaseException):  # logged; without an answer the request would wait for ever
+        response = unexpected_error("POST", f"{path} (decoded by a front-end)", request_id, response)
     answer_headers = [[name.decode("latin-1"), value.decode("latin-1")]
                       for name, value in response.raw_headers if name != b"x-request-id"]
     answer_headers.append(["x-request-id", request_id])
@@ -171,7 +196,7 @@ def create_app(config: ServingConfig, service: InferenceService, *, preprocess_t
         channel_server = None
         if frontend_channel is not None:
             channel_server = await channel.serve(
-                frontend_channel, lambda head, body: channel_request(engine, head, body)
+                frontend_channel, lambda head, body, reply: channel_request(engine, head, body, reply)
             )
         yield
         # uvicorn has stopped accepting and answered every open request before we get here (and the

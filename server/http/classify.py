@@ -141,6 +141,7 @@ class _Outcome:
     gflops: list[float] = field(default_factory=list)
     in_flight: Any = None
     reservation: Reservation | None = None  # queue places held while the images decode
+    shared_at: list[tuple[str, int]] | None = None  # where a front-end left the crops (shared_crops_at)
 
 
 async def classify(engine: Engine, request: ClassifyRequest) -> Response | FrontendResults:
@@ -149,26 +150,88 @@ async def classify(engine: Engine, request: ClassifyRequest) -> Response | Front
     outcome = _Outcome()
     log.debug("request %s accepted", request.request_id)
     try:
-        return await _answer(engine, request, outcome)
-    except ApiError as exc:
+        routed = _routed(engine, request, outcome)
+        if isinstance(routed, Response):
+            return routed
+        route, top_k, deadline = routed
+        images, multipart = await _images(engine, request, route, outcome, deadline)
+        items = _submit(engine, route, images, _computed_k(engine, top_k), deadline, outcome)
+        results = await _results(engine, items, deadline)
+        return _finish(engine, request, outcome, route, images, results, top_k, multipart)
+    except Exception as exc:  # noqa: BLE001 - the answer to an error, or the ApiError to answer
+        answer = _failed(request, outcome, exc)
+        if isinstance(answer, ApiError):
+            raise answer from None
+        return answer
+    finally:
+        _settle(engine, request, outcome)
+
+
+Answered = Callable[[Response | FrontendResults | ApiError], None]
+
+
+def classify_decoded(engine: Engine, request: ClassifyRequest, reply: Answered) -> None:
+    """classify() for a request a front-end decoded, whose crops need no awaiting: its answer (or the ApiError
+    to answer) goes to `reply`, once, when its images' results are in. No task: on the one event loop every
+    request passes through, a task per request cost more than the rest of this path."""
+    outcome = _Outcome()
+    log.debug("request %s accepted", request.request_id)
+    try:
+        routed = _routed(engine, request, outcome)
+        if isinstance(routed, Response):
+            _settle(engine, request, outcome)
+            reply(routed)
+            return
+        route, top_k, deadline = routed
+        images, multipart = _decoded_images(engine, request, route, outcome)
+        items = _submit(engine, route, images, _computed_k(engine, top_k), deadline, outcome)
+    except Exception as exc:  # noqa: BLE001 - answered
+        answer = _failed(request, outcome, exc)
+        _settle(engine, request, outcome)
+        reply(answer)
+        return
+
+    def answer(results: list[ImageResult] | BaseException) -> None:
+        try:
+            if isinstance(results, BaseException):
+                raise results
+            answer = _finish(engine, request, outcome, route, images, results, top_k, multipart)
+        except Exception as exc:  # noqa: BLE001 - answered
+            answer = _failed(request, outcome, exc)
+        _settle(engine, request, outcome)
+        reply(answer)
+
+    _when_answered(engine, items, deadline, answer)
+
+
+def _computed_k(engine: Engine, top_k: int) -> int:
+    """The top 5 at least, for labels posted later (the answer shows top_k)."""
+    return max(top_k, LABEL_TOP_K) if engine.answers is not None else top_k
+
+
+def _failed(request: ClassifyRequest, outcome: _Outcome, exc: Exception) -> Response | ApiError:
+    """The answer to a request that failed with `exc`: the ApiError to answer, or a reroute (409)."""
+    if isinstance(exc, ApiError):
         outcome.status = exc.status
-        raise
-    except Reroute as exc:
+        return exc
+    if isinstance(exc, Reroute):
         outcome.counted = False  # the front-end sends the request again, and it is counted then
         return JSONResponse({"error": "reroute", "detail": f"the route's model is {exc}"}, status_code=409)
-    except Exception as exc:
-        log.exception("request %s failed", request.request_id)
-        raise internal(f"{type(exc).__name__}: {exc}") from None
-    finally:
-        log.debug("request %s answered %d", request.request_id, outcome.status)
-        if outcome.reservation is not None:  # not submitted (an error, a timeout): the places go back
-            engine.service.scheduler.release(outcome.reservation)
-        if outcome.in_flight is not None:
-            outcome.in_flight.dec()
-        if outcome.counted:
-            if outcome.labels is None:  # refused before routing
-                outcome.labels = _asked_labels(engine, request.query)
-            _count(engine, outcome, time.monotonic() - request.started)
+    log.error("request %s failed", request.request_id, exc_info=exc)
+    return internal(f"{type(exc).__name__}: {exc}")
+
+
+def _settle(engine: Engine, request: ClassifyRequest, outcome: _Outcome) -> None:
+    """What every answered request leaves: its unused queue places given back, its metrics counted."""
+    log.debug("request %s answered %d", request.request_id, outcome.status)
+    if outcome.reservation is not None:  # not submitted (an error, a timeout): the places go back
+        engine.service.scheduler.release(outcome.reservation)
+    if outcome.in_flight is not None:
+        outcome.in_flight.dec()
+    if outcome.counted:
+        if outcome.labels is None:  # refused before routing
+            outcome.labels = _asked_labels(engine, request.query)
+        _count(engine, outcome, time.monotonic() - request.started)
 
 
 def _asked_labels(engine: Engine, query: Mapping[str, str]) -> tuple[str, str, str]:
@@ -183,12 +246,15 @@ def _asked_labels(engine: Engine, query: Mapping[str, str]) -> tuple[str, str, s
     return model_label, "", experiment if experiment_model is not None else ""
 
 
-async def _answer(engine: Engine, request: ClassifyRequest, outcome: _Outcome) -> Response | FrontendResults:
-    params, limits, service = request.query, engine.config.limits, engine.service
+def _routed(engine: Engine, request: ClassifyRequest,
+            outcome: _Outcome) -> tuple[Assignment, int, float] | Response:
+    """The request checked and routed: its route, top_k and deadline; or, for a front-end's admission request,
+    the answer to it."""
+    params, limits = request.query, engine.config.limits
     deadline = request.started + limits.request_timeout_s
     # First, as FastAPI's parameter validation would: a bad value is a 422 (counted like any answer).
     top_k = query_int(params.get("top_k"), "top_k", DEFAULT_TOP_K)
-    if not service.ready.is_set():
+    if not engine.service.ready.is_set():
         raise not_ready("models are still loading and warming up")
     if not 1 <= top_k <= limits.max_top_k:
         raise invalid_parameter(f"top_k must be between 1 and {limits.max_top_k}, got {top_k}")
@@ -206,12 +272,13 @@ async def _answer(engine: Engine, request: ClassifyRequest, outcome: _Outcome) -
     outcome.in_flight.inc()
     if request.receive is None and request.headers.get(FRONTEND_ADMIT) == "1":
         return _admit(engine, request, route, outcome, deadline)
-    # where a front-end left the crops: read once, for their views here and for the device process
-    shared_at = shared_crops_at(request.headers) if request.receive is None else None
-    images, multipart = await _images(engine, request, route, outcome, deadline, shared_at)
-    # the top 5 at least, for labels posted later (the answer shows top_k)
-    computed_k = max(top_k, LABEL_TOP_K) if engine.answers is not None else top_k
-    results = await _results(engine, route, images, computed_k, deadline, outcome, shared_at)
+    return route, top_k, deadline
+
+
+def _finish(engine: Engine, request: ClassifyRequest, outcome: _Outcome, route: Assignment,
+            images: list[torch.Tensor], results: list[ImageResult], top_k: int,
+            multipart: bool) -> Response | FrontendResults:
+    """The answer to a request whose images have their results; its figures recorded."""
     total_s = time.monotonic() - request.started
     _observe(engine, outcome, results)
     if engine.answers is not None:  # a reference to each image's top-5: a dict insert, no copy
@@ -224,7 +291,7 @@ async def _answer(engine: Engine, request: ClassifyRequest, outcome: _Outcome) -
     as_list = multipart and len(results) > 1
     if request.receive is None:  # a front-end's request: the front-end renders the answer
         return FrontendResults(results_message(route, request.request_id, results, total_s, top_k, as_list))
-    info = service.models[route.model]
+    info = engine.service.models[route.model]
     answers = [
         image_answer(route, info.weights, info.labels, request.request_id, r, total_s, top_k) for r in results
     ]
@@ -255,33 +322,40 @@ def _expire(engine: Engine, token: str) -> None:
 
 
 async def _images(engine: Engine, request: ClassifyRequest, route: Assignment, outcome: _Outcome,
-                  deadline: float,
-                  shared_at: list[tuple[str, int]] | None) -> tuple[list[torch.Tensor], bool]:
-    """The request's uint8 crops, and whether it was multipart (several images answer as a list);
-    `shared_at`: where a front-end left them (`shared_crops_at`)."""
+                  deadline: float) -> tuple[list[torch.Tensor], bool]:
+    """The request's uint8 crops, and whether it was multipart (several images answer as a list)."""
+    if request.receive is None:
+        return _decoded_images(engine, request, route, outcome)
     limits, headers = engine.config.limits, request.headers
-    if request.receive is None:  # decoded by a front-end
-        outcome.n_images = int(headers[FRONTEND_IMAGES])
-        decoding_error = headers.get(FRONTEND_DECODING_ERROR) == "1"
-        if not decoding_error:
-            raise_frontend_error(headers)  # errors before admission first: they do not depend on the model
-        if headers.get(FRONTEND_MODEL) != route.model:
-            raise Reroute(route.model)
-        if decoding_error:  # refused as it would have been before decoding (503 when the queue is full)
-            if outcome.reservation is None:
-                outcome.reservation = _reserve(engine, route, outcome.n_images)
-            raise_frontend_error(headers)
-        if outcome.reservation is None:  # not admitted before: the queue's room is checked on submitting
-            _check_size(engine, route, outcome.n_images)
-        input_size = engine.service.models[route.model].input_size
-        return frontend_crops(headers, request.crops, input_size, engine.arenas, shared_at), headers[
-            FRONTEND_MULTIPART
-        ] == "1"
     body = await read_limited(request.receive, headers.get("content-length", ""), limits.max_body_bytes,
                               max(0.0, deadline - time.monotonic()))
     payloads, multipart = image_payloads(headers.get("content-type", ""), body, limits.max_images_per_request)
     outcome.n_images = len(payloads)
     return await decode_admitted(engine, route, outcome, [data for _, data in payloads], deadline), multipart
+
+
+def _decoded_images(engine: Engine, request: ClassifyRequest, route: Assignment,
+                    outcome: _Outcome) -> tuple[list[torch.Tensor], bool]:
+    """The crops of a request a front-end decoded (in its arena, or in the body), and whether it was
+    multipart; the front-end's decoding error, if it met one."""
+    headers = request.headers
+    outcome.n_images = int(headers[FRONTEND_IMAGES])
+    decoding_error = headers.get(FRONTEND_DECODING_ERROR) == "1"
+    if not decoding_error:
+        raise_frontend_error(headers)  # errors before admission first: they do not depend on the model
+    if headers.get(FRONTEND_MODEL) != route.model:
+        raise Reroute(route.model)
+    if decoding_error:  # refused as it would have been before decoding (503 when the queue is full)
+        if outcome.reservation is None:
+            outcome.reservation = _reserve(engine, route, outcome.n_images)
+        raise_frontend_error(headers)
+    if outcome.reservation is None:  # not admitted before: the queue's room is checked on submitting
+        _check_size(engine, route, outcome.n_images)
+    # where the front-end left the crops: read once, for their views here and for the device process
+    outcome.shared_at = shared_crops_at(headers)
+    input_size = engine.service.models[route.model].input_size
+    crops = frontend_crops(headers, request.crops, input_size, engine.arenas, outcome.shared_at)
+    return crops, headers[FRONTEND_MULTIPART] == "1"
 
 
 async def decode_admitted(engine: Engine, route: Assignment, outcome: _Outcome, encoded: list[bytes],
@@ -337,18 +411,22 @@ def _deadline_passed(engine: Engine) -> ApiError:
     return timeout(f"no answer within the request timeout of {engine.config.limits.request_timeout_s} s")
 
 
-async def _results(engine: Engine, route: Assignment, images: list[torch.Tensor], top_k: int,
-                   deadline: float, outcome: _Outcome,
-                   shared_at: list[tuple[str, int]] | None = None) -> list[ImageResult]:
-    service = engine.service
+def _submit(engine: Engine, route: Assignment, images: list[torch.Tensor], top_k: int, deadline: float,
+            outcome: _Outcome) -> list[WorkItem]:
+    """The request's images queued (in the places reserved for them, if any), or 503 `overloaded`."""
     try:
-        items = service.submit(route.model, route.variant, list(images), top_k, deadline, outcome.reservation,
-                               shared_at)
+        items = engine.service.submit(route.model, route.variant, list(images), top_k, deadline,
+                                      outcome.reservation, outcome.shared_at)
     except QueueFull as exc:
         raise overloaded(str(exc)) from None
     except SchedulerClosed as exc:
         raise overloaded(str(exc), retry_after_s=5) from None
     outcome.reservation = None  # the places are the queued items' now
+    return items
+
+
+async def _results(engine: Engine, items: list[WorkItem], deadline: float) -> list[ImageResult]:
+    """The queued images' results, or 504 at the deadline."""
     if not items:
         return []
     # The deadline fails the items' futures: a timer handle, cheaper than asyncio.timeout per request.
@@ -361,11 +439,39 @@ async def _results(engine: Engine, route: Assignment, images: list[torch.Tensor]
         for item in items:  # the other images' errors are this one's: none is left "never retrieved"
             item.future.add_done_callback(_retrieve_error)
         if isinstance(exc, TimeoutError):
-            service.scheduler.discard(items)
+            engine.service.scheduler.discard(items)
             raise _deadline_passed(engine) from None
         raise
     finally:
         expiry.cancel()
+
+
+def _when_answered(engine: Engine, items: list[WorkItem], deadline: float,
+                   then: Callable[[list[ImageResult] | BaseException], None]) -> None:
+    """`then(results)` once every queued image has its result, or `then(error)`: the first image's error in
+    their order (504 at the deadline), as _results raises it."""
+    if not items:
+        then([])
+        return
+    expiry = items[0].loop.call_later(deadline - time.monotonic(), _expire_items, items)
+    waiting = len(items)
+
+    def one_done(_: asyncio.Future) -> None:
+        nonlocal waiting
+        waiting -= 1
+        if waiting:
+            return
+        expiry.cancel()
+        errors = [internal("the image's inference was cancelled") if item.future.cancelled()
+                  else item.future.exception() for item in items]  # every one retrieved
+        error = next((e for e in errors if e is not None), None)
+        if isinstance(error, TimeoutError):
+            engine.service.scheduler.discard(items)
+            error = _deadline_passed(engine)
+        then([item.future.result() for item in items] if error is None else error)
+
+    for item in items:
+        item.future.add_done_callback(one_done)
 
 
 def _retrieve_error(future: asyncio.Future) -> None:

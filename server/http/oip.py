@@ -27,6 +27,7 @@ from server.http.classify import (
     _Outcome,
     _reserve,
     _results,
+    _submit,
     decode_admitted,
     http_classify_request,
 )
@@ -115,7 +116,8 @@ class ServerEngine:
         outcome.in_flight.inc()
         outcome.n_images = len(call.images)
         images = await self._crops(route, call.images, outcome, deadline)
-        results = await _results(parts, route, images, call.top_k, deadline, outcome)
+        items = _submit(parts, route, images, call.top_k, deadline, outcome)
+        results = await _results(parts, items, deadline)
         _observe(parts, outcome, results)
         if route.shadow_variant is not None and parts.shadows is not None:
             parts.shadows.start(route, images, list(results))

@@ -16,6 +16,7 @@ small JSON head and the body:
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import struct
@@ -119,19 +120,32 @@ class FrameWriter:
         self.writer.close()
 
 
-Handler = Callable[[Head, bytes], Awaitable[tuple[Head, bytes]]]
+Reply = Callable[[Head, bytes], None]
+# A request's head and body, and the function that answers it: called once, at once or later.
+Handler = Callable[[Head, bytes, Reply], None]
+
+
+def answered_by_tasks(handler: Callable[[Head, bytes], Awaitable[tuple[Head, bytes]]]) -> Handler:
+    """A coroutine handler as a channel's handler: each request answered by a task of its own."""
+    tasks: set[asyncio.Task] = set()  # the loop keeps weak references only
+
+    def handle(head: Head, body: bytes, reply: Reply) -> None:
+        task = asyncio.get_running_loop().create_task(handler(head, body))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        task.add_done_callback(lambda done: reply(*done.result()))
+
+    return handle
 
 
 class _EngineSide(asyncio.Protocol):
-    """One front-end's connection, on the engine's side: a protocol that parses frames as the bytes arrive.
-    A StreamReader, and a task that awaits it, cost the engine's event loop about a third more per 1-image
-    request (docs/benchmarks.md)."""
+    """One front-end's connection, on the engine's side: a protocol that parses frames as the bytes arrive and
+    hands each request to the handler at once. A StreamReader, a task that awaits it and a task per request
+    cost the engine's event loop about half as much again per 1-image request (docs/benchmarks.md)."""
 
     def __init__(self, handler: Handler):
         self._handler = handler
         self._frames = FrameBuffer()
-        self._tasks: set[asyncio.Task] = set()  # the answers being made (the loop keeps weak references)
-        self._loop = asyncio.get_running_loop()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._writer = FrameWriter(transport)  # type: ignore[arg-type]
@@ -139,25 +153,21 @@ class _EngineSide(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._frames.feed(data)
         try:
-            frames, _ = self._frames.complete()
-        except Exception:  # a frame that does not parse: this connection cannot be trusted any more
+            for head, body in self._frames.complete()[0]:
+                self._handler(head, body, functools.partial(self._reply, head["id"]))
+        except Exception:  # a frame that does not parse, or a handler that failed to answer: this
+            # connection cannot be trusted any more (the front-end fails what it has in flight on it)
             log.exception("a bad frame from a front-end: closing its channel")
             self._writer.close()
-            return
-        for head, body in frames:
-            task = self._loop.create_task(self._answer(head, body))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
 
-    async def _answer(self, head: Head, body: bytes) -> None:
-        answer_head, answer_body = await self._handler(head, body)
+    def _reply(self, request_id: int, head: Head, body: bytes) -> None:
         if not self._writer.is_closing():  # a front-end gone: what it sent is still answered, into the void
-            self._writer.write(frame({**answer_head, "id": head["id"]}, answer_body))  # whole frames
+            self._writer.write(frame({**head, "id": request_id}, body))  # whole frames
 
 
 async def serve(path: str, handler: Handler) -> asyncio.AbstractServer:
-    """The engine's side: answer each request frame with `handler(head, body)`, concurrently. The handler
-    answers every request, errors included: a frame left unanswered is a call that waits for ever."""
+    """The engine's side: answer each request frame with `handler(head, body, reply)`, many at once. The
+    handler answers every request, errors included: a frame left unanswered is a call that waits for ever."""
     return await asyncio.get_running_loop().create_unix_server(lambda: _EngineSide(handler), path)
 
 
