@@ -31,6 +31,7 @@ from server.wire.protocol import (
     FRONTEND_MODEL,
     FRONTEND_MULTIPART,
     FRONTEND_STARTED,
+    request_head,
 )
 from server.wire.results import render_results
 
@@ -108,7 +109,8 @@ def over_channel(server, calls: list[tuple[dict[str, str], bytes]], query: str =
         try:
             return await asyncio.gather(
                 *(
-                    channel.call({"query": query, "headers": list(headers.items())}, body)
+                    channel.call(request_head(query, [(k.encode(), v.encode()) for k, v in headers.items()]),
+                                 body)
                     for headers, body in calls
                 )
             )
@@ -218,31 +220,23 @@ def test_an_unexpected_error_on_the_channel_is_a_500_not_an_unanswered_call(serv
         channel = Channel(front_end_argument(server, "--channel-socket"))
         try:
             broken = await asyncio.wait_for(channel.call(
-                {"query": "", "headers": list({**internal, FRONTEND_STARTED: "soon"}.items())}, b""), 10)
+                {"query": {}, "headers": {**internal, FRONTEND_STARTED: "soon"}}, b""), 10)
+            # A head not made by request_head (headers as a list): answered 500 too, not a closed channel.
+            malformed = await asyncio.wait_for(channel.call(
+                {"query": {}, "headers": list({**internal, FRONTEND_STARTED: "1"}.items())}, b""), 10)
             error = '{"status": 400, "code": "bad_image", "detail": "cut"}'
-            fine = await asyncio.wait_for(
-                channel.call(
-                    {
-                        "query": "",
-                        "headers": list(
-                            {
-                                **internal,
-                                FRONTEND_STARTED: repr(time.monotonic()),
-                                FRONTEND_ERROR: error,
-                            }.items()
-                        ),
-                    },
-                    b"",
-                ),
-                10,
-            )
-            return [broken, fine]
+            fine = await asyncio.wait_for(channel.call(
+                {"query": {}, "headers": {**internal, FRONTEND_STARTED: repr(time.monotonic()),
+                                          FRONTEND_ERROR: error}}, b""), 10)
+            return [broken, malformed, fine]
         finally:
             await channel.close()
 
-    (broken_head, broken_body), (fine_head, fine_body) = asyncio.run(calls())
+    broken, malformed, fine = asyncio.run(calls())
+    (broken_head, broken_body), (malformed_head, malformed_body), (fine_head, fine_body) = broken, malformed, fine
     assert broken_head["status"] == 500 and json.loads(broken_body)["error"] == "internal"
     assert "odd-1" in json.loads(broken_body)["detail"]
+    assert malformed_head["status"] == 500 and json.loads(malformed_body)["error"] == "internal"
     # the channel still serves
     assert (fine_head["status"], json.loads(fine_body)["error"]) == (400, "bad_image")
 

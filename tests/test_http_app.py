@@ -22,10 +22,10 @@ from server.config import parse_config
 from server.decode.imaging import decode_image
 from server.engine.metrics import Metrics
 from server.engine.service import InferenceService
-from server.http.app import create_app, first_values
+from server.http.app import create_app
 from server.http.classify import ClassifyRequest, FrontendResults, classify, classify_decoded
 from server.wire.errors import ApiError
-from server.wire.protocol import FRONTEND_IMAGES, FRONTEND_MODEL, FRONTEND_MULTIPART
+from server.wire.protocol import FRONTEND_IMAGES, FRONTEND_MODEL, FRONTEND_MULTIPART, first_values
 from server.wire.results import render_results
 
 

@@ -54,6 +54,7 @@ from server.wire.protocol import (
     FRONTEND_MULTIPART,
     FRONTEND_RESERVATION,
     FRONTEND_STARTED,
+    request_head,
     request_id_of,
     without_reserved,
 )
@@ -265,7 +266,7 @@ class FrontEnd:
     async def _decoded(self, query: str, headers: list, body: bytes, path: str | None = None) -> Answer:
         """A request whose images this front-end decoded, over the channel to the engine's classify() (or,
         with `path` /v1/explain, its explain())."""
-        head = {"query": query, "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in headers]}
+        head = request_head(query, headers)
         head, answer = await self.channel.call(head | ({"path": path} if path else {}), body)
         if head.get("results"):  # a classification's results: the answer is rendered here
             assert self.plan is not None  # the model's crops were made with it

@@ -10,7 +10,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl
 
 import torch
 from fastapi import FastAPI
@@ -92,17 +91,16 @@ def channel_request(engine: Engine, head: channel.Head, body: bytes, reply: chan
     """A request a front-end decoded, from the channel (server/wire/channel.py), answered through `reply` by
     classify_decoded() (or explain(), for the path /v1/explain). A classification's answer is its results:
     the head says "results", and the front-end renders them (server/wire/results.py)."""
-    path = head.get("path", "/v1/classify")
-    headers = first_values(head["headers"])
+    path, headers = head.get("path", "/v1/classify"), head.get("headers")
     # The front-end gives every request a valid id (the client's, or a new one)
-    request_id = headers.get("x-request-id") or request_id_of([])
+    request_id = (headers.get("x-request-id") if isinstance(headers, dict) else None) or request_id_of([])
 
     def answer(response: Response | FrontendResults | ApiError | BaseException) -> None:
         reply(*_channel_answer(response, request_id, path))
 
     try:
         given_start = headers.get(FRONTEND_STARTED)
-        request = ClassifyRequest(request_id, query_dict(head["query"]), headers,
+        request = ClassifyRequest(request_id, head["query"], headers,
                                   headers.get(FRONTEND_CLIENT),
                                   float(given_start) if given_start else time.monotonic(), receive=None,
                                   crops=body)
@@ -139,23 +137,6 @@ def _channel_answer(response: Response | FrontendResults | ApiError | BaseExcept
                       for name, value in response.raw_headers if name != b"x-request-id"]
     answer_headers.append(["x-request-id", request_id])
     return {"status": response.status_code, "headers": answer_headers}, bytes(response.body)
-
-
-def query_dict(query: str) -> dict[str, str]:
-    """A query string's parameters, the last of a repeated one: what Starlette's QueryParams.get gives, at a
-    dict's cost (its Mapping.get raises and catches KeyError for each absent parameter, and a request asks
-    for several)."""
-    return dict(parse_qsl(query, keep_blank_values=True)) if query else {}
-
-
-def first_values(pairs: list[list[str]]) -> dict[str, str]:
-    """A channel request's headers by lower-case name, the first of a repeated one: what Starlette's
-    Headers.get gives, at a dict's cost per lookup (Headers scans the list on every one, and a request
-    takes a dozen lookups)."""
-    headers: dict[str, str] = {}
-    for name, value in pairs:
-        headers.setdefault(name.lower(), value)
-    return headers
 
 
 # Net new objects that start a collection of the youngest generation while serving (CPython's default: 700).

@@ -6,7 +6,8 @@ own request, and that loop is the part that does not spread over processes. A fr
 small JSON head and the body:
 
   FRAME (head bytes, body bytes) + JSON head + body
-  request head  {"id": n, "query": "top_k=3", "headers": [[name, value], ...]}
+  request head  {"id": n, "query": {"top_k": "3"}, "headers": {name: value}} (server/wire/protocol.py's
+                request_head: parsed by the front-end), and "path" for /v1/explain
                 body: the crops, if not in shared memory
   answer head   {"id": n, "status": 200, "headers": [[name, value], ...]}, and "results": true where the body
                 is a classification's results for the front-end to render (server/wire/results.py)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 import re
+from urllib.parse import parse_qsl
 
 FRONTEND_CLIENT = "x-mame-client"  # the client's address (sticky assignment by client)
 FRONTEND_STARTED = "x-mame-started"  # time.monotonic() when the front-end took the request
@@ -42,3 +43,26 @@ def without_reserved(raw_headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes
     """The headers less `x-mame-*` (reserved: the server's processes use them among themselves)."""
     return [(key, value) for key, value in raw_headers if not key.startswith(b"x-mame-")]
 
+
+def request_head(query: str, raw_headers: list[tuple[bytes, bytes]]) -> dict:
+    """A channel request's head (server/wire/channel.py) as a front-end sends it: the query's parameters and
+    the headers, each a dict the engine reads as it is. Made here, so that the one interpreter every request
+    passes through parses neither."""
+    return {"query": query_dict(query),
+            "headers": first_values([(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw_headers])}
+
+
+def query_dict(query: str) -> dict[str, str]:
+    """A query string's parameters, the last of a repeated one: what Starlette's QueryParams.get gives, at a
+    dict's cost (its Mapping.get raises and catches KeyError for each absent parameter, and a request asks
+    for several)."""
+    return dict(parse_qsl(query, keep_blank_values=True)) if query else {}
+
+
+def first_values(pairs: list[tuple[str, str]]) -> dict[str, str]:
+    """Headers by lower-case name, the first of a repeated one: what Starlette's Headers.get gives, at a
+    dict's cost per lookup (Headers scans the list on every one, and a request takes a dozen lookups)."""
+    headers: dict[str, str] = {}
+    for name, value in pairs:
+        headers.setdefault(name.lower(), value)
+    return headers
