@@ -232,8 +232,8 @@ def test_an_unexpected_error_on_the_channel_is_a_500_not_an_unanswered_call(serv
         finally:
             await channel.close()
 
-    broken, malformed, fine = asyncio.run(calls())
-    (broken_head, broken_body), (malformed_head, malformed_body), (fine_head, fine_body) = broken, malformed, fine
+    (broken_head, broken_body), (malformed_head, malformed_body), (fine_head, fine_body) = \
+        asyncio.run(calls())
     assert broken_head["status"] == 500 and json.loads(broken_body)["error"] == "internal"
     assert "odd-1" in json.loads(broken_body)["detail"]
     assert malformed_head["status"] == 500 and json.loads(malformed_body)["error"] == "internal"
