@@ -59,7 +59,7 @@ class FrameBuffer:
             if len(buffer) < end:
                 missing = end - len(buffer)
                 break
-            head = from_json(bytes(buffer[start + FRAME.size:head_end]))
+            head = from_json(buffer[start + FRAME.size:head_end])
             frames.append((head, bytes(buffer[head_end:end])))
             start = end
         if start:
