@@ -91,7 +91,7 @@ class Engine:
     judge_url: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FrontendResults:
     """The answer to a request a front-end process decoded: its results (server/wire/results.py), which the
     front-end renders as the JSON answer. 200, application/json."""
@@ -99,7 +99,7 @@ class FrontendResults:
     message: bytes
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs twice as much, per request
 class ClassifyRequest:
     """One classify request, as either road brings it. `receive`: the HTTP body (ASGI), read here with its
     limits; None for a request a front-end decoded, whose crops are in its arena or in `crops`."""
@@ -128,7 +128,7 @@ def http_classify_request(request: Request, behind_frontends: bool) -> ClassifyR
                            receive=request.receive)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Outcome:
     """What the request's metrics and A/B figures record once it is answered."""
 
