@@ -195,11 +195,11 @@ def classify_decoded(engine: Engine, request: ClassifyRequest, reply: Answered) 
         try:
             if isinstance(results, BaseException):
                 raise results
-            answer = _finish(engine, request, outcome, route, images, results, top_k, multipart)
+            response = _finish(engine, request, outcome, route, images, results, top_k, multipart)
         except Exception as exc:  # noqa: BLE001 - answered
-            answer = _failed(request, outcome, exc)
+            response = _failed(request, outcome, exc)
         _settle(engine, request, outcome)
-        reply(answer)
+        reply(response)
 
     _when_answered(engine, items, deadline, answer)
 
