@@ -111,6 +111,7 @@ def frontend(channel_path: str, images_per_request: int, concurrency: int, secon
         FRONTEND_MODEL,
         FRONTEND_MULTIPART,
         FRONTEND_STARTED,
+        request_head,
     )
 
     async def run() -> None:
@@ -124,10 +125,10 @@ def frontend(channel_path: str, images_per_request: int, concurrency: int, secon
             nonlocal answered
             slots = arena.take(images_per_request)
             at = " ".join([arena.path, *(str(slot * arena.slot_bytes) for slot in slots)])
-            head = {"query": {}, "headers": {
-                "user-agent": "loadtest.engine", FRONTEND_STARTED: repr(time.monotonic()),
-                FRONTEND_IMAGES: str(images_per_request), FRONTEND_CROPS_AT: at,
-                FRONTEND_MODEL: "bench", FRONTEND_MULTIPART: multipart}}
+            head = request_head("", [(name.encode(), value.encode()) for name, value in (
+                ("user-agent", "loadtest.engine"), (FRONTEND_STARTED, repr(time.monotonic())),
+                (FRONTEND_IMAGES, str(images_per_request)), (FRONTEND_CROPS_AT, at),
+                (FRONTEND_MODEL, "bench"), (FRONTEND_MULTIPART, multipart))])
             try:
                 answer, body = await channel.call(head)
             finally:

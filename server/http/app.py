@@ -4,6 +4,7 @@ the middleware, and the channel on which front-end processes send the requests t
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import time
 from collections.abc import Callable
@@ -176,9 +177,7 @@ def create_app(config: ServingConfig, service: InferenceService, *, preprocess_t
             engine.splits.start()
         channel_server = None
         if frontend_channel is not None:
-            channel_server = await channel.serve(
-                frontend_channel, lambda head, body, reply: channel_request(engine, head, body, reply)
-            )
+            channel_server = await channel.serve(frontend_channel, functools.partial(channel_request, engine))
         yield
         # uvicorn has stopped accepting and answered every open request before we get here (and the
         # front-ends have stopped: each answered what it accepted).

@@ -176,19 +176,22 @@ def classify_decoded(engine: Engine, request: ClassifyRequest, reply: Answered) 
     request passes through, a task per request cost more than the rest of this path."""
     outcome = _Outcome()
     log.debug("request %s accepted", request.request_id)
+
+    def settled(response: Response | FrontendResults | ApiError) -> None:
+        _settle(engine, request, outcome)
+        reply(response)
+
     try:
         routed = _routed(engine, request, outcome)
-        if isinstance(routed, Response):
-            _settle(engine, request, outcome)
-            reply(routed)
-            return
-        route, top_k, deadline = routed
-        images, multipart = _decoded_images(engine, request, route, outcome)
-        items = _submit(engine, route, images, _computed_k(engine, top_k), deadline, outcome)
+        if not isinstance(routed, Response):
+            route, top_k, deadline = routed
+            images, multipart = _decoded_images(engine, request, route, outcome)
+            items = _submit(engine, route, images, _computed_k(engine, top_k), deadline, outcome)
     except Exception as exc:  # noqa: BLE001 - answered
-        answer = _failed(request, outcome, exc)
-        _settle(engine, request, outcome)
-        reply(answer)
+        settled(_failed(request, outcome, exc))
+        return
+    if isinstance(routed, Response):  # a front-end's admission request: answered now
+        settled(routed)
         return
 
     def answer(results: list[ImageResult] | BaseException) -> None:
@@ -198,8 +201,7 @@ def classify_decoded(engine: Engine, request: ClassifyRequest, reply: Answered) 
             response = _finish(engine, request, outcome, route, images, results, top_k, multipart)
         except Exception as exc:  # noqa: BLE001 - answered
             response = _failed(request, outcome, exc)
-        _settle(engine, request, outcome)
-        reply(response)
+        settled(response)
 
     _when_answered(engine, items, deadline, answer)
 
@@ -426,30 +428,22 @@ def _submit(engine: Engine, route: Assignment, images: list[torch.Tensor], top_k
 
 
 async def _results(engine: Engine, items: list[WorkItem], deadline: float) -> list[ImageResult]:
-    """The queued images' results, or 504 at the deadline."""
-    if not items:
-        return []
-    # The deadline fails the items' futures: a timer handle, cheaper than asyncio.timeout per request.
-    expiry = items[0].loop.call_later(deadline - time.monotonic(), _expire_items, items)
-    try:
-        # One after the other: a request's images are answered together (one batch, or the deadline), so the
-        # task wakes once; asyncio.gather would schedule a callback per image.
-        return [await item.future for item in items]
-    except BaseException as exc:
-        for item in items:  # the other images' errors are this one's: none is left "never retrieved"
-            item.future.add_done_callback(_retrieve_error)
-        if isinstance(exc, TimeoutError):
-            engine.service.scheduler.discard(items)
-            raise _deadline_passed(engine) from None
-        raise
-    finally:
-        expiry.cancel()
+    """The queued images' results, or their error (504 at the deadline), as `_when_answered` gives them."""
+    answered = asyncio.get_running_loop().create_future()
+    # the request may have stopped waiting (cancelled): then no one takes the answer
+    _when_answered(engine, items, deadline,
+                   lambda outcome: None if answered.done() else answered.set_result(outcome))
+    outcome = await answered
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
 
 
 def _when_answered(engine: Engine, items: list[WorkItem], deadline: float,
                    then: Callable[[list[ImageResult] | BaseException], None]) -> None:
     """`then(results)` once every queued image has its result, or `then(error)`: the first image's error in
-    their order (504 at the deadline), as _results raises it."""
+    their order (504 at the deadline). One callback per image's future, none per request: the deadline fails
+    the futures through one timer handle (cheaper than asyncio.timeout and a task)."""
     if not items:
         then([])
         return
@@ -472,11 +466,6 @@ def _when_answered(engine: Engine, items: list[WorkItem], deadline: float,
 
     for item in items:
         item.future.add_done_callback(one_done)
-
-
-def _retrieve_error(future: asyncio.Future) -> None:
-    if not future.cancelled():
-        future.exception()
 
 
 def _expire_items(items: list[WorkItem]) -> None:
